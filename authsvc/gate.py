@@ -1,0 +1,178 @@
+"""The X-Accel-Redirect gate: nginx hands it each API request (headers and body); it answers either an empty
+200 with `X-Accel-Redirect: @pool_<name>` (nginx then replays the request to that pool and streams the
+answer) or the error itself, OpenAI-shaped on /v1 and Ollama-shaped on /api.
+
+Everything it needs is in memory (`SnapshotSource`); it does no disk I/O per request.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from authsvc import errors
+from authsvc import keys as keyformat
+from authsvc.ratelimit import RateLimiter
+from authsvc.snapshot import KeyRule, Snapshot, SnapshotSource
+
+MODEL_REQUIRED = frozenset(
+    {
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/api/chat",
+        "/api/generate",
+        "/api/embed",
+        "/api/embeddings",
+        "/api/show",
+    }
+)
+MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,199}$")
+JSON_HEADERS = [("Content-Type", "application/json")]
+
+StartResponse = Callable[[str, list[tuple[str, str]]], Any]
+
+
+class Reply(Exception):
+    """A finished answer from the gate (an error, or a list it serves itself)."""
+
+    def __init__(self, status: int, body: bytes, headers: Iterable[tuple[str, str]] = ()):
+        self.status = status
+        self.body = body
+        self.headers = [*JSON_HEADERS, *headers]
+
+
+STATUS_TEXT = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+               429: "Too Many Requests", 503: "Service Unavailable"}
+
+
+def error(status: int, message: str, code: str | None, ollama: bool, param: str | None = None,
+          headers: Iterable[tuple[str, str]] = ()) -> Reply:
+    return Reply(status, errors.body(status, message, code, ollama=ollama, param=param), headers)
+
+
+class Gate:
+    def __init__(self, snapshot_path: Path, pepper: bytes, clock: Callable[[], float] = time.time):
+        self.source = SnapshotSource(snapshot_path)
+        self.pepper = pepper
+        self.limiter = RateLimiter()
+        self.clock = clock
+
+    @classmethod
+    def from_data_dir(cls, data_dir: Path) -> Gate:
+        return cls(data_dir / "snapshot.json", (data_dir / "pepper").read_bytes().strip())
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
+        try:
+            headers = self.decide(environ)
+            start_response("200 OK", headers)
+            return [b""]
+        except Reply as reply:
+            start_response(f"{reply.status} {STATUS_TEXT.get(reply.status, 'Error')}", reply.headers)
+            return [reply.body]
+
+    def decide(self, environ: dict[str, Any]) -> list[tuple[str, str]]:
+        """Return the redirect headers for an allowed request, or raise `Reply`."""
+        path: str = environ.get("PATH_INFO") or "/"
+        ollama = path.startswith("/api/")
+        if not (ollama or path.startswith("/v1/")):
+            raise error(404, f"Unknown path {path}", "not_found", ollama)
+        snap = self.source.refresh()
+        key = self.authenticate(environ, snap, ollama)
+        try:
+            return self.route(environ, path, snap, key, ollama)
+        except Reply as reply:  # nginx logs which key was refused (the header is hidden from the client)
+            reply.headers.append(("X-Bastion-Key", key.id))
+            raise
+
+    def route(self, environ: dict[str, Any], path: str, snap: Snapshot, key: KeyRule,
+              ollama: bool) -> list[tuple[str, str]]:
+        """Checks that need the key, then the pool for the request's model."""
+        if not key.allows_endpoint(path):
+            raise error(403, f"This API key may not use {path}", "endpoint_not_allowed", ollama)
+        if key.rpm:
+            decision = self.limiter.hit(key.id, key.rpm)
+            if not decision.allowed:
+                raise error(429, f"Rate limit of {key.rpm} requests per minute reached for this API key",
+                            "rate_limit_exceeded", ollama, headers=decision.headers())
+        if environ.get("REQUEST_METHOD") == "GET":
+            self.serve_model_lists(path, snap, key, ollama)
+        model = self.requested_model(environ, path, ollama)
+        if model is None:
+            if snap.default_pool is None:
+                raise error(503, "No upstream pool is configured", "no_pool", ollama)
+            return [("X-Accel-Redirect", f"@pool_{snap.default_pool}"), ("X-Bastion-Key", key.id)]
+        pools = snap.pools_for(model) if key.allows_model(model) else ()
+        if not pools:
+            raise error(404, f"The model `{model}` does not exist or you do not have access to it.",
+                        "model_not_found", ollama, param="model")
+        return [("X-Accel-Redirect", f"@pool_{pools[0]}"), ("X-Bastion-Key", key.id), ("X-Bastion-Model", model)]
+
+    def authenticate(self, environ: dict[str, Any], snap: Snapshot, ollama: bool) -> KeyRule:
+        auth = environ.get("HTTP_AUTHORIZATION", "")
+        token = auth[7:].strip() if auth[:7].lower() == "bearer " else environ.get("HTTP_X_API_KEY", "")
+        key_id = keyformat.key_id_of(token)
+        key = snap.keys.get(key_id) if key_id else None
+        if key is None or not keyformat.matches(self.pepper, token, key.digest):
+            raise error(401, "Incorrect API key provided.", "invalid_api_key", ollama)
+        if not key.enabled:
+            raise error(401, "This API key is disabled.", "invalid_api_key", ollama)
+        if key.expires is not None and self.clock() >= key.expires:
+            raise error(401, "This API key has expired.", "invalid_api_key", ollama)
+        if not key.allows_address(environ.get("HTTP_X_REAL_IP", "")):
+            raise error(403, "This API key may not be used from your address.", "address_not_allowed", ollama)
+        return key
+
+    def serve_model_lists(self, path: str, snap: Snapshot, key: KeyRule, ollama: bool) -> None:
+        """Answer /v1/models, /v1/models/<id> and /api/tags from the snapshot, filtered for the key."""
+        if path == "/v1/models":
+            data = [{"id": m, "object": "model", "created": 0, "owned_by": pool}
+                    for m, pool in snap.models if key.allows_model(m)]
+            raise Reply(200, json.dumps({"object": "list", "data": data}).encode())
+        if path.startswith("/v1/models/"):
+            wanted = path[len("/v1/models/"):]
+            for m, pool in snap.models:
+                if m == wanted and key.allows_model(m):
+                    raise Reply(200, json.dumps({"id": m, "object": "model", "created": 0, "owned_by": pool}).encode())
+            raise error(404, f"The model `{wanted}` does not exist or you do not have access to it.",
+                        "model_not_found", ollama, param="model")
+        if path == "/api/tags":
+            tags = [{"name": m, "model": m, "modified_at": "1970-01-01T00:00:00Z", "size": 0, "digest": "",
+                     "details": {}} for m, _ in snap.models if key.allows_model(m)]
+            raise Reply(200, json.dumps({"models": tags}).encode())
+
+    @staticmethod
+    def requested_model(environ: dict[str, Any], path: str, ollama: bool) -> str | None:
+        """The `model` of a JSON body; None when the endpoint does not need one and the body has none."""
+        required = path in MODEL_REQUIRED
+        try:
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            length = 0
+        if length <= 0:
+            if required:
+                raise error(400, "This endpoint needs a JSON body with a `model`.", "missing_model", ollama,
+                            param="model")
+            return None
+        raw = environ["wsgi.input"].read(length)
+        if not required and not environ.get("CONTENT_TYPE", "").startswith("application/json"):
+            return None
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            if required:
+                raise error(400, "The request body is not valid JSON.", "invalid_json", ollama) from None
+            return None
+        model = body.get("model") if isinstance(body, dict) else None
+        if model is None and not required:
+            return None
+        if not isinstance(model, str) or not model:
+            raise error(400, "The request body needs a `model` string.", "missing_model", ollama, param="model")
+        if not MODEL_RE.match(model):
+            raise error(404, f"The model `{model[:200]}` does not exist or you do not have access to it.",
+                        "model_not_found", ollama, param="model")
+        return model

@@ -1,0 +1,214 @@
+"""Applying nginx configuration so nginx is never left broken (DESIGN.md §6).
+
+render → new generation dir → `nginx -t` → atomic switch of the `live` symlink → reload → verify (new
+workers, no [emerg] since the reload, /healthz reports the new generation) → on failure switch back to the
+last good generation, reload, and raise with nginx's own words.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import requests
+
+from manager.nginx import NginxError
+from manager.render import render
+
+if TYPE_CHECKING:
+    from manager.context import Bastion
+
+KEEP_GENERATIONS = 20
+VERIFY_TIMEOUT = 10.0
+ERROR_PAGES = [
+    (413, "The request body is larger than this gateway accepts."),
+    (502, "No upstream server could answer the request."),
+    (503, "The service is unavailable."),
+    (504, "The upstream server did not answer in time."),
+]
+
+
+class ConfigTestFailed(NginxError):
+    """`nginx -t` refused the rendered configuration; nothing was changed."""
+
+
+class ReloadFailed(NginxError):
+    """nginx did not take the new configuration; the previous generation was restored."""
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    generation: int
+    changed: bool
+    reloaded: bool
+
+
+def resolve(host: str, port: int) -> str | None:
+    """host:port as nginx should see it; hostnames are resolved now so a DNS failure cannot stop nginx."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError:
+        return None
+    family, _, _, _, sockaddr = infos[0]
+    return f"[{sockaddr[0]}]:{port}" if family == socket.AF_INET6 else f"{sockaddr[0]}:{port}"
+
+
+def pool_view(pool: dict[str, Any]) -> dict[str, Any]:
+    servers = []
+    for up in pool["upstreams"]:
+        parts = urlsplit(up["url"])
+        address = resolve(parts.hostname or "", parts.port or 80)
+        note = None
+        if address is None:
+            address, note = "127.0.0.1:9", f"{parts.hostname} did not resolve at apply time"
+        servers.append({"address": address, "weight": up.get("weight", 1), "backup": up.get("backup", False),
+                        "down": note is not None, "note": note})
+    first = urlsplit(pool["upstreams"][0]["url"])
+    default_port = 443 if first.scheme == "https" else 80
+    host_header = first.hostname if first.port == default_port else f"{first.hostname}:{first.port}"
+    return {
+        "name": pool["name"],
+        "method": pool.get("method", "round_robin"),
+        "servers": servers,
+        "scheme": first.scheme,
+        "host_header": host_header,
+        "authorization": f"Bearer {pool['api_key']}" if pool.get("api_key") else "",
+    }
+
+
+def render_config(bastion: Bastion, generation: int) -> str:
+    dirs, settings = bastion.dirs, bastion.settings()
+    return render(
+        "nginx.conf.j2",
+        generation=generation,
+        paths={
+            "pid": dirs.nginx_pid,
+            "error_log": dirs.error_log,
+            "access_log": dirs.access_log,
+            "temp": dirs.nginx_temp,
+            "gate_socket": dirs.gate_socket,
+            "manager_socket": dirs.manager_socket,
+        },
+        pools=[pool_view(p) for p in bastion.store.table("pools").all() if p["upstreams"]],
+        public_listen=settings["public_listen"],
+        admin_listen=settings["admin_listen"],
+        admin_cidrs=settings["admin_cidrs"],
+        body_limit_mb=settings["body_limit_mb"],
+        read_timeout=settings["read_timeout"],
+        connect_timeout=settings["connect_timeout"],
+        max_fails=settings["max_fails"],
+        fail_timeout=settings["fail_timeout"],
+        error_pages=ERROR_PAGES,
+    )
+
+
+def live_generation(bastion: Bastion) -> int:
+    try:
+        return int(os.readlink(bastion.dirs.live).rsplit("/", 1)[-1])
+    except (OSError, ValueError):
+        return 0
+
+
+def _switch_live(bastion: Bastion, generation: int) -> None:
+    tmp = bastion.dirs.nginx / ".live.tmp"
+    tmp.unlink(missing_ok=True)
+    os.symlink(f"generations/{generation:06d}", tmp)
+    os.replace(tmp, bastion.dirs.live)
+
+
+def healthz_url(listen: str) -> str:
+    host, _, port = listen.rpartition(":")
+    host = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]"}.get(host, host)
+    return f"http://{host}:{port}/healthz"
+
+
+def apply(bastion: Bastion, author: str = "cli") -> ApplyResult:
+    """Render and apply the configuration. Raises ConfigTestFailed or ReloadFailed (nothing left changed)."""
+    dirs = bastion.dirs
+    dirs.ensure()
+    current = live_generation(bastion)
+    nxt = max([current, *(int(p.name) for p in dirs.generations.iterdir() if p.name.isdigit())]) + 1
+    if current and dirs.nginx_conf.exists() and dirs.nginx_conf.read_text() == render_config(bastion, current):
+        return ApplyResult(current, changed=False, reloaded=False)
+    text = render_config(bastion, nxt)
+
+    gen_dir = dirs.generations / f"{nxt:06d}"
+    gen_dir.mkdir(mode=0o700)
+    conf = gen_dir / "nginx.conf"
+    fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # may hold upstream API keys
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    (gen_dir / "meta.json").write_text(json.dumps({
+        "generation": nxt, "author": author, "time": time.time(), "sha256": hashlib.sha256(text.encode()).hexdigest(),
+    }))
+    try:
+        bastion.nginx.test(conf)
+    except NginxError as e:
+        shutil.rmtree(gen_dir)
+        raise ConfigTestFailed(e.summary, e.output) from None
+
+    _switch_live(bastion, nxt)
+    master = bastion.nginx.master_pid()
+    if master is None:
+        _prune(bastion)
+        return ApplyResult(nxt, changed=True, reloaded=False)
+    try:
+        _reload_and_verify(bastion, master, nxt)
+    except ReloadFailed:
+        if current:
+            _switch_live(bastion, current)
+            bastion.nginx.reload(master)
+        shutil.rmtree(gen_dir, ignore_errors=True)
+        raise
+    _prune(bastion)
+    return ApplyResult(nxt, changed=True, reloaded=True)
+
+
+def _reload_and_verify(bastion: Bastion, master: int, generation: int) -> None:
+    nginx, log = bastion.nginx, bastion.dirs.error_log
+    mark = log.stat().st_size if log.exists() else 0
+    old_workers = nginx.worker_pids(master)
+    nginx.reload(master)
+    url = healthz_url(bastion.settings()["public_listen"])
+    deadline = time.monotonic() + VERIFY_TIMEOUT
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        errors = _emerg_since(log, mark)
+        if errors:
+            raise ReloadFailed("nginx rejected the new configuration at reload; the previous one was restored",
+                               errors)
+        if not nginx.worker_pids(master) - old_workers:
+            continue
+        try:
+            if requests.get(url, timeout=1).json().get("generation") == generation:
+                return
+        except (requests.RequestException, ValueError):
+            pass
+    raise ReloadFailed("nginx did not confirm the new configuration in time; the previous one was restored",
+                       _emerg_since(log, mark))
+
+
+def _emerg_since(log: Path, mark: int) -> str:
+    try:
+        with log.open("rb") as f:
+            f.seek(mark)
+            tail = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(line for line in tail.splitlines() if "[emerg]" in line or "[alert]" in line)
+
+
+def _prune(bastion: Bastion) -> None:
+    live = live_generation(bastion)
+    gens = sorted(int(p.name) for p in bastion.dirs.generations.iterdir() if p.name.isdigit())
+    for g in gens[:-KEEP_GENERATIONS]:
+        if g != live:
+            shutil.rmtree(bastion.dirs.generations / f"{g:06d}", ignore_errors=True)

@@ -1,0 +1,300 @@
+"""The `bastion` command line: the same operations as the API, for operators and scripts."""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from datetime import datetime
+from typing import Any
+
+import click
+
+from manager import keys as keys_mod
+from manager import pools as pools_mod
+from manager import settings as settings_mod
+from manager import validation as v
+from manager.apply import ConfigTestFailed, ReloadFailed, live_generation
+from manager.context import Bastion
+from manager.datadir import DEFAULT_DATA_DIR, DataDir
+from manager.errors import Conflict, NotFound
+from manager.nginx import NginxError
+from manager.store import StoreCorrupt
+
+
+def friendly_errors(fn):
+    """Turn the core's errors into clean CLI messages and a non-zero exit, at the boundary only."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (v.ValidationError, Conflict) as e:
+            raise click.ClickException(f"{e.field}: {e.message}") from None
+        except (NotFound, StoreCorrupt) as e:
+            raise click.ClickException(str(e)) from None
+        except (ConfigTestFailed, ReloadFailed, NginxError) as e:
+            raise click.ClickException(f"{e.summary}\n{e.output}".strip()) from None
+    return wrapper
+
+
+def fmt_time(ts: float | None) -> str:
+    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M") if ts else "-"
+
+
+def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    table = [[str(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in table)) if table else len(c) for i, c in enumerate(columns)]
+    click.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)))
+    for row in table:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
+
+
+@click.group()
+@click.option("--data-dir", envvar="BASTION_DATA_DIR", default=DEFAULT_DATA_DIR, show_default=True,
+              type=click.Path(file_okay=False), help="Where Bastion keeps its state (env BASTION_DATA_DIR).")
+@click.option("--nginx", "nginx_binary", envvar="BASTION_NGINX", default=None, help="Path of the nginx binary.")
+@click.pass_context
+def main(ctx: click.Context, data_dir: str, nginx_binary: str | None) -> None:
+    """Bastion: a gateway for self-hosted LLM servers."""
+    ctx.obj = lambda: Bastion(DataDir.at(data_dir), nginx_binary)  # built lazily: --help needs no data dir
+
+
+def get_bastion(ctx: click.Context) -> Bastion:
+    try:
+        return ctx.obj()
+    except StoreCorrupt as e:
+        raise click.ClickException(str(e)) from None
+
+
+def with_bastion(fn):
+    @click.pass_context
+    @friendly_errors
+    @functools.wraps(fn)
+    def wrapper(ctx: click.Context, *args, **kwargs):
+        return fn(get_bastion(ctx), *args, **kwargs)
+    return wrapper
+
+
+@main.command()
+@with_bastion
+def init(b: Bastion) -> None:
+    """Create the data dir and render the first nginx configuration."""
+    result = b.apply("init")
+    click.echo(f"data dir {b.dirs.root} ready (nginx generation {result.generation})")
+
+
+@main.command()
+@click.option("--public", help="Public listener HOST:PORT (default 127.0.0.1:8080).")
+@click.option("--admin", help="Admin listener HOST:PORT (default 127.0.0.1:8081).")
+@with_bastion
+def up(b: Bastion, public: str | None, admin: str | None) -> None:
+    """Run nginx, the gate and the manager in the foreground until Ctrl-C."""
+    from manager.supervisor import Supervisor
+
+    changes = {k: x for k, x in (("public_listen", public), ("admin_listen", admin)) if x}
+    if changes:
+        b.store.update_settings(**settings_mod.validate(changes))
+    raise SystemExit(Supervisor(b, click.echo).run())
+
+
+# ---- pools and routes ---------------------------------------------------------------------------------
+
+@main.group()
+def pools() -> None:
+    """Upstream pools: named groups of LLM servers."""
+
+
+@pools.command("add")
+@click.argument("name")
+@click.option("--url", "urls", multiple=True, required=True, help="Upstream base URL (repeat for several).")
+@click.option("--backup-url", "backup_urls", multiple=True, help="Upstream used only when the others fail.")
+@click.option("--api-key", help="Key the upstream expects (sent as Authorization: Bearer).")
+@click.option("--models", help="Comma-separated models served (default: ask the upstreams).")
+@click.option("--weight", type=int, default=1, show_default=True, help="Weight of each --url upstream.")
+@click.option("--method", type=click.Choice(v.BALANCING_METHODS), default="round_robin", show_default=True)
+@with_bastion
+def pools_add(b: Bastion, name: str, urls: tuple[str, ...], backup_urls: tuple[str, ...], api_key: str | None,
+              models: str | None, weight: int, method: str) -> None:
+    """Add a pool and apply the nginx configuration."""
+    ups = [{"url": u, "weight": weight} for u in urls] + [{"url": u, "backup": True} for u in backup_urls]
+    click.echo(f"adding pool {name} and applying nginx configuration...")
+    pool = pools_mod.add(b, name, ups, api_key=api_key, models=models.split(",") if models else None,
+                         method=method)
+    served = pool["models"] or pool["discovered_models"]
+    source = "configured" if pool["models"] else "discovered"
+    click.echo(f"pool {name} added; models ({source}): {', '.join(served) or 'none found yet'}")
+
+
+@pools.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@with_bastion
+def pools_list(b: Bastion, as_json: bool) -> None:
+    rows = pools_mod.all_pools(b)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    print_table([{"name": p["name"], "method": p["method"],
+                  "upstreams": " ".join(u["url"] + (" (backup)" if u["backup"] else "") for u in p["upstreams"]),
+                  "models": ",".join(p["models"] or p["discovered_models"]) or "-"} for p in rows],
+                ["name", "method", "upstreams", "models"])
+
+
+@pools.command("remove")
+@click.argument("name")
+@with_bastion
+def pools_remove(b: Bastion, name: str) -> None:
+    pools_mod.remove(b, name)
+    click.echo(f"pool {name} removed")
+
+
+@pools.command("refresh")
+@with_bastion
+def pools_refresh(b: Bastion) -> None:
+    """Ask upstreams now which models they serve (pools without a model list)."""
+    changed = pools_mod.refresh_discovered(b)
+    click.echo(f"updated: {', '.join(changed)}" if changed else "no change")
+
+
+@main.group()
+def routes() -> None:
+    """Explicit model → pool routes (exact names or globs), checked before the pools' model lists."""
+
+
+@routes.command("set")
+@click.argument("model")
+@click.option("--pool", "pool_names", multiple=True, required=True)
+@with_bastion
+def routes_set(b: Bastion, model: str, pool_names: tuple[str, ...]) -> None:
+    route = pools_mod.set_route(b, model, list(pool_names))
+    click.echo(f"{route['model']} -> {', '.join(route['pools'])}")
+
+
+@routes.command("list")
+@with_bastion
+def routes_list(b: Bastion) -> None:
+    print_table([{"model": r["model"], "pools": ",".join(r["pools"])} for r in pools_mod.all_routes(b)],
+                ["model", "pools"])
+
+
+@routes.command("remove")
+@click.argument("model")
+@with_bastion
+def routes_remove(b: Bastion, model: str) -> None:
+    pools_mod.remove_route(b, model)
+    click.echo(f"route {model} removed")
+
+
+# ---- keys ---------------------------------------------------------------------------------------------
+
+@main.group()
+def keys() -> None:
+    """API keys for clients."""
+
+
+@keys.command("create")
+@click.argument("name")
+@click.option("--models", help="Comma-separated allowed models; globs like llama* work (default: all).")
+@click.option("--endpoints", help="Comma-separated allowed paths, e.g. /v1/*,/api/pull (default: all but Ollama "
+                                  "model management).")
+@click.option("--rpm", type=int, default=0, help="Requests per minute (0 = unlimited).")
+@click.option("--expires", help="Duration (30d, 12h) or ISO date.")
+@click.option("--cidrs", help="Comma-separated client networks allowed to use the key.")
+@with_bastion
+def keys_create(b: Bastion, name: str, models: str | None, endpoints: str | None, rpm: int,
+                expires: str | None, cidrs: str | None) -> None:
+    """Create a key and print it once."""
+    record, token = keys_mod.create(b, name, models=models, endpoints=endpoints, rpm=rpm, expires=expires,
+                                    cidrs=cidrs)
+    click.echo(token)
+    click.echo(f"key id {record['id']} ({record['name']}); store it now, it cannot be shown again", err=True)
+
+
+@keys.command("list")
+@click.option("--all", "include_revoked", is_flag=True, help="Include revoked keys.")
+@click.option("--json", "as_json", is_flag=True)
+@with_bastion
+def keys_list(b: Bastion, include_revoked: bool, as_json: bool) -> None:
+    rows = keys_mod.all_keys(b, include_revoked)
+    last = b.usage.last_used() if rows else {}
+    for r in rows:
+        r["last_used"] = last.get(r["id"])
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    print_table([{"id": r["id"], "name": r["name"], "status": r["status"], "models": ",".join(r["models"]) or "*",
+                  "rpm": r["rpm"] or "-", "expires": fmt_time(r["expires"]), "last_used": fmt_time(r["last_used"])}
+                 for r in rows], ["id", "name", "status", "models", "rpm", "expires", "last_used"])
+
+
+def _key_action(name: str, help_text: str, action):
+    @keys.command(name, help=help_text)
+    @click.argument("key_id")
+    @with_bastion
+    def command(b: Bastion, key_id: str) -> None:
+        record = action(b, key_id)
+        click.echo(f"key {record['id']} is {record['status']}")
+    return command
+
+
+_key_action("revoke", "Revoke a key for good.", keys_mod.revoke)
+_key_action("disable", "Stop a key working until enabled again.",
+            lambda b, key_id: keys_mod.update(b, key_id, enabled=False))
+_key_action("enable", "Let a disabled key work again.", lambda b, key_id: keys_mod.update(b, key_id, enabled=True))
+
+
+# ---- usage and config ---------------------------------------------------------------------------------
+
+@main.command()
+@click.option("--key", "key_id", help="Only this key id.")
+@click.option("--since", default="24h", show_default=True, help="Duration back (24h, 7d) or ISO date.")
+@click.option("--records", is_flag=True, help="List single requests instead of the summary.")
+@click.option("--json", "as_json", is_flag=True)
+@with_bastion
+def usage(b: Bastion, key_id: str | None, since: str, records: bool, as_json: bool) -> None:
+    """Requests per key and model, from nginx's access log."""
+    m = v.DURATION_RE.match(since)
+    start = time.time() - int(m.group(1)) * v.DURATION_UNITS[m.group(2)] if m else None
+    if start is None:
+        try:
+            start = datetime.fromisoformat(since).timestamp()
+        except ValueError:
+            raise v.ValidationError("since", "must be a duration like 24h or an ISO date") from None
+    b.usage.ingest()
+    rows = b.usage.records(key_id, start) if records else b.usage.summary(key_id, start)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    elif records:
+        print_table([{**r, "start": fmt_time(r["start"]), "ttfb": f"{r['ttfb']:.3f}" if r["ttfb"] is not None else "-",
+                      "duration": f"{r['duration']:.3f}"} for r in rows],
+                    ["start", "key", "model", "pool", "upstream", "status", "bytes_sent", "ttfb", "duration"])
+    else:
+        print_table([{**r, "avg_ttfb": f"{r['avg_ttfb']:.3f}" if r["avg_ttfb"] is not None else "-",
+                      "avg_duration": f"{r['avg_duration']:.3f}", "last_request": fmt_time(r["last_request"])}
+                     for r in rows],
+                    ["key", "model", "requests", "errors", "bytes_sent", "avg_ttfb", "avg_duration", "last_request"])
+
+
+@main.group()
+def config() -> None:
+    """The nginx configuration Bastion renders."""
+
+
+@config.command("apply")
+@with_bastion
+def config_apply(b: Bastion) -> None:
+    """Render, test and (if nginx runs) reload; rolls back on failure."""
+    click.echo("rendering and testing nginx configuration...")
+    result = b.apply("cli")
+    state = "reloaded" if result.reloaded else "written (nginx not running)" if result.changed else "unchanged"
+    click.echo(f"generation {result.generation}: {state}")
+
+
+@config.command("show")
+@with_bastion
+def config_show(b: Bastion) -> None:
+    click.echo(f"# live generation {live_generation(b)}: {b.dirs.nginx_conf}")
+    click.echo(b.dirs.nginx_conf.read_text() if b.dirs.nginx_conf.exists() else "# not rendered yet")
+
+
+if __name__ == "__main__":
+    main()

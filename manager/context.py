@@ -1,0 +1,66 @@
+"""`Bastion`: one data dir's store, settings, nginx and the two ways changes reach the data plane."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cached_property
+from typing import Any
+
+from tinydb import TinyDB
+
+from manager import apply as applier
+from manager import settings as settings_mod
+from manager.datadir import DataDir
+from manager.nginx import Nginx
+from manager.snapshot import publish
+from manager.store import Store
+from manager.usage import Usage
+
+
+class Bastion:
+    def __init__(self, dirs: DataDir, nginx_binary: str | None = None):
+        self.dirs = dirs
+        dirs.ensure()
+        self.store = Store(dirs.store)
+        self.nginx = Nginx(dirs, nginx_binary)
+
+    @cached_property
+    def pepper(self) -> bytes:
+        return self.dirs.read_pepper()
+
+    @cached_property
+    def usage(self) -> Usage:
+        return Usage(self.dirs.usage_db, self.dirs.access_log)
+
+    def settings(self) -> dict[str, Any]:
+        return settings_mod.effective(self.store.settings())
+
+    def publish_snapshot(self) -> None:
+        """Hand keys, pools and routes to the gate (takes effect within a second, no restart)."""
+        publish(self)
+
+    def apply(self, author: str = "cli") -> applier.ApplyResult:
+        """Apply nginx config, then publish the snapshot that names the new pools."""
+        result = applier.apply(self, author)
+        self.publish_snapshot()
+        return result
+
+    @contextmanager
+    def change(self, author: str = "cli", *, nginx: bool = False) -> Iterator[TinyDB]:
+        """One change to the configuration, all or nothing.
+
+        Runs under the store lock; afterwards publishes the snapshot, or applies the nginx config first when
+        `nginx` is set. If anything fails (validation, `nginx -t`, reload) the store is put back as it was.
+        """
+        with self.store.transaction() as db:
+            before = self.store.dump()
+            try:
+                yield db
+                if nginx:
+                    self.apply(author)
+                else:
+                    self.publish_snapshot()
+            except BaseException:
+                self.store.restore(before)
+                raise

@@ -1,0 +1,101 @@
+"""Every path Bastion writes, all under one data dir, and the first-start initialisation of that dir."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from manager.store import write_atomic
+
+DEFAULT_DATA_DIR = "./data"
+
+
+@dataclass(frozen=True)
+class DataDir:
+    root: Path
+
+    @classmethod
+    def at(cls, path: str | os.PathLike[str]) -> DataDir:
+        return cls(Path(path).resolve())
+
+    @property
+    def store(self) -> Path:
+        return self.root / "store.json"
+
+    @property
+    def pepper(self) -> Path:
+        return self.root / "pepper"
+
+    @property
+    def snapshot(self) -> Path:
+        return self.root / "snapshot.json"
+
+    @property
+    def usage_db(self) -> Path:
+        return self.root / "usage.sqlite3"
+
+    @property
+    def nginx(self) -> Path:
+        return self.root / "nginx"
+
+    @property
+    def generations(self) -> Path:
+        return self.nginx / "generations"
+
+    @property
+    def live(self) -> Path:
+        """Symlink to the live generation; nginx runs with `-c live/nginx.conf`."""
+        return self.nginx / "live"
+
+    @property
+    def nginx_conf(self) -> Path:
+        return self.live / "nginx.conf"
+
+    @property
+    def nginx_pid(self) -> Path:
+        return self.nginx / "nginx.pid"
+
+    @property
+    def nginx_temp(self) -> Path:
+        return self.nginx / "temp"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def access_log(self) -> Path:
+        return self.logs / "access.log"
+
+    @property
+    def error_log(self) -> Path:
+        return self.logs / "error.log"
+
+    @property
+    def run(self) -> Path:
+        return self.root / "run"
+
+    @property
+    def gate_socket(self) -> Path:
+        return self.run / "authsvc.sock"
+
+    @property
+    def manager_socket(self) -> Path:
+        return self.run / "manager.sock"
+
+    def ensure(self) -> None:
+        """Create the directory tree and the pepper (idempotent).
+
+        Directories are 0711: nginx workers (an unprivileged user when started as root) must traverse to the
+        sockets, but listing is denied; every file holding a secret is 0600.
+        """
+        for d in (self.root, self.nginx, self.generations, self.nginx_temp, self.logs, self.run):
+            d.mkdir(parents=True, exist_ok=True)
+            os.chmod(d, 0o711)
+        if not self.pepper.exists():
+            write_atomic(self.pepper, secrets.token_hex(32).encode())
+
+    def read_pepper(self) -> bytes:
+        return self.pepper.read_bytes().strip()

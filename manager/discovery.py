@@ -1,0 +1,37 @@
+"""Finding out which models an upstream serves: OpenAI `/v1/models`, else Ollama `/api/tags`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import requests
+
+from manager import validation as v
+
+TIMEOUT = 3.0
+
+
+def upstream_models(url: str, api_key: str | None = None) -> list[str] | None:
+    """Model names one upstream reports, or None when it cannot be asked."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    for path, pick in (("/v1/models", lambda d: [m["id"] for m in d["data"]]),
+                       ("/api/tags", lambda d: [m["name"] for m in d["models"]])):
+        try:
+            resp = requests.get(url.rstrip("/") + path, headers=headers, timeout=TIMEOUT)
+            if resp.ok:
+                names = pick(resp.json())
+                # an upstream's answer is input like any other: keep only names Bastion can route safely
+                return [n for n in names if isinstance(n, str) and v.MODEL_RE.match(n)]
+        except (requests.RequestException, ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
+def pool_models(pool: dict[str, Any]) -> list[str] | None:
+    """Union of what the pool's upstreams report; None when none of them answered."""
+    found: list[str] | None = None
+    for up in pool["upstreams"]:
+        names = upstream_models(up["url"], pool.get("api_key"))
+        if names is not None:
+            found = list(dict.fromkeys([*(found or []), *names]))
+    return found

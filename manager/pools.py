@@ -1,0 +1,170 @@
+"""Upstream pools (named groups of upstream servers) and routes (model → pools)."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from tinydb import Query
+
+from manager import discovery
+from manager import validation as v
+from manager.errors import Conflict, NotFound
+
+if TYPE_CHECKING:
+    from manager.context import Bastion
+
+Pool = Query()
+Route = Query()
+METHODS_WITHOUT_BACKUP = ("hash", "random_two")  # nginx refuses `backup` with these balancers
+
+
+def upstream(field: str, value: Any) -> dict[str, Any]:
+    """An upstream given as a URL string or as {url, weight, backup}."""
+    if isinstance(value, str):
+        value = {"url": value}
+    if not isinstance(value, dict):
+        raise v.ValidationError(field, "must be a URL or an object with url, weight, backup")
+    unknown = set(value) - {"url", "weight", "backup"}
+    if unknown:
+        raise v.ValidationError(f"{field}.{sorted(unknown)[0]}", "is not an upstream field")
+    return {
+        "url": v.upstream_url(f"{field}.url", value.get("url")),
+        "weight": v.integer(f"{field}.weight", value.get("weight", 1), 1, 100),
+        "backup": v.boolean(f"{field}.backup", value.get("backup", False)),
+    }
+
+
+def check_pool(pool: dict[str, Any]) -> None:
+    """Rules that span fields of one pool."""
+    schemes = {u["url"].split(":", 1)[0] for u in pool["upstreams"]}
+    if len(schemes) > 1:
+        raise v.ValidationError("upstreams", "all upstreams of a pool must use the same scheme (http or https)")
+    if pool["method"] in METHODS_WITHOUT_BACKUP and any(u["backup"] for u in pool["upstreams"]):
+        raise v.ValidationError("upstreams", f"backup upstreams cannot be used with method {pool['method']}")
+    urls = [u["url"] for u in pool["upstreams"]]
+    if len(set(urls)) != len(urls):
+        raise v.ValidationError("upstreams", "the same upstream URL is listed twice")
+
+
+def _find(bastion: Bastion, name: str) -> dict[str, Any]:
+    record = bastion.store.table("pools").get(Pool.name == name)
+    if record is None:
+        raise NotFound("pool", name)
+    return record
+
+
+def public(pool: dict[str, Any]) -> dict[str, Any]:
+    """A pool as shown: the upstream API key is never echoed back."""
+    out = {k: x for k, x in pool.items() if k != "api_key"}
+    out["api_key_set"] = bool(pool.get("api_key"))
+    return out
+
+
+def all_pools(bastion: Bastion) -> list[dict[str, Any]]:
+    return [public(p) for p in bastion.store.table("pools").all()]
+
+
+def get(bastion: Bastion, name: str) -> dict[str, Any]:
+    return public(_find(bastion, name))
+
+
+def add(bastion: Bastion, name: str, upstreams: list[Any], author: str = "cli", *, api_key: str | None = None,
+        models: list[str] | None = None, method: str = "round_robin") -> dict[str, Any]:
+    """Create a pool and apply the nginx config. Models are discovered from the upstreams when not given."""
+    if not isinstance(upstreams, list) or not upstreams:
+        raise v.ValidationError("upstreams", "give at least one upstream URL")
+    pool = {
+        "name": v.name("name", name),
+        "method": v.choice("method", method, v.BALANCING_METHODS),
+        "upstreams": [upstream(f"upstreams[{i}]", u) for i, u in enumerate(upstreams)],
+        "api_key": v.secret("api_key", api_key) if api_key else None,
+        "models": v.models("models", models) if models else [],
+        "discovered_models": [],
+        "discovered_at": None,
+        "created_at": time.time(),
+    }
+    check_pool(pool)
+    if not pool["models"]:
+        pool["discovered_models"] = discovery.pool_models(pool) or []
+        pool["discovered_at"] = time.time()
+    with bastion.change(author, nginx=True) as db:
+        if db.table("pools").contains(Pool.name == pool["name"]):
+            raise Conflict("name", f"a pool named {pool['name']!r} already exists")
+        db.table("pools").insert(pool)
+    return public(pool)
+
+
+def update(bastion: Bastion, name: str, author: str = "cli", **fields: Any) -> dict[str, Any]:
+    """Change method, api_key, models or the whole upstream list of a pool."""
+    unknown = set(fields) - {"method", "api_key", "models", "upstreams"}
+    if unknown:
+        raise v.ValidationError(sorted(unknown)[0], "is not a pool field")
+    with bastion.change(author, nginx=True) as db:
+        pool = _find(bastion, name)
+        if "method" in fields:
+            pool["method"] = v.choice("method", fields["method"], v.BALANCING_METHODS)
+        if "api_key" in fields:
+            pool["api_key"] = v.secret("api_key", fields["api_key"]) if fields["api_key"] else None
+        if "models" in fields:
+            pool["models"] = v.models("models", fields["models"] or [])
+        if "upstreams" in fields:
+            ups = fields["upstreams"]
+            if not isinstance(ups, list) or not ups:
+                raise v.ValidationError("upstreams", "give at least one upstream URL")
+            pool["upstreams"] = [upstream(f"upstreams[{i}]", u) for i, u in enumerate(ups)]
+        check_pool(pool)
+        db.table("pools").update(pool, Pool.name == name)
+    return get(bastion, name)
+
+
+def remove(bastion: Bastion, name: str, author: str = "cli") -> None:
+    with bastion.change(author, nginx=True) as db:
+        _find(bastion, name)
+        users = [r["model"] for r in db.table("routes").all() if name in r["pools"]]
+        if users:
+            raise Conflict("name", f"pool {name!r} is used by the routes for {', '.join(users)}; remove them first")
+        db.table("pools").remove(Pool.name == name)
+        if bastion.store.get_setting("default_pool") == name:
+            bastion.store.update_settings(default_pool=None)
+
+
+def refresh_discovered(bastion: Bastion) -> list[str]:
+    """Ask the upstreams of pools without a model list what they serve; returns the pools that changed."""
+    changed = []
+    for pool in bastion.store.table("pools").all():
+        if pool.get("models"):
+            continue
+        found = discovery.pool_models(pool)
+        if found is None or found == pool.get("discovered_models"):
+            continue
+        with bastion.change("discovery") as db:
+            db.table("pools").update({"discovered_models": found, "discovered_at": time.time()},
+                                     Pool.name == pool["name"])
+        changed.append(pool["name"])
+    return changed
+
+
+# Routes: explicit model → pools mappings, checked before the pools' own model lists.
+
+def all_routes(bastion: Bastion) -> list[dict[str, Any]]:
+    return bastion.store.table("routes").all()
+
+
+def set_route(bastion: Bastion, model: str, pools: list[str], author: str = "cli") -> dict[str, Any]:
+    route = {"model": v.model("model", model, allow_glob=True), "pools": v.string_list("pools", pools, v.name)}
+    if not route["pools"]:
+        raise v.ValidationError("pools", "give at least one pool")
+    with bastion.change(author) as db:
+        known = {p["name"] for p in db.table("pools").all()}
+        for i, p in enumerate(route["pools"]):
+            if p not in known:
+                raise v.ValidationError(f"pools[{i}]", f"unknown pool {p!r}")
+        db.table("routes").upsert(route, Route.model == route["model"])
+    return route
+
+
+def remove_route(bastion: Bastion, model: str, author: str = "cli") -> None:
+    with bastion.change(author) as db:
+        if not db.table("routes").remove(Route.model == model):
+            raise NotFound("route", model)

@@ -1,0 +1,136 @@
+"""Configuration state (keys, pools, routes, settings) in TinyDB under the data dir.
+
+Every write is atomic (temp file, fsync, rename) and every change runs inside `Store.transaction()`, which
+holds an exclusive `flock` so the manager, the supervisor and CLI commands never interleave their
+read-modify-write cycles. A file that is not valid JSON is reported as `StoreCorrupt` naming the file; it is
+never overwritten.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from tinydb import TinyDB
+from tinydb.storages import Storage
+
+
+class StoreCorrupt(RuntimeError):
+    """The store file exists but cannot be read; nothing was written."""
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Replace `path` with `data` so readers see either the old or the new file, never half of one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class AtomicJSONStorage(Storage):
+    """TinyDB storage that reads the whole file and writes it back atomically with mode 0600."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def read(self) -> dict[str, Any] | None:
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        if not raw.strip():
+            raise StoreCorrupt(f"{self.path} is empty; restore it from a backup or move it aside to start afresh")
+        try:
+            data = json.loads(raw)
+        except ValueError as e:
+            raise StoreCorrupt(
+                f"{self.path} is not valid JSON ({e}); restore it from a backup or move it aside to start afresh"
+            ) from e
+        if not isinstance(data, dict):
+            raise StoreCorrupt(f"{self.path} does not hold a JSON object")
+        return data
+
+    def write(self, data: dict[str, Any]) -> None:
+        write_atomic(self.path, json.dumps(data, indent=1, sort_keys=True).encode())
+
+
+class Store:
+    """The TinyDB database plus the cross-process lock that guards writes to it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._lock_path = path.with_name(path.name + ".lock")
+        self._local = threading.local()
+        self._thread_lock = threading.RLock()
+        self.db = TinyDB(path, storage=AtomicJSONStorage)
+        self.db.tables()  # read once now so a corrupt file fails at startup, not on first use
+
+    @contextmanager
+    def transaction(self) -> Iterator[TinyDB]:
+        """Hold the exclusive lock for a read-modify-write; re-entrant within one thread."""
+        with self._thread_lock:
+            depth = getattr(self._local, "depth", 0)
+            if depth == 0:
+                fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                self._local.fd = fd
+                # TinyDB's Table objects cache the next document id; another process may have inserted
+                # since, so start each transaction with fresh ones.
+                self.db._tables.clear()
+            self._local.depth = depth + 1
+            try:
+                yield self.db
+            finally:
+                self._local.depth -= 1
+                if self._local.depth == 0:
+                    fcntl.flock(self._local.fd, fcntl.LOCK_UN)
+                    os.close(self._local.fd)
+
+    def dump(self) -> dict[str, Any] | None:
+        return self.db.storage.read()
+
+    def restore(self, data: dict[str, Any] | None) -> None:
+        """Put back what `dump()` returned (used to undo a change nginx refused)."""
+        if data is None:
+            self.path.unlink(missing_ok=True)
+        else:
+            self.db.storage.write(data)
+        self.db._tables.clear()
+
+    def table(self, name: str):
+        # No query cache: another process may have changed the file since the last search.
+        return self.db.table(name, cache_size=0)
+
+    def get_setting(self, key: str, default: Any = None) -> Any:
+        doc = self.table("settings").get(doc_id=1)
+        return (doc or {}).get(key, default)
+
+    def settings(self) -> dict[str, Any]:
+        return dict(self.table("settings").get(doc_id=1) or {})
+
+    def update_settings(self, **values: Any) -> None:
+        with self.transaction():
+            table = self.table("settings")
+            if table.get(doc_id=1) is None:
+                table.insert(values)
+            else:
+                table.update(values, doc_ids=[1])

@@ -1,0 +1,191 @@
+"""`bastion up`: run nginx, the gate (granian) and the manager (gunicorn) in the foreground.
+
+Ctrl-C/SIGTERM stops every child. A gate or manager that dies is restarted (at most `MAX_RESTARTS` a
+minute); nginx dying, or failing to start, stops the stack with the reason and a non-zero exit. While running,
+the supervisor ingests the access log every second and refreshes discovered models on a schedule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+from manager import pools
+from manager.apply import healthz_url
+from manager.context import Bastion
+
+START_TIMEOUT = 15.0
+MAX_RESTARTS = 5
+
+
+class StartupError(RuntimeError):
+    pass
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    log: Path
+    ready: Callable[[], bool]
+    proc: subprocess.Popen | None = None
+    restarts: list[float] = field(default_factory=list)
+
+    def start(self, env: dict[str, str]) -> None:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                         start_new_session=True)
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc and self.proc.poll() is not None:
+                raise StartupError(f"{self.name} exited with status {self.proc.returncode}:\n{self.tail()}")
+            if self.ready():
+                return
+            time.sleep(0.05)
+        raise StartupError(f"{self.name} did not become ready within {timeout:.0f} s:\n{self.tail()}")
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+        if not self.proc or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class Supervisor:
+    def __init__(self, bastion: Bastion, echo: Callable[[str], None] = print):
+        self.bastion = bastion
+        self.echo = echo
+        self.stopping = threading.Event()
+        dirs = bastion.dirs
+        self.env = {**os.environ, "BASTION_DATA_DIR": str(dirs.root)}
+        self.gate = Child(
+            "authsvc",
+            [sys.executable, "-m", "granian", "--interface", "wsgi", "--uds", str(dirs.gate_socket),
+             "--uds-permissions", "666", "--workers", "1", "--no-ws", "--no-access-log", "authsvc.wsgi:app"],
+            dirs.logs / "authsvc.log",
+            dirs.gate_socket.exists,
+        )
+        self.manager = Child(
+            "manager",
+            [sys.executable, "-m", "gunicorn", "--bind", f"unix:{dirs.manager_socket}", "--umask", "0o111",
+             "--workers", "2", "--threads", "4", "--worker-class", "gthread",
+             # idle connections outlive nginx's upstream keepalive_timeout (25 s), see RECIPES.md
+             "--keep-alive", "30", "manager.wsgi:app"],
+            dirs.logs / "manager.log",
+            dirs.manager_socket.exists,
+        )
+        self.nginx = Child("nginx", bastion.nginx.run_argv(), dirs.logs / "nginx.log", self._nginx_ready)
+
+    def _nginx_ready(self) -> bool:
+        try:
+            return requests.get(healthz_url(self.bastion.settings()["public_listen"]), timeout=1).ok
+        except requests.RequestException:
+            return False
+
+    def run(self) -> int:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: self.stopping.set())
+        try:
+            self.start()
+        except StartupError as e:
+            self.echo(f"error: {e}")
+            self.shutdown()
+            return 1
+        try:
+            return self.watch()
+        finally:
+            self.shutdown()
+
+    def start(self) -> None:
+        dirs, bastion = self.bastion.dirs, self.bastion
+        running = bastion.nginx.master_pid()
+        if running:
+            raise StartupError(f"nginx for {dirs.root} is already running (pid {running})")
+        self.echo("applying nginx configuration...")
+        result = bastion.apply("up")
+        self.echo(f"  generation {result.generation}")
+        for sock in (dirs.gate_socket, dirs.manager_socket):
+            sock.unlink(missing_ok=True)
+        for child in (self.gate, self.manager):
+            self.echo(f"starting {child.name}...")
+            child.start(self.env)
+            child.wait_ready()
+        self.echo("starting nginx...")
+        self.nginx.start(self.env)
+        self.nginx.wait_ready()
+        settings = bastion.settings()
+        self.echo(f"Bastion is up (data dir {dirs.root})")
+        self.echo(f"  OpenAI base URL: http://{settings['public_listen']}/v1")
+        self.echo(f"  Ollama base URL: http://{settings['public_listen']}")
+        self.echo(f"  admin:           http://{settings['admin_listen']}/")
+        self.echo("Create a key with: bastion keys create NAME    (Ctrl-C stops the stack)")
+
+    def watch(self) -> int:
+        interval = self.bastion.settings()["discovery_interval"]
+        next_discovery = time.monotonic() + interval
+        while not self.stopping.wait(1.0):
+            if self.nginx.proc and self.nginx.proc.poll() is not None:
+                self.echo(f"error: nginx exited with status {self.nginx.proc.returncode}:\n{self.nginx.tail()}")
+                return 1
+            for child in (self.gate, self.manager):
+                if child.proc and child.proc.poll() is not None and not self._restart(child):
+                    return 1
+            self._background(self.bastion.usage.ingest)
+            if time.monotonic() >= next_discovery:
+                next_discovery = time.monotonic() + interval
+                self._background(lambda: pools.refresh_discovered(self.bastion))
+        self.echo("stopping...")
+        return 0
+
+    def _restart(self, child: Child) -> bool:
+        now = time.monotonic()
+        child.restarts = [t for t in child.restarts if now - t < 60] + [now]
+        if len(child.restarts) > MAX_RESTARTS:
+            self.echo(f"error: {child.name} keeps dying; last output:\n{child.tail()}")
+            return False
+        self.echo(f"{child.name} exited with status {child.proc.returncode}; restarting")
+        try:
+            child.start(self.env)
+            child.wait_ready()
+        except StartupError as e:
+            self.echo(f"error: {e}")
+            return False
+        return True
+
+    def _background(self, job: Callable[[], object]) -> None:
+        """Run periodic work without blocking the watch loop; errors are reported, never fatal."""
+        def run() -> None:
+            try:
+                job()
+            except Exception as e:
+                self.echo(f"warning: {e}")
+        threading.Thread(target=run, daemon=True).start()
+
+    def shutdown(self) -> None:
+        self.nginx.stop(signal.SIGQUIT)  # graceful: in-flight streams finish
+        for child in (self.manager, self.gate):
+            child.stop()
+        with contextlib.suppress(Exception):  # a last read of the log must not block shutdown
+            self.bastion.usage.ingest()

@@ -1,0 +1,122 @@
+"""Fake LLM upstreams (OpenAI and Ollama shapes) that record what reached them."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+class FakeUpstream:
+    """An OpenAI + Ollama compatible server on a free port, answering with its `name` in every reply."""
+
+    def __init__(self, name: str, models: list[str], chunk_delay: float = 0.0, chunks: int = 5):
+        self.name = name
+        self.models = models
+        self.chunk_delay = chunk_delay
+        self.chunks = chunks
+        self.requests: list[dict[str, Any]] = []
+        self.stream_finished = threading.Event()
+        handler = type("Handler", (_Handler,), {"upstream": self})
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    upstream: FakeUpstream
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def _record(self) -> dict[str, Any]:
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        entry = {"path": self.path, "method": self.command, "headers": dict(self.headers), "body": raw}
+        self.upstream.requests.append(entry)
+        return entry
+
+    def _json(self, payload: Any, status: int = 200) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _stream(self, content_type: str, lines: list[bytes]) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for line in lines:
+            self.wfile.write(f"{len(line):x}\r\n".encode() + line + b"\r\n")
+            self.wfile.flush()
+            time.sleep(self.upstream.chunk_delay)
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+        self.upstream.stream_finished.set()
+
+    def do_GET(self) -> None:
+        self._record()
+        up = self.upstream
+        if self.path == "/v1/models":
+            self._json({"object": "list", "data": [{"id": m, "object": "model", "owned_by": up.name}
+                                                   for m in up.models]})
+        elif self.path == "/api/tags":
+            self._json({"models": [{"name": m, "model": m} for m in up.models]})
+        elif self.path == "/api/version":
+            self._json({"version": "0.0.0-" + up.name})
+        else:
+            self._json({"upstream": up.name, "path": self.path})
+
+    def do_POST(self) -> None:
+        entry = self._record()
+        up = self.upstream
+        try:
+            body = json.loads(entry["body"] or b"{}")
+        except ValueError:
+            body = {}
+        model = body.get("model", "")
+        if self.path == "/v1/chat/completions" and body.get("stream"):
+            events = [
+                b"data: " + json.dumps({
+                    "id": "c1", "object": "chat.completion.chunk", "created": 0, "model": model,
+                    "choices": [{"index": 0, "delta": {"content": f"{up.name}-{i} "}, "finish_reason": None}],
+                }).encode() + b"\n\n"
+                for i in range(up.chunks)
+            ]
+            self._stream("text/event-stream", [*events, b"data: [DONE]\n\n"])
+        elif self.path == "/v1/chat/completions":
+            self._json({
+                "id": "c1", "object": "chat.completion", "created": 0, "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": f"hello from {up.name}"},
+                             "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7},
+                "received_bytes": len(entry["body"]),
+            })
+        elif self.path == "/v1/completions":
+            self._json({"id": "t1", "object": "text_completion", "created": 0, "model": model,
+                        "choices": [{"index": 0, "text": f"text from {up.name}", "finish_reason": "stop",
+                                     "logprobs": None}],
+                        "usage": {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4}})
+        elif self.path == "/v1/embeddings":
+            self._json({"object": "list", "model": model,
+                        "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}],
+                        "usage": {"prompt_tokens": 1, "total_tokens": 1}})
+        elif self.path == "/api/chat":
+            lines = [json.dumps({"model": model, "message": {"role": "assistant", "content": f"{up.name}-{i}"},
+                                 "done": False}).encode() + b"\n" for i in range(up.chunks)]
+            lines.append(json.dumps({"model": model, "done": True, "eval_count": up.chunks}).encode() + b"\n")
+            self._stream("application/x-ndjson", lines)
+        else:
+            self._json({"upstream": up.name, "path": self.path, "model": model})
