@@ -1,0 +1,37 @@
+# The two commands: `make run` (install what is missing, start the stack) and `make test` (the whole suite).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+
+.PHONY: run test bench install system-deps lint clean
+
+run: install
+	$(VENV)/bin/bastion up
+
+test: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest -q
+
+bench: install
+	@command -v wrk >/dev/null || $(MAKE) system-deps PACKAGES=wrk
+	$(PY) bench/bench.py
+
+install: $(STAMP)
+
+$(STAMP):
+	@command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || $(MAKE) system-deps
+	test -d $(VENV) || python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[test]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+# nginx from the distribution; only possible as root (otherwise: say what to install).
+PACKAGES ?= nginx libnginx-mod-http-js
+system-deps:
+	@if [ "$$(id -u)" != 0 ]; then echo "please install: apt-get install $(PACKAGES)" >&2; exit 1; fi
+	./.ci/apt-install $(PACKAGES)
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
