@@ -7,9 +7,11 @@ last good generation, reload, and raise with nginx's own words.
 
 from __future__ import annotations
 
+import grp
 import hashlib
 import json
 import os
+import pwd
 import shutil
 import socket
 import time
@@ -84,11 +86,21 @@ def pool_view(pool: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def worker_user(data_dir: Path) -> str | None:
+    """Started as root, nginx would run its workers as `nobody`, which cannot reach the gate's socket in a
+    private data dir; they run as the data dir's owner instead (see docs/security.md)."""
+    if os.geteuid() != 0:
+        return None
+    st = data_dir.stat()
+    return f"{pwd.getpwuid(st.st_uid).pw_name} {grp.getgrgid(st.st_gid).gr_name}"
+
+
 def render_config(bastion: Bastion, generation: int) -> str:
     dirs, settings = bastion.dirs, bastion.settings()
     return render(
         "nginx.conf.j2",
         generation=generation,
+        worker_user=worker_user(dirs.root),
         paths={
             "pid": dirs.nginx_pid,
             "error_log": dirs.error_log,

@@ -83,13 +83,13 @@ class Supervisor:
         self.gate = Child(
             "authsvc",
             [sys.executable, "-m", "granian", "--interface", "wsgi", "--uds", str(dirs.gate_socket),
-             "--uds-permissions", "666", "--workers", "1", "--no-ws", "--no-access-log", "authsvc.wsgi:app"],
+             "--uds-permissions", "600", "--workers", "1", "--no-ws", "--no-access-log", "authsvc.wsgi:app"],
             dirs.logs / "authsvc.log",
             dirs.gate_socket.exists,
         )
         self.manager = Child(
             "manager",
-            [sys.executable, "-m", "gunicorn", "--bind", f"unix:{dirs.manager_socket}", "--umask", "0o111",
+            [sys.executable, "-m", "gunicorn", "--bind", f"unix:{dirs.manager_socket}", "--umask", "0o177",
              "--workers", "2", "--threads", "4", "--worker-class", "gthread",
              # idle connections outlive nginx's upstream keepalive_timeout (25 s), see RECIPES.md
              "--keep-alive", "30", "manager.wsgi:app"],

@@ -58,10 +58,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", content_type)
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
-        for line in lines:
+        for i, line in enumerate(lines):
+            if i:
+                time.sleep(self.upstream.chunk_delay)
             self.wfile.write(f"{len(line):x}\r\n".encode() + line + b"\r\n")
             self.wfile.flush()
-            time.sleep(self.upstream.chunk_delay)
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
         self.upstream.stream_finished.set()
