@@ -5,14 +5,14 @@ One run starts, on free ports and in a temporary directory:
 * a fake upstream: a private nginx answering every request with a fixed chat completion (never the bottleneck);
 * bare nginx: a private nginx proxying everything to the fake upstream, with the proxy settings Bastion uses
   for pools (keepalive 32, HTTP/1.1, no buffering);
-* Bastion: `bastion up` (via the tests' `Stack` helper) with one pool pointing at the fake upstream and one key;
-* gate only: a private nginx proxying to Bastion's gate socket with X-Accel-Redirect ignored, which shows the
-  cost of nginx + gate without the second hop to the pool.
+* Bastion: `bastion up` (via the tests' `Stack` helper) with one pool on the fake upstream and one key;
+* gate only: a private nginx proxying to Bastion's gate socket with X-Accel-Redirect ignored, which shows what
+  nginx + gate cost without the second hop to the pool.
 
-wrk then sends `POST /v1/chat/completions` (bench/post.lua) to each target: a warm-up, a throughput run at
-32 connections and a latency run at 4 connections. Afterwards the RSS of every process is sampled and a table
-is printed, together with whether the targets are met (>= 0.3x bare throughput at 32 connections, <= 1 ms
-added p50 latency at 4 connections).
+wrk sends `POST /v1/chat/completions` (bench/post.lua) to each target: a warm-up, a throughput run at 32
+connections and a latency run at 4 connections. During the throughput run the CPU time of every process is
+counted; after the load the RSS is sampled. A table is printed, with whether the targets are met (>= 0.3x bare
+throughput at 32 connections, <= 1 ms added p50 latency at 4 connections).
 
 Environment: BENCH_SECONDS (length of each measured run, default 10), BENCH_WARMUP (default 2).
 Exit status: 0 after a measurement whatever the numbers, 1 when something failed to start or answer.
@@ -20,10 +20,13 @@ Exit status: 0 after a measurement whatever the numbers, 1 when something failed
 
 from __future__ import annotations
 
+import grp
 import importlib.metadata
 import json
 import os
+import pwd
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -33,9 +36,9 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,6 +49,7 @@ from tests.conftest import Stack  # noqa: E402
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 WRK = shutil.which("wrk") or "/usr/bin/wrk"
 LUA_SCRIPT = Path(__file__).with_name("post.lua")
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
 WARMUP_SECONDS = int(os.environ.get("BENCH_WARMUP", "2"))
@@ -62,6 +66,8 @@ COMPLETION = ('{"id":"x","object":"chat.completion","choices":[{"index":0,"messa
               '"content":"hi"},"finish_reason":"stop"}]}')
 MODELS = f'{{"object":"list","data":[{{"id":"{MODEL}","object":"model"}}]}}'
 
+Groups = dict[str, list[int]]  # role -> pids
+
 
 class BenchError(RuntimeError):
     """Something did not start or did not answer as expected; the run is void."""
@@ -76,18 +82,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def proc_stat(pid: int) -> list[str]:
+    """Fields of /proc/<pid>/stat after the command name (state, ppid, ...); empty if the process is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return []
+    return stat[stat.rindex(")") + 2 :].split()
+
+
 def parent_pids() -> dict[int, int]:
-    """pid -> ppid of every process (from /proc/<pid>/stat)."""
+    """pid -> ppid of every process."""
     result = {}
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # fields after the ")" that ends the command name: state, ppid, ...
-        result[int(entry.name)] = int(stat[stat.rindex(")") + 2 :].split()[1])
+        if entry.name.isdigit() and (fields := proc_stat(int(entry.name))):
+            result[int(entry.name)] = int(fields[1])
     return result
 
 
@@ -99,6 +116,12 @@ def descendants(pid: int, parents: dict[int, int]) -> list[int]:
         found.append(current)
         todo.extend(child for child, parent in parents.items() if parent == current)
     return found
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = proc_stat(pid)
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS if fields else 0.0
 
 
 def rss_kib(pid: int) -> int:
@@ -132,11 +155,19 @@ def stop_process(proc: subprocess.Popen, sig: int = signal.SIGQUIT, timeout: flo
 # --- private nginx instances -------------------------------------------------------------------------------
 
 
+def worker_user() -> str:
+    """As root, nginx would run its workers as `nobody`, which cannot enter the 0700 temporary dir (nor reach
+    the gate's socket); like Bastion, run them as the current user instead."""
+    if os.geteuid() != 0:
+        return ""
+    return f"user {pwd.getpwuid(os.getuid()).pw_name} {grp.getgrgid(os.getgid()).gr_name};\n"
+
+
 def nginx_conf(prefix: Path, http_body: str) -> str:
     """A self-contained nginx.conf: everything nginx writes stays under `prefix`."""
     temp = "\n".join(f"    {kind}_temp_path {prefix}/temp/{kind};"
                      for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-    return f"""worker_processes auto;
+    return f"""{worker_user()}worker_processes auto;
 pid {prefix}/nginx.pid;
 error_log {prefix}/error.log warn;
 events {{
@@ -188,7 +219,7 @@ def proxy_body(port: int, server: str, extra: str = "") -> str:
 class PrivateNginx:
     name: str
     prefix: Path
-    port: int
+    port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
 
     @property
@@ -204,11 +235,17 @@ class PrivateNginx:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise BenchError(f"{self.name} nginx exited ({self.proc.returncode}):\n{self.error_log()}")
+                raise BenchError(f"{self.name} exited ({self.proc.returncode}):\n{self.error_log()}")
             if port_open(self.port):
                 return
             time.sleep(0.05)
-        raise BenchError(f"{self.name} nginx did not listen on {self.port}:\n{self.error_log()}")
+        raise BenchError(f"{self.name} did not listen on {self.port}:\n{self.error_log()}")
+
+    def wait_ready(self, key: str) -> None:
+        try:
+            wait_for_completion(self.name, self.url, key)
+        except BenchError as e:
+            raise BenchError(f"{e}\n{self.error_log()}") from None
 
     def error_log(self) -> str:
         try:
@@ -222,14 +259,6 @@ class PrivateNginx:
 
     def pids(self) -> list[int]:
         return descendants(self.proc.pid, parent_pids()) if self.proc and self.proc.poll() is None else []
-
-
-def port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
-    except OSError:
-        return False
 
 
 # --- Bastion -----------------------------------------------------------------------------------------------
@@ -248,7 +277,7 @@ def post_completion(base: str, key: str) -> tuple[int, bytes]:
 
 
 def wait_for_completion(name: str, base: str, key: str, timeout: float = 15) -> None:
-    """Until `base` answers the benchmark request with the fake upstream's completion."""
+    """Until `base` answers the benchmark request with a 200."""
     deadline = time.monotonic() + timeout
     status, body = 0, b""
     while time.monotonic() < deadline:
@@ -277,17 +306,21 @@ def bastion_stack(root: Path, upstream_url: str) -> Iterator[tuple[Stack, str]]:
         stack.stop()
 
 
-def bastion_rss(stack: Stack) -> dict[str, int]:
-    """RSS (KiB) of the stack by role: each direct child of the supervisor and everything below it."""
+def bastion_groups(stack: Stack) -> Groups:
+    """The stack's processes by role: each direct child of the supervisor with everything below it."""
     if not stack.proc or stack.proc.poll() is not None:
         return {}
     parents = parent_pids()
-    roles = {"supervisor": rss_kib(stack.proc.pid)}
+    groups: Groups = {"supervisor": [stack.proc.pid]}
     for child in (pid for pid, parent in parents.items() if parent == stack.proc.pid):
         command = cmdline(child)
         role = next((r for r in ("nginx", "granian", "gunicorn") if r in command), "other")
-        roles[role] = roles.get(role, 0) + sum(rss_kib(pid) for pid in descendants(child, parents))
-    return roles
+        groups.setdefault(role, []).extend(descendants(child, parents))
+    return groups
+
+
+def gate_socket(stack: Stack) -> Path:
+    return stack.data_dir.resolve() / "run" / "authsvc.sock"
 
 
 # --- wrk ---------------------------------------------------------------------------------------------------
@@ -308,7 +341,7 @@ UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
 def to_ms(value: str) -> float:
     m = re.fullmatch(r"([\d.]+)(us|ms|s|m|h)", value)
     if not m:
-        raise ValueError(f"unknown wrk duration {value!r}")
+        raise BenchError(f"unknown wrk duration {value!r}")
     return float(m.group(1)) * UNIT_MS[m.group(2)]
 
 
@@ -342,15 +375,33 @@ def wrk(url: str, key: str, threads: int, connections: int, seconds: int, latenc
 class Measurement:
     throughput: WrkResult
     latency: WrkResult
+    cpu: dict[str, float]  # role -> % of one core during the throughput run
 
 
-def measure(name: str, url: str, key: str) -> Measurement:
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def throughput_with_cpu(url: str, key: str, groups: Groups) -> tuple[WrkResult, dict[str, float]]:
+    """The 32-connection run, and how much CPU each group of processes (and wrk itself) used meanwhile."""
+    before = {role: sum(cpu_seconds(p) for p in pids) for role, pids in groups.items()}
+    wrk_before, started = children_cpu_seconds(), time.monotonic()
+    result = wrk(url, key, 2, THROUGHPUT_CONNECTIONS, SECONDS)
+    elapsed = time.monotonic() - started
+    cpu = {role: 100 * (sum(cpu_seconds(p) for p in groups[role]) - spent) / elapsed
+           for role, spent in before.items()}
+    cpu["wrk"] = 100 * (children_cpu_seconds() - wrk_before) / elapsed
+    return result, cpu
+
+
+def measure(name: str, url: str, key: str, groups: Groups) -> Measurement:
     print(f"  {name}: warm-up {WARMUP_SECONDS} s, {THROUGHPUT_CONNECTIONS} connections {SECONDS} s, "
           f"{LATENCY_CONNECTIONS} connections {SECONDS} s", flush=True)
     wrk(url, key, 2, THROUGHPUT_CONNECTIONS, WARMUP_SECONDS)
-    throughput = wrk(url, key, 2, THROUGHPUT_CONNECTIONS, SECONDS)
+    throughput, cpu = throughput_with_cpu(url, key, groups)
     latency = wrk(url, key, 1, LATENCY_CONNECTIONS, SECONDS, latency=True)
-    return Measurement(throughput, latency)
+    return Measurement(throughput, latency, cpu)
 
 
 # --- report ------------------------------------------------------------------------------------------------
@@ -360,23 +411,32 @@ def fmt_ms(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def print_report(results: dict[str, Measurement], rss: dict[str, dict[str, int]]) -> None:
-    print("\nresults (req/s at 32 connections; latency in ms at 4 connections; errors = non-2xx + socket errors)")
+def print_results(results: dict[str, Measurement]) -> None:
+    print(f"\nresults (req/s at {THROUGHPUT_CONNECTIONS} connections; latency in ms at {LATENCY_CONNECTIONS} "
+          "connections; errors = non-2xx + socket errors)")
     print(f"  {'target':<12} {'req/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'errors':>8}")
     for name, m in results.items():
         errors = m.throughput.errors + m.latency.errors
         print(f"  {name:<12} {m.throughput.rps:>10.0f} {fmt_ms(m.latency.p50_ms):>9} "
               f"{fmt_ms(m.latency.p99_ms):>9} {errors:>8}")
-    bare, bastion = results["bare nginx"], results["Bastion"]
-    ratio = bastion.throughput.rps / bare.throughput.rps if bare.throughput.rps else 0.0
-    added_p50 = (bastion.latency.p50_ms or 0.0) - (bare.latency.p50_ms or 0.0)
-    added_p99 = (bastion.latency.p99_ms or 0.0) - (bare.latency.p99_ms or 0.0)
-    print(f"\n  throughput ratio Bastion/bare: {ratio:.3f}")
-    print(f"  added p50 latency: {added_p50:.3f} ms   added p99 latency: {added_p99:.3f} ms")
+    print(f"\nCPU during the {THROUGHPUT_CONNECTIONS}-connection run (% of one core; {os.cpu_count()} cores)")
+    for name, m in results.items():
+        print(f"  {name:<12} " + ", ".join(f"{role} {pct:.0f}" for role, pct in m.cpu.items()))
+
+
+def print_rss(rss: dict[str, dict[str, int]]) -> None:
     print("\nRSS after the load (MiB)")
     for name, roles in rss.items():
         detail = ", ".join(f"{role} {kib / 1024:.1f}" for role, kib in roles.items())
         print(f"  {name:<12} total {sum(roles.values()) / 1024:6.1f}   ({detail})")
+
+
+def print_targets(bare: Measurement, bastion: Measurement) -> None:
+    ratio = bastion.throughput.rps / bare.throughput.rps if bare.throughput.rps else 0.0
+    added_p50 = (bastion.latency.p50_ms or 0.0) - (bare.latency.p50_ms or 0.0)
+    added_p99 = (bastion.latency.p99_ms or 0.0) - (bare.latency.p99_ms or 0.0)
+    print(f"\nthroughput ratio Bastion/bare: {ratio:.3f}")
+    print(f"added latency at {LATENCY_CONNECTIONS} connections: p50 {added_p50:.3f} ms, p99 {added_p99:.3f} ms")
     print("\ntargets")
     print(f"  throughput >= {TARGET_RATIO}x bare nginx at {THROUGHPUT_CONNECTIONS} connections: "
           f"{'MET' if ratio >= TARGET_RATIO else 'NOT MET'} ({ratio:.3f}x)")
@@ -387,40 +447,47 @@ def print_report(results: dict[str, Measurement], rss: dict[str, dict[str, int]]
 def print_machine() -> None:
     nginx_version = subprocess.run([NGINX, "-v"], capture_output=True, text=True).stderr.strip()
     print(f"machine: {os.cpu_count()} CPUs, {nginx_version}, granian {importlib.metadata.version('granian')}, "
-          f"python {sys.version.split()[0]}")
+          f"python {sys.version.split()[0]}; runs of {SECONDS} s", flush=True)
 
 
 # --- main --------------------------------------------------------------------------------------------------
 
 
+def rss_by_role(groups: Groups) -> dict[str, int]:
+    return {role: sum(rss_kib(p) for p in pids) for role, pids in groups.items()}
+
+
+def start_nginx(cleanup: ExitStack, name: str, prefix: Path, body: Callable[[int], str]) -> PrivateNginx:
+    server = PrivateNginx(name, prefix)
+    cleanup.callback(server.stop)
+    server.start(body(server.port))
+    return server
+
+
 def run(tmp: Path) -> None:
     with ExitStack() as cleanup:
-        upstream = PrivateNginx("fake upstream", tmp / "upstream", free_port())
-        cleanup.callback(upstream.stop)
-        upstream.start(fake_upstream_body(upstream.port))
-
-        bare = PrivateNginx("bare", tmp / "bare", free_port())
-        cleanup.callback(bare.stop)
-        bare.start(proxy_body(bare.port, f"127.0.0.1:{upstream.port}"))
-        wait_for_completion("bare nginx", bare.url, "none")
-
+        upstream = start_nginx(cleanup, "fake upstream", tmp / "upstream", fake_upstream_body)
+        bare = start_nginx(cleanup, "bare nginx", tmp / "bare",
+                           lambda port: proxy_body(port, f"127.0.0.1:{upstream.port}"))
+        bare.wait_ready("none")
         print("starting Bastion...", flush=True)
         stack, key = cleanup.enter_context(bastion_stack(tmp, upstream.url))
-
-        gate = PrivateNginx("gate only", tmp / "gate", free_port())
-        cleanup.callback(gate.stop)
-        gate_socket = stack.data_dir.resolve() / "run" / "authsvc.sock"
-        gate.start(proxy_body(gate.port, f"unix:{gate_socket}", "\n            proxy_ignore_headers X-Accel-Redirect;"))
-        wait_for_completion("gate-only nginx", gate.url, key)
+        gate = start_nginx(cleanup, "gate-only nginx", tmp / "gate", lambda port: proxy_body(
+            port, f"unix:{gate_socket(stack)}", "\n            proxy_ignore_headers X-Accel-Redirect;"))
+        gate.wait_ready(key)
 
         print("measuring...", flush=True)
+        stack_groups = bastion_groups(stack)
+        upstream_group = {"upstream": upstream.pids()}
         results = {
-            "bare nginx": measure("bare nginx", bare.url, key),
-            "Bastion": measure("Bastion", stack.base, key),
-            "gate only": measure("gate only", gate.url, key),
+            "bare nginx": measure("bare nginx", bare.url, key, {"nginx": bare.pids(), **upstream_group}),
+            "Bastion": measure("Bastion", stack.base, key, {**stack_groups, **upstream_group}),
+            "gate only": measure("gate only", gate.url, key,
+                                 {"nginx": gate.pids(), "granian": stack_groups.get("granian", [])}),
         }
-        rss = {"bare nginx": {"nginx": sum(rss_kib(p) for p in bare.pids())}, "Bastion": bastion_rss(stack)}
-        print_report(results, rss)
+        print_results(results)
+        print_rss({"bare nginx": rss_by_role({"nginx": bare.pids()}), "Bastion": rss_by_role(bastion_groups(stack))})
+        print_targets(results["bare nginx"], results["Bastion"])
 
 
 def main() -> int:

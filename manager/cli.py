@@ -275,6 +275,31 @@ def usage(b: Bastion, key_id: str | None, since: str, records: bool, as_json: bo
 
 
 @main.group()
+def settings() -> None:
+    """Listeners, limits and timeouts (see docs/configuration.md)."""
+
+
+@settings.command("show")
+@with_bastion
+def settings_show(b: Bastion) -> None:
+    click.echo(json.dumps(b.settings(), indent=2))
+
+
+@settings.command("set")
+@click.argument("name")
+@click.argument("value")
+@with_bastion
+def settings_set(b: Bastion, name: str, value: str) -> None:
+    """Set one setting (VALUE is JSON when it parses as JSON, else a string) and apply it."""
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        parsed = value
+    settings_mod.update(b, {name: parsed})
+    click.echo(f"{name} = {json.dumps(b.settings()[name])}")
+
+
+@main.group()
 def config() -> None:
     """The nginx configuration Bastion renders."""
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from manager import validation as v
+
+if TYPE_CHECKING:
+    from manager.context import Bastion
 
 DEFAULTS: dict[str, Any] = {
     "public_listen": "127.0.0.1:8080",
@@ -45,3 +48,11 @@ def validate(values: dict[str, Any]) -> dict[str, Any]:
             raise v.ValidationError(key, "is not a known setting")
         out[key] = VALIDATORS[key](key, value)
     return out
+
+
+def update(bastion: Bastion, values: dict[str, Any], author: str = "cli") -> dict[str, Any]:
+    """Validate and store settings, then apply the nginx config (rolled back with the store if nginx refuses)."""
+    checked = validate(values)
+    with bastion.change(author, nginx=True):
+        bastion.store.update_settings(**checked)
+    return bastion.settings()

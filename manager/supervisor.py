@@ -38,10 +38,17 @@ class Child:
     argv: list[str]
     log: Path
     ready: Callable[[], bool]
+    socket: Path | None = None
     proc: subprocess.Popen | None = None
     restarts: list[float] = field(default_factory=list)
 
     def start(self, env: dict[str, str]) -> None:
+        """Start afresh: leftovers of a previous run (its process group, a stale socket) are cleared first."""
+        if self.proc:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        if self.socket:
+            self.socket.unlink(missing_ok=True)
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, env=env,
                                          start_new_session=True)
@@ -69,7 +76,8 @@ class Child:
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
 
 
@@ -86,6 +94,7 @@ class Supervisor:
              "--uds-permissions", "600", "--workers", "1", "--no-ws", "--no-access-log", "authsvc.wsgi:app"],
             dirs.logs / "authsvc.log",
             dirs.gate_socket.exists,
+            dirs.gate_socket,
         )
         self.manager = Child(
             "manager",
@@ -95,6 +104,7 @@ class Supervisor:
              "--keep-alive", "30", "manager.wsgi:app"],
             dirs.logs / "manager.log",
             dirs.manager_socket.exists,
+            dirs.manager_socket,
         )
         self.nginx = Child("nginx", bastion.nginx.run_argv(), dirs.logs / "nginx.log", self._nginx_ready)
 
@@ -126,8 +136,6 @@ class Supervisor:
         self.echo("applying nginx configuration...")
         result = bastion.apply("up")
         self.echo(f"  generation {result.generation}")
-        for sock in (dirs.gate_socket, dirs.manager_socket):
-            sock.unlink(missing_ok=True)
         for child in (self.gate, self.manager):
             self.echo(f"starting {child.name}...")
             child.start(self.env)

@@ -1,0 +1,131 @@
+"""Bad input gets a clear error naming the field, and nothing changes on disk (store, nginx config, snapshot)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from manager.cli import main
+from tests.conftest import needs_nginx
+
+pytestmark = needs_nginx
+
+
+def run(data_dir: Path, *args: str):
+    return CliRunner().invoke(main, ["--data-dir", str(data_dir), *args], catch_exceptions=False)
+
+
+def fingerprint(data_dir: Path) -> dict[str, str]:
+    """Hash of every file Bastion keeps (the lock file and logs aside)."""
+    skip = {"store.json.lock"}
+    return {
+        str(p.relative_to(data_dir)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        for p in sorted(data_dir.rglob("*"))
+        if p.name not in skip and "logs" not in p.parts and not p.is_symlink() and p.name != "nginx.pid"
+    } | {"live": str((data_dir / "nginx" / "live").resolve())}
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "data"
+    assert run(d, "init").exit_code == 0
+    assert run(d, "pools", "add", "main", "--url", "http://127.0.0.1:9", "--models", "m1").exit_code == 0
+    return d
+
+
+BAD_COMMANDS = [
+    (["pools", "add", "p2", "--url", "http://127.0.0.1:9/ ;return 200", "--models", "m"], "upstreams[0].url"),
+    (["pools", "add", "p2", "--url", "http://a;b:80", "--models", "m"], "upstreams[0].url"),
+    (["pools", "add", "p2", "--url", "http://h}ost:80", "--models", "m"], "upstreams[0].url"),
+    (["pools", "add", "p2", "--url", "http://host{:80", "--models", "m"], "upstreams[0].url"),
+    (["pools", "add", "p2", "--url", "http://host:80/$uri", "--models", "m"], "upstreams[0].url"),
+    (["pools", "add", "p2", "--url", "ftp://host:21", "--models", "m"], "upstreams[0].url"),
+    (["pools", "add", "p2", "--url", "file:///etc/passwd", "--models", "m"], "upstreams[0].url"),
+    (["pools", "add", "p2", "--url", "http://host:99999", "--models", "m"], "upstreams[0].url"),
+    (["pools", "add", "p2", "--url", "http://host:80/v1", "--models", "m"], "upstreams[0].url"),
+    (["pools", "add", "bad;name", "--url", "http://127.0.0.1:9", "--models", "m"], "name"),
+    (["pools", "add", "Main", "--url", "http://127.0.0.1:9", "--models", "m"], "name"),
+    (["pools", "add", "main", "--url", "http://127.0.0.1:10", "--models", "m"], "name"),
+    (["pools", "add", "p2", "--url", "http://127.0.0.1:9", "--api-key", "sk-1\"; return 200"], "api_key"),
+    (["pools", "add", "p2", "--url", "http://127.0.0.1:9", "--models", "bad model"], "models[0]"),
+    (["pools", "add", "p2", "--url", "http://127.0.0.1:9", "--backup-url", "http://127.0.0.1:10",
+      "--method", "hash", "--models", "m"], "upstreams"),
+    (["routes", "set", "m1", "--pool", "nope"], "pools[0]"),
+    (["routes", "set", "m1;", "--pool", "main"], "model"),
+    (["keys", "create", "evil;name"], "name"),
+    (["keys", "create", "evil{name}"], "name"),
+    (["keys", "create", "a$b"], "name"),
+    (["keys", "create", "ok", "--models", "a b"], "models[0]"),
+    (["keys", "create", "ok", "--rpm", "-1"], "rpm"),
+    (["keys", "create", "ok", "--expires", "yesterday"], "expires"),
+    (["keys", "create", "ok", "--expires", "2001-01-01"], "expires"),
+    (["keys", "create", "ok", "--cidrs", "10.0.0.1/33"], "cidrs[0]"),
+    (["keys", "create", "ok", "--cidrs", "0.0.0.0/0; allow all"], "cidrs[0]"),
+    (["keys", "create", "ok", "--endpoints", "/v1/{x}"], "endpoints[0]"),
+    (["up", "--public", "127.0.0.1:notaport"], "public_listen"),
+    (["up", "--admin", "localhost:8081"], "admin_listen"),
+]
+
+
+@pytest.mark.parametrize(("args", "field"), BAD_COMMANDS, ids=[" ".join(a) for a, _ in BAD_COMMANDS])
+def test_bad_input_is_refused_and_changes_nothing(data_dir: Path, args: list[str], field: str) -> None:
+    before = fingerprint(data_dir)
+    result = run(data_dir, *args)
+    assert result.exit_code != 0
+    assert f"Error: {field}" in result.output, result.output
+    assert fingerprint(data_dir) == before
+
+
+def test_pool_removal_refused_while_routed(data_dir: Path) -> None:
+    assert run(data_dir, "routes", "set", "m*", "--pool", "main").exit_code == 0
+    before = fingerprint(data_dir)
+    result = run(data_dir, "pools", "remove", "main")
+    assert result.exit_code != 0 and "used by the routes for m*" in result.output
+    assert fingerprint(data_dir) == before
+
+
+def test_unknown_key_and_pool(data_dir: Path) -> None:
+    assert "key 'nope' not found" in run(data_dir, "keys", "revoke", "nope").output
+    assert "pool 'nope' not found" in run(data_dir, "pools", "remove", "nope").output
+
+
+def test_key_secret_is_shown_once_and_stored_hashed(data_dir: Path) -> None:
+    result = run(data_dir, "keys", "create", "alice@example.com", "--models", "llama*,gpt-4o", "--rpm", "10")
+    assert result.exit_code == 0, result.output
+    token = result.output.splitlines()[0]
+    assert token.startswith("bst_")
+    for path in data_dir.rglob("*"):
+        if path.is_file():
+            assert token.encode() not in path.read_bytes(), path
+            assert token.split("_")[2].encode() not in path.read_bytes(), path
+    listing = run(data_dir, "keys", "list", "--json").output
+    assert token not in listing and "digest" not in listing
+    key = json.loads(listing)[0]
+    assert key["key"].endswith("****") and key["models"] == ["llama*", "gpt-4o"] and key["rpm"] == 10
+    for secret_file in ("pepper", "store.json", "snapshot.json"):
+        assert (data_dir / secret_file).stat().st_mode & 0o777 == 0o600
+
+
+def test_upstream_api_key_never_echoed(data_dir: Path) -> None:
+    assert run(data_dir, "pools", "add", "paid", "--url", "https://api.example.invalid", "--api-key", "sk-secret-1",
+               "--models", "gpt-x").exit_code == 0
+    listing = run(data_dir, "pools", "list", "--json").output
+    assert "sk-secret-1" not in listing and '"api_key_set": true' in listing
+    conf = (data_dir / "nginx" / "live" / "nginx.conf")
+    assert conf.stat().st_mode & 0o777 == 0o600
+    text = conf.read_text()
+    # the unresolvable host does not stop nginx from starting: it is rendered as a down server
+    assert "api.example.invalid did not resolve" in text and 'Authorization "Bearer sk-secret-1"' in text
+
+
+def test_corrupt_store_is_a_clear_startup_error(data_dir: Path) -> None:
+    store = data_dir / "store.json"
+    store.write_text('{"keys": {"1": {"id": "abc"')  # half-written
+    result = run(data_dir, "keys", "list")
+    assert result.exit_code != 0
+    assert f"{store} is not valid JSON" in result.output
+    assert store.read_text() == '{"keys": {"1": {"id": "abc"'  # never overwritten

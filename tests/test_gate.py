@@ -1,0 +1,191 @@
+"""The gate as a plain WSGI callable: decisions, error shapes and snapshot reloads, without nginx."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from authsvc import keys as keyformat
+from authsvc.gate import Gate
+from authsvc.ratelimit import RateLimiter
+from authsvc.snapshot import CHECK_INTERVAL
+
+PEPPER = b"test-pepper"
+
+
+def key_entry(token: str, **rules) -> dict:
+    key_id = keyformat.key_id_of(token)
+    return {"id": key_id, "digest": keyformat.digest(PEPPER, token), "name": "t", "enabled": True, **rules}
+
+
+def write_snapshot(path: Path, keys: list[dict], **extra) -> None:
+    data = {"keys": keys, "pools": [{"name": "main", "models": ["llama3:latest", "gpt-4o"]},
+                                    {"name": "embed", "models": ["nomic"]}],
+            "routes": [{"model": "qwen*", "pools": ["embed"]}], **extra}
+    path.write_text(json.dumps(data))
+
+
+class Call:
+    def __init__(self, gate: Gate, path: str, token: str | None = None, body: object = None, method: str = "POST",
+                 **environ):
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode() if body is not None else b""
+        env = {"PATH_INFO": path, "REQUEST_METHOD": method, "CONTENT_LENGTH": str(len(raw)),
+               "CONTENT_TYPE": "application/json", "wsgi.input": io.BytesIO(raw), "HTTP_X_REAL_IP": "127.0.0.1",
+               **environ}
+        if token:
+            env["HTTP_AUTHORIZATION"] = f"Bearer {token}"
+
+        def start_response(status: str, headers: list[tuple[str, str]]) -> None:
+            self.status = int(status.split()[0])
+            self.headers = dict(headers)
+
+        self.body = b"".join(gate(env, start_response))
+
+    def json(self):
+        return json.loads(self.body)
+
+
+@pytest.fixture
+def token() -> str:
+    return keyformat.generate()[1]
+
+
+@pytest.fixture
+def gate(tmp_path: Path, token: str) -> Gate:
+    write_snapshot(tmp_path / "snapshot.json", [key_entry(token)])
+    return Gate(tmp_path / "snapshot.json", PEPPER)
+
+
+def test_allowed_request_is_redirected_to_the_model_pool(gate: Gate, token: str) -> None:
+    c = Call(gate, "/v1/chat/completions", token, {"model": "gpt-4o", "messages": []})
+    assert c.status == 200 and c.body == b""
+    assert c.headers["X-Accel-Redirect"] == "@pool_main"
+    assert c.headers["X-Bastion-Key"] == keyformat.key_id_of(token)
+    assert c.headers["X-Bastion-Model"] == "gpt-4o"
+    assert Call(gate, "/v1/embeddings", token, {"model": "qwen2-embed"}).headers["X-Accel-Redirect"] == "@pool_embed"
+    # Ollama short names
+    assert Call(gate, "/api/chat", token, {"model": "llama3"}).headers["X-Accel-Redirect"] == "@pool_main"
+    # endpoints without a model go to the default (first) pool
+    assert Call(gate, "/api/version", token, method="GET").headers["X-Accel-Redirect"] == "@pool_main"
+
+
+@pytest.mark.parametrize("bad", [None, "", "sk-abc", "bst_short_x", "bst_aaaaaaaaaaaa_" + "b" * 40])
+def test_bad_keys_get_401_openai_shaped(gate: Gate, bad: str | None) -> None:
+    c = Call(gate, "/v1/chat/completions", bad, {"model": "gpt-4o"})
+    assert c.status == 401
+    assert c.json()["error"]["code"] == "invalid_api_key"
+    assert c.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_x_api_key_header_works_too(gate: Gate, token: str) -> None:
+    assert Call(gate, "/v1/models", None, method="GET", HTTP_X_API_KEY=token).status == 200
+
+
+def test_tampered_secret_is_refused(gate: Gate, token: str) -> None:
+    tampered = token[:-1] + ("A" if token[-1] != "A" else "B")
+    assert Call(gate, "/v1/models", tampered, method="GET").status == 401
+
+
+def test_ollama_errors_are_ollama_shaped(gate: Gate, token: str) -> None:
+    c = Call(gate, "/api/chat", None, {"model": "llama3"})
+    assert c.status == 401 and isinstance(c.json()["error"], str)
+    c = Call(gate, "/api/chat", token, {"model": "nope"})
+    assert c.status == 404 and "nope" in c.json()["error"]
+
+
+@pytest.mark.parametrize(("body", "code", "status"), [
+    (b"{oops", "invalid_json", 400),
+    ({"messages": []}, "missing_model", 400),
+    ({"model": 42}, "missing_model", 400),
+    ([1, 2], "missing_model", 400),
+    (None, "missing_model", 400),
+    ({"model": "bad\r\nX-Injected: 1"}, "model_not_found", 404),
+])
+def test_bodies_without_a_usable_model(gate: Gate, token: str, body, code: str, status: int) -> None:
+    c = Call(gate, "/v1/chat/completions", token, body)
+    assert c.status == status and c.json()["error"]["code"] == code
+    assert "X-Accel-Redirect" not in c.headers
+
+
+def test_model_allow_list_with_globs(tmp_path: Path, token: str) -> None:
+    write_snapshot(tmp_path / "snapshot.json", [key_entry(token, models=["llama*"])])
+    gate = Gate(tmp_path / "snapshot.json", PEPPER)
+    assert Call(gate, "/v1/chat/completions", token, {"model": "llama3:latest"}).status == 200
+    c = Call(gate, "/v1/chat/completions", token, {"model": "gpt-4o"})
+    assert c.status == 404 and c.json()["error"]["code"] == "model_not_found"
+    listed = Call(gate, "/v1/models", token, method="GET").json()
+    assert [m["id"] for m in listed["data"]] == ["llama3:latest"]
+    assert Call(gate, "/v1/models/gpt-4o", token, method="GET").status == 404
+    assert Call(gate, "/v1/models/llama3:latest", token, method="GET").json()["owned_by"] == "main"
+
+
+def test_endpoint_rules(tmp_path: Path, token: str) -> None:
+    other = keyformat.generate()[1]
+    write_snapshot(tmp_path / "snapshot.json", [key_entry(token), key_entry(other, endpoints=["/v1/*"])])
+    gate = Gate(tmp_path / "snapshot.json", PEPPER)
+    for path in ("/api/pull", "/api/push", "/api/delete", "/api/create", "/api/copy", "/api/blobs/sha256:x"):
+        c = Call(gate, path, token, {"model": "llama3"})
+        assert c.status == 403, path
+    assert Call(gate, "/api/chat", other, {"model": "llama3"}).status == 403
+    assert Call(gate, "/v1/chat/completions", other, {"model": "gpt-4o"}).status == 200
+    assert Call(gate, "/elsewhere", token, method="GET").status == 404
+
+
+def test_disabled_expired_and_cidr(tmp_path: Path) -> None:
+    disabled, expired, local, _ = (keyformat.generate()[1] for _ in range(4))
+    write_snapshot(tmp_path / "snapshot.json", [
+        key_entry(disabled, enabled=False),
+        key_entry(expired, expires=time.time() - 1),
+        key_entry(local, cidrs=["10.0.0.0/8"]),
+    ])
+    gate = Gate(tmp_path / "snapshot.json", PEPPER)
+    assert "disabled" in Call(gate, "/v1/models", disabled, method="GET").json()["error"]["message"]
+    assert "expired" in Call(gate, "/v1/models", expired, method="GET").json()["error"]["message"]
+    assert Call(gate, "/v1/models", local, method="GET").status == 403
+    assert Call(gate, "/v1/models", local, method="GET", HTTP_X_REAL_IP="10.1.2.3").status == 200
+
+
+def test_rate_limit_headers(tmp_path: Path, token: str) -> None:
+    write_snapshot(tmp_path / "snapshot.json", [key_entry(token, rpm=2)])
+    gate = Gate(tmp_path / "snapshot.json", PEPPER)
+    assert Call(gate, "/v1/models", token, method="GET").status == 200
+    assert Call(gate, "/v1/models", token, method="GET").status == 200
+    c = Call(gate, "/v1/models", token, method="GET")
+    assert c.status == 429 and c.json()["error"]["code"] == "rate_limit_exceeded"
+    assert c.headers["Retry-After"] == "30"
+    assert c.headers["x-ratelimit-limit-requests"] == "2"
+    assert c.headers["x-ratelimit-remaining-requests"] == "0"
+    assert c.headers["X-Bastion-Key"] == keyformat.key_id_of(token)  # for nginx's log only
+
+
+def test_token_bucket_refills() -> None:
+    now = [0.0]
+    limiter = RateLimiter(clock=lambda: now[0])
+    assert [limiter.hit("k", 60).allowed for _ in range(60)] == [True] * 60
+    assert not limiter.hit("k", 60).allowed
+    now[0] += 1.0
+    assert limiter.hit("k", 60).allowed
+    assert not limiter.hit("k", 60).allowed
+
+
+def test_new_snapshot_takes_effect_without_restart(tmp_path: Path, token: str) -> None:
+    path = tmp_path / "snapshot.json"
+    write_snapshot(path, [key_entry(token)])
+    gate = Gate(path, PEPPER)
+    assert Call(gate, "/v1/models", token, method="GET").status == 200
+    write_snapshot(path, [])  # revoked
+    time.sleep(CHECK_INTERVAL + 0.05)
+    assert Call(gate, "/v1/models", token, method="GET").status == 401
+
+
+def test_unreadable_snapshot_keeps_the_last_good_one(tmp_path: Path, token: str) -> None:
+    path = tmp_path / "snapshot.json"
+    write_snapshot(path, [key_entry(token)])
+    gate = Gate(path, PEPPER)
+    path.write_text("{broken")
+    time.sleep(CHECK_INTERVAL + 0.05)
+    assert Call(gate, "/v1/models", token, method="GET").status == 200
