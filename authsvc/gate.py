@@ -172,7 +172,7 @@ class Gate:
             return None
         if not isinstance(model, str) or not model:
             raise error(400, "The request body needs a `model` string.", "missing_model", ollama, param="model")
-        if not MODEL_RE.match(model):
+        if not MODEL_RE.fullmatch(model):
             raise error(404, f"The model `{model[:200]}` does not exist or you do not have access to it.",
                         "model_not_found", ollama, param="model")
         return model

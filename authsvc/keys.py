@@ -26,7 +26,7 @@ def generate() -> tuple[str, str]:
 
 def key_id_of(token: str) -> str | None:
     """The id part of a well-formed key, else None."""
-    m = KEY_RE.match(token)
+    m = KEY_RE.fullmatch(token)
     return m.group(1) if m else None
 
 

@@ -252,7 +252,7 @@ _key_action("enable", "Let a disabled key work again.", lambda b, key_id: keys_m
 @with_bastion
 def usage(b: Bastion, key_id: str | None, since: str, records: bool, as_json: bool) -> None:
     """Requests per key and model, from nginx's access log."""
-    m = v.DURATION_RE.match(since)
+    m = v.DURATION_RE.fullmatch(since)
     start = time.time() - int(m.group(1)) * v.DURATION_UNITS[m.group(2)] if m else None
     if start is None:
         try:

@@ -46,7 +46,7 @@ def require_str(field: str, value: Any) -> str:
 def name(field: str, value: Any) -> str:
     """A resource name that may appear in nginx syntax (pool names): lowercase, digits, '_' and '-'."""
     value = require_str(field, value)
-    if not NAME_RE.match(value):
+    if not NAME_RE.fullmatch(value):
         raise ValidationError(field, "must be 1-63 characters of a-z, 0-9, '_' or '-', starting with a-z or 0-9")
     return value
 
@@ -54,7 +54,7 @@ def name(field: str, value: Any) -> str:
 def label(field: str, value: Any) -> str:
     """A human label (key names, usernames): letters, digits, space and ._@- only."""
     value = require_str(field, value)
-    if not LABEL_RE.match(value):
+    if not LABEL_RE.fullmatch(value):
         raise ValidationError(field, "must be 1-64 characters of letters, digits, spaces or . _ @ -")
     return value
 
@@ -62,7 +62,7 @@ def label(field: str, value: Any) -> str:
 def model(field: str, value: Any, *, allow_glob: bool = False) -> str:
     value = require_str(field, value)
     pattern = MODEL_GLOB_RE if allow_glob else MODEL_RE
-    if not pattern.match(value):
+    if not pattern.fullmatch(value):
         allowed = "letters, digits and . _ : / @ + -" + (" plus glob characters * ? [ ]" if allow_glob else "")
         raise ValidationError(field, f"{value!r} is not a valid model name ({allowed}, at most 200)")
     return value
@@ -90,7 +90,7 @@ def models(field: str, value: Any, *, allow_glob: bool = False) -> list[str]:
 
 def endpoint(field: str, value: Any) -> str:
     value = require_str(field, value)
-    if not ENDPOINT_RE.match(value):
+    if not ENDPOINT_RE.fullmatch(value):
         raise ValidationError(field, "must be a path like /v1/* or /api/pull (letters, digits, / _ . - *)")
     return value
 
@@ -102,7 +102,7 @@ def endpoints(field: str, value: Any) -> list[str]:
 def secret(field: str, value: Any) -> str:
     """An upstream API key: printable token characters only (it is sent in an HTTP header)."""
     value = require_str(field, value)
-    if not SECRET_RE.match(value):
+    if not SECRET_RE.fullmatch(value):
         raise ValidationError(field, "must be 1-512 characters of letters, digits and . _ ~ + / = : -")
     return value
 
@@ -143,7 +143,7 @@ def hostname(field: str, value: str) -> str:
     except UnicodeError as e:
         raise ValidationError(field, f"{value!r} is not a valid hostname") from e
     labels = ascii_name.split(".")
-    if not ascii_name or len(ascii_name) > 253 or not all(HOST_LABEL_RE.match(x) for x in labels):
+    if not ascii_name or len(ascii_name) > 253 or not all(HOST_LABEL_RE.fullmatch(x) for x in labels):
         raise ValidationError(field, f"{value!r} is not a valid hostname")
     return ascii_name
 
@@ -151,7 +151,7 @@ def hostname(field: str, value: str) -> str:
 def upstream_url(field: str, value: Any) -> str:
     """An upstream base URL: http(s)://host[:port] with no path, query, credentials or odd characters."""
     value = require_str(field, value).strip()
-    if not URL_CHARS_RE.match(value):
+    if not URL_CHARS_RE.fullmatch(value):
         raise ValidationError(field, "contains characters not allowed in an upstream URL (spaces, ; { } $ quotes...)")
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https"):
@@ -161,7 +161,7 @@ def upstream_url(field: str, value: Any) -> str:
     if not parts.hostname:
         raise ValidationError(field, "has no host")
     try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
+        port = parts.port if parts.port is not None else (443 if parts.scheme == "https" else 80)
     except ValueError as e:
         raise ValidationError(field, "port must be a number between 1 and 65535") from e
     if port < 1:
@@ -204,7 +204,7 @@ def expiry(field: str, value: Any, now: float | None = None) -> float | None:
     now = time.time() if now is None else now
     if isinstance(value, int | float) and not isinstance(value, bool):
         result = float(value)
-    elif isinstance(value, str) and (m := DURATION_RE.match(value.strip())):
+    elif isinstance(value, str) and (m := DURATION_RE.fullmatch(value.strip())):
         result = now + int(m.group(1)) * DURATION_UNITS[m.group(2)]
     elif isinstance(value, str):
         try:

@@ -104,6 +104,7 @@ def test_ollama_errors_are_ollama_shaped(gate: Gate, token: str) -> None:
     ([1, 2], "missing_model", 400),
     (None, "missing_model", 400),
     ({"model": "bad\r\nX-Injected: 1"}, "model_not_found", 404),
+    ({"model": "gpt-4o\n"}, "model_not_found", 404),
 ])
 def test_bodies_without_a_usable_model(gate: Gate, token: str, body, code: str, status: int) -> None:
     c = Call(gate, "/v1/chat/completions", token, body)
