@@ -18,9 +18,10 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.config.update(config or {})
     app.extensions["bastion"] = Bastion(DataDir.at(app.config["DATA_DIR"]), app.config["NGINX"])
 
-    from manager.api import health
+    from manager.api import health, pages
 
     app.register_blueprint(health.bp)
+    app.register_blueprint(pages.bp)
 
     @app.errorhandler(ValidationError)
     def bad_input(e: ValidationError):

@@ -242,3 +242,8 @@ def stack_upstream_port(stack: Stack) -> int:
 def test_admin_listener_reaches_manager(stack: Stack) -> None:
     r = requests.get(stack.admin + "/api/v1/health", timeout=5)
     assert r.status_code == 200 and r.json()["nginx_running"] is True
+
+
+def test_admin_page_is_served(stack: Stack) -> None:
+    r = requests.get(stack.admin + "/", timeout=5)
+    assert r.status_code == 200 and "<title>Bastion</title>" in r.text
