@@ -158,11 +158,10 @@ class Gate:
                 raise error(400, "This endpoint needs a JSON body with a `model`.", "missing_model", ollama,
                             param="model")
             return None
-        raw = environ["wsgi.input"].read(length)
         if not required and not environ.get("CONTENT_TYPE", "").startswith("application/json"):
-            return None
+            return None  # e.g. a multipart audio upload: goes to the default pool, unread
         try:
-            body = json.loads(raw)
+            body = json.loads(environ["wsgi.input"].read(length))
         except ValueError:
             if required:
                 raise error(400, "The request body is not valid JSON.", "invalid_json", ollama) from None

@@ -86,6 +86,7 @@ class Supervisor:
         self.bastion = bastion
         self.echo = echo
         self.stopping = threading.Event()
+        self._busy: set[str] = set()
         dirs = bastion.dirs
         self.env = {**os.environ, "BASTION_DATA_DIR": str(dirs.root)}
         self.gate = Child(
@@ -160,10 +161,10 @@ class Supervisor:
             for child in (self.gate, self.manager):
                 if child.proc and child.proc.poll() is not None and not self._restart(child):
                     return 1
-            self._background(self.bastion.usage.ingest)
+            self._background("usage ingestion", self.bastion.usage.ingest)
             if time.monotonic() >= next_discovery:
                 next_discovery = time.monotonic() + interval
-                self._background(lambda: pools.refresh_discovered(self.bastion))
+                self._background("model discovery", lambda: pools.refresh_discovered(self.bastion))
         self.echo("stopping...")
         return 0
 
@@ -182,13 +183,20 @@ class Supervisor:
             return False
         return True
 
-    def _background(self, job: Callable[[], object]) -> None:
-        """Run periodic work without blocking the watch loop; errors are reported, never fatal."""
+    def _background(self, name: str, job: Callable[[], object]) -> None:
+        """Run periodic work without blocking the watch loop, one run of each job at a time; errors are
+        reported, never fatal."""
+        if name in self._busy:
+            return
+        self._busy.add(name)
+
         def run() -> None:
             try:
                 job()
-            except Exception as e:
-                self.echo(f"warning: {e}")
+            except Exception as e:  # a failed refresh must not stop the gateway
+                self.echo(f"warning: {name}: {e}")
+            finally:
+                self._busy.discard(name)
         threading.Thread(target=run, daemon=True).start()
 
     def shutdown(self) -> None:
