@@ -40,6 +40,7 @@ class KeyRule:
     endpoints: tuple[str, ...]
     rpm: int
     networks: tuple[Any, ...]
+    denied: tuple[Any, ...] = ()
     _model_cache: dict[str, bool] = field(default_factory=dict)
 
     def allows_model(self, model: str) -> bool:
@@ -58,13 +59,16 @@ class KeyRule:
         return any(fnmatchcase(path, p) for p in self.endpoints)
 
     def allows_address(self, address: str) -> bool:
-        if not self.networks:
+        """Refused when a deny network matches; else allowed when there is no allow list or one matches."""
+        if not self.networks and not self.denied:
             return True
         try:
             ip = ipaddress.ip_address(address)
         except ValueError:
             return False
-        return any(ip in net for net in self.networks)
+        if any(ip in net for net in self.denied):
+            return False
+        return not self.networks or any(ip in net for net in self.networks)
 
 
 @dataclass(slots=True)
@@ -89,6 +93,7 @@ class Snapshot:
                 endpoints=tuple(k.get("endpoints") or ()),
                 rpm=int(k.get("rpm") or 0),
                 networks=tuple(ipaddress.ip_network(c) for c in k.get("cidrs") or ()),
+                denied=tuple(ipaddress.ip_network(c) for c in k.get("deny_cidrs") or ()),
             )
             for k in data.get("keys", [])
         }

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 import requests
 
+from manager import cidr_groups
 from manager.nginx import NginxError
 from manager.render import render
 
@@ -112,7 +113,11 @@ def render_config(bastion: Bastion, generation: int) -> str:
         pools=[pool_view(p) for p in bastion.store.table("pools").all() if p["upstreams"]],
         public_listen=settings["public_listen"],
         admin_listen=settings["admin_listen"],
-        admin_cidrs=settings["admin_cidrs"],
+        server_name=settings["server_name"] or "_",
+        trusted_proxies=settings["trusted_proxies"],
+        public_access=access_rules(bastion, settings["public_cidr_groups"]),
+        admin_access=access_rules(bastion, settings["admin_cidr_groups"]),
+        custom_config=settings["custom_config"],
         body_limit_mb=settings["body_limit_mb"],
         read_timeout=settings["read_timeout"],
         connect_timeout=settings["connect_timeout"],
@@ -120,6 +125,12 @@ def render_config(bastion: Bastion, generation: int) -> str:
         fail_timeout=settings["fail_timeout"],
         error_pages=ERROR_PAGES,
     )
+
+
+def access_rules(bastion: Bastion, group_names: list[str]) -> list[tuple[str, str]]:
+    """nginx allow/deny lines for a listener: denies first, then allows, then `deny all` if anything is allowed."""
+    allow, deny = cidr_groups.rules(bastion, group_names)
+    return [("deny", c) for c in deny] + [("allow", c) for c in allow] + ([("deny", "all")] if allow else [])
 
 
 def live_generation(bastion: Bastion) -> int:

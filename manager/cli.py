@@ -93,7 +93,7 @@ def up(b: Bastion, public: str | None, admin: str | None) -> None:
 
     changes = {k: x for k, x in (("public_listen", public), ("admin_listen", admin)) if x}
     if changes:
-        b.store.update_settings(**settings_mod.validate(changes))
+        b.store.update_settings(**settings_mod.validate(b, changes))
     raise SystemExit(Supervisor(b, click.echo).run())
 
 

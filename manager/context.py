@@ -11,6 +11,7 @@ from tinydb import TinyDB
 
 from manager import apply as applier
 from manager import settings as settings_mod
+from manager.audit import Audit
 from manager.datadir import DataDir
 from manager.nginx import Nginx
 from manager.snapshot import publish
@@ -30,6 +31,10 @@ class Bastion:
         return self.dirs.read_pepper()
 
     @cached_property
+    def audit(self) -> Audit:
+        return Audit(self.dirs.root / "audit.sqlite3")
+
+    @cached_property
     def usage(self) -> Usage:
         return Usage(self.dirs.usage_db, self.dirs.access_log)
 
@@ -47,8 +52,8 @@ class Bastion:
         return result
 
     @contextmanager
-    def change(self, author: str = "cli", *, nginx: bool = False) -> Iterator[TinyDB]:
-        """One change to the configuration, all or nothing.
+    def change(self, author: str, action: str, *, nginx: bool = False) -> Iterator[TinyDB]:
+        """One change to the configuration, all or nothing, recorded in the audit log.
 
         Runs under the store lock; afterwards publishes the snapshot, or applies the nginx config first when
         `nginx` is set. If anything fails (validation, `nginx -t`, reload) the store is put back as it was.
@@ -64,3 +69,4 @@ class Bastion:
             except BaseException:
                 self.store.restore(before)
                 raise
+        self.audit.record(author, action)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from tinydb import Query
 
 from authsvc import keys as keyformat
+from manager import cidr_groups
 from manager import validation as v
 from manager.errors import NotFound
 
@@ -17,9 +18,10 @@ if TYPE_CHECKING:
 Key = Query()
 
 
-def _rules(values: dict[str, Any]) -> dict[str, Any]:
+def _rules(bastion: Bastion, values: dict[str, Any]) -> dict[str, Any]:
     """Validate the editable fields present in `values`."""
     checks = {
+        "cidr_groups": lambda f, x: cidr_groups.names(bastion, f, x),
         "name": v.label,
         "models": lambda f, x: v.models(f, x, allow_glob=True),
         "endpoints": v.endpoints,
@@ -36,7 +38,7 @@ def _rules(values: dict[str, Any]) -> dict[str, Any]:
 
 def create(bastion: Bastion, name: str, author: str = "cli", **fields: Any) -> tuple[dict[str, Any], str]:
     """Create a key; returns (public record, full key). The full key is not stored and cannot be shown again."""
-    values = _rules({"name": name, **{k: x for k, x in fields.items() if x is not None}})
+    values = _rules(bastion, {"name": name, **{k: x for k, x in fields.items() if x is not None}})
     key_id, token = keyformat.generate()
     record = {
         "id": key_id,
@@ -48,11 +50,12 @@ def create(bastion: Bastion, name: str, author: str = "cli", **fields: Any) -> t
         "endpoints": values.get("endpoints", []),
         "rpm": values.get("rpm", 0),
         "cidrs": values.get("cidrs", []),
+        "cidr_groups": values.get("cidr_groups", []),
         "created_at": time.time(),
         "created_by": author,
         "revoked_at": None,
     }
-    with bastion.change(author) as db:
+    with bastion.change(author, f"create key {key_id} ({record['name']})") as db:
         db.table("keys").insert(record)
     return public(record), token
 
@@ -74,8 +77,8 @@ def all_keys(bastion: Bastion, include_revoked: bool = False) -> list[dict[str, 
 
 
 def update(bastion: Bastion, key_id: str, author: str = "cli", **fields: Any) -> dict[str, Any]:
-    values = _rules(fields)
-    with bastion.change(author) as db:
+    values = _rules(bastion, fields)
+    with bastion.change(author, f"update key {key_id} ({', '.join(sorted(values))})") as db:
         record = _find(bastion, key_id)
         if record.get("revoked_at"):
             raise NotFound("key", key_id)
@@ -85,7 +88,7 @@ def update(bastion: Bastion, key_id: str, author: str = "cli", **fields: Any) ->
 
 def revoke(bastion: Bastion, key_id: str, author: str = "cli") -> dict[str, Any]:
     """Revoke for good (kept for the record and for usage history, never usable again)."""
-    with bastion.change(author) as db:
+    with bastion.change(author, f"revoke key {key_id}") as db:
         record = _find(bastion, key_id)
         if not record.get("revoked_at"):
             db.table("keys").update({"revoked_at": time.time(), "enabled": False}, Key.id == key_id)

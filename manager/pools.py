@@ -88,7 +88,7 @@ def add(bastion: Bastion, name: str, upstreams: list[Any], author: str = "cli", 
     if not pool["models"]:
         pool["discovered_models"] = discovery.pool_models(pool) or []
         pool["discovered_at"] = time.time()
-    with bastion.change(author, nginx=True) as db:
+    with bastion.change(author, f"add pool {pool['name']}", nginx=True) as db:
         if db.table("pools").contains(Pool.name == pool["name"]):
             raise Conflict("name", f"a pool named {pool['name']!r} already exists")
         db.table("pools").insert(pool)
@@ -100,7 +100,7 @@ def update(bastion: Bastion, name: str, author: str = "cli", **fields: Any) -> d
     unknown = set(fields) - {"method", "api_key", "models", "upstreams"}
     if unknown:
         raise v.ValidationError(sorted(unknown)[0], "is not a pool field")
-    with bastion.change(author, nginx=True) as db:
+    with bastion.change(author, f"update pool {name} ({', '.join(sorted(fields))})", nginx=True) as db:
         pool = _find(bastion, name)
         if "method" in fields:
             pool["method"] = v.choice("method", fields["method"], v.BALANCING_METHODS)
@@ -119,7 +119,7 @@ def update(bastion: Bastion, name: str, author: str = "cli", **fields: Any) -> d
 
 
 def remove(bastion: Bastion, name: str, author: str = "cli") -> None:
-    with bastion.change(author, nginx=True) as db:
+    with bastion.change(author, f"remove pool {name}", nginx=True) as db:
         _find(bastion, name)
         users = [r["model"] for r in db.table("routes").all() if name in r["pools"]]
         if users:
@@ -138,7 +138,7 @@ def refresh_discovered(bastion: Bastion) -> list[str]:
         found = discovery.pool_models(pool)
         if found is None or found == pool.get("discovered_models"):
             continue
-        with bastion.change("discovery") as db:
+        with bastion.change("discovery", f"models discovered for pool {pool['name']}: {', '.join(found)}") as db:
             db.table("pools").update({"discovered_models": found, "discovered_at": time.time()},
                                      Pool.name == pool["name"])
         changed.append(pool["name"])
@@ -155,7 +155,7 @@ def set_route(bastion: Bastion, model: str, pools: list[str], author: str = "cli
     route = {"model": v.model("model", model, allow_glob=True), "pools": v.string_list("pools", pools, v.name)}
     if not route["pools"]:
         raise v.ValidationError("pools", "give at least one pool")
-    with bastion.change(author) as db:
+    with bastion.change(author, f"route {route['model']} to {', '.join(route['pools'])}") as db:
         known = {p["name"] for p in db.table("pools").all()}
         for i, p in enumerate(route["pools"]):
             if p not in known:
@@ -165,6 +165,6 @@ def set_route(bastion: Bastion, model: str, pools: list[str], author: str = "cli
 
 
 def remove_route(bastion: Bastion, model: str, author: str = "cli") -> None:
-    with bastion.change(author) as db:
+    with bastion.change(author, f"remove route {model}") as db:
         if not db.table("routes").remove(Route.model == model):
             raise NotFound("route", model)

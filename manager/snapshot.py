@@ -6,6 +6,7 @@ import json
 import time
 from typing import TYPE_CHECKING, Any
 
+from manager import cidr_groups
 from manager.store import write_atomic
 
 if TYPE_CHECKING:
@@ -19,8 +20,12 @@ def pool_models(pool: dict[str, Any]) -> list[str]:
 
 def build(bastion: Bastion) -> dict[str, Any]:
     store = bastion.store
-    keys = [
-        {
+    keys = []
+    for k in store.table("keys").all():
+        if k.get("revoked_at"):
+            continue
+        allow, deny = cidr_groups.rules(bastion, k.get("cidr_groups", []))
+        keys.append({
             "id": k["id"],
             "digest": k["digest"],
             "name": k["name"],
@@ -29,11 +34,9 @@ def build(bastion: Bastion) -> dict[str, Any]:
             "models": k.get("models", []),
             "endpoints": k.get("endpoints", []),
             "rpm": k.get("rpm", 0),
-            "cidrs": k.get("cidrs", []),
-        }
-        for k in store.table("keys").all()
-        if not k.get("revoked_at")
-    ]
+            "cidrs": list(dict.fromkeys([*k.get("cidrs", []), *allow])),
+            "deny_cidrs": deny,
+        })
     pools = [{"name": p["name"], "models": pool_models(p)} for p in store.table("pools").all() if p["upstreams"]]
     routes = [{"model": r["model"], "pools": r["pools"]} for r in store.table("routes").all()]
     return {

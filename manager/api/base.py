@@ -1,0 +1,108 @@
+"""What every blueprint shares: declaring operations (route + OpenAPI in one place), JSON bodies, errors.
+
+`ApiBlueprint.op()` registers a Flask view and records its OpenAPI operation at the same time, so the
+document at /api/v1/openapi.json cannot drift from the routes that exist.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Blueprint, g, jsonify, request
+
+from manager.validation import ValidationError
+
+Schema = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Operation:
+    method: str
+    path: str  # OpenAPI form: /api/v1/keys/{key_id}
+    summary: str
+    tag: str
+    body: Schema | None
+    query: dict[str, Schema]
+    response: Schema
+    status: int
+    public: bool
+    admin_only: bool
+
+
+class ApiBlueprint(Blueprint):
+    """A blueprint whose routes are declared with `op()`; `operations` feeds the OpenAPI document."""
+
+    def __init__(self, name: str, import_name: str, url_prefix: str = "", tag: str | None = None):
+        super().__init__(name, import_name, url_prefix=url_prefix or None)
+        self.operations: list[Operation] = []
+        self.tag = tag or name
+        self.prefix = url_prefix
+
+    def op(self, method: str, rule: str, summary: str, *, body: Schema | None = None,
+           query: dict[str, Schema] | None = None, response: Schema | None = None, status: int = 200,
+           public: bool = False, any_role: bool = False) -> Callable:
+        """Declare an operation. Unsafe methods need the admin role unless `any_role`; `public` skips auth."""
+        def register(fn: Callable) -> Callable:
+            fn.public = public  # type: ignore[attr-defined]
+            fn.any_role = any_role  # type: ignore[attr-defined]
+            self.add_url_rule(rule, endpoint=fn.__name__, view_func=fn, methods=[method])
+            path = re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", self.prefix + rule)
+            self.operations.append(Operation(
+                method.lower(), path, summary, self.tag, body, query or {}, response or {"type": "object"},
+                status, public, method not in ("GET", "HEAD") and not any_role))
+            return fn
+        return register
+
+
+def json_body() -> dict[str, Any]:
+    data = request.get_json(silent=True)
+    if not isinstance(data, dict):
+        raise ValidationError("body", "must be a JSON object")
+    return data
+
+
+def fields(data: dict[str, Any], allowed: set[str], required: set[str] = frozenset()) -> dict[str, Any]:
+    """The body's fields, refusing unknown ones and naming the first missing one."""
+    for name in data:
+        if name not in allowed:
+            raise ValidationError(name, "is not a known field")
+    for name in sorted(required):
+        if name not in data:
+            raise ValidationError(name, "is required")
+    return data
+
+
+def author() -> str:
+    identity = getattr(g, "identity", None)
+    return identity.username if identity else "anonymous"
+
+
+def error_response(status: int, message: str, field_name: str | None = None, headers: dict | None = None):
+    """One error shape for every endpoint: llm-proxy's `success/message` plus a native `error` object."""
+    body = {"success": False, "message": message, "error": {"message": message, "field": field_name}}
+    return jsonify(body), status, headers or {}
+
+
+def query_param(name: str, convert: Callable[[str, Any], Any], default: Any = None) -> Any:
+    raw = request.args.get(name)
+    return default if raw in (None, "") else convert(name, raw)
+
+
+# Schema fragments reused across blueprints.
+STR = {"type": "string"}
+INT = {"type": "integer"}
+NUM = {"type": "number"}
+BOOL = {"type": "boolean"}
+STR_LIST = {"type": "array", "items": STR}
+NULLABLE_NUM = {"type": ["number", "null"]}
+OK = {"type": "object", "properties": {"success": BOOL, "message": STR}}
+
+
+def obj(required: list[str] | None = None, **props: Schema) -> Schema:
+    schema: Schema = {"type": "object", "properties": props, "additionalProperties": False}
+    if required:
+        schema["required"] = required
+    return schema

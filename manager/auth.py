@@ -1,0 +1,120 @@
+"""Admin authentication: JWTs (cookie sessions with CSRF, bearer tokens for scripts), logout, lockout.
+
+- A token carries the user's `token_version`; changing the password or role bumps it, which ends every session.
+- Logout puts the token's `jti` on a deny list until the token would have expired anyway.
+- Cookie sessions also carry a CSRF secret: state-changing requests must echo it in `X-CSRF-Token`
+  (double submit: the page reads it from the non-HttpOnly `csrf_token` cookie).
+- Failed logins are counted per user and per client IP; after `MAX_FAILURES` in a row the subject is locked
+  out for a period that doubles with each further lockout (1 min, 2 min, ... at most 1 h).
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import jwt
+from tinydb import Query
+
+from manager import users
+from manager.store import write_atomic
+
+if TYPE_CHECKING:
+    from manager.context import Bastion
+
+SESSION_COOKIE = "auth_token"  # the llm-proxy cookie name
+CSRF_COOKIE = "csrf_token"
+CSRF_HEADER = "X-CSRF-Token"
+TOKEN_TTL = 24 * 3600
+MAX_FAILURES = 5
+LOCKOUT_BASE = 60.0
+LOCKOUT_MAX = 3600.0
+ALGORITHM = "HS256"
+
+Row = Query()
+
+
+class AuthError(Exception):
+    def __init__(self, status: int, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class Identity:
+    username: str
+    role: str
+    jti: str
+    exp: float
+    via_cookie: bool
+
+
+def jwt_secret(bastion: Bastion) -> bytes:
+    path = bastion.dirs.root / "jwt_secret"
+    if not path.exists():
+        write_atomic(path, secrets.token_hex(32).encode())
+    return path.read_bytes().strip()
+
+
+def issue(bastion: Bastion, user: dict[str, Any], kind: str) -> tuple[str, dict[str, Any]]:
+    now = int(time.time())
+    claims = {"sub": user["username"], "role": user["role"], "ver": user.get("token_version", 0), "kind": kind,
+              "iat": now, "exp": now + TOKEN_TTL, "jti": secrets.token_hex(12)}
+    if kind == "session":
+        claims["csrf"] = secrets.token_urlsafe(24)
+    return jwt.encode(claims, jwt_secret(bastion), algorithm=ALGORITHM), claims
+
+
+def verify(bastion: Bastion, token: str, *, via_cookie: bool, csrf: str | None, unsafe_method: bool) -> Identity:
+    """Check signature, expiry, user, token version, deny list and (cookie + unsafe method) CSRF."""
+    try:
+        claims = jwt.decode(token, jwt_secret(bastion), algorithms=[ALGORITHM],
+                            options={"require": ["exp", "iat", "sub", "jti"]})
+    except jwt.PyJWTError as e:
+        raise AuthError(401, f"invalid or expired token ({e})") from None
+    user = users.find(bastion, claims["sub"])
+    if user is None or user.get("token_version", 0) != claims.get("ver"):
+        raise AuthError(401, "this session is no longer valid; log in again")
+    if bastion.store.table("revoked_tokens").contains(Row.jti == claims["jti"]):
+        raise AuthError(401, "this session was logged out; log in again")
+    if via_cookie and unsafe_method and (not csrf or not secrets.compare_digest(csrf, claims.get("csrf", ""))):
+        raise AuthError(403, f"missing or wrong {CSRF_HEADER} header for a cookie session")
+    return Identity(user["username"], user["role"], claims["jti"], claims["exp"], via_cookie)
+
+
+def revoke(bastion: Bastion, identity: Identity) -> None:
+    with bastion.store.transaction() as db:
+        table = db.table("revoked_tokens")
+        table.remove(Row.exp < time.time())
+        table.insert({"jti": identity.jti, "exp": identity.exp})
+
+
+def login(bastion: Bastion, username: Any, password: Any, client_ip: str) -> dict[str, Any]:
+    """Return the user or raise AuthError (401 wrong credentials, 429 locked out)."""
+    subjects = [f"ip:{client_ip}"] + ([f"user:{username}"] if isinstance(username, str) else [])
+    now = time.time()
+    table = bastion.store.table("login_failures")
+    for subject in subjects:
+        row = table.get(Row.subject == subject)
+        if row and row.get("locked_until", 0) > now:
+            wait = row["locked_until"] - now
+            raise AuthError(429, f"too many failed logins; try again in {int(wait) + 1} s", retry_after=wait)
+    user = users.authenticate(bastion, username, password)
+    with bastion.store.transaction() as db:
+        table = db.table("login_failures")
+        if user is not None:
+            table.remove(Row.subject.one_of(subjects))
+            return user
+        for subject in subjects:
+            row = table.get(Row.subject == subject) or {"subject": subject, "failures": 0, "lockouts": 0}
+            row["failures"] += 1
+            if row["failures"] >= MAX_FAILURES:
+                row["locked_until"] = now + min(LOCKOUT_MAX, LOCKOUT_BASE * 2 ** row["lockouts"])
+                row["lockouts"] += 1
+                row["failures"] = 0
+            table.upsert(row, Row.subject == subject)
+    raise AuthError(401, "wrong username or password")
