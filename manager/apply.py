@@ -8,11 +8,8 @@ last good generation, reload, and raise with nginx's own words.
 from __future__ import annotations
 
 import grp
-import hashlib
-import json
 import os
 import pwd
-import shutil
 import socket
 import time
 from dataclasses import dataclass
@@ -22,7 +19,7 @@ from urllib.parse import urlsplit
 
 import requests
 
-from manager import cidr_groups
+from manager import cidr_groups, generations
 from manager.nginx import NginxError
 from manager.render import render
 
@@ -133,65 +130,46 @@ def access_rules(bastion: Bastion, group_names: list[str]) -> list[tuple[str, st
     return [("deny", c) for c in deny] + [("allow", c) for c in allow] + ([("deny", "all")] if allow else [])
 
 
-def live_generation(bastion: Bastion) -> int:
-    try:
-        return int(os.readlink(bastion.dirs.live).rsplit("/", 1)[-1])
-    except (OSError, ValueError):
-        return 0
-
-
-def _switch_live(bastion: Bastion, generation: int) -> None:
-    tmp = bastion.dirs.nginx / ".live.tmp"
-    tmp.unlink(missing_ok=True)
-    os.symlink(f"generations/{generation:06d}", tmp)
-    os.replace(tmp, bastion.dirs.live)
-
-
 def healthz_url(listen: str) -> str:
     host, _, port = listen.rpartition(":")
     host = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]"}.get(host, host)
     return f"http://{host}:{port}/healthz"
 
 
-def apply(bastion: Bastion, author: str = "cli") -> ApplyResult:
-    """Render and apply the configuration. Raises ConfigTestFailed or ReloadFailed (nothing left changed)."""
+def apply(bastion: Bastion, author: str = "cli", *, force_reload: bool = False) -> ApplyResult:
+    """Render and apply the configuration; with `force_reload` a running nginx is reloaded and verified even
+    when nothing changed. Raises ConfigTestFailed or ReloadFailed, in which case nothing was left changed."""
     dirs = bastion.dirs
     dirs.ensure()
-    current = live_generation(bastion)
-    nxt = max([current, *(int(p.name) for p in dirs.generations.iterdir() if p.name.isdigit())]) + 1
+    current = generations.live(dirs)
+    master = bastion.nginx.master_pid()
     if current and dirs.nginx_conf.exists() and dirs.nginx_conf.read_text() == render_config(bastion, current):
-        return ApplyResult(current, changed=False, reloaded=False)
-    text = render_config(bastion, nxt)
+        if force_reload and master:
+            _reload_and_verify(bastion, master, current)
+        return ApplyResult(current, changed=False, reloaded=bool(force_reload and master))
 
-    gen_dir = dirs.generations / f"{nxt:06d}"
-    gen_dir.mkdir(mode=0o700)
-    conf = gen_dir / "nginx.conf"
-    fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # may hold upstream API keys
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    (gen_dir / "meta.json").write_text(json.dumps({
-        "generation": nxt, "author": author, "time": time.time(), "sha256": hashlib.sha256(text.encode()).hexdigest(),
-    }))
+    nxt = generations.next_number(dirs)
+    text = render_config(bastion, nxt)
+    conf = generations.write(dirs, nxt, text, author, generations.config_state(bastion.store))
     try:
         bastion.nginx.test(conf)
     except NginxError as e:
-        shutil.rmtree(gen_dir)
+        generations.discard(dirs, nxt)
         raise ConfigTestFailed(e.summary, e.output) from None
 
-    _switch_live(bastion, nxt)
-    master = bastion.nginx.master_pid()
+    generations.switch(dirs, nxt)
     if master is None:
-        _prune(bastion)
+        generations.prune(dirs)
         return ApplyResult(nxt, changed=True, reloaded=False)
     try:
         _reload_and_verify(bastion, master, nxt)
     except ReloadFailed:
         if current:
-            _switch_live(bastion, current)
+            generations.switch(dirs, current)
             bastion.nginx.reload(master)
-        shutil.rmtree(gen_dir, ignore_errors=True)
+        generations.discard(dirs, nxt)
         raise
-    _prune(bastion)
+    generations.prune(dirs)
     return ApplyResult(nxt, changed=True, reloaded=True)
 
 
@@ -227,11 +205,3 @@ def _emerg_since(log: Path, mark: int) -> str:
     except OSError:
         return ""
     return "\n".join(line for line in tail.splitlines() if "[emerg]" in line or "[alert]" in line)
-
-
-def _prune(bastion: Bastion) -> None:
-    live = live_generation(bastion)
-    gens = sorted(int(p.name) for p in bastion.dirs.generations.iterdir() if p.name.isdigit())
-    for g in gens[:-KEEP_GENERATIONS]:
-        if g != live:
-            shutil.rmtree(bastion.dirs.generations / f"{g:06d}", ignore_errors=True)

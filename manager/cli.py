@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import time
 from datetime import datetime
 from typing import Any
 
 import click
 
+from manager import generations
 from manager import keys as keys_mod
 from manager import pools as pools_mod
 from manager import settings as settings_mod
+from manager import users as users_mod
 from manager import validation as v
-from manager.apply import ConfigTestFailed, ReloadFailed, live_generation
+from manager.apply import ConfigTestFailed, ReloadFailed
 from manager.context import Bastion
 from manager.datadir import DEFAULT_DATA_DIR, DataDir
 from manager.errors import Conflict, NotFound
@@ -30,7 +33,7 @@ def friendly_errors(fn):
             return fn(*args, **kwargs)
         except (v.ValidationError, Conflict) as e:
             raise click.ClickException(f"{e.field}: {e.message}") from None
-        except (NotFound, StoreCorrupt) as e:
+        except (NotFound, StoreCorrupt, OSError) as e:
             raise click.ClickException(str(e)) from None
         except (ConfigTestFailed, ReloadFailed, NginxError) as e:
             raise click.ClickException(f"{e.summary}\n{e.output}".strip()) from None
@@ -56,6 +59,7 @@ def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
 @click.pass_context
 def main(ctx: click.Context, data_dir: str, nginx_binary: str | None) -> None:
     """Bastion: a gateway for self-hosted LLM servers."""
+    os.umask(0o077)  # logs, analytics and every other file Bastion creates are private to its user
     ctx.obj = lambda: Bastion(DataDir.at(data_dir), nginx_binary)  # built lazily: --help needs no data dir
 
 
@@ -80,20 +84,33 @@ def with_bastion(fn):
 def init(b: Bastion) -> None:
     """Create the data dir and render the first nginx configuration."""
     result = b.apply("init")
+    announce_admin(b)
     click.echo(f"data dir {b.dirs.root} ready (nginx generation {result.generation})")
 
 
+def announce_admin(b: Bastion) -> None:
+    """First start: create the `admin` user and show its generated password once."""
+    password = users_mod.ensure_admin(b)
+    if password:
+        click.echo(f"created admin user 'admin' with password: {password}")
+        click.echo("  (shown once; set BASTION_ADMIN_PASSWORD before the first start to choose it)")
+
+
 @main.command()
-@click.option("--public", help="Public listener HOST:PORT (default 127.0.0.1:8080).")
-@click.option("--admin", help="Admin listener HOST:PORT (default 127.0.0.1:8081).")
+@click.option("--public", help="Public listener HOST:PORT (saved; default 127.0.0.1:8080).")
+@click.option("--admin", help="Admin listener HOST:PORT (saved; default 127.0.0.1:8081).")
+@click.option("--nginx", "nginx_path", help="Path of the nginx binary (same as the global --nginx).")
 @with_bastion
-def up(b: Bastion, public: str | None, admin: str | None) -> None:
+def up(b: Bastion, public: str | None, admin: str | None, nginx_path: str | None) -> None:
     """Run nginx, the gate and the manager in the foreground until Ctrl-C."""
     from manager.supervisor import Supervisor
 
+    if nginx_path:
+        b.nginx.binary = nginx_path
     changes = {k: x for k, x in (("public_listen", public), ("admin_listen", admin)) if x}
     if changes:
         b.store.update_settings(**settings_mod.validate(b, changes))
+    announce_admin(b)
     raise SystemExit(Supervisor(b, click.echo).run())
 
 
@@ -317,8 +334,9 @@ def config_apply(b: Bastion) -> None:
 @config.command("show")
 @with_bastion
 def config_show(b: Bastion) -> None:
-    click.echo(f"# live generation {live_generation(b)}: {b.dirs.nginx_conf}")
-    click.echo(b.dirs.nginx_conf.read_text() if b.dirs.nginx_conf.exists() else "# not rendered yet")
+    click.echo(f"# live generation {generations.live(b.dirs)}: {b.dirs.nginx_conf} (upstream keys masked)")
+    click.echo(generations.mask_secrets(b.dirs.nginx_conf.read_text()) if b.dirs.nginx_conf.exists()
+               else "# not rendered yet")
 
 
 if __name__ == "__main__":

@@ -88,11 +88,11 @@ class Supervisor:
         self.stopping = threading.Event()
         self._busy: set[str] = set()
         dirs = bastion.dirs
-        self.env = {**os.environ, "BASTION_DATA_DIR": str(dirs.root)}
+        self.env = {**os.environ, "BASTION_DATA_DIR": str(dirs.root), "BASTION_NGINX": bastion.nginx.binary}
         self.gate = Child(
             "authsvc",
             [sys.executable, "-m", "granian", "--interface", "wsgi", "--uds", str(dirs.gate_socket),
-             "--uds-permissions", "600", "--workers", "1", "--no-ws", "--no-access-log", "authsvc.wsgi:app"],
+             "--uds-permissions", "0600", "--workers", "1", "--no-ws", "--no-access-log", "authsvc.wsgi:app"],
             dirs.logs / "authsvc.log",
             dirs.gate_socket.exists,
             dirs.gate_socket,
@@ -102,7 +102,7 @@ class Supervisor:
             [sys.executable, "-m", "gunicorn", "--bind", f"unix:{dirs.manager_socket}", "--umask", "0o177",
              "--workers", "2", "--threads", "4", "--worker-class", "gthread",
              # idle connections outlive nginx's upstream keepalive_timeout (25 s), see RECIPES.md
-             "--keep-alive", "30", "manager.wsgi:app"],
+             "--keep-alive", "30", "--no-control-socket", "manager.wsgi:app"],
             dirs.logs / "manager.log",
             dirs.manager_socket.exists,
             dirs.manager_socket,
@@ -139,8 +139,7 @@ class Supervisor:
         self.echo(f"  generation {result.generation}")
         for child in (self.gate, self.manager):
             self.echo(f"starting {child.name}...")
-            child.start(self.env)
-            child.wait_ready()
+            self._start(child)
         self.echo("starting nginx...")
         self.nginx.start(self.env)
         self.nginx.wait_ready()
@@ -168,6 +167,14 @@ class Supervisor:
         self.echo("stopping...")
         return 0
 
+    def _start(self, child: Child) -> None:
+        child.start(self.env)
+        child.wait_ready()
+        owner = self.bastion.dirs.root.stat()
+        if child.socket and os.geteuid() == 0 and owner.st_uid != 0:
+            # nginx workers run as the data dir's owner (see apply.worker_user): let them connect
+            os.chown(child.socket, owner.st_uid, owner.st_gid)
+
     def _restart(self, child: Child) -> bool:
         now = time.monotonic()
         child.restarts = [t for t in child.restarts if now - t < 60] + [now]
@@ -176,8 +183,7 @@ class Supervisor:
             return False
         self.echo(f"{child.name} exited with status {child.proc.returncode}; restarting")
         try:
-            child.start(self.env)
-            child.wait_ready()
+            self._start(child)
         except StartupError as e:
             self.echo(f"error: {e}")
             return False

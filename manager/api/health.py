@@ -2,8 +2,8 @@
 
 from flask import Blueprint, jsonify
 
+from manager import generations
 from manager.app import bastion
-from manager.apply import live_generation
 
 bp = Blueprint("health", __name__, url_prefix="/api/v1")
 
@@ -11,4 +11,4 @@ bp = Blueprint("health", __name__, url_prefix="/api/v1")
 @bp.get("/health")
 def health():
     b = bastion()
-    return jsonify(status="ok", generation=live_generation(b), nginx_running=b.nginx.master_pid() is not None)
+    return jsonify(status="ok", generation=generations.live(b.dirs), nginx_running=b.nginx.master_pid() is not None)

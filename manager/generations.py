@@ -1,0 +1,130 @@
+"""Rendered nginx configurations kept as numbered generations under data/nginx/generations/.
+
+Each generation directory holds `nginx.conf`, `meta.json` (author, time, sha256) and `state.json` (the
+configuration resources it was rendered from, for rollback). `nginx/live` is a symlink to the live one, switched
+atomically. Drift = the live file no longer has the sha256 recorded when it was written.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from manager.datadir import DataDir
+from manager.store import Store, write_atomic
+
+KEEP = 20
+CONFIG_TABLES = ("pools", "routes", "settings", "cidr_groups")  # what a rollback restores (never keys or users)
+_SECRET_RE = re.compile(r'(Authorization "Bearer )[^"]+(")')
+
+
+def mask_secrets(text: str) -> str:
+    """The config as shown to people: upstream API keys replaced by ****."""
+    return _SECRET_RE.sub(r"\1****\2", text)
+
+
+def directory(dirs: DataDir, generation: int) -> Path:
+    return dirs.generations / f"{generation:06d}"
+
+
+def live(dirs: DataDir) -> int:
+    try:
+        return int(os.readlink(dirs.live).rsplit("/", 1)[-1])
+    except (OSError, ValueError):
+        return 0
+
+
+def numbers(dirs: DataDir) -> list[int]:
+    return sorted(int(p.name) for p in dirs.generations.iterdir() if p.name.isdigit())
+
+
+def next_number(dirs: DataDir) -> int:
+    return max([live(dirs), *numbers(dirs)]) + 1
+
+
+def config_state(store: Store) -> dict[str, Any]:
+    return {name: [dict(doc) for doc in store.table(name).all()] for name in CONFIG_TABLES}
+
+
+def write(dirs: DataDir, generation: int, text: str, author: str, state: dict[str, Any]) -> Path:
+    """Write a new generation (0600 files: they may hold upstream API keys); returns its nginx.conf."""
+    gen_dir = directory(dirs, generation)
+    gen_dir.mkdir(mode=0o700)
+    conf = gen_dir / "nginx.conf"
+    write_atomic(conf, text.encode())
+    meta = {"generation": generation, "author": author, "time": time.time(),
+            "sha256": hashlib.sha256(text.encode()).hexdigest()}
+    write_atomic(gen_dir / "meta.json", json.dumps(meta).encode())
+    write_atomic(gen_dir / "state.json", json.dumps(state).encode())
+    return conf
+
+
+def discard(dirs: DataDir, generation: int) -> None:
+    shutil.rmtree(directory(dirs, generation), ignore_errors=True)
+
+
+def switch(dirs: DataDir, generation: int) -> None:
+    tmp = dirs.nginx / ".live.tmp"
+    tmp.unlink(missing_ok=True)
+    os.symlink(f"generations/{generation:06d}", tmp)
+    os.replace(tmp, dirs.live)
+
+
+def prune(dirs: DataDir) -> None:
+    current = live(dirs)
+    for g in numbers(dirs)[:-KEEP]:
+        if g != current:
+            discard(dirs, g)
+
+
+def meta(dirs: DataDir, generation: int) -> dict[str, Any]:
+    try:
+        return json.loads((directory(dirs, generation) / "meta.json").read_text())
+    except (OSError, ValueError):
+        return {"generation": generation}
+
+
+def state(dirs: DataDir, generation: int) -> dict[str, Any]:
+    """The configuration a kept generation was rendered from. Raises FileNotFoundError if not kept."""
+    return json.loads((directory(dirs, generation) / "state.json").read_text())
+
+
+def text(dirs: DataDir, generation: int) -> str:
+    return (directory(dirs, generation) / "nginx.conf").read_text()
+
+
+def history(dirs: DataDir) -> list[dict[str, Any]]:
+    current = live(dirs)
+    return [{**meta(dirs, g), "live": g == current} for g in reversed(numbers(dirs))]
+
+
+def diff(old: str, new: str, old_name: str, new_name: str) -> str:
+    before, after = mask_secrets(old).splitlines(keepends=True), mask_secrets(new).splitlines(keepends=True)
+    return "".join(difflib.unified_diff(before, after, old_name, new_name))
+
+
+def changes(dirs: DataDir, generation: int) -> str:
+    """What `generation` changed compared with the kept generation before it."""
+    earlier = [g for g in numbers(dirs) if g < generation]
+    old = text(dirs, earlier[-1]) if earlier else ""
+    return diff(old, text(dirs, generation), f"generation {earlier[-1] if earlier else 0}",
+                f"generation {generation}")
+
+
+def drift(dirs: DataDir) -> bool:
+    """True when the live file was changed by hand since Bastion wrote it."""
+    current = live(dirs)
+    if not current:
+        return False
+    try:
+        on_disk = hashlib.sha256(dirs.nginx_conf.read_bytes()).hexdigest()
+    except OSError:
+        return True
+    return on_disk != meta(dirs, current).get("sha256")
