@@ -135,9 +135,10 @@ class Gate:
             raise Reply(200, json.dumps({"object": "list", "data": data}).encode())
         if path.startswith("/v1/models/"):
             wanted = path[len("/v1/models/"):]
-            for m, pool in snap.models:
-                if m == wanted and key.allows_model(m):
-                    raise Reply(200, json.dumps({"id": m, "object": "model", "created": 0, "owned_by": pool}).encode())
+            entry = snap.model_entry(wanted)
+            if entry and key.allows_model(entry[0]):
+                model, pool = entry
+                raise Reply(200, json.dumps({"id": model, "object": "model", "created": 0, "owned_by": pool}).encode())
             raise error(404, f"The model `{wanted}` does not exist or you do not have access to it.",
                         "model_not_found", ollama, param="model")
         if path == "/api/tags":
@@ -166,7 +167,10 @@ class Gate:
             if required:
                 raise error(400, "The request body is not valid JSON.", "invalid_json", ollama) from None
             return None
-        model = body.get("model") if isinstance(body, dict) else None
+        model = None
+        if isinstance(body, dict):
+            # older Ollama clients send `name` (e.g. /api/show, /api/pull)
+            model = body.get("model") if "model" in body or not ollama else body.get("name")
         if model is None and not required:
             return None
         if not isinstance(model, str) or not model:

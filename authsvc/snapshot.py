@@ -73,10 +73,10 @@ class KeyRule:
 
 @dataclass(slots=True)
 class Snapshot:
-    generation: int = 0
     keys: dict[str, KeyRule] = field(default_factory=dict)
-    exact_routes: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    routes: dict[str, tuple[str, ...]] = field(default_factory=dict)  # explicit routes by exact model name
     glob_routes: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    served: dict[str, tuple[str, ...]] = field(default_factory=dict)  # the pools' own model lists
     models: tuple[tuple[str, str], ...] = ()  # (model id, owning pool) for /v1/models
     default_pool: str | None = None
 
@@ -97,39 +97,49 @@ class Snapshot:
             )
             for k in data.get("keys", [])
         }
-        exact: dict[str, list[str]] = {}
+        routes: dict[str, tuple[str, ...]] = {}
         globs: list[tuple[str, tuple[str, ...]]] = []
-        for route in data.get("routes", []):  # explicit routes first: they win over pool model lists
+        for route in data.get("routes", []):
             if any(c in route["model"] for c in "*?["):
                 globs.append((route["model"], tuple(route["pools"])))
             else:
-                exact.setdefault(route["model"], []).extend(route["pools"])
-        owners: dict[str, str] = {}
+                routes[route["model"]] = tuple(route["pools"])
+        served: dict[str, list[str]] = {}
         for pool in data.get("pools", []):
             for model in pool.get("models", []):
-                exact.setdefault(model, []).append(pool["name"])
-                owners.setdefault(model, pool["name"])
-        for model, pools in exact.items():
-            owners.setdefault(model, pools[0])
+                served.setdefault(model, []).append(pool["name"])
+        owners = {m: pools[0] for m, pools in served.items()} | {m: pools[0] for m, pools in routes.items()}
         pool_names = [p["name"] for p in data.get("pools", [])]
         return cls(
-            generation=int(data.get("generation", 0)),
             keys=keys,
-            exact_routes={m: tuple(dict.fromkeys(p)) for m, p in exact.items()},
+            routes=routes,
             glob_routes=tuple(globs),
+            served={m: tuple(p) for m, p in served.items()},
             models=tuple(sorted(owners.items())),
             default_pool=data.get("default_pool") or (pool_names[0] if pool_names else None),
         )
 
     def pools_for(self, model: str) -> tuple[str, ...]:
-        for variant in model_variants(model):
-            pools = self.exact_routes.get(variant)
-            if pools:
+        """Explicit routes first (exact, then globs in order), then the pools that list the model."""
+        variants = model_variants(model)
+        for variant in variants:
+            if pools := self.routes.get(variant):
                 return pools
         for pattern, pools in self.glob_routes:
-            if fnmatchcase(model, pattern):
+            if any(fnmatchcase(variant, pattern) for variant in variants):
+                return pools
+        for variant in variants:
+            if pools := self.served.get(variant):
                 return pools
         return ()
+
+    def model_entry(self, model: str) -> tuple[str, str] | None:
+        """(listed id, owning pool) for /v1/models/<id>, Ollama short names included."""
+        owners = dict(self.models)
+        for variant in model_variants(model):
+            if variant in owners:
+                return variant, owners[variant]
+        return None
 
 
 class SnapshotSource:

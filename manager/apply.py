@@ -33,6 +33,7 @@ ERROR_PAGES = [
     (502, "No upstream server could answer the request."),
     (503, "The service is unavailable."),
     (504, "The upstream server did not answer in time."),
+    (500, "The gateway could not handle the request."),
 ]
 
 

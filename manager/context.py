@@ -10,6 +10,7 @@ from typing import Any
 from tinydb import TinyDB
 
 from manager import apply as applier
+from manager import generations
 from manager import settings as settings_mod
 from manager.audit import Audit
 from manager.datadir import DataDir
@@ -41,9 +42,9 @@ class Bastion:
     def settings(self) -> dict[str, Any]:
         return settings_mod.effective(self.store.settings())
 
-    def publish_snapshot(self) -> None:
+    def publish_snapshot(self, only_pools: set[str] | None = None) -> None:
         """Hand keys, pools and routes to the gate (takes effect within a second, no restart)."""
-        publish(self)
+        publish(self, only_pools)
 
     def apply(self, author: str = "cli") -> applier.ApplyResult:
         """Apply nginx config, then publish the snapshot that names the new pools."""
@@ -63,10 +64,14 @@ class Bastion:
             try:
                 yield db
                 if nginx:
+                    # first stop the gate from choosing pools that are about to leave nginx's config
+                    self.publish_snapshot(only_pools=generations.live_pools(self.dirs))
                     self.apply(author)
                 else:
                     self.publish_snapshot()
             except BaseException:
                 self.store.restore(before)
+                if nginx:
+                    self.publish_snapshot()
                 raise
         self.audit.record(author, action)

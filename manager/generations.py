@@ -96,6 +96,14 @@ def state(dirs: DataDir, generation: int) -> dict[str, Any]:
     return json.loads((directory(dirs, generation) / "state.json").read_text())
 
 
+def live_pools(dirs: DataDir) -> set[str]:
+    """Names of the pools nginx's live configuration has a location for."""
+    try:
+        return {p["name"] for p in state(dirs, live(dirs))["pools"] if p["upstreams"]}
+    except (OSError, ValueError, KeyError):
+        return set()
+
+
 def text(dirs: DataDir, generation: int) -> str:
     return (directory(dirs, generation) / "nginx.conf").read_text()
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from typing import TYPE_CHECKING, Any
 
 from manager import cidr_groups
@@ -18,7 +17,8 @@ def pool_models(pool: dict[str, Any]) -> list[str]:
     return list(pool.get("models") or pool.get("discovered_models") or [])
 
 
-def build(bastion: Bastion) -> dict[str, Any]:
+def build(bastion: Bastion, only_pools: set[str] | None = None) -> dict[str, Any]:
+    """The gate's view; `only_pools` limits pools (and routes to them) to those nginx has right now."""
     store = bastion.store
     keys = []
     for k in store.table("keys").all():
@@ -37,16 +37,22 @@ def build(bastion: Bastion) -> dict[str, Any]:
             "cidrs": list(dict.fromkeys([*k.get("cidrs", []), *allow])),
             "deny_cidrs": deny,
         })
-    pools = [{"name": p["name"], "models": pool_models(p)} for p in store.table("pools").all() if p["upstreams"]]
-    routes = [{"model": r["model"], "pools": r["pools"]} for r in store.table("routes").all()]
+    pools = [{"name": p["name"], "models": pool_models(p)} for p in store.table("pools").all()
+             if p["upstreams"] and (only_pools is None or p["name"] in only_pools)]
+    names = {p["name"] for p in pools}
+    routes = [{"model": r["model"], "pools": [p for p in r["pools"] if p in names]}
+              for r in store.table("routes").all()]
+    default_pool = bastion.settings()["default_pool"]
     return {
-        "generation": time.time_ns(),
         "keys": keys,
         "pools": pools,
-        "routes": routes,
-        "default_pool": bastion.settings()["default_pool"],
+        "routes": [r for r in routes if r["pools"]],
+        "default_pool": default_pool if default_pool in names else None,
     }
 
 
-def publish(bastion: Bastion) -> None:
-    write_atomic(bastion.dirs.snapshot, json.dumps(build(bastion)).encode())
+def publish(bastion: Bastion, only_pools: set[str] | None = None) -> None:
+    data = json.dumps(build(bastion, only_pools), sort_keys=True).encode()
+    path = bastion.dirs.snapshot
+    if not path.exists() or path.read_bytes() != data:  # unchanged: spare the gate a rebuild
+        write_atomic(path, data)

@@ -69,6 +69,7 @@ def test_allowed_request_is_redirected_to_the_model_pool(gate: Gate, token: str)
     assert Call(gate, "/v1/embeddings", token, {"model": "qwen2-embed"}).headers["X-Accel-Redirect"] == "@pool_embed"
     # Ollama short names
     assert Call(gate, "/api/chat", token, {"model": "llama3"}).headers["X-Accel-Redirect"] == "@pool_main"
+    assert Call(gate, "/api/show", token, {"name": "nomic"}).headers["X-Accel-Redirect"] == "@pool_embed"
     # endpoints without a model go to the default (first) pool
     assert Call(gate, "/api/version", token, method="GET").headers["X-Accel-Redirect"] == "@pool_main"
 
@@ -122,6 +123,16 @@ def test_model_allow_list_with_globs(tmp_path: Path, token: str) -> None:
     assert [m["id"] for m in listed["data"]] == ["llama3:latest"]
     assert Call(gate, "/v1/models/gpt-4o", token, method="GET").status == 404
     assert Call(gate, "/v1/models/llama3:latest", token, method="GET").json()["owned_by"] == "main"
+    assert Call(gate, "/v1/models/llama3", token, method="GET").json()["id"] == "llama3:latest"
+
+
+def test_routes_win_over_pool_model_lists(tmp_path: Path, token: str) -> None:
+    write_snapshot(tmp_path / "snapshot.json", [key_entry(token)],
+                   routes=[{"model": "llama*", "pools": ["embed"]}, {"model": "gpt-4o", "pools": ["embed"]}])
+    gate = Gate(tmp_path / "snapshot.json", PEPPER)
+    for model in ("llama3", "llama3:latest", "gpt-4o"):
+        assert Call(gate, "/v1/chat/completions", token, {"model": model}).headers["X-Accel-Redirect"] == "@pool_embed"
+    assert Call(gate, "/v1/embeddings", token, {"model": "nomic"}).headers["X-Accel-Redirect"] == "@pool_embed"
 
 
 def test_endpoint_rules(tmp_path: Path, token: str) -> None:
