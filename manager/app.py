@@ -1,43 +1,101 @@
-"""The Flask management app: `create_app(config)` builds one per data dir (tests get their own)."""
+"""The Flask management app: `create_app(config)` builds one per data dir (tests get their own).
+
+Every route needs a signed-in user unless it is declared `public`; reading needs any role, changing needs
+`admin` (a few routes such as logout accept any role). Errors are JSON everywhere, naming the field.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from flask import Flask, current_app, jsonify
+from flask import Flask, current_app, g, request
+from werkzeug.exceptions import HTTPException
 
+from manager import auth
+from manager.apply import ConfigTestFailed, ReloadFailed
 from manager.context import Bastion
 from manager.datadir import DataDir
 from manager.errors import Conflict, NotFound, ValidationError
+from manager.nginx import NginxError
+
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:
     app = Flask(__name__, static_folder=None)
-    app.config.from_mapping(DATA_DIR="./data", NGINX=None, MAX_CONTENT_LENGTH=1 << 20)
+    app.config.from_mapping(DATA_DIR="./data", NGINX=None, MAX_CONTENT_LENGTH=256 * 1024)
     app.config.from_prefixed_env("BASTION")
     app.config.update(config or {})
+    app.json.sort_keys = False
     app.extensions["bastion"] = Bastion(DataDir.at(app.config["DATA_DIR"]), app.config["NGINX"])
 
-    from manager.api import health, pages
+    from manager.api import BLUEPRINTS
 
-    app.register_blueprint(health.bp)
-    app.register_blueprint(pages.bp)
-
-    @app.errorhandler(ValidationError)
-    def bad_input(e: ValidationError):
-        return jsonify(error={"message": e.message, "field": e.field}), 400
-
-    @app.errorhandler(Conflict)
-    def conflict(e: Conflict):
-        return jsonify(error={"message": e.message, "field": e.field}), 409
-
-    @app.errorhandler(NotFound)
-    def not_found(e: NotFound):
-        return jsonify(error={"message": str(e)}), 404
-
+    for bp in BLUEPRINTS:
+        app.register_blueprint(bp)
+    app.before_request(authenticate)
+    register_error_handlers(app)
     return app
 
 
 def bastion() -> Bastion:
     """The `Bastion` of the app handling the current request."""
     return current_app.extensions["bastion"]
+
+
+def client_ip() -> str:
+    """nginx's admin listener sets X-Real-IP (after real_ip processing); only nginx reaches the manager's socket."""
+    return request.headers.get("X-Real-IP") or request.remote_addr or "unknown"
+
+
+def authenticate() -> None:
+    view = current_app.view_functions.get(request.endpoint or "")
+    if view is None or getattr(view, "public", False):
+        return
+    token, via_cookie = None, False
+    header = request.headers.get("Authorization", "")
+    if header[:7].lower() == "bearer ":
+        token = header[7:].strip()
+    elif auth.SESSION_COOKIE in request.cookies:
+        token, via_cookie = request.cookies[auth.SESSION_COOKIE], True
+    if not token:
+        raise auth.AuthError(401, "sign in first: POST /auth/login (cookie) or /auth/token (bearer)")
+    needs_admin = getattr(view, "needs_admin", request.method not in SAFE_METHODS)
+    acts = needs_admin or request.method not in SAFE_METHODS
+    g.identity = auth.verify(bastion(), token, via_cookie=via_cookie, csrf=request.headers.get(auth.CSRF_HEADER),
+                             unsafe_method=acts)
+    if needs_admin and g.identity.role != "admin":
+        raise auth.AuthError(403, "this needs the admin role; your role is viewer")
+
+
+def register_error_handlers(app: Flask) -> None:
+    from manager.api.base import error_response
+
+    @app.errorhandler(ValidationError)
+    def bad_input(e: ValidationError):
+        return error_response(400, f"{e.field}: {e.message}", e.field)
+
+    @app.errorhandler(Conflict)
+    def conflict(e: Conflict):
+        return error_response(409, f"{e.field}: {e.message}", e.field)
+
+    @app.errorhandler(NotFound)
+    def not_found(e: NotFound):
+        return error_response(404, str(e))
+
+    @app.errorhandler(auth.AuthError)
+    def auth_error(e: auth.AuthError):
+        headers = {"Retry-After": str(int(e.retry_after) + 1)} if e.retry_after else None
+        return error_response(e.status, e.message, headers=headers)
+
+    @app.errorhandler(ConfigTestFailed)
+    @app.errorhandler(ReloadFailed)
+    @app.errorhandler(NginxError)
+    def nginx_refused(e: NginxError):
+        # nginx's own words go back to the caller; the previous configuration is still live
+        status = 422 if isinstance(e, ConfigTestFailed | ReloadFailed) else 500
+        return error_response(status, str(e), extra={"nginx": e.output})
+
+    @app.errorhandler(HTTPException)
+    def http_error(e: HTTPException):
+        return error_response(e.code or 500, e.description or e.name)

@@ -129,11 +129,11 @@ def remove(bastion: Bastion, name: str, author: str = "cli") -> None:
             bastion.store.update_settings(default_pool=None)
 
 
-def refresh_discovered(bastion: Bastion) -> list[str]:
+def refresh_discovered(bastion: Bastion, only: str | None = None) -> list[str]:
     """Ask the upstreams of pools without a model list what they serve; returns the pools that changed."""
     changed = []
     for pool in bastion.store.table("pools").all():
-        if pool.get("models"):
+        if pool.get("models") or (only and pool["name"] != only):
             continue
         found = discovery.pool_models(pool)
         if found is None or found == pool.get("discovered_models"):

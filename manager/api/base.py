@@ -22,6 +22,7 @@ Schema = dict[str, Any]
 class Operation:
     method: str
     path: str  # OpenAPI form: /api/v1/keys/{key_id}
+    path_params: dict[str, Schema]
     summary: str
     tag: str
     body: Schema | None
@@ -29,7 +30,7 @@ class Operation:
     response: Schema
     status: int
     public: bool
-    admin_only: bool
+    needs_admin: bool
 
 
 class ApiBlueprint(Blueprint):
@@ -43,16 +44,20 @@ class ApiBlueprint(Blueprint):
 
     def op(self, method: str, rule: str, summary: str, *, body: Schema | None = None,
            query: dict[str, Schema] | None = None, response: Schema | None = None, status: int = 200,
-           public: bool = False, any_role: bool = False) -> Callable:
-        """Declare an operation. Unsafe methods need the admin role unless `any_role`; `public` skips auth."""
+           public: bool = False, admin: bool | None = None) -> Callable:
+        """Declare an operation. `public` skips sign-in; `admin` defaults to True for methods that change things
+        (False e.g. for logout, True for a GET that acts, like /nginx/reload)."""
+        needs_admin = (method not in ("GET", "HEAD")) if admin is None else admin
+
         def register(fn: Callable) -> Callable:
             fn.public = public  # type: ignore[attr-defined]
-            fn.any_role = any_role  # type: ignore[attr-defined]
+            fn.needs_admin = needs_admin  # type: ignore[attr-defined]
             self.add_url_rule(rule, endpoint=fn.__name__, view_func=fn, methods=[method])
             path = re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", self.prefix + rule)
+            params = {name: INT if conv == "int" else STR for conv, name in re.findall(r"<(?:(\w+):)?(\w+)>", rule)}
             self.operations.append(Operation(
-                method.lower(), path, summary, self.tag, body, query or {}, response or {"type": "object"},
-                status, public, method not in ("GET", "HEAD") and not any_role))
+                method.lower(), path, params, summary, self.tag, body, query or {}, response or {"type": "object"},
+                status, public, needs_admin))
             return fn
         return register
 
@@ -80,9 +85,10 @@ def author() -> str:
     return identity.username if identity else "anonymous"
 
 
-def error_response(status: int, message: str, field_name: str | None = None, headers: dict | None = None):
+def error_response(status: int, message: str, field_name: str | None = None, headers: dict | None = None,
+                   extra: dict | None = None):
     """One error shape for every endpoint: llm-proxy's `success/message` plus a native `error` object."""
-    body = {"success": False, "message": message, "error": {"message": message, "field": field_name}}
+    body = {"success": False, "message": message, "error": {"message": message, "field": field_name}, **(extra or {})}
     return jsonify(body), status, headers or {}
 
 

@@ -1,12 +1,13 @@
 """The admin web page (static files from frontend/)."""
 
-from flask import Blueprint, send_from_directory
+from flask import send_from_directory
 
 from frontend import FRONTEND_DIR
+from manager.api.base import ApiBlueprint
 
-bp = Blueprint("pages", __name__)
+bp = ApiBlueprint("pages", __name__)
 
 
-@bp.get("/")
+@bp.op("GET", "/", "The admin page", public=True, response={"type": "string"})
 def index():
     return send_from_directory(FRONTEND_DIR, "index.html")

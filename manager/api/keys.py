@@ -1,0 +1,54 @@
+"""/api/v1/keys: API keys (the secret appears once, in the creation response)."""
+
+from __future__ import annotations
+
+from flask import jsonify, request
+
+from manager import keys as keys_mod
+from manager.api.base import BOOL, INT, NULLABLE_NUM, NUM, STR, STR_LIST, ApiBlueprint, author, fields, json_body, obj
+from manager.app import bastion
+
+bp = ApiBlueprint("keys", __name__, url_prefix="/api/v1/keys")
+EDITABLE = {"name", "models", "endpoints", "rpm", "expires", "cidrs", "cidr_groups", "enabled"}
+KEY_FIELDS = {"name": STR, "models": STR_LIST, "endpoints": STR_LIST, "rpm": INT,
+              "expires": {"type": ["string", "number", "null"]}, "cidrs": STR_LIST, "cidr_groups": STR_LIST,
+              "enabled": BOOL}
+KEY = obj(id=STR, key=STR, status=STR, created_at=NUM, created_by=STR, revoked_at=NULLABLE_NUM,
+          last_used=NULLABLE_NUM, **{**KEY_FIELDS, "expires": NULLABLE_NUM})
+KEY["additionalProperties"] = True
+
+
+def _with_last_used(rows: list[dict]) -> list[dict]:
+    last = bastion().usage.last_used()
+    return [{**r, "last_used": last.get(r["id"])} for r in rows]
+
+
+@bp.op("GET", "", "List keys (masked)", query={"include_revoked": BOOL},
+       response={"type": "array", "items": KEY})
+def list_keys():
+    include = request.args.get("include_revoked", "false").lower() == "true"
+    return jsonify(_with_last_used(keys_mod.all_keys(bastion(), include)))
+
+
+@bp.op("POST", "", "Create a key; `secret` is shown in this response only", body=obj(["name"], **KEY_FIELDS),
+       response={"allOf": [KEY, obj(secret=STR)]}, status=201)
+def create_key():
+    body = fields(json_body(), EDITABLE, {"name"})
+    record, token = keys_mod.create(bastion(), body.pop("name"), author=author(), **body)
+    return jsonify({**record, "secret": token}), 201
+
+
+@bp.op("GET", "/<key_id>", "One key (masked)", response=KEY)
+def get_key(key_id: str):
+    return jsonify(_with_last_used([keys_mod.get(bastion(), key_id)])[0])
+
+
+@bp.op("PATCH", "/<key_id>", "Change a key's rules; takes effect within a second", body=obj(**KEY_FIELDS),
+       response=KEY)
+def update_key(key_id: str):
+    return jsonify(keys_mod.update(bastion(), key_id, author(), **fields(json_body(), EDITABLE)))
+
+
+@bp.op("DELETE", "/<key_id>", "Revoke a key for good", response=KEY)
+def revoke_key(key_id: str):
+    return jsonify(keys_mod.revoke(bastion(), key_id, author()))

@@ -1,0 +1,131 @@
+"""/api/v1/config (apply, history, diff, rollback, drift), /api/v1/usage, /api/v1/audit, /api/v1/health."""
+
+from __future__ import annotations
+
+from flask import jsonify
+
+from manager import configuration, generations
+from manager import validation as v
+from manager.api.base import (
+    BOOL,
+    INT,
+    NULLABLE_NUM,
+    NUM,
+    STR,
+    ApiBlueprint,
+    author,
+    fields,
+    json_body,
+    obj,
+    query_param,
+)
+from manager.app import bastion
+from manager.apply import render_config
+
+config_bp = ApiBlueprint("config", __name__, url_prefix="/api/v1/config")
+usage_bp = ApiBlueprint("usage", __name__, url_prefix="/api/v1/usage")
+audit_bp = ApiBlueprint("audit", __name__, url_prefix="/api/v1/audit")
+health_bp = ApiBlueprint("health", __name__, url_prefix="/api/v1/health")
+
+GENERATION = obj(generation=INT, author=STR, time=NUM, sha256=STR, live=BOOL)
+APPLIED = obj(generation=INT, changed=BOOL, reloaded=BOOL)
+EPOCH = {"type": "number", "minimum": 0}
+
+
+def _epoch(field: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise v.ValidationError(field, "must be epoch seconds") from None
+    if not 0 <= value < 1e11:
+        raise v.ValidationError(field, "must be epoch seconds")
+    return value
+
+
+def _applied(result) -> dict:
+    return {"generation": result.generation, "changed": result.changed, "reloaded": result.reloaded}
+
+
+@config_bp.op("GET", "", "Live generation, drift and whether nginx runs",
+              response=obj(generation=INT, drift=BOOL, drift_diff=STR, nginx_running=BOOL))
+def config_status():
+    b = bastion()
+    drifted = generations.drift(b.dirs)
+    diff = ""
+    if drifted:  # show what was changed by hand, against what Bastion rendered for this generation
+        current = generations.live(b.dirs)
+        diff = generations.diff(render_config(b, current), b.dirs.nginx_conf.read_text(),
+                                f"generation {current} as rendered", "on disk")
+    return jsonify(generation=generations.live(b.dirs), drift=drifted, drift_diff=diff,
+                   nginx_running=b.nginx.master_pid() is not None)
+
+
+@config_bp.op("GET", "/live", "The live nginx.conf (upstream keys masked)", response=obj(generation=INT, config=STR))
+def config_live():
+    dirs = bastion().dirs
+    text = dirs.nginx_conf.read_text() if dirs.nginx_conf.exists() else ""
+    return jsonify(generation=generations.live(dirs), config=generations.mask_secrets(text))
+
+
+@config_bp.op("POST", "/apply", "Render, test, reload and verify (rolled back with nginx's message on failure)",
+              response=APPLIED)
+def config_apply():
+    return jsonify(_applied(configuration.reload(bastion(), author())))
+
+
+@config_bp.op("GET", "/history", "Kept generations, newest first", response={"type": "array", "items": GENERATION})
+def config_history():
+    return jsonify(generations.history(bastion().dirs))
+
+
+@config_bp.op("GET", "/history/<int:generation>", "One generation and its diff to the one before",
+              response={"allOf": [GENERATION, obj(diff=STR)]})
+def config_generation(generation: int):
+    dirs = bastion().dirs
+    if generation not in generations.numbers(dirs):
+        raise v.ValidationError("generation", f"generation {generation} is not kept")
+    meta = generations.meta(dirs, generation)
+    live = generation == generations.live(dirs)
+    return jsonify({**meta, "live": live, "diff": generations.changes(dirs, generation)})
+
+
+@config_bp.op("POST", "/rollback", "Restore pools, routes, settings and CIDR groups of a kept generation",
+              body=obj(["generation"], generation=INT), response=APPLIED)
+def config_rollback():
+    body = fields(json_body(), {"generation"}, {"generation"})
+    return jsonify(_applied(configuration.rollback(bastion(), body["generation"], author())))
+
+
+@usage_bp.op("GET", "", "Requests per key and model", query={"key": STR, "since": EPOCH, "until": EPOCH},
+             response={"type": "array", "items": obj(key=STR, model=STR, requests=INT, errors=INT, bytes_sent=INT,
+                                                     avg_ttfb=NULLABLE_NUM, avg_duration=NUM, last_request=NUM)})
+def usage_summary():
+    usage = bastion().usage
+    usage.ingest()
+    return jsonify(usage.summary(query_param("key", lambda f, x: x), query_param("since", _epoch),
+                                 query_param("until", _epoch)))
+
+
+@usage_bp.op("GET", "/records", "Single requests, newest first",
+             query={"key": STR, "since": EPOCH, "until": EPOCH, "limit": INT},
+             response={"type": "array", "items": {"type": "object"}})
+def usage_records():
+    usage = bastion().usage
+    usage.ingest()
+    return jsonify(usage.records(query_param("key", lambda f, x: x), query_param("since", _epoch),
+                                 query_param("until", _epoch),
+                                 query_param("limit", lambda f, x: v.integer(f, x, 1, 10000), 1000)))
+
+
+@audit_bp.op("GET", "", "Who changed what, newest first", query={"since": EPOCH, "limit": INT},
+             response={"type": "array", "items": obj(time=NUM, author=STR, action=STR)})
+def audit_log():
+    return jsonify(bastion().audit.entries(query_param("since", _epoch),
+                                           query_param("limit", lambda f, x: v.integer(f, x, 1, 10000), 200)))
+
+
+@health_bp.op("GET", "", "Is the stack up, which generation is live", public=True,
+              response=obj(status=STR, generation=INT, nginx_running=BOOL))
+def health():
+    b = bastion()
+    return jsonify(status="ok", generation=generations.live(b.dirs), nginx_running=b.nginx.master_pid() is not None)

@@ -1,0 +1,96 @@
+"""/api/v1/pools (with their upstreams) and /api/v1/routes."""
+
+from __future__ import annotations
+
+from flask import jsonify
+
+from manager import pools as pools_mod
+from manager import validation as v
+from manager.api.base import BOOL, INT, NULLABLE_NUM, NUM, STR, STR_LIST, ApiBlueprint, author, fields, json_body, obj
+from manager.app import bastion
+
+bp = ApiBlueprint("pools", __name__, url_prefix="/api/v1/pools")
+routes_bp = ApiBlueprint("routes", __name__, url_prefix="/api/v1/routes")
+
+UPSTREAM = obj(["url"], url=STR, weight=INT, backup=BOOL)
+UPSTREAM_IN = {"oneOf": [STR, UPSTREAM]}
+POOL_FIELDS = {"upstreams": {"type": "array", "items": UPSTREAM_IN, "minItems": 1},
+               "api_key": {"type": ["string", "null"]}, "models": STR_LIST,
+               "method": {"type": "string", "enum": list(v.BALANCING_METHODS)}}
+POOL = obj(name=STR, method=STR, upstreams={"type": "array", "items": UPSTREAM}, models=STR_LIST,
+           discovered_models=STR_LIST, discovered_at=NULLABLE_NUM, created_at=NUM, api_key_set=BOOL)
+ROUTE = obj(["model", "pools"], model=STR, pools=STR_LIST)
+
+
+@bp.op("GET", "", "List pools", response={"type": "array", "items": POOL})
+def list_pools():
+    return jsonify(pools_mod.all_pools(bastion()))
+
+
+@bp.op("POST", "", "Create a pool (models discovered from the upstreams when not given)",
+       body=obj(["name", "upstreams"], name=STR, **POOL_FIELDS), response=POOL, status=201)
+def create_pool():
+    body = fields(json_body(), {"name", *POOL_FIELDS}, {"name", "upstreams"})
+    return jsonify(pools_mod.add(bastion(), body.pop("name"), body.pop("upstreams"), author(), **body)), 201
+
+
+@bp.op("GET", "/<name>", "One pool", response=POOL)
+def get_pool(name: str):
+    return jsonify(pools_mod.get(bastion(), name))
+
+
+@bp.op("PATCH", "/<name>", "Change a pool (applies nginx config)", body=obj(**POOL_FIELDS), response=POOL)
+def update_pool(name: str):
+    return jsonify(pools_mod.update(bastion(), name, author(), **fields(json_body(), set(POOL_FIELDS))))
+
+
+@bp.op("DELETE", "/<name>", "Remove a pool (refused while a route uses it)", response=obj(success=BOOL))
+def remove_pool(name: str):
+    pools_mod.remove(bastion(), name, author())
+    return jsonify(success=True)
+
+
+@bp.op("POST", "/<name>/refresh", "Ask the upstreams now which models they serve", response=POOL)
+def refresh_pool(name: str):
+    pools_mod.get(bastion(), name)
+    pools_mod.refresh_discovered(bastion(), only=name)
+    return jsonify(pools_mod.get(bastion(), name))
+
+
+@bp.op("GET", "/<name>/upstreams", "A pool's upstreams", response={"type": "array", "items": UPSTREAM})
+def list_upstreams(name: str):
+    return jsonify(pools_mod.get(bastion(), name)["upstreams"])
+
+
+@bp.op("POST", "/<name>/upstreams", "Add an upstream to a pool", body=UPSTREAM, response=POOL, status=201)
+def add_upstream(name: str):
+    upstream = fields(json_body(), {"url", "weight", "backup"}, {"url"})
+    current = pools_mod.get(bastion(), name)["upstreams"]
+    return jsonify(pools_mod.update(bastion(), name, author(), upstreams=[*current, upstream])), 201
+
+
+@bp.op("DELETE", "/<name>/upstreams/<int:index>", "Remove the upstream at this position (0-based)", response=POOL)
+def remove_upstream(name: str, index: int):
+    current = pools_mod.get(bastion(), name)["upstreams"]
+    if index >= len(current):
+        raise v.ValidationError("index", f"pool {name!r} has {len(current)} upstreams")
+    if len(current) == 1:
+        raise v.ValidationError("index", "a pool needs at least one upstream; remove the pool instead")
+    return jsonify(pools_mod.update(bastion(), name, author(), upstreams=current[:index] + current[index + 1:]))
+
+
+@routes_bp.op("GET", "", "List routes (model or glob → pools)", response={"type": "array", "items": ROUTE})
+def list_routes():
+    return jsonify(pools_mod.all_routes(bastion()))
+
+
+@routes_bp.op("POST", "", "Create or replace the route for a model", body=ROUTE, response=ROUTE)
+def set_route():
+    body = fields(json_body(), {"model", "pools"}, {"model", "pools"})
+    return jsonify(pools_mod.set_route(bastion(), body["model"], body["pools"], author()))
+
+
+@routes_bp.op("DELETE", "/<path:model>", "Remove the route for a model", response=obj(success=BOOL))
+def remove_route(model: str):
+    pools_mod.remove_route(bastion(), model, author())
+    return jsonify(success=True)
