@@ -104,6 +104,7 @@ def render_config(bastion: Bastion, generation: int) -> str:
             "pid": dirs.nginx_pid,
             "error_log": dirs.error_log,
             "access_log": dirs.access_log,
+            "admin_access_log": dirs.logs / "admin-access.log",
             "temp": dirs.nginx_temp,
             "gate_socket": dirs.gate_socket,
             "manager_socket": dirs.manager_socket,

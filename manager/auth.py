@@ -118,3 +118,12 @@ def login(bastion: Bastion, username: Any, password: Any, client_ip: str) -> dic
                 row["failures"] = 0
             table.upsert(row, Row.subject == subject)
     raise AuthError(401, "wrong username or password")
+
+
+def unlock(bastion: Bastion, subject: str | None = None) -> int:
+    """Clear login lockouts (all, or one `user:NAME` / `ip:ADDR`); returns how many were cleared."""
+    with bastion.store.transaction() as db:
+        table = db.table("login_failures")
+        removed = table.remove(Row.subject == subject) if subject else table.remove(Row.subject.exists())
+    bastion.audit.record("cli", f"unlock logins ({subject or 'all'})")
+    return len(removed)

@@ -11,7 +11,9 @@ from typing import Any
 
 import click
 
-from manager import generations
+from manager import auth as auth_mod
+from manager import cidr_groups as cidr_groups_mod
+from manager import configuration, generations
 from manager import keys as keys_mod
 from manager import pools as pools_mod
 from manager import settings as settings_mod
@@ -38,6 +40,11 @@ def friendly_errors(fn):
         except (ConfigTestFailed, ReloadFailed, NginxError) as e:
             raise click.ClickException(f"{e.summary}\n{e.output}".strip()) from None
     return wrapper
+
+
+def csv(value: str | None) -> list[str] | None:
+    """A comma-separated option as a list (None when the option was not given)."""
+    return None if value is None else [x.strip() for x in value.split(",") if x.strip()]
 
 
 def fmt_time(ts: float | None) -> str:
@@ -135,7 +142,7 @@ def pools_add(b: Bastion, name: str, urls: tuple[str, ...], backup_urls: tuple[s
     """Add a pool and apply the nginx configuration."""
     ups = [{"url": u, "weight": weight} for u in urls] + [{"url": u, "backup": True} for u in backup_urls]
     click.echo(f"adding pool {name} and applying nginx configuration...")
-    pool = pools_mod.add(b, name, ups, api_key=api_key, models=models.split(",") if models else None,
+    pool = pools_mod.add(b, name, ups, api_key=api_key, models=csv(models),
                          method=method)
     served = pool["models"] or pool["discovered_models"]
     source = "configured" if pool["models"] else "discovered"
@@ -220,8 +227,8 @@ def keys() -> None:
 def keys_create(b: Bastion, name: str, models: str | None, endpoints: str | None, rpm: int,
                 expires: str | None, cidrs: str | None) -> None:
     """Create a key and print it once."""
-    record, token = keys_mod.create(b, name, models=models, endpoints=endpoints, rpm=rpm, expires=expires,
-                                    cidrs=cidrs)
+    record, token = keys_mod.create(b, name, models=csv(models), endpoints=csv(endpoints), rpm=rpm, expires=expires,
+                                    cidrs=csv(cidrs))
     click.echo(token)
     click.echo(f"key id {record['id']} ({record['name']}); store it now, it cannot be shown again", err=True)
 
@@ -291,6 +298,108 @@ def usage(b: Bastion, key_id: str | None, since: str, records: bool, as_json: bo
                     ["key", "model", "requests", "errors", "bytes_sent", "avg_ttfb", "avg_duration", "last_request"])
 
 
+@main.group("users")
+def users_group() -> None:
+    """Admin users of the management API and page."""
+
+
+@users_group.command("add")
+@click.argument("username")
+@click.option("--role", type=click.Choice(users_mod.ROLES), default="viewer", show_default=True)
+@click.password_option(help="Password (asked when not given).")
+@with_bastion
+def users_add(b: Bastion, username: str, role: str, password: str) -> None:
+    users_mod.create(b, username, password, role)
+    click.echo(f"user {username} ({role}) created")
+
+
+@users_group.command("list")
+@with_bastion
+def users_list(b: Bastion) -> None:
+    print_table([{**u, "created_at": fmt_time(u["created_at"])} for u in users_mod.all_users(b)],
+                ["username", "role", "created_at"])
+
+
+@users_group.command("passwd")
+@click.argument("username")
+@click.password_option(help="New password (asked when not given).")
+@with_bastion
+def users_passwd(b: Bastion, username: str, password: str) -> None:
+    """Set a new password (signs the user out everywhere)."""
+    users_mod.update(b, username, password=password)
+    click.echo(f"password of {username} changed")
+
+
+@users_group.command("role")
+@click.argument("username")
+@click.argument("role", type=click.Choice(users_mod.ROLES))
+@with_bastion
+def users_role(b: Bastion, username: str, role: str) -> None:
+    users_mod.update(b, username, role=role)
+    click.echo(f"{username} is now {role}")
+
+
+@users_group.command("remove")
+@click.argument("username")
+@with_bastion
+def users_remove(b: Bastion, username: str) -> None:
+    users_mod.remove(b, username)
+    click.echo(f"user {username} removed")
+
+
+@main.group("auth")
+def auth_group() -> None:
+    """Sign-in protection."""
+
+
+@auth_group.command("unlock")
+@click.argument("subject", required=False)
+@with_bastion
+def auth_unlock(b: Bastion, subject: str | None) -> None:
+    """Clear login lockouts: all, or one SUBJECT like user:alice or ip:10.0.0.5."""
+    click.echo(f"cleared {auth_mod.unlock(b, subject)} lockout record(s)")
+
+
+@main.group("cidr-groups")
+def cidr_groups_group() -> None:
+    """Named allow/deny network lists for listeners and keys."""
+
+
+@cidr_groups_group.command("add")
+@click.argument("name")
+@click.option("--allow", help="Comma-separated networks to allow.")
+@click.option("--deny", help="Comma-separated networks to deny.")
+@with_bastion
+def cidr_groups_add(b: Bastion, name: str, allow: str | None, deny: str | None) -> None:
+    group = cidr_groups_mod.create(b, name, csv(allow) or [], csv(deny) or [])
+    click.echo(f"CIDR group {group['name']} created")
+
+
+@cidr_groups_group.command("list")
+@with_bastion
+def cidr_groups_list(b: Bastion) -> None:
+    print_table([{"name": g["name"], "allow": ",".join(g["allow"]) or "-", "deny": ",".join(g["deny"]) or "-",
+                  "builtin": "yes" if g["builtin"] else ""} for g in cidr_groups_mod.all_groups(b)],
+                ["name", "allow", "deny", "builtin"])
+
+
+@cidr_groups_group.command("remove")
+@click.argument("name")
+@with_bastion
+def cidr_groups_remove(b: Bastion, name: str) -> None:
+    cidr_groups_mod.remove(b, name)
+    click.echo(f"CIDR group {name} removed")
+
+
+@main.command()
+@click.option("--limit", type=int, default=50, show_default=True)
+@with_bastion
+def audit(b: Bastion, limit: int) -> None:
+    """Who changed what, newest first."""
+    print_table([{**e, "time": fmt_time(e["time"])} for e in b.audit.entries(limit=limit)],
+                ["time", "author", "action"])
+
+
 @main.group()
 def settings() -> None:
     """Listeners, limits and timeouts (see docs/configuration.md)."""
@@ -326,9 +435,48 @@ def config() -> None:
 def config_apply(b: Bastion) -> None:
     """Render, test and (if nginx runs) reload; rolls back on failure."""
     click.echo("rendering and testing nginx configuration...")
-    result = b.apply("cli")
+    result = configuration.reload(b, "cli")
     state = "reloaded" if result.reloaded else "written (nginx not running)" if result.changed else "unchanged"
     click.echo(f"generation {result.generation}: {state}")
+
+
+@config.command("history")
+@with_bastion
+def config_history(b: Bastion) -> None:
+    """Kept generations, newest first (* = live)."""
+    print_table([{"generation": f"{h['generation']}{' *' if h['live'] else ''}", "author": h.get("author", "-"),
+                  "time": fmt_time(h.get("time"))} for h in generations.history(b.dirs)],
+                ["generation", "author", "time"])
+
+
+@config.command("diff")
+@click.argument("generation", type=int)
+@with_bastion
+def config_diff(b: Bastion, generation: int) -> None:
+    """What GENERATION changed compared with the one before (upstream keys masked)."""
+    if generation not in generations.numbers(b.dirs):
+        raise click.ClickException(f"generation {generation} is not kept")
+    click.echo(generations.changes(b.dirs, generation) or "(no change)")
+
+
+@config.command("rollback")
+@click.argument("generation", type=int)
+@with_bastion
+def config_rollback(b: Bastion, generation: int) -> None:
+    """Restore pools, routes, settings and CIDR groups of GENERATION (keys and users stay as they are)."""
+    click.echo(f"rolling back to generation {generation}...")
+    result = configuration.rollback(b, generation, "cli")
+    click.echo(f"generation {result.generation} is live with the configuration of generation {generation}")
+
+
+@config.command("status")
+@with_bastion
+def config_status(b: Bastion) -> None:
+    """Live generation, and whether the files on disk were changed by hand."""
+    drift = generations.drift(b.dirs)
+    click.echo(f"live generation {generations.live(b.dirs)}; nginx "
+               f"{'running' if b.nginx.master_pid() else 'not running'}; "
+               f"{'DRIFT: the live nginx.conf was changed by hand' if drift else 'no drift'}")
 
 
 @config.command("show")

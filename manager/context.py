@@ -46,9 +46,9 @@ class Bastion:
         """Hand keys, pools and routes to the gate (takes effect within a second, no restart)."""
         publish(self, only_pools)
 
-    def apply(self, author: str = "cli") -> applier.ApplyResult:
+    def apply(self, author: str = "cli", *, force_reload: bool = False) -> applier.ApplyResult:
         """Apply nginx config, then publish the snapshot that names the new pools."""
-        result = applier.apply(self, author)
+        result = applier.apply(self, author, force_reload=force_reload)
         self.publish_snapshot()
         return result
 

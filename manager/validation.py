@@ -69,9 +69,7 @@ def model(field: str, value: Any, *, allow_glob: bool = False) -> str:
 
 
 def string_list(field: str, value: Any, item: Any, *, max_items: int = 500) -> list[str]:
-    """A list of strings, each checked by `item(field, value)`; a comma-separated string is accepted too."""
-    if isinstance(value, str):
-        value = [v.strip() for v in value.split(",") if v.strip()]
+    """A list of strings, each checked by `item(field, value)`; repeats are dropped."""
     if not isinstance(value, list):
         raise ValidationError(field, "must be a list of strings")
     if len(value) > max_items:
@@ -110,7 +108,7 @@ def secret(field: str, value: Any) -> str:
 def integer(field: str, value: Any, lo: int, hi: int) -> int:
     if isinstance(value, bool):
         raise ValidationError(field, "must be an integer")
-    if isinstance(value, str) and re.fullmatch(r"-?\d{1,12}", value.strip()):
+    if isinstance(value, str) and re.fullmatch(r"-?\d{1,18}", value.strip()):
         value = int(value)
     if not isinstance(value, int):
         raise ValidationError(field, "must be an integer")

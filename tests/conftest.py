@@ -20,6 +20,7 @@ from manager.cli import main as cli_main
 from tests.fakes import FakeUpstream
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+ADMIN_PASSWORD = "test-admin-password"
 needs_nginx = pytest.mark.skipif(not Path(NGINX).exists(), reason="nginx is not installed")
 
 
@@ -48,7 +49,7 @@ class Stack:
         return result.output
 
     def start(self) -> None:
-        env = {**os.environ, "BASTION_DATA_DIR": str(self.data_dir)}
+        env = {**os.environ, "BASTION_DATA_DIR": str(self.data_dir), "BASTION_ADMIN_PASSWORD": ADMIN_PASSWORD}
         with self.output.open("wb") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "manager.cli", "up", "--public", f"127.0.0.1:{self.public_port}",
@@ -71,6 +72,11 @@ class Stack:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+    def admin_token(self, username: str = "admin", password: str = ADMIN_PASSWORD) -> str:
+        r = requests.post(self.admin + "/auth/token", json={"username": username, "password": password}, timeout=10)
+        assert r.status_code == 200, r.text
+        return r.json()["token"]
 
     def key(self, name: str = "test", *options: str) -> str:
         return self.cli("keys", "create", name, *options).splitlines()[0].strip()

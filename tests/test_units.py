@@ -52,7 +52,9 @@ def test_integers_reject_bools_and_ranges() -> None:
 
 
 def test_cidrs() -> None:
-    assert v.cidrs("c", "10.0.0.1/8, ::1") == ["10.0.0.0/8", "::1/128"]
+    assert v.cidrs("c", ["10.0.0.1/8", "::1", "10.0.0.0/8"]) == ["10.0.0.0/8", "::1/128"]
+    with pytest.raises(v.ValidationError):
+        v.cidrs("c", "10.0.0.0/8")
     for bad in ("10.0.0.1/33", "0.0.0.0/0; allow all", "10.0.0.0/8\n", "all"):
         with pytest.raises(v.ValidationError):
             v.cidr("c", bad)
