@@ -149,6 +149,47 @@ def pools_add(b: Bastion, name: str, urls: tuple[str, ...], backup_urls: tuple[s
     click.echo(f"pool {name} added; models ({source}): {', '.join(served) or 'none found yet'}")
 
 
+@pools.command("update")
+@click.argument("name")
+@click.option("--method", type=click.Choice(v.BALANCING_METHODS))
+@click.option("--api-key", help="New upstream API key ('' removes it).")
+@click.option("--models", help="Comma-separated models ('' = discover from the upstreams).")
+@with_bastion
+def pools_update(b: Bastion, name: str, method: str | None, api_key: str | None, models: str | None) -> None:
+    """Change a pool and apply the nginx configuration."""
+    changes = {k: x for k, x in (("method", method), ("api_key", api_key), ("models", csv(models))) if x is not None}
+    if not changes:
+        raise click.UsageError("nothing to change: give at least one option")
+    pools_mod.update(b, name, **changes)
+    click.echo(f"pool {name} updated")
+
+
+@pools.command("add-upstream")
+@click.argument("name")
+@click.argument("url")
+@click.option("--weight", type=int, default=1, show_default=True)
+@click.option("--backup", is_flag=True, help="Used only when the other upstreams fail.")
+@with_bastion
+def pools_add_upstream(b: Bastion, name: str, url: str, weight: int, backup: bool) -> None:
+    current = pools_mod.get(b, name)["upstreams"]
+    pools_mod.update(b, name, upstreams=[*current, {"url": url, "weight": weight, "backup": backup}])
+    click.echo(f"upstream {url} added to pool {name}")
+
+
+@pools.command("remove-upstream")
+@click.argument("name")
+@click.argument("url")
+@with_bastion
+def pools_remove_upstream(b: Bastion, name: str, url: str) -> None:
+    current = pools_mod.get(b, name)["upstreams"]
+    normalised = v.upstream_url("url", url)
+    remaining = [u for u in current if u["url"] != normalised]
+    if len(remaining) == len(current):
+        raise click.ClickException(f"pool {name} has no upstream {normalised}")
+    pools_mod.update(b, name, upstreams=remaining)
+    click.echo(f"upstream {normalised} removed from pool {name}")
+
+
 @pools.command("list")
 @click.option("--json", "as_json", is_flag=True)
 @with_bastion
@@ -215,22 +256,51 @@ def keys() -> None:
     """API keys for clients."""
 
 
+def key_rule_options(fn):
+    """The options shared by `keys create` and `keys update` (not given = default / unchanged)."""
+    options = [
+        click.option("--models", help="Comma-separated allowed models; globs like llama* work (default: all)."),
+        click.option("--endpoints", help="Comma-separated allowed paths, e.g. /v1/*,/api/pull (default: all but "
+                                         "Ollama model management)."),
+        click.option("--rpm", type=int, help="Requests per minute (0 = unlimited)."),
+        click.option("--expires", help="Duration (30d, 12h), ISO date, or never."),
+        click.option("--cidrs", help="Comma-separated client networks allowed to use the key."),
+        click.option("--cidr-groups", help="Comma-separated CIDR groups applied to the key."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def key_rules(models, endpoints, rpm, expires, cidrs, cidr_groups) -> dict:
+    given = {"models": csv(models), "endpoints": csv(endpoints), "rpm": rpm, "expires": expires,
+             "cidrs": csv(cidrs), "cidr_groups": csv(cidr_groups)}
+    return {k: x for k, x in given.items() if x is not None}
+
+
 @keys.command("create")
 @click.argument("name")
-@click.option("--models", help="Comma-separated allowed models; globs like llama* work (default: all).")
-@click.option("--endpoints", help="Comma-separated allowed paths, e.g. /v1/*,/api/pull (default: all but Ollama "
-                                  "model management).")
-@click.option("--rpm", type=int, default=0, help="Requests per minute (0 = unlimited).")
-@click.option("--expires", help="Duration (30d, 12h) or ISO date.")
-@click.option("--cidrs", help="Comma-separated client networks allowed to use the key.")
+@key_rule_options
 @with_bastion
-def keys_create(b: Bastion, name: str, models: str | None, endpoints: str | None, rpm: int,
-                expires: str | None, cidrs: str | None) -> None:
+def keys_create(b: Bastion, name: str, **rules) -> None:
     """Create a key and print it once."""
-    record, token = keys_mod.create(b, name, models=csv(models), endpoints=csv(endpoints), rpm=rpm, expires=expires,
-                                    cidrs=csv(cidrs))
+    record, token = keys_mod.create(b, name, **key_rules(**rules))
     click.echo(token)
     click.echo(f"key id {record['id']} ({record['name']}); store it now, it cannot be shown again", err=True)
+
+
+@keys.command("update")
+@click.argument("key_id")
+@click.option("--name", help="New name.")
+@key_rule_options
+@with_bastion
+def keys_update(b: Bastion, key_id: str, name: str | None, **rules) -> None:
+    """Change a key's rules (takes effect within a second)."""
+    changes = key_rules(**rules) | ({"name": name} if name else {})
+    if not changes:
+        raise click.UsageError("nothing to change: give at least one option")
+    record = keys_mod.update(b, key_id, **changes)
+    click.echo(json.dumps(record, indent=2))
 
 
 @keys.command("list")
@@ -238,10 +308,7 @@ def keys_create(b: Bastion, name: str, models: str | None, endpoints: str | None
 @click.option("--json", "as_json", is_flag=True)
 @with_bastion
 def keys_list(b: Bastion, include_revoked: bool, as_json: bool) -> None:
-    rows = keys_mod.all_keys(b, include_revoked)
-    last = b.usage.last_used() if rows else {}
-    for r in rows:
-        r["last_used"] = last.get(r["id"])
+    rows = keys_mod.with_last_used(b, keys_mod.all_keys(b, include_revoked))
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return

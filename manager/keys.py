@@ -112,3 +112,9 @@ def public(record: dict[str, Any]) -> dict[str, Any]:
     out["key"] = keyformat.mask(record["id"])
     out["status"] = status(record)
     return out
+
+
+def with_last_used(bastion: Bastion, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Add `last_used` from the usage analytics (the gate never writes, so this is where it is known)."""
+    last = bastion.usage.last_used() if rows else {}
+    return [{**r, "last_used": last.get(r["id"])} for r in rows]

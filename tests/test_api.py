@@ -326,6 +326,7 @@ def test_openapi_describes_every_route(api: Stack) -> None:
 
 def test_admin_listener_cidr_and_real_ip(api: Stack, token: str) -> None:
     key = api.key("cidr")
+    office_key = api.key("office-only", "--cidrs", "10.0.0.0/8")
     time.sleep(0.5)
     assert call(api, "POST", "/api/v1/cidr-groups", token, json={"name": "office", "allow": ["10.0.0.0/8"]}).ok
     r = call(api, "PATCH", "/api/v1/settings", token, json={"admin_cidr_groups": ["office"]})
@@ -337,6 +338,9 @@ def test_admin_listener_cidr_and_real_ip(api: Stack, token: str) -> None:
         api.cli("settings", "set", "trusted_proxies", '["127.0.0.1/32"]')
         assert call(api, "GET", "/api/v1/health", headers={"X-Forwarded-For": "10.1.2.3"}).status_code == 200
         assert call(api, "GET", "/api/v1/health", headers={"X-Forwarded-For": "8.8.8.8"}).status_code == 403
+        # ...and so do the keys' own CIDR rules on the public listener
+        assert api.get("/v1/models", office_key).status_code == 403
+        assert api.get("/v1/models", office_key, headers={"X-Forwarded-For": "10.1.2.3"}).status_code == 200
     finally:
         api.cli("settings", "set", "admin_cidr_groups", '["private"]')
         api.cli("settings", "set", "trusted_proxies", "[]")

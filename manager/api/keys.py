@@ -18,16 +18,11 @@ KEY = obj(id=STR, key=STR, status=STR, created_at=NUM, created_by=STR, revoked_a
 KEY["additionalProperties"] = True
 
 
-def _with_last_used(rows: list[dict]) -> list[dict]:
-    last = bastion().usage.last_used()
-    return [{**r, "last_used": last.get(r["id"])} for r in rows]
-
-
 @bp.op("GET", "", "List keys (masked)", query={"include_revoked": BOOL},
        response={"type": "array", "items": KEY})
 def list_keys():
     include = request.args.get("include_revoked", "false").lower() == "true"
-    return jsonify(_with_last_used(keys_mod.all_keys(bastion(), include)))
+    return jsonify(keys_mod.with_last_used(bastion(), keys_mod.all_keys(bastion(), include)))
 
 
 @bp.op("POST", "", "Create a key; `secret` is shown in this response only", body=obj(["name"], **KEY_FIELDS),
@@ -40,7 +35,7 @@ def create_key():
 
 @bp.op("GET", "/<key_id>", "One key (masked)", response=KEY)
 def get_key(key_id: str):
-    return jsonify(_with_last_used([keys_mod.get(bastion(), key_id)])[0])
+    return jsonify(keys_mod.with_last_used(bastion(), [keys_mod.get(bastion(), key_id)])[0])
 
 
 @bp.op("PATCH", "/<key_id>", "Change a key's rules; takes effect within a second", body=obj(**KEY_FIELDS),
