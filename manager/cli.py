@@ -442,6 +442,18 @@ def cidr_groups_add(b: Bastion, name: str, allow: str | None, deny: str | None) 
     click.echo(f"CIDR group {group['name']} created")
 
 
+@cidr_groups_group.command("update")
+@click.argument("name")
+@click.option("--allow", help="Comma-separated networks to allow (replaces the list).")
+@click.option("--deny", help="Comma-separated networks to deny (replaces the list).")
+@with_bastion
+def cidr_groups_update(b: Bastion, name: str, allow: str | None, deny: str | None) -> None:
+    """Change a group and apply the nginx configuration."""
+    group = cidr_groups_mod.update(b, name, csv(allow), csv(deny))
+    allowed, denied = ",".join(group["allow"]) or "-", ",".join(group["deny"]) or "-"
+    click.echo(f"CIDR group {group['name']}: allow {allowed}; deny {denied}")
+
+
 @cidr_groups_group.command("list")
 @with_bastion
 def cidr_groups_list(b: Bastion) -> None:
