@@ -17,13 +17,14 @@ from manager.context import Bastion
 from manager.datadir import DataDir
 from manager.errors import Conflict, NotFound, ValidationError
 from manager.nginx import NginxError
+from manager.settings import ADMIN_BODY_LIMIT_KB
 
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:
     app = Flask(__name__, static_folder=None)
-    app.config.from_mapping(DATA_DIR="./data", NGINX=None, MAX_CONTENT_LENGTH=256 * 1024)
+    app.config.from_mapping(DATA_DIR="./data", NGINX=None, MAX_CONTENT_LENGTH=ADMIN_BODY_LIMIT_KB * 1024)
     app.config.from_prefixed_env("BASTION")
     app.config.update(config or {})
     app.json.sort_keys = False

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 import requests
 
 from manager import cidr_groups, generations
+from manager import settings as settings_mod
 from manager.nginx import NginxError
 from manager.render import render
 
@@ -34,6 +35,12 @@ ERROR_PAGES = [
     (503, "The service is unavailable."),
     (504, "The upstream server did not answer in time."),
     (500, "The gateway could not handle the request."),
+    (403, "Your address may not use this service."),
+]
+ADMIN_ERROR_PAGES = [
+    (403, "Your address may not use the admin interface."),
+    (413, "The request body is too large."),
+    (502, "The management service is unavailable."),
 ]
 
 
@@ -123,6 +130,8 @@ def render_config(bastion: Bastion, generation: int) -> str:
         max_fails=settings["max_fails"],
         fail_timeout=settings["fail_timeout"],
         error_pages=ERROR_PAGES,
+        admin_error_pages=ADMIN_ERROR_PAGES,
+        admin_body_limit_kb=settings_mod.ADMIN_BODY_LIMIT_KB,
     )
 
 

@@ -31,6 +31,7 @@ TOKEN_TTL = 24 * 3600
 MAX_FAILURES = 5
 LOCKOUT_BASE = 60.0
 LOCKOUT_MAX = 3600.0
+FAILURE_WINDOW = 900.0
 ALGORITHM = "HS256"
 
 Row = Query()
@@ -94,8 +95,12 @@ def revoke(bastion: Bastion, identity: Identity) -> None:
 
 
 def login(bastion: Bastion, username: Any, password: Any, client_ip: str) -> dict[str, Any]:
-    """Return the user or raise AuthError (401 wrong credentials, 429 locked out)."""
-    subjects = [f"ip:{client_ip}"] + ([f"user:{username}"] if isinstance(username, str) else [])
+    """Return the user or raise AuthError (401 wrong credentials, 429 locked out).
+
+    Failures count per client IP and per existing user (so made-up names cannot grow the store); a run of
+    failures is forgotten after `FAILURE_WINDOW` seconds without another one."""
+    known_user = isinstance(username, str) and users.find(bastion, username) is not None
+    subjects = [f"ip:{client_ip}"] + ([f"user:{username}"] if known_user else [])
     now = time.time()
     table = bastion.store.table("login_failures")
     for subject in subjects:
@@ -109,9 +114,11 @@ def login(bastion: Bastion, username: Any, password: Any, client_ip: str) -> dic
         if user is not None:
             table.remove(Row.subject.one_of(subjects))
             return user
+        table.remove((Row.last < now - FAILURE_WINDOW) & ~(Row.locked_until > now))
         for subject in subjects:
             row = table.get(Row.subject == subject) or {"subject": subject, "failures": 0, "lockouts": 0}
             row["failures"] += 1
+            row["last"] = now
             if row["failures"] >= MAX_FAILURES:
                 row["locked_until"] = now + min(LOCKOUT_MAX, LOCKOUT_BASE * 2 ** row["lockouts"])
                 row["lockouts"] += 1

@@ -55,16 +55,19 @@ def names(bastion: Bastion, field: str, value: Any) -> list[str]:
     return result
 
 
+EVERYWHERE = ["0.0.0.0/0", "::/0"]
+
+
 def rules(bastion: Bastion, group_names: list[str]) -> tuple[list[str], list[str]]:
-    """(allow, deny) networks of the named groups, in order, without repeats."""
+    """(allow, deny) networks of the named groups, in order, without repeats. A group that no longer exists
+    (e.g. after a rollback) denies everything: a restriction never silently disappears."""
     known = by_name(bastion)
     allow: list[str] = []
     deny: list[str] = []
     for n in group_names:
-        group = known.get(n)
-        if group:
-            allow += [c for c in group["allow"] if c not in allow]
-            deny += [c for c in group["deny"] if c not in deny]
+        group = known.get(n, {"allow": [], "deny": EVERYWHERE})
+        allow += [c for c in group["allow"] if c not in allow]
+        deny += [c for c in group["deny"] if c not in deny]
     return allow, deny
 
 

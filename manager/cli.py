@@ -116,7 +116,7 @@ def up(b: Bastion, public: str | None, admin: str | None, nginx_path: str | None
         b.nginx.binary = nginx_path
     changes = {k: x for k, x in (("public_listen", public), ("admin_listen", admin)) if x}
     if changes:
-        b.store.update_settings(**settings_mod.validate(b, changes))
+        settings_mod.update(b, changes, "up")
     announce_admin(b)
     raise SystemExit(Supervisor(b, click.echo).run())
 
@@ -495,11 +495,12 @@ def settings_show(b: Bastion) -> None:
 @click.argument("value")
 @with_bastion
 def settings_set(b: Bastion, name: str, value: str) -> None:
-    """Set one setting (VALUE is JSON when it parses as JSON, else a string) and apply it."""
+    """Set one setting and apply it. VALUE is JSON when it parses as JSON; otherwise a string, or for list
+    settings a comma-separated list."""
     try:
         parsed = json.loads(value)
     except ValueError:
-        parsed = value
+        parsed = csv(value) if isinstance(settings_mod.DEFAULTS.get(name), list) else value
     settings_mod.update(b, {name: parsed})
     click.echo(f"{name} = {json.dumps(b.settings()[name])}")
 
@@ -545,7 +546,10 @@ def config_rollback(b: Bastion, generation: int) -> None:
     """Restore pools, routes, settings and CIDR groups of GENERATION (keys and users stay as they are)."""
     click.echo(f"rolling back to generation {generation}...")
     result = configuration.rollback(b, generation, "cli")
-    click.echo(f"generation {result.generation} is live with the configuration of generation {generation}")
+    if result.changed:
+        click.echo(f"generation {result.generation} is live with the configuration of generation {generation}")
+    else:
+        click.echo(f"configuration restored; nginx's configuration was already that of generation {generation}")
 
 
 @config.command("status")

@@ -34,13 +34,16 @@ def rollback(bastion: Bastion, generation: Any, author: str) -> ApplyResult:
         state = generations.state(bastion.dirs, generation)
     except (OSError, ValueError):
         raise NotFound("generation", str(generation)) from None
+    before = generations.live(bastion.dirs)
     with bastion.change(author, f"roll back configuration to generation {generation}", nginx=True) as db:
         for name in generations.CONFIG_TABLES:
             table = db.table(name)
             table.truncate()
             for i, doc in enumerate(state.get(name, []), start=1):
                 table.insert(Document(doc, doc_id=i))
-    return ApplyResult(generations.live(bastion.dirs), changed=True, reloaded=bastion.nginx.master_pid() is not None)
+    after = generations.live(bastion.dirs)
+    changed = after != before
+    return ApplyResult(after, changed=changed, reloaded=changed and bastion.nginx.master_pid() is not None)
 
 
 def write_default(bastion: Bastion, domain: Any, cidrs: Any, author: str) -> dict[str, Any]:

@@ -74,4 +74,6 @@ class Bastion:
                 if nginx:
                     self.publish_snapshot()
                 raise
+            # the live generation records the configuration as it is now, so a rollback to it is a no-op
+            generations.save_state(self.dirs, generations.live(self.dirs), generations.config_state(self.store))
         self.audit.record(author, action)

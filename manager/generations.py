@@ -1,8 +1,9 @@
 """Rendered nginx configurations kept as numbered generations under data/nginx/generations/.
 
 Each generation directory holds `nginx.conf`, `meta.json` (author, time, sha256) and `state.json` (the
-configuration resources it was rendered from, for rollback). `nginx/live` is a symlink to the live one, switched
-atomically. Drift = the live file no longer has the sha256 recorded when it was written.
+configuration resources as they were while it was live, kept up to date by every change, for rollback).
+`nginx/live` is a symlink to the live one, switched atomically. Drift = the live file no longer has the
+sha256 recorded when it was written.
 """
 
 from __future__ import annotations
@@ -62,8 +63,14 @@ def write(dirs: DataDir, generation: int, text: str, author: str, state: dict[st
     meta = {"generation": generation, "author": author, "time": time.time(),
             "sha256": hashlib.sha256(text.encode()).hexdigest()}
     write_atomic(gen_dir / "meta.json", json.dumps(meta).encode())
-    write_atomic(gen_dir / "state.json", json.dumps(state).encode())
+    save_state(dirs, generation, state)
     return conf
+
+
+def save_state(dirs: DataDir, generation: int, state: dict[str, Any]) -> None:
+    """Record the configuration resources while `generation` is live (what a rollback to it restores)."""
+    if generation and directory(dirs, generation).is_dir():
+        write_atomic(directory(dirs, generation) / "state.json", json.dumps(state).encode())
 
 
 def discard(dirs: DataDir, generation: int) -> None:

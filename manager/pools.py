@@ -115,6 +115,8 @@ def update(bastion: Bastion, name: str, author: str = "cli", **fields: Any) -> d
             pool["upstreams"] = [upstream(f"upstreams[{i}]", u) for i, u in enumerate(ups)]
         check_pool(pool)
         db.table("pools").update(pool, Pool.name == name)
+    if "models" in fields and not pool["models"]:  # back to discovery: ask the upstreams now
+        refresh_discovered(bastion, only=name)
     return get(bastion, name)
 
 

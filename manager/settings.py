@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from manager.context import Bastion
 
 MAX_CUSTOM_CONFIG = 64 * 1024
+ADMIN_BODY_LIMIT_KB = 256  # management API bodies; nginx enforces it (a clean 413), Flask checks it again
 
 DEFAULTS: dict[str, Any] = {
     "public_listen": "127.0.0.1:8080",

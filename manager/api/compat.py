@@ -67,12 +67,13 @@ def analytics(key_ref: str):
 
 
 @bp.op("POST", "/nginx/certificates/obtain", "Obtain certificates (not available yet)",
-       body=obj(["domains"], domains=STR_LIST), response=OK)
+       body=obj(["domains"], domains=STR_LIST), response=OK, status=501)
 def obtain_certificates():
     return jsonify(success=False, message="certificate management is not available in this version yet"), 501
 
 
-@bp.op("GET", "/nginx/certificates/renew", "Renew certificates (not available yet)", response=OK, admin=True)
+@bp.op("GET", "/nginx/certificates/renew", "Renew certificates (not available yet)", response=OK, admin=True,
+       status=501)
 def renew_certificates():
     return jsonify(success=False, message="certificate management is not available in this version yet"), 501
 

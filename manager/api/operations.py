@@ -21,6 +21,7 @@ from manager.api.base import (
 )
 from manager.app import bastion
 from manager.apply import render_config
+from manager.errors import NotFound
 
 config_bp = ApiBlueprint("config", __name__, url_prefix="/api/v1/config")
 usage_bp = ApiBlueprint("usage", __name__, url_prefix="/api/v1/usage")
@@ -83,7 +84,7 @@ def config_history():
 def config_generation(generation: int):
     dirs = bastion().dirs
     if generation not in generations.numbers(dirs):
-        raise v.ValidationError("generation", f"generation {generation} is not kept")
+        raise NotFound("generation", str(generation))
     meta = generations.meta(dirs, generation)
     live = generation == generations.live(dirs)
     return jsonify({**meta, "live": live, "diff": generations.changes(dirs, generation)})
