@@ -108,16 +108,17 @@ class Snapshot:
         for pool in data.get("pools", []):
             for model in pool.get("models", []):
                 served.setdefault(model, []).append(pool["name"])
-        owners = {m: pools[0] for m, pools in served.items()} | {m: pools[0] for m, pools in routes.items()}
         pool_names = [p["name"] for p in data.get("pools", [])]
-        return cls(
+        snapshot = cls(
             keys=keys,
             routes=routes,
             glob_routes=tuple(globs),
             served={m: tuple(p) for m, p in served.items()},
-            models=tuple(sorted(owners.items())),
             default_pool=data.get("default_pool") or (pool_names[0] if pool_names else None),
         )
+        # every exactly named model, owned by the pool its requests would go to
+        snapshot.models = tuple(sorted((m, snapshot.pools_for(m)[0]) for m in {*served, *routes}))
+        return snapshot
 
     def pools_for(self, model: str) -> tuple[str, ...]:
         """Explicit routes first (exact, then globs in order), then the pools that list the model."""
