@@ -1,0 +1,5 @@
+"""`python -m manager.cli`."""
+
+from manager.cli import main
+
+main()

@@ -1,0 +1,224 @@
+"""Pools, routes and keys."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from manager import keys as keys_mod
+from manager import pools as pools_mod
+from manager import validation as v
+from manager.cli import csv, fmt_time, main, print_table, with_bastion
+from manager.context import Bastion
+
+# ---- pools and routes ---------------------------------------------------------------------------------
+
+@main.group()
+def pools() -> None:
+    """Upstream pools: named groups of LLM servers."""
+
+
+@pools.command("add")
+@click.argument("name")
+@click.option("--url", "urls", multiple=True, required=True, help="Upstream base URL (repeat for several).")
+@click.option("--backup-url", "backup_urls", multiple=True, help="Upstream used only when the others fail.")
+@click.option("--api-key", help="Key the upstream expects (sent as Authorization: Bearer).")
+@click.option("--models", help="Comma-separated models served (default: ask the upstreams).")
+@click.option("--weight", type=int, default=1, show_default=True, help="Weight of each --url upstream.")
+@click.option("--method", type=click.Choice(v.BALANCING_METHODS), default="round_robin", show_default=True)
+@with_bastion
+def pools_add(b: Bastion, name: str, urls: tuple[str, ...], backup_urls: tuple[str, ...], api_key: str | None,
+              models: str | None, weight: int, method: str) -> None:
+    """Add a pool and apply the nginx configuration."""
+    ups = [{"url": u, "weight": weight} for u in urls] + [{"url": u, "backup": True} for u in backup_urls]
+    click.echo(f"adding pool {name} and applying nginx configuration...")
+    pool = pools_mod.add(b, name, ups, api_key=api_key, models=csv(models),
+                         method=method)
+    served = pool["models"] or pool["discovered_models"]
+    source = "configured" if pool["models"] else "discovered"
+    click.echo(f"pool {name} added; models ({source}): {', '.join(served) or 'none found yet'}")
+
+
+@pools.command("update")
+@click.argument("name")
+@click.option("--method", type=click.Choice(v.BALANCING_METHODS))
+@click.option("--api-key", help="New upstream API key ('' removes it).")
+@click.option("--models", help="Comma-separated models ('' = discover from the upstreams).")
+@with_bastion
+def pools_update(b: Bastion, name: str, method: str | None, api_key: str | None, models: str | None) -> None:
+    """Change a pool and apply the nginx configuration."""
+    changes = {k: x for k, x in (("method", method), ("api_key", api_key), ("models", csv(models))) if x is not None}
+    if not changes:
+        raise click.UsageError("nothing to change: give at least one option")
+    pools_mod.update(b, name, **changes)
+    click.echo(f"pool {name} updated")
+
+
+@pools.command("add-upstream")
+@click.argument("name")
+@click.argument("url")
+@click.option("--weight", type=int, default=1, show_default=True)
+@click.option("--backup", is_flag=True, help="Used only when the other upstreams fail.")
+@with_bastion
+def pools_add_upstream(b: Bastion, name: str, url: str, weight: int, backup: bool) -> None:
+    current = pools_mod.get(b, name)["upstreams"]
+    pools_mod.update(b, name, upstreams=[*current, {"url": url, "weight": weight, "backup": backup}])
+    click.echo(f"upstream {url} added to pool {name}")
+
+
+@pools.command("remove-upstream")
+@click.argument("name")
+@click.argument("url")
+@with_bastion
+def pools_remove_upstream(b: Bastion, name: str, url: str) -> None:
+    current = pools_mod.get(b, name)["upstreams"]
+    normalised = v.upstream_url("url", url)
+    remaining = [u for u in current if u["url"] != normalised]
+    if len(remaining) == len(current):
+        raise click.ClickException(f"pool {name} has no upstream {normalised}")
+    pools_mod.update(b, name, upstreams=remaining)
+    click.echo(f"upstream {normalised} removed from pool {name}")
+
+
+@pools.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@with_bastion
+def pools_list(b: Bastion, as_json: bool) -> None:
+    rows = pools_mod.all_pools(b)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    print_table([{"name": p["name"], "method": p["method"],
+                  "upstreams": " ".join(u["url"] + (" (backup)" if u["backup"] else "") for u in p["upstreams"]),
+                  "models": ",".join(p["models"] or p["discovered_models"]) or "-"} for p in rows],
+                ["name", "method", "upstreams", "models"])
+
+
+@pools.command("remove")
+@click.argument("name")
+@with_bastion
+def pools_remove(b: Bastion, name: str) -> None:
+    pools_mod.remove(b, name)
+    click.echo(f"pool {name} removed")
+
+
+@pools.command("refresh")
+@with_bastion
+def pools_refresh(b: Bastion) -> None:
+    """Ask upstreams now which models they serve (pools without a model list)."""
+    changed = pools_mod.refresh_discovered(b)
+    click.echo(f"updated: {', '.join(changed)}" if changed else "no change")
+
+
+@main.group()
+def routes() -> None:
+    """Explicit model → pool routes (exact names or globs), checked before the pools' model lists."""
+
+
+@routes.command("set")
+@click.argument("model")
+@click.option("--pool", "pool_names", multiple=True, required=True)
+@with_bastion
+def routes_set(b: Bastion, model: str, pool_names: tuple[str, ...]) -> None:
+    route = pools_mod.set_route(b, model, list(pool_names))
+    click.echo(f"{route['model']} -> {', '.join(route['pools'])}")
+
+
+@routes.command("list")
+@with_bastion
+def routes_list(b: Bastion) -> None:
+    print_table([{"model": r["model"], "pools": ",".join(r["pools"])} for r in pools_mod.all_routes(b)],
+                ["model", "pools"])
+
+
+@routes.command("remove")
+@click.argument("model")
+@with_bastion
+def routes_remove(b: Bastion, model: str) -> None:
+    pools_mod.remove_route(b, model)
+    click.echo(f"route {model} removed")
+
+
+# ---- keys ---------------------------------------------------------------------------------------------
+
+@main.group()
+def keys() -> None:
+    """API keys for clients."""
+
+
+def key_rule_options(fn):
+    """The options shared by `keys create` and `keys update` (not given = default / unchanged)."""
+    options = [
+        click.option("--models", help="Comma-separated allowed models; globs like llama* work (default: all)."),
+        click.option("--endpoints", help="Comma-separated allowed paths, e.g. /v1/*,/api/pull (default: all but "
+                                         "Ollama model management)."),
+        click.option("--rpm", type=int, help="Requests per minute (0 = unlimited)."),
+        click.option("--expires", help="Duration (30d, 12h), ISO date, or never."),
+        click.option("--cidrs", help="Comma-separated client networks allowed to use the key."),
+        click.option("--cidr-groups", help="Comma-separated CIDR groups applied to the key."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def key_rules(models, endpoints, rpm, expires, cidrs, cidr_groups) -> dict:
+    given = {"models": csv(models), "endpoints": csv(endpoints), "rpm": rpm, "expires": expires,
+             "cidrs": csv(cidrs), "cidr_groups": csv(cidr_groups)}
+    return {k: x for k, x in given.items() if x is not None}
+
+
+@keys.command("create")
+@click.argument("name")
+@key_rule_options
+@with_bastion
+def keys_create(b: Bastion, name: str, **rules) -> None:
+    """Create a key and print it once."""
+    record, token = keys_mod.create(b, name, **key_rules(**rules))
+    click.echo(token)
+    click.echo(f"key id {record['id']} ({record['name']}); store it now, it cannot be shown again", err=True)
+
+
+@keys.command("update")
+@click.argument("key_id")
+@click.option("--name", help="New name.")
+@key_rule_options
+@with_bastion
+def keys_update(b: Bastion, key_id: str, name: str | None, **rules) -> None:
+    """Change a key's rules (takes effect within a second)."""
+    changes = key_rules(**rules) | ({"name": name} if name else {})
+    if not changes:
+        raise click.UsageError("nothing to change: give at least one option")
+    record = keys_mod.update(b, key_id, **changes)
+    click.echo(json.dumps(record, indent=2))
+
+
+@keys.command("list")
+@click.option("--all", "include_revoked", is_flag=True, help="Include revoked keys.")
+@click.option("--json", "as_json", is_flag=True)
+@with_bastion
+def keys_list(b: Bastion, include_revoked: bool, as_json: bool) -> None:
+    rows = keys_mod.with_last_used(b, keys_mod.all_keys(b, include_revoked))
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    print_table([{"id": r["id"], "name": r["name"], "status": r["status"], "models": ",".join(r["models"]) or "*",
+                  "rpm": r["rpm"] or "-", "expires": fmt_time(r["expires"]), "last_used": fmt_time(r["last_used"])}
+                 for r in rows], ["id", "name", "status", "models", "rpm", "expires", "last_used"])
+
+
+def _key_action(name: str, help_text: str, action):
+    @keys.command(name, help=help_text)
+    @click.argument("key_id")
+    @with_bastion
+    def command(b: Bastion, key_id: str) -> None:
+        record = action(b, key_id)
+        click.echo(f"key {record['id']} is {record['status']}")
+    return command
+
+
+_key_action("revoke", "Revoke a key for good.", keys_mod.revoke)
+_key_action("disable", "Stop a key working until enabled again.",
+            lambda b, key_id: keys_mod.update(b, key_id, enabled=False))
+_key_action("enable", "Let a disabled key work again.", lambda b, key_id: keys_mod.update(b, key_id, enabled=True))

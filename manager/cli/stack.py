@@ -1,0 +1,45 @@
+"""`bastion init` and `bastion up`."""
+
+from __future__ import annotations
+
+import click
+
+from manager import settings as settings_mod
+from manager import users as users_mod
+from manager.cli import main, with_bastion
+from manager.context import Bastion
+
+
+@main.command()
+@with_bastion
+def init(b: Bastion) -> None:
+    """Create the data dir and render the first nginx configuration."""
+    result = b.apply("init")
+    announce_admin(b)
+    click.echo(f"data dir {b.dirs.root} ready (nginx generation {result.generation})")
+
+
+def announce_admin(b: Bastion) -> None:
+    """First start: create the `admin` user and show its generated password once."""
+    password = users_mod.ensure_admin(b)
+    if password:
+        click.echo(f"created admin user 'admin' with password: {password}")
+        click.echo("  (shown once; set BASTION_ADMIN_PASSWORD before the first start to choose it)")
+
+
+@main.command()
+@click.option("--public", help="Public listener HOST:PORT (saved; default 127.0.0.1:8080).")
+@click.option("--admin", help="Admin listener HOST:PORT (saved; default 127.0.0.1:8081).")
+@click.option("--nginx", "nginx_path", help="Path of the nginx binary (same as the global --nginx).")
+@with_bastion
+def up(b: Bastion, public: str | None, admin: str | None, nginx_path: str | None) -> None:
+    """Run nginx, the gate and the manager in the foreground until Ctrl-C."""
+    from manager.supervisor import Supervisor
+
+    if nginx_path:
+        b.nginx.binary = nginx_path
+    changes = {k: x for k, x in (("public_listen", public), ("admin_listen", admin)) if x}
+    if changes:
+        settings_mod.update(b, changes, "up")
+    announce_admin(b)
+    raise SystemExit(Supervisor(b, click.echo).run())
