@@ -11,8 +11,9 @@ One run starts, on free ports and in a temporary directory:
 
 wrk sends `POST /v1/chat/completions` (bench/post.lua) to each target: a warm-up, a throughput run at 32
 connections and a latency run at 4 connections. During the throughput run the CPU time of every process is
-counted; after the load the RSS is sampled. A table is printed, with whether the targets are met (>= 0.3x bare
-throughput at 32 connections, <= 1 ms added p50 latency at 4 connections).
+counted ("other" is whatever else the machine did: interrupts, and other programs, which make a run unreliable);
+after the load the RSS is sampled. A table is printed, with whether the targets are met (>= 0.3x bare throughput
+at 32 connections, <= 1 ms added p50 latency at 4 connections).
 
 Environment: BENCH_SECONDS (length of each measured run, default 10), BENCH_WARMUP (default 2).
 Exit status: 0 after a measurement whatever the numbers, 1 when something failed to start or answer.
@@ -378,6 +379,12 @@ class Measurement:
     cpu: dict[str, float]  # role -> % of one core during the throughput run
 
 
+def machine_busy_seconds() -> float:
+    """CPU time all cores spent busy so far (everything in /proc/stat's cpu line but idle and iowait)."""
+    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / CLOCK_TICKS
+
+
 def children_cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
@@ -386,12 +393,14 @@ def children_cpu_seconds() -> float:
 def throughput_with_cpu(url: str, key: str, groups: Groups) -> tuple[WrkResult, dict[str, float]]:
     """The 32-connection run, and how much CPU each group of processes (and wrk itself) used meanwhile."""
     before = {role: sum(cpu_seconds(p) for p in pids) for role, pids in groups.items()}
-    wrk_before, started = children_cpu_seconds(), time.monotonic()
+    wrk_before, busy_before, started = children_cpu_seconds(), machine_busy_seconds(), time.monotonic()
     result = wrk(url, key, 2, THROUGHPUT_CONNECTIONS, SECONDS)
     elapsed = time.monotonic() - started
     cpu = {role: 100 * (sum(cpu_seconds(p) for p in groups[role]) - spent) / elapsed
            for role, spent in before.items()}
     cpu["wrk"] = 100 * (children_cpu_seconds() - wrk_before) / elapsed
+    # interrupts and anything else running on the machine (other programs make the numbers unreliable)
+    cpu["other"] = 100 * (machine_busy_seconds() - busy_before) / elapsed - sum(cpu.values())
     return result, cpu
 
 
@@ -446,8 +455,9 @@ def print_targets(bare: Measurement, bastion: Measurement) -> None:
 
 def print_machine() -> None:
     nginx_version = subprocess.run([NGINX, "-v"], capture_output=True, text=True).stderr.strip()
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"machine: {os.cpu_count()} CPUs, {nginx_version}, granian {importlib.metadata.version('granian')}, "
-          f"python {sys.version.split()[0]}; runs of {SECONDS} s", flush=True)
+          f"python {sys.version.split()[0]}; load average before the run {load}; runs of {SECONDS} s", flush=True)
 
 
 # --- main --------------------------------------------------------------------------------------------------
