@@ -81,13 +81,15 @@ def pool_view(pool: dict[str, Any]) -> dict[str, Any]:
                         "down": note is not None, "note": note})
     first = urlsplit(pool["upstreams"][0]["url"])
     default_port = 443 if first.scheme == "https" else 80
-    host_header = first.hostname if first.port == default_port else f"{first.hostname}:{first.port}"
+    host = f"[{first.hostname}]" if ":" in (first.hostname or "") else first.hostname  # IPv6 literal
+    host_header = host if first.port == default_port else f"{host}:{first.port}"
     return {
         "name": pool["name"],
         "method": pool.get("method", "round_robin"),
         "servers": servers,
         "scheme": first.scheme,
         "host_header": host_header,
+        "tls_name": first.hostname,
         "authorization": f"Bearer {pool['api_key']}" if pool.get("api_key") else "",
     }
 
