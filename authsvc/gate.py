@@ -7,10 +7,12 @@ Everything it needs is in memory (`SnapshotSource`); it does no disk I/O per req
 
 from __future__ import annotations
 
+import email.policy
 import json
 import re
 import time
 from collections.abc import Callable, Iterable
+from email.parser import BytesParser
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +83,8 @@ class Gate:
         ollama = path.startswith("/api/")
         if not (ollama or path.startswith("/v1/")):
             raise error(404, f"Unknown path {path}", "not_found", ollama)
+        if not canonical(path):
+            raise error(400, "The path must not contain empty, '.' or '..' segments.", "invalid_path", ollama)
         snap = self.source.refresh()
         key = self.authenticate(environ, snap, ollama)
         try:
@@ -101,7 +105,7 @@ class Gate:
                             "rate_limit_exceeded", ollama, headers=decision.headers())
         if environ.get("REQUEST_METHOD") == "GET":
             self.serve_model_lists(path, snap, key, ollama)
-        model = self.requested_model(environ, path, ollama)
+        model = self.requested_model(environ, path, ollama, restricted=bool(key.models))
         if model is None:
             if snap.default_pool is None:
                 raise error(503, "No upstream pool is configured", "no_pool", ollama)
@@ -147,9 +151,15 @@ class Gate:
             raise Reply(200, json.dumps({"models": tags}).encode())
 
     @staticmethod
-    def requested_model(environ: dict[str, Any], path: str, ollama: bool) -> str | None:
-        """The `model` of a JSON body; None when the endpoint does not need one and the body has none."""
+    def requested_model(environ: dict[str, Any], path: str, ollama: bool, restricted: bool) -> str | None:
+        """The model a request names: `model` (or Ollama's `name`) of a JSON body whatever its Content-Type,
+        the `model` field of a multipart form, or the id in DELETE /v1/models/<id>. None when there is none.
+
+        A key with a model allow-list may not send a body the gate cannot read: the upstream might find a
+        model in it that the gate never checked."""
         required = path in MODEL_REQUIRED
+        if path.startswith("/v1/models/") and environ.get("REQUEST_METHOD") != "GET":
+            return checked_model(path[len("/v1/models/"):], ollama)
         try:
             length = int(environ.get("CONTENT_LENGTH") or 0)
         except ValueError:
@@ -159,23 +169,53 @@ class Gate:
                 raise error(400, "This endpoint needs a JSON body with a `model`.", "missing_model", ollama,
                             param="model")
             return None
-        if not required and not environ.get("CONTENT_TYPE", "").startswith("application/json"):
-            return None  # e.g. a multipart audio upload: goes to the default pool, unread
+        raw = environ["wsgi.input"].read(length)
+        content_type = environ.get("CONTENT_TYPE", "")
         try:
-            body = json.loads(environ["wsgi.input"].read(length))
+            if content_type.lower().startswith("multipart/form-data"):
+                found = multipart_field(raw, content_type, "model")
+            else:
+                body = json.loads(raw)
+                found = None
+                if isinstance(body, dict):
+                    # older Ollama clients send `name` (e.g. /api/show, /api/pull)
+                    found = body.get("model") if "model" in body or not ollama else body.get("name")
         except ValueError:
             if required:
                 raise error(400, "The request body is not valid JSON.", "invalid_json", ollama) from None
+            if restricted:
+                raise error(400, "This API key may only send JSON or multipart bodies.", "unreadable_body",
+                            ollama) from None
             return None
-        model = None
-        if isinstance(body, dict):
-            # older Ollama clients send `name` (e.g. /api/show, /api/pull)
-            model = body.get("model") if "model" in body or not ollama else body.get("name")
-        if model is None and not required:
+        if found is None and not required:
             return None
-        if not isinstance(model, str) or not model:
+        if not isinstance(found, str) or not found:
             raise error(400, "The request body needs a `model` string.", "missing_model", ollama, param="model")
-        if not MODEL_RE.fullmatch(model):
-            raise error(404, f"The model `{model[:200]}` does not exist or you do not have access to it.",
-                        "model_not_found", ollama, param="model")
-        return model
+        return checked_model(found, ollama)
+
+
+def checked_model(model: str, ollama: bool) -> str:
+    """A model name that can be routed and logged safely; anything else cannot exist."""
+    if not MODEL_RE.fullmatch(model):
+        raise error(404, f"The model `{model[:200]}` does not exist or you do not have access to it.",
+                    "model_not_found", ollama, param="model")
+    return model
+
+
+def multipart_field(raw: bytes, content_type: str, name: str) -> str | None:
+    """One text field of a multipart/form-data body (e.g. `model` of an audio transcription)."""
+    header = b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n"
+    message = BytesParser(policy=email.policy.default).parsebytes(header + raw)
+    if not message.is_multipart():
+        raise ValueError("not a multipart body")
+    for part in message.iter_parts():
+        if part.get_param("name", header="content-disposition") == name:
+            payload = part.get_payload(decode=True) or b""
+            return payload.decode("utf-8", errors="replace").strip()
+    return None
+
+
+def canonical(path: str) -> bool:
+    """No empty, '.' or '..' segments: the path the gate checks is the path the upstream acts on."""
+    segments = path.split("/")[1:]
+    return not any(s in (".", "..") for s in segments) and "" not in segments[:-1]

@@ -130,8 +130,16 @@ def choice(field: str, value: Any, choices: Iterable[str]) -> str:
     return value
 
 
+def no_zone(field: str, value: str) -> str:
+    """Python's ipaddress accepts any text after '%' as an IPv6 zone id: never let one through."""
+    if "%" in value:
+        raise ValidationError(field, f"{value!r} must not contain '%' (IPv6 zone ids are not supported)")
+    return value
+
+
 def hostname(field: str, value: str) -> str:
     """An IP address or a DNS name (IDNA, each label 1-63 of a-z0-9-), returned lowercase/ASCII."""
+    no_zone(field, value)
     try:
         return str(ipaddress.ip_address(value.strip("[]")))
     except ValueError:
@@ -170,7 +178,7 @@ def upstream_url(field: str, value: Any) -> str:
 
 
 def cidr(field: str, value: Any) -> str:
-    value = require_str(field, value)
+    value = no_zone(field, require_str(field, value))
     try:
         return str(ipaddress.ip_network(value, strict=False))
     except ValueError as e:
@@ -183,7 +191,7 @@ def cidrs(field: str, value: Any) -> list[str]:
 
 def listen(field: str, value: Any) -> str:
     """A listen address HOST:PORT (IPv6 as [addr]:port)."""
-    value = require_str(field, value)
+    value = no_zone(field, require_str(field, value))
     host, sep, port = value.rpartition(":")
     if not sep or not host:
         raise ValidationError(field, "must be HOST:PORT, like 127.0.0.1:8080")

@@ -119,5 +119,12 @@ class _Handler(BaseHTTPRequestHandler):
                                  "done": False}).encode() + b"\n" for i in range(up.chunks)]
             lines.append(json.dumps({"model": model, "done": True, "eval_count": up.chunks}).encode() + b"\n")
             self._stream("application/x-ndjson", lines)
+        elif self.path == "/v1/evil":  # a compromised upstream trying to hop into another pool
+            data = b"{}"
+            self.send_response(200)
+            self.send_header("X-Accel-Redirect", "@pool_beta")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
         else:
             self._json({"upstream": up.name, "path": self.path, "model": model})

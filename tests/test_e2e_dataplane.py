@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import time
 
@@ -247,3 +248,28 @@ def test_admin_listener_reaches_manager(stack: Stack) -> None:
 def test_admin_page_is_served(stack: Stack) -> None:
     r = requests.get(stack.admin + "/", timeout=5)
     assert r.status_code == 200 and "<title>Bastion</title>" in r.text
+
+
+def test_upstream_cannot_redirect_into_another_pool(stack: Stack, key: str, pools) -> None:
+    before = sum(len(pools[n].requests) for n in ("beta", "beta2"))
+    r = stack.post("/v1/evil", key, json={"model": "alpha-model"})
+    assert r.status_code == 200 and r.json() == {}
+    assert sum(len(pools[n].requests) for n in ("beta", "beta2")) == before
+
+
+def test_x_api_key_is_never_forwarded(stack: Stack, key: str, pools) -> None:
+    r = stack.post("/v1/chat/completions", json={"model": "alpha-model"}, headers={"X-Api-Key": key,
+                                                                                   "X-Real-IP": "6.6.6.6"})
+    assert r.status_code == 200
+    seen = pools["alpha"].requests[-1]["headers"]
+    assert key not in json.dumps(seen) and seen["X-Real-IP"] == "127.0.0.1"
+
+
+def test_non_canonical_paths_refused(stack: Stack, key: str) -> None:
+    for path in ("/api//pull", "/api/./pull", "/v1/../api/pull", "/v1//chat/completions"):
+        conn = http.client.HTTPConnection("127.0.0.1", stack.public_port, timeout=10)  # sends the path as is
+        conn.request("POST", path, body=json.dumps({"model": "alpha-model"}),
+                     headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+        status = conn.getresponse().status
+        conn.close()
+        assert status == 400, path

@@ -201,3 +201,35 @@ def test_unreadable_snapshot_keeps_the_last_good_one(tmp_path: Path, token: str)
     path.write_text("{broken")
     time.sleep(CHECK_INTERVAL + 0.05)
     assert Call(gate, "/v1/models", token, method="GET").status == 200
+
+
+def test_model_found_whatever_the_content_type(tmp_path: Path, token: str) -> None:
+    write_snapshot(tmp_path / "snapshot.json", [key_entry(token, models=["gpt-4o"])],
+                   pools=[{"name": "main", "models": ["gpt-4o"]}, {"name": "audio", "models": ["whisper-1"]}])
+    gate = Gate(tmp_path / "snapshot.json", PEPPER)
+    for content_type in ("", "text/plain", "Application/JSON"):
+        c = Call(gate, "/v1/responses", token, {"model": "secret-model"}, CONTENT_TYPE=content_type)
+        assert c.status == 404, content_type
+    multipart = (b'--XX\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\nRIFF\r\n'
+                 b'--XX\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper-1\r\n--XX--\r\n')
+    c = Call(gate, "/v1/audio/transcriptions", token, multipart, CONTENT_TYPE="multipart/form-data; boundary=XX")
+    assert c.status == 404  # whisper-1 is not on this key's list
+    assert Call(gate, "/v1/files", token, b"\x00binary", CONTENT_TYPE="application/octet-stream").status == 400
+    assert Call(gate, "/v1/models/secret-model", token, method="DELETE").status == 404
+
+
+def test_multipart_routes_by_model(tmp_path: Path, token: str) -> None:
+    write_snapshot(tmp_path / "snapshot.json", [key_entry(token)],
+                   pools=[{"name": "main", "models": ["gpt-4o"]}, {"name": "audio", "models": ["whisper-1"]}])
+    gate = Gate(tmp_path / "snapshot.json", PEPPER)
+    multipart = (b'--XX\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper-1\r\n--XX--\r\n')
+    c = Call(gate, "/v1/audio/transcriptions", token, multipart, CONTENT_TYPE="multipart/form-data; boundary=XX")
+    assert c.headers["X-Accel-Redirect"] == "@pool_audio"
+    # an unrestricted key may still send bodies the gate cannot read: they go to the default pool
+    c = Call(gate, "/v1/files", token, b"\x00binary", CONTENT_TYPE="application/octet-stream")
+    assert c.headers["X-Accel-Redirect"] == "@pool_main"
+
+
+@pytest.mark.parametrize("path", ["/api//pull", "/api/./pull", "/v1/../api/pull", "/v1/chat/completions/.."])
+def test_non_canonical_paths_refused(gate: Gate, token: str, path: str) -> None:
+    assert Call(gate, path, token, {"model": "gpt-4o"}).status == 400

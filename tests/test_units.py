@@ -55,7 +55,7 @@ def test_cidrs() -> None:
     assert v.cidrs("c", ["10.0.0.1/8", "::1", "10.0.0.0/8"]) == ["10.0.0.0/8", "::1/128"]
     with pytest.raises(v.ValidationError):
         v.cidrs("c", "10.0.0.0/8")
-    for bad in ("10.0.0.1/33", "0.0.0.0/0; allow all", "10.0.0.0/8\n", "all"):
+    for bad in ("10.0.0.1/33", "0.0.0.0/0; allow all", "10.0.0.0/8\n", "all", "fe80::1%eth0;allow all;/128"):
         with pytest.raises(v.ValidationError):
             v.cidr("c", bad)
 
@@ -134,3 +134,11 @@ def test_ingest_counts_each_line_once_and_follows_rotation(tmp_path: Path) -> No
 def test_trailing_newlines_never_pass(check, value: str) -> None:
     with pytest.raises(v.ValidationError):
         check("field", value)
+
+
+@pytest.mark.parametrize("value", ["fe80::1%x;allow all;#", "::1%$host", "[fe80::1%x]:80"])
+def test_ipv6_zone_ids_never_pass(value: str) -> None:
+    with pytest.raises(v.ValidationError):
+        v.hostname("domain", value)
+    with pytest.raises(v.ValidationError):
+        v.listen("public_listen", value if value.startswith("[") else f"[{value}]:80")
