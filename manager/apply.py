@@ -27,7 +27,6 @@ from manager.render import render
 if TYPE_CHECKING:
     from manager.context import Bastion
 
-KEEP_GENERATIONS = 20
 VERIFY_TIMEOUT = 10.0
 ERROR_PAGES = [
     (413, "The request body is larger than this gateway accepts."),
@@ -151,7 +150,13 @@ def healthz_url(listen: str) -> str:
 
 def apply(bastion: Bastion, author: str = "cli", *, force_reload: bool = False) -> ApplyResult:
     """Render and apply the configuration; with `force_reload` a running nginx is reloaded and verified even
-    when nothing changed. Raises ConfigTestFailed or ReloadFailed, in which case nothing was left changed."""
+    when nothing changed. Raises ConfigTestFailed or ReloadFailed, in which case nothing was left changed.
+    Runs under the store lock, so applies from the manager, the supervisor and the CLI never interleave."""
+    with bastion.store.transaction():
+        return _apply(bastion, author, force_reload)
+
+
+def _apply(bastion: Bastion, author: str, force_reload: bool) -> ApplyResult:
     dirs = bastion.dirs
     dirs.ensure()
     current = generations.live(dirs)
@@ -176,12 +181,15 @@ def apply(bastion: Bastion, author: str = "cli", *, force_reload: bool = False) 
         return ApplyResult(nxt, changed=True, reloaded=False)
     try:
         _reload_and_verify(bastion, master, nxt)
-    except ReloadFailed:
+    except Exception as e:  # whatever went wrong, nginx must end up on the last good generation
         if current:
             generations.switch(dirs, current)
             bastion.nginx.reload(master)
         generations.discard(dirs, nxt)
-        raise
+        if isinstance(e, ReloadFailed):
+            raise
+        raise ReloadFailed("the reload could not be verified; the previous configuration was restored",
+                           str(e)) from e
     generations.prune(dirs)
     return ApplyResult(nxt, changed=True, reloaded=True)
 

@@ -50,7 +50,8 @@ class Nginx:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             return None
-        return pid if b"nginx" in cmdline else None
+        # a stale pid file may name another process, even another nginx: require this data dir's prefix
+        return pid if b"nginx" in cmdline and f"-p {self.dirs.nginx}/".encode() in cmdline else None
 
     @staticmethod
     def worker_pids(master: int) -> set[int]:
@@ -58,20 +59,17 @@ class Nginx:
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
                 continue
-            try:
+            try:  # processes come and go while we look (old workers exit during a reload)
                 stat = (entry / "stat").read_text()
-            except OSError:
+                # fields after the ")" that ends the command name: state, ppid, ...
+                fields = stat[stat.rindex(")") + 2 :].split()
+                if int(fields[1]) == master and "worker" in (entry / "cmdline").read_text(errors="replace"):
+                    pids.add(int(entry.name))
+            except (OSError, ValueError, IndexError):
                 continue
-            # fields after the ")" that ends the command name: state, ppid, ...
-            fields = stat[stat.rindex(")") + 2 :].split()
-            if int(fields[1]) == master and "worker" in (entry / "cmdline").read_text(errors="replace"):
-                pids.add(int(entry.name))
         return pids
 
     @staticmethod
     def reload(master: int) -> None:
         os.kill(master, signal.SIGHUP)
 
-    @staticmethod
-    def reopen_logs(master: int) -> None:
-        os.kill(master, signal.SIGUSR1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from tinydb import Query
 
@@ -42,6 +43,9 @@ def check_pool(pool: dict[str, Any]) -> None:
         raise v.ValidationError("upstreams", "all upstreams of a pool must use the same scheme (http or https)")
     if pool["method"] in METHODS_WITHOUT_BACKUP and any(u["backup"] for u in pool["upstreams"]):
         raise v.ValidationError("upstreams", f"backup upstreams cannot be used with method {pool['method']}")
+    hosts = {urlsplit(u["url"]).hostname for u in pool["upstreams"]}
+    if schemes == {"https"} and len(hosts) > 1:
+        raise v.ValidationError("upstreams", "the upstreams of an https pool must share one hostname (Host and SNI)")
     urls = [u["url"] for u in pool["upstreams"]]
     if len(set(urls)) != len(urls):
         raise v.ValidationError("upstreams", "the same upstream URL is listed twice")
@@ -117,6 +121,29 @@ def update(bastion: Bastion, name: str, author: str = "cli", **fields: Any) -> d
         db.table("pools").update(pool, Pool.name == name)
     if "models" in fields and not pool["models"]:  # back to discovery: ask the upstreams now
         refresh_discovered(bastion, only=name)
+    return get(bastion, name)
+
+
+def add_upstream(bastion: Bastion, name: str, value: Any, author: str = "cli") -> dict[str, Any]:
+    """Append one upstream (read and written under one lock, so concurrent edits are never lost)."""
+    with bastion.change(author, f"add upstream to pool {name}", nginx=True) as db:
+        pool = _find(bastion, name)
+        pool["upstreams"].append(upstream(f"upstreams[{len(pool['upstreams'])}]", value))
+        check_pool(pool)
+        db.table("pools").update(pool, Pool.name == name)
+    return get(bastion, name)
+
+
+def remove_upstream(bastion: Bastion, name: str, url: Any, author: str = "cli") -> dict[str, Any]:
+    normalised = v.upstream_url("url", url)
+    with bastion.change(author, f"remove upstream {normalised} from pool {name}", nginx=True) as db:
+        pool = _find(bastion, name)
+        remaining = [u for u in pool["upstreams"] if u["url"] != normalised]
+        if len(remaining) == len(pool["upstreams"]):
+            raise NotFound("upstream", f"{normalised} in pool {name}")
+        if not remaining:
+            raise Conflict("url", "a pool needs at least one upstream; remove the pool instead")
+        db.table("pools").update({"upstreams": remaining}, Pool.name == name)
     return get(bastion, name)
 
 

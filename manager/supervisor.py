@@ -88,7 +88,9 @@ class Supervisor:
         self.stopping = threading.Event()
         self._busy: set[str] = set()
         dirs = bastion.dirs
-        self.env = {**os.environ, "BASTION_DATA_DIR": str(dirs.root), "BASTION_NGINX": bastion.nginx.binary}
+        # children get no BASTION_ADMIN_PASSWORD: the admin user exists before they start
+        self.env = {k: x for k, x in os.environ.items() if k != "BASTION_ADMIN_PASSWORD"}
+        self.env.update(BASTION_DATA_DIR=str(dirs.root), BASTION_NGINX=bastion.nginx.binary)
         self.gate = Child(
             "authsvc",
             [sys.executable, "-m", "granian", "--interface", "wsgi", "--uds", str(dirs.gate_socket),
@@ -133,9 +135,6 @@ class Supervisor:
 
     def start(self) -> None:
         dirs, bastion = self.bastion.dirs, self.bastion
-        running = bastion.nginx.master_pid()
-        if running:
-            raise StartupError(f"nginx for {dirs.root} is already running (pid {running})")
         self.echo("applying nginx configuration...")
         result = bastion.apply("up")
         self.echo(f"  generation {result.generation}")

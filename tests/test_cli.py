@@ -59,7 +59,8 @@ def test_pools_update_and_upstreams(bastion_cli) -> None:
     assert "sk-1" not in bastion_cli("config", "show")
     bastion_cli("pools", "remove-upstream", "p", "http://127.0.0.1:10/")
     assert len(json.loads(bastion_cli("pools", "list", "--json"))[0]["upstreams"]) == 1
-    assert "no upstream" in bastion_cli("pools", "remove-upstream", "p", "http://127.0.0.1:11", ok=False)
+    assert "not found" in bastion_cli("pools", "remove-upstream", "p", "http://127.0.0.1:11", ok=False)
+    assert "at least one upstream" in bastion_cli("pools", "remove-upstream", "p", "http://127.0.0.1:9", ok=False)
 
 
 def test_users_and_lockouts(bastion_cli) -> None:

@@ -121,3 +121,11 @@ def test_dead_gate_is_restarted(running) -> None:
         time.sleep(0.2)
     assert stack.get("/v1/models", key).status_code == 200
     assert "authsvc exited" in stack.output.read_text()
+
+
+def test_second_up_on_a_running_data_dir_changes_nothing(running) -> None:
+    stack, key, _ = running
+    out = stack.cli("up", "--public", f"127.0.0.1:{free_port()}", ok=False)
+    assert "already running" in out
+    assert json.loads(stack.cli("settings", "show"))["public_listen"] == f"127.0.0.1:{stack.public_port}"
+    assert stack.get("/v1/models", key).status_code == 200

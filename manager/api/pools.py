@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flask import jsonify
+from flask import jsonify, request
 
 from manager import pools as pools_mod
 from manager import validation as v
@@ -65,18 +65,15 @@ def list_upstreams(name: str):
 @bp.op("POST", "/<name>/upstreams", "Add an upstream to a pool", body=UPSTREAM, response=POOL, status=201)
 def add_upstream(name: str):
     upstream = fields(json_body(), {"url", "weight", "backup"}, {"url"})
-    current = pools_mod.get(bastion(), name)["upstreams"]
-    return jsonify(pools_mod.update(bastion(), name, author(), upstreams=[*current, upstream])), 201
+    return jsonify(pools_mod.add_upstream(bastion(), name, upstream, author())), 201
 
 
-@bp.op("DELETE", "/<name>/upstreams/<int:index>", "Remove the upstream at this position (0-based)", response=POOL)
-def remove_upstream(name: str, index: int):
-    current = pools_mod.get(bastion(), name)["upstreams"]
-    if index >= len(current):
-        raise v.ValidationError("index", f"pool {name!r} has {len(current)} upstreams")
-    if len(current) == 1:
-        raise v.ValidationError("index", "a pool needs at least one upstream; remove the pool instead")
-    return jsonify(pools_mod.update(bastion(), name, author(), upstreams=current[:index] + current[index + 1:]))
+@bp.op("DELETE", "/<name>/upstreams", "Remove the upstream with this URL", query={"url": STR}, response=POOL)
+def remove_upstream(name: str):
+    url = request.args.get("url")
+    if not url:
+        raise v.ValidationError("url", "is required (the upstream's URL)")
+    return jsonify(pools_mod.remove_upstream(bastion(), name, url, author()))
 
 
 @routes_bp.op("GET", "", "List routes (model or glob → pools)", response={"type": "array", "items": ROUTE})

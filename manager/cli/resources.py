@@ -62,8 +62,7 @@ def pools_update(b: Bastion, name: str, method: str | None, api_key: str | None,
 @click.option("--backup", is_flag=True, help="Used only when the other upstreams fail.")
 @with_bastion
 def pools_add_upstream(b: Bastion, name: str, url: str, weight: int, backup: bool) -> None:
-    current = pools_mod.get(b, name)["upstreams"]
-    pools_mod.update(b, name, upstreams=[*current, {"url": url, "weight": weight, "backup": backup}])
+    pools_mod.add_upstream(b, name, {"url": url, "weight": weight, "backup": backup})
     click.echo(f"upstream {url} added to pool {name}")
 
 
@@ -72,13 +71,8 @@ def pools_add_upstream(b: Bastion, name: str, url: str, weight: int, backup: boo
 @click.argument("url")
 @with_bastion
 def pools_remove_upstream(b: Bastion, name: str, url: str) -> None:
-    current = pools_mod.get(b, name)["upstreams"]
-    normalised = v.upstream_url("url", url)
-    remaining = [u for u in current if u["url"] != normalised]
-    if len(remaining) == len(current):
-        raise click.ClickException(f"pool {name} has no upstream {normalised}")
-    pools_mod.update(b, name, upstreams=remaining)
-    click.echo(f"upstream {normalised} removed from pool {name}")
+    pools_mod.remove_upstream(b, name, url)
+    click.echo(f"upstream {url} removed from pool {name}")
 
 
 @pools.command("list")

@@ -38,6 +38,8 @@ def up(b: Bastion, public: str | None, admin: str | None, nginx_path: str | None
 
     if nginx_path:
         b.nginx.binary = nginx_path
+    if running := b.nginx.master_pid():  # before anything is changed: never move a live stack's listeners
+        raise click.ClickException(f"Bastion for {b.dirs.root} is already running (nginx pid {running})")
     changes = {k: x for k, x in (("public_listen", public), ("admin_listen", admin)) if x}
     if changes:
         settings_mod.update(b, changes, "up")
