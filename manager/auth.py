@@ -19,7 +19,6 @@ import jwt
 from tinydb import Query
 
 from manager import users
-from manager.store import write_atomic
 
 if TYPE_CHECKING:
     from manager.context import Bastion
@@ -55,15 +54,13 @@ class Identity:
 
 
 def jwt_secret(bastion: Bastion) -> bytes:
-    path = bastion.dirs.root / "jwt_secret"
-    if not path.exists():
-        write_atomic(path, secrets.token_hex(32).encode())
-    return path.read_bytes().strip()
+    return bastion.dirs.jwt_secret.read_bytes().strip()  # created by DataDir.ensure()
 
 
 def issue(bastion: Bastion, user: dict[str, Any], kind: str) -> tuple[str, dict[str, Any]]:
     now = int(time.time())
-    claims = {"sub": user["username"], "role": user["role"], "ver": user.get("token_version", 0), "kind": kind,
+    claims = {"sub": user["username"], "uid": user["uid"], "role": user["role"],
+              "ver": user.get("token_version", 0), "kind": kind,
               "iat": now, "exp": now + TOKEN_TTL, "jti": secrets.token_hex(12)}
     if kind == "session":
         claims["csrf"] = secrets.token_urlsafe(24)
@@ -78,7 +75,8 @@ def verify(bastion: Bastion, token: str, *, via_cookie: bool, csrf: str | None, 
     except jwt.PyJWTError as e:
         raise AuthError(401, f"invalid or expired token ({e})") from None
     user = users.find(bastion, claims["sub"])
-    if user is None or user.get("token_version", 0) != claims.get("ver"):
+    # `uid` is new for every user: a token of a deleted user never works for a new one of the same name
+    if user is None or user["uid"] != claims.get("uid") or user.get("token_version", 0) != claims.get("ver"):
         raise AuthError(401, "this session is no longer valid; log in again")
     if bastion.store.table("revoked_tokens").contains(Row.jti == claims["jti"]):
         raise AuthError(401, "this session was logged out; log in again")
@@ -102,19 +100,16 @@ def login(bastion: Bastion, username: Any, password: Any, client_ip: str) -> dic
     known_user = isinstance(username, str) and users.find(bastion, username) is not None
     subjects = [f"ip:{client_ip}"] + ([f"user:{username}"] if known_user else [])
     now = time.time()
-    table = bastion.store.table("login_failures")
-    for subject in subjects:
-        row = table.get(Row.subject == subject)
-        if row and row.get("locked_until", 0) > now:
-            wait = row["locked_until"] - now
-            raise AuthError(429, f"too many failed logins; try again in {int(wait) + 1} s", retry_after=wait)
-    user = users.authenticate(bastion, username, password)
+    # Count the attempt as a failure before the (slow) password check, in one locked step, so concurrent
+    # attempts cannot slip past the limit; a success then clears the count.
     with bastion.store.transaction() as db:
         table = db.table("login_failures")
-        if user is not None:
-            table.remove(Row.subject.one_of(subjects))
-            return user
         table.remove((Row.last < now - FAILURE_WINDOW) & ~(Row.locked_until > now))
+        for subject in subjects:
+            row = table.get(Row.subject == subject)
+            if row and row.get("locked_until", 0) > now:
+                wait = row["locked_until"] - now
+                raise AuthError(429, f"too many failed logins; try again in {int(wait) + 1} s", retry_after=wait)
         for subject in subjects:
             row = table.get(Row.subject == subject) or {"subject": subject, "failures": 0, "lockouts": 0}
             row["failures"] += 1
@@ -124,7 +119,12 @@ def login(bastion: Bastion, username: Any, password: Any, client_ip: str) -> dic
                 row["lockouts"] += 1
                 row["failures"] = 0
             table.upsert(row, Row.subject == subject)
-    raise AuthError(401, "wrong username or password")
+    user = users.authenticate(bastion, username, password)
+    if user is None:
+        raise AuthError(401, "wrong username or password")
+    with bastion.store.transaction() as db:
+        db.table("login_failures").remove(Row.subject.one_of(subjects))
+    return user
 
 
 def unlock(bastion: Bastion, subject: str | None = None) -> int:

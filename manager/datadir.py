@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from manager.store import write_atomic
+from manager.store import create_secret
 
 DEFAULT_DATA_DIR = "./data"
 
@@ -27,6 +26,10 @@ class DataDir:
     @property
     def pepper(self) -> Path:
         return self.root / "pepper"
+
+    @property
+    def jwt_secret(self) -> Path:
+        return self.root / "jwt_secret"
 
     @property
     def snapshot(self) -> Path:
@@ -86,7 +89,7 @@ class DataDir:
         return self.run / "manager.sock"
 
     def ensure(self) -> None:
-        """Create the directory tree and the pepper (idempotent).
+        """Create the directory tree, the key pepper and the JWT secret (idempotent).
 
         Directories are 0711: nginx workers (an unprivileged user when started as root) must traverse to the
         sockets, but listing is denied; every file holding a secret is 0600.
@@ -94,8 +97,8 @@ class DataDir:
         for d in (self.root, self.nginx, self.generations, self.nginx_temp, self.logs, self.run):
             d.mkdir(parents=True, exist_ok=True)
             os.chmod(d, 0o711)
-        if not self.pepper.exists():
-            write_atomic(self.pepper, secrets.token_hex(32).encode())
+        create_secret(self.pepper)
+        create_secret(self.jwt_secret)
 
     def read_pepper(self) -> bytes:
         return self.pepper.read_bytes().strip()

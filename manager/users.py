@@ -82,6 +82,7 @@ def create(bastion: Bastion, username: Any, password_: Any, role: Any = "viewer"
         "username": v.label("username", username),
         "password_hash": hash_password(password("password", password_)),
         "role": v.choice("role", role, ROLES),
+        "uid": secrets.token_hex(8),
         "token_version": 0,
         "created_at": time.time(),
     }

@@ -65,3 +65,20 @@ def test_password_change_ends_sessions(bastion: Bastion) -> None:
         auth.verify(bastion, token, via_cookie=False, csrf=None, unsafe_method=True)
     assert users.verify_password("a-new-password", users.find(bastion, "alice")["password_hash"])
     assert users.find(bastion, "alice")["password_hash"].startswith("scrypt$")
+
+
+def test_tokens_of_a_deleted_user_never_work_for_a_new_one(bastion: Bastion) -> None:
+    users.create(bastion, "bob", "bob-password", "admin")
+    token, _ = auth.issue(bastion, users.find(bastion, "bob"), "api")
+    users.remove(bastion, "bob")
+    users.create(bastion, "bob", "other-password", "viewer")
+    with pytest.raises(auth.AuthError):
+        auth.verify(bastion, token, via_cookie=False, csrf=None, unsafe_method=False)
+
+
+def test_secrets_are_private_and_stable(bastion: Bastion) -> None:
+    for path in (bastion.dirs.pepper, bastion.dirs.jwt_secret):
+        assert path.stat().st_mode & 0o777 == 0o600 and len(path.read_bytes()) == 64
+    before = bastion.dirs.jwt_secret.read_bytes()
+    bastion.dirs.ensure()
+    assert bastion.dirs.jwt_secret.read_bytes() == before
