@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import jsonify
 
-from manager import cidr_groups, users
+from manager import cidr_groups, generations, users
 from manager import settings as settings_mod
 from manager.api.base import BOOL, INT, NUM, STR, STR_LIST, ApiBlueprint, author, fields, json_body, obj
 from manager.app import bastion
@@ -86,7 +86,9 @@ def remove_user(username: str):
 
 @settings_bp.op("GET", "", "All settings with their effective values", response=SETTINGS)
 def get_settings():
-    return jsonify(bastion().settings())
+    values = bastion().settings()
+    values["custom_config"] = generations.mask_secrets(values["custom_config"])  # viewers read this too
+    return jsonify(values)
 
 
 @settings_bp.op("PATCH", "", "Change settings (applies nginx config; rolled back if nginx refuses)",

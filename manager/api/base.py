@@ -112,3 +112,8 @@ def obj(required: list[str] | None = None, **props: Schema) -> Schema:
     if required:
         schema["required"] = required
     return schema
+
+
+def extend(schema: Schema, **props: Schema) -> Schema:
+    """An object schema with more properties (allOf cannot do it when additionalProperties is false)."""
+    return {**schema, "properties": {**schema["properties"], **props}}

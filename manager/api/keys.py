@@ -5,7 +5,20 @@ from __future__ import annotations
 from flask import jsonify, request
 
 from manager import keys as keys_mod
-from manager.api.base import BOOL, INT, NULLABLE_NUM, NUM, STR, STR_LIST, ApiBlueprint, author, fields, json_body, obj
+from manager.api.base import (
+    BOOL,
+    INT,
+    NULLABLE_NUM,
+    NUM,
+    STR,
+    STR_LIST,
+    ApiBlueprint,
+    author,
+    extend,
+    fields,
+    json_body,
+    obj,
+)
 from manager.app import bastion
 
 bp = ApiBlueprint("keys", __name__, url_prefix="/api/v1/keys")
@@ -26,7 +39,7 @@ def list_keys():
 
 
 @bp.op("POST", "", "Create a key; `secret` is shown in this response only", body=obj(["name"], **KEY_FIELDS),
-       response={"allOf": [KEY, obj(secret=STR)]}, status=201)
+       response=extend(KEY, secret=STR), status=201)
 def create_key():
     body = fields(json_body(), EDITABLE, {"name"})
     record, token = keys_mod.create(bastion(), body.pop("name"), author=author(), **body)

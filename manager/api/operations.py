@@ -14,6 +14,7 @@ from manager.api.base import (
     STR,
     ApiBlueprint,
     author,
+    extend,
     fields,
     json_body,
     obj,
@@ -80,7 +81,7 @@ def config_history():
 
 
 @config_bp.op("GET", "/history/<int:generation>", "One generation and its diff to the one before",
-              response={"allOf": [GENERATION, obj(diff=STR)]})
+              response=extend(GENERATION, diff=STR))
 def config_generation(generation: int):
     dirs = bastion().dirs
     if generation not in generations.numbers(dirs):
