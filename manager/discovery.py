@@ -27,7 +27,7 @@ def upstream_models(url: str, api_key: str | None = None) -> list[str] | None:
     return None
 
 
-def pool_models(pool: dict[str, Any]) -> list[str] | None:
+def discover_pool_models(pool: dict[str, Any]) -> list[str] | None:
     """Union of what the pool's upstreams report; None when none of them answered."""
     found: list[str] | None = None
     for up in pool["upstreams"]:

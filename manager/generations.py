@@ -111,6 +111,11 @@ def live_pools(dirs: DataDir) -> set[str]:
         return set()
 
 
+def live_text_masked(dirs: DataDir) -> str:
+    """The live nginx.conf as shown to people ("" before the first apply)."""
+    return mask_secrets(dirs.nginx_conf.read_text()) if dirs.nginx_conf.exists() else ""
+
+
 def text(dirs: DataDir, generation: int) -> str:
     return (directory(dirs, generation) / "nginx.conf").read_text()
 

@@ -14,6 +14,8 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
+from authsvc.gate import MODEL_RE  # one definition: the gate checks the same names
+
 
 class ValidationError(ValueError):
     """A bad input: `field` names what was wrong, `message` says why."""
@@ -26,7 +28,6 @@ class ValidationError(ValueError):
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._@-]{0,63}$")
-MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,199}$")
 MODEL_GLOB_RE = re.compile(r"^[A-Za-z0-9*?\[\]][A-Za-z0-9._:/@+*?\[\]-]{0,199}$")
 ENDPOINT_RE = re.compile(r"^/[A-Za-z0-9/_.*-]{0,100}$")
 SECRET_RE = re.compile(r"^[A-Za-z0-9._~+/=:-]{1,512}$")

@@ -96,8 +96,8 @@ def reload_nginx():
        response=obj(success=BOOL, message=STR, config=STR))
 def get_config():
     dirs = bastion().dirs
-    text = dirs.nginx_conf.read_text() if dirs.nginx_conf.exists() else ""
-    return jsonify(success=True, message=f"generation {generations.live(dirs)}", config=generations.mask_secrets(text))
+    return jsonify(success=True, message=f"generation {generations.live(dirs)}",
+                   config=generations.live_text_masked(dirs))
 
 
 @bp.op("POST", "/nginx/config/update", "Set the custom server config (tested, applied, rolled back on failure)",

@@ -65,8 +65,7 @@ def config_status():
 @config_bp.op("GET", "/live", "The live nginx.conf (upstream keys masked)", response=obj(generation=INT, config=STR))
 def config_live():
     dirs = bastion().dirs
-    text = dirs.nginx_conf.read_text() if dirs.nginx_conf.exists() else ""
-    return jsonify(generation=generations.live(dirs), config=generations.mask_secrets(text))
+    return jsonify(generation=generations.live(dirs), config=generations.live_text_masked(dirs))
 
 
 @config_bp.op("POST", "/apply", "Render, test, reload and verify (rolled back with nginx's message on failure)",

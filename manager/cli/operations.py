@@ -142,5 +142,4 @@ def config_status(b: Bastion) -> None:
 @with_bastion
 def config_show(b: Bastion) -> None:
     click.echo(f"# live generation {generations.live(b.dirs)}: {b.dirs.nginx_conf} (upstream keys masked)")
-    click.echo(generations.mask_secrets(b.dirs.nginx_conf.read_text()) if b.dirs.nginx_conf.exists()
-               else "# not rendered yet")
+    click.echo(generations.live_text_masked(b.dirs) or "# not rendered yet")
