@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import TYPE_CHECKING, Any
 
 from manager import cidr_groups
@@ -32,13 +33,34 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+# nginx's master runs as root: directives that open, write or load files would let an admin write any file.
+FILE_DIRECTIVES = frozenset({
+    "include", "load_module", "access_log", "error_log", "root", "alias", "user", "pid", "lock_file",
+    "working_directory", "env", "daemon", "master_process", "open_log_file_cache", "auth_basic_user_file",
+    "ssl_certificate", "ssl_certificate_key", "ssl_trusted_certificate", "ssl_client_certificate", "ssl_crl",
+    "ssl_dhparam", "ssl_password_file", "ssl_stapling_file", "ssl_session_ticket_key", "proxy_ssl_certificate",
+    "proxy_ssl_certificate_key", "proxy_ssl_trusted_certificate", "proxy_ssl_crl", "proxy_ssl_password_file",
+    "client_body_temp_path", "proxy_temp_path", "fastcgi_temp_path", "uwsgi_temp_path", "scgi_temp_path",
+    "proxy_cache_path", "fastcgi_cache_path", "uwsgi_cache_path", "scgi_cache_path", "proxy_store",
+    "fastcgi_store", "uwsgi_store", "scgi_store", "dav_methods", "geoip_country", "geoip_city", "geoip_org",
+})
+FILE_DIRECTIVE_PREFIXES = ("js_", "perl", "lua", "xslt_")
+# a directive name starts a statement: after ; { } or a line break (quoted names count too)
+_DIRECTIVE_RE = re.compile(r"""(?:^|[;{}\n])\s*["']?([A-Za-z_][A-Za-z0-9_]*)""")
+
+
 def custom_config(field: str, value: Any) -> str:
-    """Extra nginx `server` blocks from an admin: size-limited text; `nginx -t` and the reload check judge it."""
+    """Extra nginx `server` blocks from an admin: size-limited text without directives that touch files;
+    `nginx -t` and the reload check judge the rest."""
     value = v.require_str(field, value)
     if len(value) > MAX_CUSTOM_CONFIG:
         raise v.ValidationError(field, f"must be at most {MAX_CUSTOM_CONFIG} characters")
-    if "\x00" in value:
-        raise v.ValidationError(field, "must not contain NUL characters")
+    if "\x00" in value or "\\" in value:
+        raise v.ValidationError(field, "must not contain NUL characters or backslashes")
+    for name in _DIRECTIVE_RE.findall(value):
+        if name.lower() in FILE_DIRECTIVES or name.lower().startswith(FILE_DIRECTIVE_PREFIXES):
+            raise v.ValidationError(field, f"the directive {name!r} is not allowed in a custom config (it reads or "
+                                           "writes files with nginx's privileges)")
     return value
 
 
