@@ -90,6 +90,7 @@ def pool_view(pool: dict[str, Any]) -> dict[str, Any]:
         "host_header": host_header,
         "tls_name": first.hostname,
         "authorization": f"Bearer {pool['api_key']}" if pool.get("api_key") else "",
+        "tls_verify": pool.get("tls_verify", True),
     }
 
 
@@ -131,6 +132,7 @@ def render_config(bastion: Bastion, generation: int) -> str:
         max_fails=settings["max_fails"],
         fail_timeout=settings["fail_timeout"],
         error_pages=ERROR_PAGES,
+        ca_bundle=settings["ca_bundle"],
         admin_error_pages=ADMIN_ERROR_PAGES,
         admin_body_limit_kb=settings_mod.ADMIN_BODY_LIMIT_KB,
     )

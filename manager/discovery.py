@@ -11,13 +11,13 @@ from manager import validation as v
 TIMEOUT = 3.0
 
 
-def upstream_models(url: str, api_key: str | None = None) -> list[str] | None:
+def upstream_models(url: str, api_key: str | None = None, verify: bool = True) -> list[str] | None:
     """Model names one upstream reports, or None when it cannot be asked."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     for path, pick in (("/v1/models", lambda d: [m["id"] for m in d["data"]]),
                        ("/api/tags", lambda d: [m["name"] for m in d["models"]])):
         try:
-            resp = requests.get(url.rstrip("/") + path, headers=headers, timeout=TIMEOUT)
+            resp = requests.get(url.rstrip("/") + path, headers=headers, timeout=TIMEOUT, verify=verify)
             if resp.ok:
                 names = pick(resp.json())
                 # an upstream's answer is input like any other: keep only names Bastion can route safely
@@ -31,7 +31,7 @@ def discover_pool_models(pool: dict[str, Any]) -> list[str] | None:
     """Union of what the pool's upstreams report; None when none of them answered."""
     found: list[str] | None = None
     for up in pool["upstreams"]:
-        names = upstream_models(up["url"], pool.get("api_key"))
+        names = upstream_models(up["url"], pool.get("api_key"), pool.get("tls_verify", True))
         if names is not None:
             found = list(dict.fromkeys([*(found or []), *names]))
     return found

@@ -74,7 +74,7 @@ def get(bastion: Bastion, name: str) -> dict[str, Any]:
 
 
 def add(bastion: Bastion, name: str, upstreams: list[Any], author: str = "cli", *, api_key: str | None = None,
-        models: list[str] | None = None, method: str = "round_robin") -> dict[str, Any]:
+        models: list[str] | None = None, method: str = "round_robin", tls_verify: bool = True) -> dict[str, Any]:
     """Create a pool and apply the nginx config. Models are discovered from the upstreams when not given."""
     if not isinstance(upstreams, list) or not upstreams:
         raise v.ValidationError("upstreams", "give at least one upstream URL")
@@ -84,6 +84,7 @@ def add(bastion: Bastion, name: str, upstreams: list[Any], author: str = "cli", 
         "upstreams": [upstream(f"upstreams[{i}]", u) for i, u in enumerate(upstreams)],
         "api_key": v.secret("api_key", api_key) if api_key else None,
         "models": v.models("models", models) if models else [],
+        "tls_verify": v.boolean("tls_verify", tls_verify),
         "discovered_models": [],
         "discovered_at": None,
         "created_at": time.time(),
@@ -101,7 +102,7 @@ def add(bastion: Bastion, name: str, upstreams: list[Any], author: str = "cli", 
 
 def update(bastion: Bastion, name: str, author: str = "cli", **fields: Any) -> dict[str, Any]:
     """Change method, api_key, models or the whole upstream list of a pool."""
-    unknown = set(fields) - {"method", "api_key", "models", "upstreams"}
+    unknown = set(fields) - {"method", "api_key", "models", "upstreams", "tls_verify"}
     if unknown:
         raise v.ValidationError(sorted(unknown)[0], "is not a pool field")
     with bastion.change(author, f"update pool {name} ({', '.join(sorted(fields))})", nginx=True) as db:
@@ -112,6 +113,8 @@ def update(bastion: Bastion, name: str, author: str = "cli", **fields: Any) -> d
             pool["api_key"] = v.secret("api_key", fields["api_key"]) if fields["api_key"] else None
         if "models" in fields:
             pool["models"] = v.models("models", fields["models"] or [])
+        if "tls_verify" in fields:
+            pool["tls_verify"] = v.boolean("tls_verify", fields["tls_verify"])
         if "upstreams" in fields:
             ups = fields["upstreams"]
             if not isinstance(ups, list) or not ups:

@@ -30,6 +30,7 @@ DEFAULTS: dict[str, Any] = {
     "default_pool": None,
     "discovery_interval": 60,
     "custom_config": "",
+    "ca_bundle": "/etc/ssl/certs/ca-certificates.crt",
 }
 
 
@@ -77,6 +78,7 @@ VALIDATORS = {
     "default_pool": lambda f, x: None if x in (None, "") else v.name(f, x),
     "discovery_interval": lambda f, x: v.integer(f, x, 5, 86400),
     "custom_config": custom_config,
+    "ca_bundle": lambda f, x: v.file_path(f, x),
 }
 
 

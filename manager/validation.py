@@ -11,6 +11,7 @@ import re
 import time
 from collections.abc import Iterable
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -176,6 +177,16 @@ def upstream_url(field: str, value: Any) -> str:
     host = hostname(field, parts.hostname)
     netloc = f"[{host}]" if ":" in host else host
     return f"{parts.scheme}://{netloc}:{port}"
+
+
+def file_path(field: str, value: Any) -> str:
+    """An absolute path of an existing file, made of safe characters (it is written into nginx syntax)."""
+    value = require_str(field, value)
+    if not re.fullmatch(r"/[A-Za-z0-9._/-]{1,255}", value) or "/../" in value:
+        raise ValidationError(field, "must be an absolute path of letters, digits and . _ / -")
+    if not Path(value).is_file():
+        raise ValidationError(field, f"{value} is not a file")
+    return value
 
 
 def cidr(field: str, value: Any) -> str:

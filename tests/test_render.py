@@ -45,6 +45,8 @@ def test_every_feature_renders_and_passes_nginx_t(bastion: Bastion) -> None:
         "proxy_set_header Host api.example.invalid;",
         "proxy_ssl_name api.example.invalid;",
         'proxy_set_header Authorization "Bearer sk-cloud";',
+        "proxy_ssl_verify on;",
+        "proxy_ssl_trusted_certificate /etc/ssl/certs/ca-certificates.crt;",
         "proxy_set_header Host [::1]:8002;",
         "deny 10.1.2.0/24;\n        allow 10.1.0.0/16;\n        deny all;",
         "set_real_ip_from 192.0.2.0/24;",
@@ -65,3 +67,9 @@ def test_render_is_deterministic(bastion: Bastion) -> None:
     assert render_config(bastion, 7) == render_config(bastion, 7)
     result = bastion.apply("test")
     assert not result.changed  # nothing new to apply: no new generation
+
+
+def test_tls_verification_can_be_turned_off_per_pool(bastion: Bastion) -> None:
+    pools.add(bastion, "selfsigned", ["https://127.0.0.1:8443"], models=["m"], tls_verify=False)
+    text = bastion.dirs.nginx_conf.read_text()
+    assert "proxy_ssl_name 127.0.0.1;" in text and "proxy_ssl_verify on;" not in text

@@ -16,9 +16,10 @@ UPSTREAM = obj(["url"], url=STR, weight=INT, backup=BOOL)
 UPSTREAM_IN = {"oneOf": [STR, UPSTREAM]}
 POOL_FIELDS = {"upstreams": {"type": "array", "items": UPSTREAM_IN, "minItems": 1},
                "api_key": {"type": ["string", "null"]}, "models": STR_LIST,
-               "method": {"type": "string", "enum": list(v.BALANCING_METHODS)}}
+               "method": {"type": "string", "enum": list(v.BALANCING_METHODS)}, "tls_verify": BOOL}
 POOL = obj(name=STR, method=STR, upstreams={"type": "array", "items": UPSTREAM}, models=STR_LIST,
-           discovered_models=STR_LIST, discovered_at=NULLABLE_NUM, created_at=NUM, api_key_set=BOOL)
+           discovered_models=STR_LIST, discovered_at=NULLABLE_NUM, created_at=NUM, api_key_set=BOOL,
+           tls_verify=BOOL)
 ROUTE = obj(["model", "pools"], model=STR, pools=STR_LIST)
 
 

@@ -27,14 +27,15 @@ def pools() -> None:
 @click.option("--models", help="Comma-separated models served (default: ask the upstreams).")
 @click.option("--weight", type=int, default=1, show_default=True, help="Weight of each --url upstream.")
 @click.option("--method", type=click.Choice(v.BALANCING_METHODS), default="round_robin", show_default=True)
+@click.option("--tls-verify/--no-tls-verify", default=True, show_default=True,
+              help="Check https upstreams' certificates against the system CAs.")
 @with_bastion
 def pools_add(b: Bastion, name: str, urls: tuple[str, ...], backup_urls: tuple[str, ...], api_key: str | None,
-              models: str | None, weight: int, method: str) -> None:
+              models: str | None, weight: int, method: str, tls_verify: bool) -> None:
     """Add a pool and apply the nginx configuration."""
     ups = [{"url": u, "weight": weight} for u in urls] + [{"url": u, "backup": True} for u in backup_urls]
     click.echo(f"adding pool {name} and applying nginx configuration...")
-    pool = pools_mod.add(b, name, ups, api_key=api_key, models=csv(models),
-                         method=method)
+    pool = pools_mod.add(b, name, ups, api_key=api_key, models=csv(models), method=method, tls_verify=tls_verify)
     served = pool["models"] or pool["discovered_models"]
     source = "configured" if pool["models"] else "discovered"
     click.echo(f"pool {name} added; models ({source}): {', '.join(served) or 'none found yet'}")
@@ -45,10 +46,13 @@ def pools_add(b: Bastion, name: str, urls: tuple[str, ...], backup_urls: tuple[s
 @click.option("--method", type=click.Choice(v.BALANCING_METHODS))
 @click.option("--api-key", help="New upstream API key ('' removes it).")
 @click.option("--models", help="Comma-separated models ('' = discover from the upstreams).")
+@click.option("--tls-verify/--no-tls-verify", default=None, help="Check https upstreams' certificates.")
 @with_bastion
-def pools_update(b: Bastion, name: str, method: str | None, api_key: str | None, models: str | None) -> None:
+def pools_update(b: Bastion, name: str, method: str | None, api_key: str | None, models: str | None,
+                 tls_verify: bool | None) -> None:
     """Change a pool and apply the nginx configuration."""
-    changes = {k: x for k, x in (("method", method), ("api_key", api_key), ("models", csv(models))) if x is not None}
+    given = (("method", method), ("api_key", api_key), ("models", csv(models)), ("tls_verify", tls_verify))
+    changes = {k: x for k, x in given if x is not None}
     if not changes:
         raise click.UsageError("nothing to change: give at least one option")
     pools_mod.update(b, name, **changes)
