@@ -58,26 +58,29 @@ class ApplyResult:
     reloaded: bool
 
 
-def resolve(host: str, port: int) -> str | None:
-    """host:port as nginx should see it; hostnames are resolved now so a DNS failure cannot stop nginx."""
+def resolve(host: str, port: int) -> list[str]:
+    """Every address of host:port, sorted (so the rendering is stable), as nginx wants them. Hostnames are
+    resolved here, not by nginx, so a DNS failure cannot stop nginx from starting or reloading; the supervisor
+    re-applies on a schedule to follow DNS changes."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError:
-        return None
-    family, _, _, _, sockaddr = infos[0]
-    return f"[{sockaddr[0]}]:{port}" if family == socket.AF_INET6 else f"{sockaddr[0]}:{port}"
+        return []
+    addresses = {f"[{a[0]}]:{port}" if family == socket.AF_INET6 else f"{a[0]}:{port}"
+                 for family, _, _, _, a in infos}
+    return sorted(addresses)
 
 
 def pool_view(pool: dict[str, Any]) -> dict[str, Any]:
     servers = []
     for up in pool["upstreams"]:
         parts = urlsplit(up["url"])
-        address = resolve(parts.hostname or "", parts.port or 80)
-        note = None
-        if address is None:
-            address, note = "127.0.0.1:9", f"{parts.hostname} did not resolve at apply time"
-        servers.append({"address": address, "weight": up.get("weight", 1), "backup": up.get("backup", False),
-                        "down": note is not None, "note": note})
+        common = {"weight": up.get("weight", 1), "backup": up.get("backup", False)}
+        addresses = resolve(parts.hostname or "", parts.port or 80)
+        servers += [{"address": a, "down": False, "note": None, **common} for a in addresses]
+        if not addresses:
+            servers.append({"address": "127.0.0.1:9", "down": True,
+                            "note": f"{parts.hostname} did not resolve at apply time", **common})
     first = urlsplit(pool["upstreams"][0]["url"])
     default_port = 443 if first.scheme == "https" else 80
     host = f"[{first.hostname}]" if ":" in (first.hostname or "") else first.hostname  # IPv6 literal

@@ -164,7 +164,7 @@ class Supervisor:
             self._background("usage ingestion", self.bastion.usage.ingest)
             if time.monotonic() >= next_discovery:
                 next_discovery = time.monotonic() + interval
-                self._background("model discovery", lambda: pools.refresh_discovered(self.bastion))
+                self._background("model discovery and DNS", self._refresh)
         self.echo("stopping...")
         return 0
 
@@ -175,6 +175,12 @@ class Supervisor:
         if child.socket and os.geteuid() == 0 and owner.st_uid != 0:
             # nginx workers run as the data dir's owner (see apply.worker_user): let them connect
             os.chown(child.socket, owner.st_uid, owner.st_gid)
+
+    def _refresh(self) -> None:
+        """Ask upstreams for their models, and re-apply so nginx follows changed upstream DNS (a no-op when
+        nothing changed)."""
+        pools.refresh_discovered(self.bastion)
+        self.bastion.apply("supervisor")
 
     def _restart(self, child: Child) -> bool:
         now = time.monotonic()

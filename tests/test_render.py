@@ -73,3 +73,10 @@ def test_tls_verification_can_be_turned_off_per_pool(bastion: Bastion) -> None:
     pools.add(bastion, "selfsigned", ["https://127.0.0.1:8443"], models=["m"], tls_verify=False)
     text = bastion.dirs.nginx_conf.read_text()
     assert "proxy_ssl_name 127.0.0.1;" in text and "proxy_ssl_verify on;" not in text
+
+
+def test_every_address_of_a_hostname_is_a_server(bastion: Bastion) -> None:
+    pools.add(bastion, "local", ["http://localhost:8000"], models=["m"])
+    text = bastion.dirs.nginx_conf.read_text()
+    assert "server 127.0.0.1:8000 " in text
+    assert bastion.apply("again").changed is False  # stable rendering: no spurious generation
