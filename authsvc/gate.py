@@ -98,23 +98,26 @@ class Gate:
         """Checks that need the key, then the pool for the request's model."""
         if not key.allows_endpoint(path):
             raise error(403, f"This API key may not use {path}", "endpoint_not_allowed", ollama)
+        limits: list[tuple[str, str]] = []
         if key.rpm:
             decision = self.limiter.hit(key.id, key.rpm)
             if not decision.allowed:
                 raise error(429, f"Rate limit of {key.rpm} requests per minute reached for this API key",
                             "rate_limit_exceeded", ollama, headers=decision.headers())
+            limits = decision.headers()  # the pool location copies them into the answer
         if environ.get("REQUEST_METHOD") == "GET":
-            self.serve_model_lists(path, snap, key, ollama)
+            self.serve_model_lists(path, snap, key, ollama, limits)
         model = self.requested_model(environ, path, ollama, restricted=bool(key.models))
         if model is None:
             if snap.default_pool is None:
                 raise error(503, "No upstream pool is configured", "no_pool", ollama)
-            return [("X-Accel-Redirect", f"@pool_{snap.default_pool}"), ("X-Bastion-Key", key.id)]
+            return [("X-Accel-Redirect", f"@pool_{snap.default_pool}"), ("X-Bastion-Key", key.id), *limits]
         pools = snap.pools_for(model) if key.allows_model(model) else ()
         if not pools:
             raise error(404, f"The model `{model}` does not exist or you do not have access to it.",
                         "model_not_found", ollama, param="model")
-        return [("X-Accel-Redirect", f"@pool_{pools[0]}"), ("X-Bastion-Key", key.id), ("X-Bastion-Model", model)]
+        return [("X-Accel-Redirect", f"@pool_{pools[0]}"), ("X-Bastion-Key", key.id), ("X-Bastion-Model", model),
+                *limits]
 
     def authenticate(self, environ: dict[str, Any], snap: Snapshot, ollama: bool) -> KeyRule:
         auth = environ.get("HTTP_AUTHORIZATION", "")
@@ -131,24 +134,26 @@ class Gate:
             raise error(403, "This API key may not be used from your address.", "address_not_allowed", ollama)
         return key
 
-    def serve_model_lists(self, path: str, snap: Snapshot, key: KeyRule, ollama: bool) -> None:
+    def serve_model_lists(self, path: str, snap: Snapshot, key: KeyRule, ollama: bool,
+                          limits: list[tuple[str, str]]) -> None:
         """Answer /v1/models, /v1/models/<id> and /api/tags from the snapshot, filtered for the key."""
         if path == "/v1/models":
             data = [{"id": m, "object": "model", "created": 0, "owned_by": pool}
                     for m, pool in snap.models if key.allows_model(m)]
-            raise Reply(200, json.dumps({"object": "list", "data": data}).encode())
+            raise Reply(200, json.dumps({"object": "list", "data": data}).encode(), limits)
         if path.startswith("/v1/models/"):
             wanted = path[len("/v1/models/"):]
             entry = snap.model_entry(wanted)
             if entry and key.allows_model(entry[0]):
                 model, pool = entry
-                raise Reply(200, json.dumps({"id": model, "object": "model", "created": 0, "owned_by": pool}).encode())
+                body = {"id": model, "object": "model", "created": 0, "owned_by": pool}
+                raise Reply(200, json.dumps(body).encode(), limits)
             raise error(404, f"The model `{wanted}` does not exist or you do not have access to it.",
                         "model_not_found", ollama, param="model")
         if path == "/api/tags":
             tags = [{"name": m, "model": m, "modified_at": "1970-01-01T00:00:00Z", "size": 0, "digest": "",
                      "details": {}} for m, _ in snap.models if key.allows_model(m)]
-            raise Reply(200, json.dumps({"models": tags}).encode())
+            raise Reply(200, json.dumps({"models": tags}).encode(), limits)
 
     @staticmethod
     def requested_model(environ: dict[str, Any], path: str, ollama: bool, restricted: bool) -> str | None:

@@ -151,7 +151,10 @@ def test_rate_limit(stack: Stack, pools) -> None:
     limited = stack.key("slow", "--rpm", "3")
     time.sleep(0.5)
     c = client(stack, limited)
-    for _ in range(3):
+    first = c.chat.completions.with_raw_response.create(model="beta-model", messages=[])
+    assert first.headers["x-ratelimit-limit-requests"] == "3"
+    assert first.headers["x-ratelimit-remaining-requests"] == "2"
+    for _ in range(2):
         c.chat.completions.create(model="beta-model", messages=[])
     with pytest.raises(openai.RateLimitError) as e:
         c.chat.completions.create(model="beta-model", messages=[])
@@ -273,3 +276,8 @@ def test_non_canonical_paths_refused(stack: Stack, key: str) -> None:
         status = conn.getresponse().status
         conn.close()
         assert status == 400, path
+
+
+def test_no_rate_limit_headers_without_a_limit(stack: Stack, key: str) -> None:
+    r = stack.post("/v1/chat/completions", key, json={"model": "alpha-model"})
+    assert r.status_code == 200 and "x-ratelimit-limit-requests" not in r.headers
