@@ -22,10 +22,10 @@ from manager.api.base import (
 from manager.app import bastion
 
 bp = ApiBlueprint("keys", __name__, url_prefix="/api/v1/keys")
-EDITABLE = {"name", "models", "endpoints", "rpm", "expires", "cidrs", "cidr_groups", "enabled"}
 KEY_FIELDS = {"name": STR, "models": STR_LIST, "endpoints": STR_LIST, "rpm": INT,
               "expires": {"type": ["string", "number", "null"]}, "cidrs": STR_LIST, "cidr_groups": STR_LIST,
               "enabled": BOOL}
+EDITABLE = set(KEY_FIELDS)
 KEY = obj(id=STR, key=STR, status=STR, created_at=NUM, created_by=STR, revoked_at=NULLABLE_NUM,
           last_used=NULLABLE_NUM, **{**KEY_FIELDS, "expires": NULLABLE_NUM})
 KEY["additionalProperties"] = True
