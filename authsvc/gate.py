@@ -213,11 +213,11 @@ def multipart_field(raw: bytes, content_type: str, name: str) -> str | None:
     message = BytesParser(policy=email.policy.default).parsebytes(header + raw)
     if not message.is_multipart():
         raise ValueError("not a multipart body")
-    for part in message.iter_parts():
-        if part.get_param("name", header="content-disposition") == name:
-            payload = part.get_payload(decode=True) or b""
-            return payload.decode("utf-8", errors="replace").strip()
-    return None
+    values = [part.get_payload(decode=True) or b"" for part in message.iter_parts()
+              if part.get_param("name", header="content-disposition") == name]
+    if len(values) > 1:  # servers differ on which one counts: the one checked must be the one used
+        raise ValueError(f"the field {name!r} appears more than once")
+    return values[0].decode("utf-8", errors="replace").strip() if values else None
 
 
 def canonical(path: str) -> bool:

@@ -59,7 +59,7 @@ def jwt_secret(bastion: Bastion) -> bytes:
 
 def issue(bastion: Bastion, user: dict[str, Any], kind: str) -> tuple[str, dict[str, Any]]:
     now = int(time.time())
-    claims = {"sub": user["username"], "uid": user["uid"], "role": user["role"],
+    claims = {"sub": user["username"], "uid": user.get("uid", ""), "role": user["role"],
               "ver": user.get("token_version", 0), "kind": kind,
               "iat": now, "exp": now + TOKEN_TTL, "jti": secrets.token_hex(12)}
     if kind == "session":
@@ -76,7 +76,7 @@ def verify(bastion: Bastion, token: str, *, via_cookie: bool, csrf: str | None, 
         raise AuthError(401, f"invalid or expired token ({e})") from None
     user = users.find(bastion, claims["sub"])
     # `uid` is new for every user: a token of a deleted user never works for a new one of the same name
-    if user is None or user["uid"] != claims.get("uid") or user.get("token_version", 0) != claims.get("ver"):
+    if user is None or user.get("uid", "") != claims.get("uid") or user.get("token_version", 0) != claims.get("ver"):
         raise AuthError(401, "this session is no longer valid; log in again")
     if bastion.store.table("revoked_tokens").contains(Row.jti == claims["jti"]):
         raise AuthError(401, "this session was logged out; log in again")

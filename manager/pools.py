@@ -91,7 +91,7 @@ def add(bastion: Bastion, name: str, upstreams: list[Any], author: str = "cli", 
     }
     check_pool(pool)
     if not pool["models"]:
-        pool["discovered_models"] = discovery.discover_pool_models(pool) or []
+        pool["discovered_models"] = discovery.discover_pool_models(pool, bastion.settings()["ca_bundle"]) or []
         pool["discovered_at"] = time.time()
     with bastion.change(author, f"add pool {pool['name']}", nginx=True) as db:
         if db.table("pools").contains(Pool.name == pool["name"]):
@@ -167,7 +167,7 @@ def refresh_discovered(bastion: Bastion, only: str | None = None) -> list[str]:
     for pool in bastion.store.table("pools").all():
         if pool.get("models") or (only and pool["name"] != only):
             continue
-        found = discovery.discover_pool_models(pool)
+        found = discovery.discover_pool_models(pool, bastion.settings()["ca_bundle"])
         if found is None or found == pool.get("discovered_models"):
             continue
         with bastion.change("discovery", f"models discovered for pool {pool['name']}: {', '.join(found)}") as db:

@@ -44,8 +44,9 @@ FILE_DIRECTIVES = frozenset({
     "client_body_temp_path", "proxy_temp_path", "fastcgi_temp_path", "uwsgi_temp_path", "scgi_temp_path",
     "proxy_cache_path", "fastcgi_cache_path", "uwsgi_cache_path", "scgi_cache_path", "proxy_store",
     "fastcgi_store", "uwsgi_store", "scgi_store", "dav_methods", "geoip_country", "geoip_city", "geoip_org",
+    "ssl_conf_command", "proxy_ssl_conf_command", "grpc_ssl_conf_command", "uwsgi_ssl_conf_command",
 })
-FILE_DIRECTIVE_PREFIXES = ("js_", "perl", "lua", "xslt_")
+FILE_DIRECTIVE_PREFIXES = ("js_", "perl", "lua", "xslt_", "grpc_ssl_", "uwsgi_ssl_")
 # a directive name starts a statement: after ; { } or a line break (quoted names count too)
 _DIRECTIVE_RE = re.compile(r"""(?:^|[;{}\n])\s*["']?([A-Za-z_][A-Za-z0-9_]*)""")
 
@@ -59,7 +60,8 @@ def custom_config(field: str, value: Any) -> str:
     if "\x00" in value or "\\" in value:
         raise v.ValidationError(field, "must not contain NUL characters or backslashes")
     for name in _DIRECTIVE_RE.findall(value):
-        if name.lower() in FILE_DIRECTIVES or name.lower().startswith(FILE_DIRECTIVE_PREFIXES):
+        lowered = name.lower()
+        if lowered in FILE_DIRECTIVES or lowered.startswith(FILE_DIRECTIVE_PREFIXES) or "_by_lua" in lowered:
             raise v.ValidationError(field, f"the directive {name!r} is not allowed in a custom config (it reads or "
                                            "writes files with nginx's privileges)")
     return value

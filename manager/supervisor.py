@@ -180,7 +180,9 @@ class Supervisor:
         """Ask upstreams for their models, and re-apply so nginx follows changed upstream DNS (a no-op when
         nothing changed)."""
         pools.refresh_discovered(self.bastion)
-        self.bastion.apply("supervisor")
+        result = self.bastion.apply("supervisor")
+        if result.changed:
+            self.bastion.audit.record("supervisor", f"re-resolved upstream hosts (generation {result.generation})")
 
     def _restart(self, child: Child) -> bool:
         now = time.monotonic()

@@ -233,3 +233,12 @@ def test_multipart_routes_by_model(tmp_path: Path, token: str) -> None:
 @pytest.mark.parametrize("path", ["/api//pull", "/api/./pull", "/v1/../api/pull", "/v1/chat/completions/.."])
 def test_non_canonical_paths_refused(gate: Gate, token: str, path: str) -> None:
     assert Call(gate, path, token, {"model": "gpt-4o"}).status == 400
+
+
+def test_multipart_with_two_model_fields_refused(tmp_path: Path, token: str) -> None:
+    write_snapshot(tmp_path / "snapshot.json", [key_entry(token, models=["gpt-4o"])])
+    gate = Gate(tmp_path / "snapshot.json", PEPPER)
+    body = (b'--XX\r\nContent-Disposition: form-data; name="model"\r\n\r\ngpt-4o\r\n'
+            b'--XX\r\nContent-Disposition: form-data; name="model"\r\n\r\nsecret-model\r\n--XX--\r\n')
+    c = Call(gate, "/v1/audio/transcriptions", token, body, CONTENT_TYPE="multipart/form-data; boundary=XX")
+    assert c.status == 400 and c.json()["error"]["code"] == "unreadable_body"

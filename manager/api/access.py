@@ -86,12 +86,15 @@ def remove_user(username: str):
 
 @settings_bp.op("GET", "", "All settings with their effective values", response=SETTINGS)
 def get_settings():
-    values = bastion().settings()
-    values["custom_config"] = generations.mask_secrets(values["custom_config"])  # viewers read this too
-    return jsonify(values)
+    return jsonify(_shown(bastion().settings()))
 
 
 @settings_bp.op("PATCH", "", "Change settings (applies nginx config; rolled back if nginx refuses)",
                 body={**SETTINGS, "minProperties": 1}, response=SETTINGS)
 def update_settings():
-    return jsonify(settings_mod.update(bastion(), json_body(), author()))
+    return jsonify(_shown(settings_mod.update(bastion(), json_body(), author())))
+
+
+def _shown(values: dict) -> dict:
+    """Settings as answered: bearer values in the custom config masked (viewers read this too)."""
+    return {**values, "custom_config": generations.mask_secrets(values["custom_config"])}
