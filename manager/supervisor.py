@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -149,7 +150,10 @@ class Supervisor:
         self.echo(f"  OpenAI base URL: http://{settings['public_listen']}/v1")
         self.echo(f"  Ollama base URL: http://{settings['public_listen']}")
         self.echo(f"  admin:           http://{settings['admin_listen']}/")
-        self.echo("Create a key with: bastion keys create NAME    (Ctrl-C stops the stack)")
+        cli = shutil.which("bastion") or str(Path(sys.executable).with_name("bastion"))
+        data = "" if dirs.root == Path.cwd() / "data" else f" --data-dir {dirs.root}"
+        self.echo(f"Add a pool and a key:  {cli}{data} pools add NAME --url http://HOST:PORT")
+        self.echo(f"                       {cli}{data} keys create NAME      (Ctrl-C stops the stack)")
 
     def watch(self) -> int:
         interval = self.bastion.settings()["discovery_interval"]
