@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import requests
 
-from manager import cidr_groups, generations
+from manager import cidr_groups, generations, health
 from manager import settings as settings_mod
 from manager.nginx import NginxError
 from manager.render import render
@@ -71,13 +71,15 @@ def resolve(host: str, port: int) -> list[str]:
     return sorted(addresses)
 
 
-def pool_view(pool: dict[str, Any]) -> dict[str, Any]:
+def pool_view(pool: dict[str, Any], unhealthy: set[str]) -> dict[str, Any]:
     servers = []
     for up in pool["upstreams"]:
         parts = urlsplit(up["url"])
         common = {"weight": up.get("weight", 1), "backup": up.get("backup", False)}
         addresses = resolve(parts.hostname or "", parts.port or 80)
-        servers += [{"address": a, "down": False, "note": None, **common} for a in addresses]
+        down = up["url"] in unhealthy
+        note = "failed its health checks" if down else None
+        servers += [{"address": a, "down": down, "note": note, **common} for a in addresses]
         if not addresses:
             servers.append({"address": "127.0.0.1:9", "down": True,
                             "note": f"{parts.hostname} did not resolve at apply time", **common})
@@ -121,7 +123,7 @@ def render_config(bastion: Bastion, generation: int) -> str:
             "gate_socket": dirs.gate_socket,
             "manager_socket": dirs.manager_socket,
         },
-        pools=[pool_view(p) for p in bastion.store.table("pools").all() if p["upstreams"]],
+        pools=[pool_view(p, health.down_urls(bastion)) for p in bastion.store.table("pools").all() if p["upstreams"]],
         public_listen=settings["public_listen"],
         admin_listen=settings["admin_listen"],
         server_name=settings["server_name"] or "_",

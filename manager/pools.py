@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 
 from tinydb import Query
 
-from manager import discovery
+from manager import discovery, health
 from manager import validation as v
 from manager.errors import Conflict, NotFound
 
@@ -26,7 +26,7 @@ def upstream(field: str, value: Any) -> dict[str, Any]:
         value = {"url": value}
     if not isinstance(value, dict):
         raise v.ValidationError(field, "must be a URL or an object with url, weight, backup")
-    unknown = set(value) - {"url", "weight", "backup"}
+    unknown = set(value) - {"url", "weight", "backup", "down"}  # `down` is read-only (health checks): ignored
     if unknown:
         raise v.ValidationError(f"{field}.{sorted(unknown)[0]}", "is not an upstream field")
     return {
@@ -58,19 +58,21 @@ def _find(bastion: Bastion, name: str) -> dict[str, Any]:
     return record
 
 
-def public(pool: dict[str, Any]) -> dict[str, Any]:
-    """A pool as shown: the upstream API key is never echoed back."""
+def public(pool: dict[str, Any], unhealthy: set[str] = frozenset()) -> dict[str, Any]:
+    """A pool as shown: the upstream API key is never echoed back; `down` marks failed health checks."""
     out = {k: x for k, x in pool.items() if k != "api_key"}
     out["api_key_set"] = bool(pool.get("api_key"))
+    out["upstreams"] = [{**u, "down": u["url"] in unhealthy} for u in pool["upstreams"]]
     return out
 
 
 def all_pools(bastion: Bastion) -> list[dict[str, Any]]:
-    return [public(p) for p in bastion.store.table("pools").all()]
+    unhealthy = health.down_urls(bastion)
+    return [public(p, unhealthy) for p in bastion.store.table("pools").all()]
 
 
 def get(bastion: Bastion, name: str) -> dict[str, Any]:
-    return public(_find(bastion, name))
+    return public(_find(bastion, name), health.down_urls(bastion))
 
 
 def add(bastion: Bastion, name: str, upstreams: list[Any], author: str = "cli", *, api_key: str | None = None,

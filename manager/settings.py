@@ -29,6 +29,8 @@ DEFAULTS: dict[str, Any] = {
     "fail_timeout": 10,
     "default_pool": None,
     "discovery_interval": 60,
+    "health_interval": 10,
+    "health_fails": 2,
     "custom_config": "",
     "ca_bundle": "/etc/ssl/certs/ca-certificates.crt",
 }
@@ -79,6 +81,8 @@ VALIDATORS = {
     "fail_timeout": lambda f, x: v.integer(f, x, 1, 3600),
     "default_pool": lambda f, x: None if x in (None, "") else v.name(f, x),
     "discovery_interval": lambda f, x: v.integer(f, x, 5, 86400),
+    "health_interval": lambda f, x: v.integer(f, x, 0, 3600),
+    "health_fails": lambda f, x: v.integer(f, x, 1, 20),
     "custom_config": custom_config,
     "ca_bundle": lambda f, x: v.file_path(f, x),
 }

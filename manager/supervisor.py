@@ -21,7 +21,7 @@ from pathlib import Path
 
 import requests
 
-from manager import pools
+from manager import health, pools
 from manager.apply import healthz_url
 from manager.context import Bastion
 
@@ -156,8 +156,7 @@ class Supervisor:
         self.echo(f"                       {cli}{data} keys create NAME      (Ctrl-C stops the stack)")
 
     def watch(self) -> int:
-        interval = self.bastion.settings()["discovery_interval"]
-        next_discovery = time.monotonic() + interval
+        next_discovery = next_health = time.monotonic()
         while not self.stopping.wait(1.0):
             if self.nginx.proc and self.nginx.proc.poll() is not None:
                 self.echo(f"error: nginx exited with status {self.nginx.proc.returncode}:\n{self.nginx.tail()}")
@@ -166,9 +165,13 @@ class Supervisor:
                 if child.proc and child.proc.poll() is not None and not self._restart(child):
                     return 1
             self._background("usage ingestion", self.bastion.usage.ingest)
-            if time.monotonic() >= next_discovery:
-                next_discovery = time.monotonic() + interval
+            settings, now = self.bastion.settings(), time.monotonic()
+            if now >= next_discovery:
+                next_discovery = now + settings["discovery_interval"]
                 self._background("model discovery and DNS", self._refresh)
+            if settings["health_interval"] and now >= next_health:
+                next_health = now + settings["health_interval"]
+                self._background("health checks", lambda: health.check(self.bastion))
         self.echo("stopping...")
         return 0
 

@@ -12,7 +12,7 @@ from typing import Any
 class FakeUpstream:
     """An OpenAI + Ollama compatible server on a free port, answering with its `name` in every reply."""
 
-    def __init__(self, name: str, models: list[str], chunk_delay: float = 0.0, chunks: int = 5):
+    def __init__(self, name: str, models: list[str], chunk_delay: float = 0.0, chunks: int = 5, port: int = 0):
         self.name = name
         self.models = models
         self.chunk_delay = chunk_delay
@@ -20,7 +20,7 @@ class FakeUpstream:
         self.requests: list[dict[str, Any]] = []
         self.stream_finished = threading.Event()
         handler = type("Handler", (_Handler,), {"upstream": self})
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"

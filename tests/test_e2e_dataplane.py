@@ -16,7 +16,9 @@ from tests.fakes import FakeUpstream
 
 @pytest.fixture(scope="module")
 def pools(stack: Stack, upstreams: dict[str, FakeUpstream]) -> dict[str, FakeUpstream]:
-    """alpha: one slow-streaming upstream with its own API key; beta: a dead upstream then two live ones."""
+    """alpha: one slow-streaming upstream with its own API key; beta: a dead upstream then two live ones.
+    Active health checks are off here so the failover test exercises nginx's own retry."""
+    stack.cli("settings", "set", "health_interval", "0")
     stack.cli("pools", "add", "alpha", "--url", upstreams["alpha"].url, "--api-key", "sk-upstream-alpha")
     dead = f"http://127.0.0.1:{free_port()}"
     stack.cli("pools", "add", "beta", "--url", dead, "--url", upstreams["beta"].url, "--url", upstreams["beta2"].url,

@@ -129,3 +129,35 @@ def test_second_up_on_a_running_data_dir_changes_nothing(running) -> None:
     assert "already running" in out
     assert json.loads(stack.cli("settings", "show"))["public_listen"] == f"127.0.0.1:{stack.public_port}"
     assert stack.get("/v1/models", key).status_code == 200
+
+
+def test_health_checks_take_a_dead_upstream_out_and_back(running) -> None:
+    stack, key, up = running
+    port = free_port()
+    dead = f"http://127.0.0.1:{port}"
+    stack.cli("settings", "set", "health_fails", "1")
+    stack.cli("pools", "add-upstream", "slow", dead)
+    stack.cli("settings", "set", "health_interval", "1")
+
+    def upstream_down() -> bool:
+        pool = json.loads(stack.cli("pools", "list", "--json"))[0]
+        return next(u for u in pool["upstreams"] if u["url"] == dead)["down"]
+
+    deadline = time.monotonic() + 15
+    while not upstream_down():
+        assert time.monotonic() < deadline, "the dead upstream was never marked down"
+        time.sleep(0.3)
+    conf = (stack.data_dir / "nginx" / "live" / "nginx.conf").read_text()
+    assert f"server 127.0.0.1:{port} max_fails=3 fail_timeout=10s down;  # failed its health checks" in conf
+    assert "is down" in stack.cli("audit")
+    for _ in range(4):  # every request lands on the live upstream
+        assert stack.post("/v1/chat/completions", key, json={"model": "slow-model"}).status_code == 200
+    revived = FakeUpstream("revived", ["slow-model"], port=port)
+    try:
+        deadline = time.monotonic() + 15
+        while upstream_down():
+            assert time.monotonic() < deadline, "the revived upstream was never marked up"
+            time.sleep(0.3)
+        assert "is up again" in stack.cli("audit")
+    finally:
+        revived.close()

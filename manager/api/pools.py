@@ -12,7 +12,7 @@ from manager.app import bastion
 bp = ApiBlueprint("pools", __name__, url_prefix="/api/v1/pools")
 routes_bp = ApiBlueprint("routes", __name__, url_prefix="/api/v1/routes")
 
-UPSTREAM = obj(["url"], url=STR, weight=INT, backup=BOOL)
+UPSTREAM = obj(["url"], url=STR, weight=INT, backup=BOOL, down=BOOL)
 UPSTREAM_IN = {"oneOf": [STR, UPSTREAM]}
 POOL_FIELDS = {"upstreams": {"type": "array", "items": UPSTREAM_IN, "minItems": 1},
                "api_key": {"type": ["string", "null"]}, "models": STR_LIST,

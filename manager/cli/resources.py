@@ -87,8 +87,10 @@ def pools_list(b: Bastion, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    print_table([{"name": p["name"], "method": p["method"],
-                  "upstreams": " ".join(u["url"] + (" (backup)" if u["backup"] else "") for u in p["upstreams"]),
+    def upstream(u: dict) -> str:
+        return u["url"] + (" (backup)" if u["backup"] else "") + (" (DOWN)" if u["down"] else "")
+
+    print_table([{"name": p["name"], "method": p["method"], "upstreams": " ".join(map(upstream, p["upstreams"])),
                   "models": ",".join(p["models"] or p["discovered_models"]) or "-"} for p in rows],
                 ["name", "method", "upstreams", "models"])
 
