@@ -132,7 +132,7 @@ def test_second_up_on_a_running_data_dir_changes_nothing(running) -> None:
 
 
 def test_health_checks_take_a_dead_upstream_out_and_back(running) -> None:
-    stack, key, up = running
+    stack, key, _ = running
     port = free_port()
     dead = f"http://127.0.0.1:{port}"
     stack.cli("settings", "set", "health_fails", "1")
