@@ -7,16 +7,14 @@ Everything it needs is in memory (`SnapshotSource`); it does no disk I/O per req
 
 from __future__ import annotations
 
-import email.policy
 import json
 import re
 import time
 from collections.abc import Callable, Iterable
-from email.parser import BytesParser
 from pathlib import Path
 from typing import Any
 
-from authsvc import errors
+from authsvc import bodies, errors
 from authsvc import keys as keyformat
 from authsvc.ratelimit import RateLimiter
 from authsvc.snapshot import KeyRule, Snapshot, SnapshotSource
@@ -33,6 +31,9 @@ MODEL_REQUIRED = frozenset(
         "/api/show",
     }
 )
+# endpoints that take multipart/form-data uploads with a `model` field (OpenAI audio and images)
+FORM_ENDPOINTS = frozenset({"/v1/audio/transcriptions", "/v1/audio/translations", "/v1/images/edits",
+                            "/v1/images/variations"})
 MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,199}$")
 JSON_HEADERS = [("Content-Type", "application/json")]
 
@@ -157,11 +158,11 @@ class Gate:
 
     @staticmethod
     def requested_model(environ: dict[str, Any], path: str, ollama: bool, restricted: bool) -> str | None:
-        """The model a request names: `model` (or Ollama's `name`) of a JSON body whatever its Content-Type,
-        the `model` field of a multipart form, or the id in DELETE /v1/models/<id>. None when there is none.
+        """The model a request names: from a JSON body whatever its Content-Type, from the form of the
+        endpoints that take multipart uploads, or the id in DELETE /v1/models/<id>. None when there is none.
 
-        A key with a model allow-list may not send a body the gate cannot read: the upstream might find a
-        model in it that the gate never checked."""
+        A key with a model allow-list may only send bodies whose model the gate can read the way the
+        upstream will (authsvc.bodies): otherwise the upstream might use a model the gate never checked."""
         required = path in MODEL_REQUIRED
         if path.startswith("/v1/models/") and environ.get("REQUEST_METHOD") != "GET":
             return checked_model(path[len("/v1/models/"):], ollama)
@@ -177,22 +178,18 @@ class Gate:
         raw = environ["wsgi.input"].read(length)
         content_type = environ.get("CONTENT_TYPE", "")
         try:
-            if content_type.lower().startswith("multipart/form-data"):
-                found = multipart_field(raw, content_type, "model")
+            if path in FORM_ENDPOINTS and content_type.lower().startswith("multipart/form-data"):
+                found = bodies.form_model(raw, content_type)
             else:
-                body = json.loads(raw)
-                found = None
-                if isinstance(body, dict):
-                    # older Ollama clients send `name` (e.g. /api/show, /api/pull)
-                    found = body.get("model") if "model" in body or not ollama else body.get("name")
-        except ValueError:
+                found = bodies.json_model(raw, ollama)
+        except ValueError as e:
             if required:
-                raise error(400, "The request body is not valid JSON.", "invalid_json", ollama) from None
+                raise error(400, f"The request body is not valid JSON ({e}).", "invalid_json", ollama) from None
             if restricted:
-                raise error(400, "This API key may only send JSON or multipart bodies.", "unreadable_body",
-                            ollama) from None
+                raise error(400, f"This API key may only send bodies whose model can be checked ({e}).",
+                            "unreadable_body", ollama) from None
             return None
-        if found is None and not required:
+        if found is None and not (required or restricted):
             return None
         if not isinstance(found, str) or not found:
             raise error(400, "The request body needs a `model` string.", "missing_model", ollama, param="model")
@@ -205,19 +202,6 @@ def checked_model(model: str, ollama: bool) -> str:
         raise error(404, f"The model `{model[:200]}` does not exist or you do not have access to it.",
                     "model_not_found", ollama, param="model")
     return model
-
-
-def multipart_field(raw: bytes, content_type: str, name: str) -> str | None:
-    """One text field of a multipart/form-data body (e.g. `model` of an audio transcription)."""
-    header = b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n"
-    message = BytesParser(policy=email.policy.default).parsebytes(header + raw)
-    if not message.is_multipart():
-        raise ValueError("not a multipart body")
-    values = [part.get_payload(decode=True) or b"" for part in message.iter_parts()
-              if part.get_param("name", header="content-disposition") == name]
-    if len(values) > 1:  # servers differ on which one counts: the one checked must be the one used
-        raise ValueError(f"the field {name!r} appears more than once")
-    return values[0].decode("utf-8", errors="replace").strip() if values else None
 
 
 def canonical(path: str) -> bool:

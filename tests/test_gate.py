@@ -242,3 +242,53 @@ def test_multipart_with_two_model_fields_refused(tmp_path: Path, token: str) -> 
             b'--XX\r\nContent-Disposition: form-data; name="model"\r\n\r\nsecret-model\r\n--XX--\r\n')
     c = Call(gate, "/v1/audio/transcriptions", token, body, CONTENT_TYPE="multipart/form-data; boundary=XX")
     assert c.status == 400 and c.json()["error"]["code"] == "unreadable_body"
+
+
+def form(*parts: bytes, boundary: bytes = b"XX") -> bytes:
+    return b"".join(b"--" + boundary + b"\r\n" + p + b"\r\n" for p in parts) + b"--" + boundary + b"--\r\n"
+
+
+MODEL_PART = b'Content-Disposition: form-data; name="model"\r\n\r\ngpt-4o'
+SECRET_PART = b'Content-Disposition: form-data; name="model"\r\n\r\nsecret-model'
+
+
+@pytest.mark.parametrize(("body", "content_type"), [
+    # a JSON body dressed as a form: model endpoints always read JSON
+    (b'{"model":"secret-model"}\r\n' + form(MODEL_PART), "multipart/form-data; boundary=XX"),
+    (form(MODEL_PART), "multipart/form-data; boundary=XX; boundary=YY"),
+    (form(b'Content-Disposition: form-data; name="x"; name="model"\r\n\r\ngpt-4o'), "multipart/form-data; boundary=XX"),
+    (form(b'Content-Disposition: form-data; name="model"\r\nContent-Disposition: form-data; name="m2"\r\n\r\ngpt-4o'),
+     "multipart/form-data; boundary=XX"),
+    (b"preamble\r\n" + form(MODEL_PART), "multipart/form-data; boundary=XX"),
+    (form(MODEL_PART, SECRET_PART), "multipart/form-data; boundary=XX"),
+    (form(b'Content-Disposition: form-data; name="model"\r\nContent-Transfer-Encoding: base64\r\n\r\nZ3B0LTRv'),
+     "multipart/form-data; boundary=XX"),
+    (b'{"model":"gpt-4o","MODEL":"secret-model"}', "application/json"),
+])
+def test_bodies_that_parsers_could_read_differently_are_refused(tmp_path: Path, token: str, body: bytes,
+                                                                content_type: str) -> None:
+    write_snapshot(tmp_path / "snapshot.json", [key_entry(token, models=["gpt-4o"])])
+    gate = Gate(tmp_path / "snapshot.json", PEPPER)
+    for path in ("/v1/chat/completions", "/v1/audio/transcriptions"):
+        c = Call(gate, path, token, body, CONTENT_TYPE=content_type)
+        assert c.status == 400, (path, c.body)
+
+
+def test_ollama_model_rules_mirror_ollama(tmp_path: Path, token: str) -> None:
+    write_snapshot(tmp_path / "snapshot.json", [key_entry(token, models=["llama3*"], endpoints=["/api/*"])])
+    gate = Gate(tmp_path / "snapshot.json", PEPPER)
+    assert Call(gate, "/api/pull", token, {"model": None, "name": "secret-model"}).status == 404
+    assert Call(gate, "/api/pull", token, {"MODEL": "secret-model"}).status == 404
+    assert Call(gate, "/api/pull", token, {"name": "llama3"}).status == 200
+    # a restricted key's JSON body must name a model
+    assert Call(gate, "/api/ps", token, {"verbose": True}).status == 400
+
+
+def test_huge_multipart_bodies_are_refused_fast(tmp_path: Path, token: str) -> None:
+    write_snapshot(tmp_path / "snapshot.json", [key_entry(token)])
+    gate = Gate(tmp_path / "snapshot.json", PEPPER)
+    many = form(*([b'Content-Disposition: form-data; name="a"\r\n\r\nb'] * 340_000))
+    t0 = time.perf_counter()
+    c = Call(gate, "/v1/audio/transcriptions", token, many, CONTENT_TYPE="multipart/form-data; boundary=XX")
+    assert time.perf_counter() - t0 < 1.0
+    assert c.headers.get("X-Accel-Redirect") == "@pool_main"  # unrestricted: passed on unread, to the default
