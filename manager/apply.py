@@ -8,6 +8,8 @@ last good generation, reload, and raise with nginx's own words.
 from __future__ import annotations
 
 import grp
+import ipaddress
+import json
 import os
 import pwd
 import socket
@@ -23,6 +25,7 @@ from manager import cidr_groups, generations, health
 from manager import settings as settings_mod
 from manager.nginx import NginxError
 from manager.render import render
+from manager.store import write_atomic
 
 if TYPE_CHECKING:
     from manager.context import Bastion
@@ -59,24 +62,50 @@ class ApplyResult:
 
 
 def resolve(host: str, port: int) -> list[str]:
-    """Every address of host:port, sorted (so the rendering is stable), as nginx wants them. Hostnames are
-    resolved here, not by nginx, so a DNS failure cannot stop nginx from starting or reloading; the supervisor
-    re-applies on a schedule to follow DNS changes."""
+    """Every address of host:port, sorted (so the rendering is stable), as nginx wants them. A name that is
+    only loopback keeps its IPv4 addresses: local servers (Ollama...) usually listen on 127.0.0.1 alone."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError:
         return []
-    addresses = {f"[{a[0]}]:{port}" if family == socket.AF_INET6 else f"{a[0]}:{port}"
-                 for family, _, _, _, a in infos}
-    return sorted(addresses)
+    ips = {ipaddress.ip_address(a[0]) for *_, a in infos}
+    if all(ip.is_loopback for ip in ips) and any(ip.version == 4 for ip in ips):
+        ips = {ip for ip in ips if ip.version == 4}
+    return sorted(f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}" for ip in ips)
 
 
-def pool_view(pool: dict[str, Any], unhealthy: set[str]) -> dict[str, Any]:
+def host_port(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.hostname}:{parts.port}"
+
+
+def resolve_upstreams(bastion: Bastion, remember: bool = False) -> dict[str, list[str]]:
+    """host:port -> addresses for every upstream. Hostnames are resolved here, not by nginx, so a DNS failure
+    cannot stop nginx; a lookup that fails falls back to the last good answer (kept in resolved.json when
+    `remember`), so a DNS hiccup during an apply does not take a working upstream out."""
+    cache_file = bastion.dirs.root / "resolved.json"
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    result: dict[str, list[str]] = {}
+    for pool in bastion.store.table("pools").all():
+        for up in pool["upstreams"]:
+            key = host_port(up["url"])
+            if key not in result:
+                host, _, port = key.rpartition(":")
+                result[key] = resolve(host, int(port)) or cache.get(key, [])
+    if remember:
+        write_atomic(cache_file, json.dumps({**cache, **result}, sort_keys=True).encode())
+    return result
+
+
+def pool_view(pool: dict[str, Any], unhealthy: set[str], resolved: dict[str, list[str]]) -> dict[str, Any]:
     servers = []
     for up in pool["upstreams"]:
         parts = urlsplit(up["url"])
         common = {"weight": up.get("weight", 1), "backup": up.get("backup", False)}
-        addresses = resolve(parts.hostname or "", parts.port or 80)
+        addresses = resolved.get(host_port(up["url"])) or resolve(parts.hostname or "", parts.port or 80)
         down = up["url"] in unhealthy
         note = "failed its health checks" if down else None
         servers += [{"address": a, "down": down, "note": note, **common} for a in addresses]
@@ -108,8 +137,9 @@ def worker_user(data_dir: Path) -> str | None:
     return f"{pwd.getpwuid(st.st_uid).pw_name} {grp.getgrgid(st.st_gid).gr_name}"
 
 
-def render_config(bastion: Bastion, generation: int) -> str:
+def render_config(bastion: Bastion, generation: int, resolved: dict[str, list[str]] | None = None) -> str:
     dirs, settings = bastion.dirs, bastion.settings()
+    resolved = resolve_upstreams(bastion) if resolved is None else resolved
     return render(
         "nginx.conf.j2",
         generation=generation,
@@ -123,7 +153,8 @@ def render_config(bastion: Bastion, generation: int) -> str:
             "gate_socket": dirs.gate_socket,
             "manager_socket": dirs.manager_socket,
         },
-        pools=[pool_view(p, health.down_urls(bastion)) for p in bastion.store.table("pools").all() if p["upstreams"]],
+        pools=[pool_view(p, health.down_urls(bastion), resolved)
+               for p in bastion.store.table("pools").all() if p["upstreams"]],
         public_listen=settings["public_listen"],
         admin_listen=settings["admin_listen"],
         server_name=settings["server_name"] or "_",
@@ -159,22 +190,24 @@ def apply(bastion: Bastion, author: str = "cli", *, force_reload: bool = False) 
     """Render and apply the configuration; with `force_reload` a running nginx is reloaded and verified even
     when nothing changed. Raises ConfigTestFailed or ReloadFailed, in which case nothing was left changed.
     Runs under the store lock, so applies from the manager, the supervisor and the CLI never interleave."""
+    resolved = resolve_upstreams(bastion, remember=True)  # DNS before taking the lock: it may be slow
     with bastion.store.transaction():
-        return _apply(bastion, author, force_reload)
+        return _apply(bastion, author, force_reload, resolved)
 
 
-def _apply(bastion: Bastion, author: str, force_reload: bool) -> ApplyResult:
+def _apply(bastion: Bastion, author: str, force_reload: bool, resolved: dict[str, list[str]]) -> ApplyResult:
     dirs = bastion.dirs
     dirs.ensure()
     current = generations.live(dirs)
     master = bastion.nginx.master_pid()
-    if current and dirs.nginx_conf.exists() and dirs.nginx_conf.read_text() == render_config(bastion, current):
+    unchanged = dirs.nginx_conf.exists() and dirs.nginx_conf.read_text() == render_config(bastion, current, resolved)
+    if current and unchanged:
         if force_reload and master:
             _reload_and_verify(bastion, master, current)
         return ApplyResult(current, changed=False, reloaded=bool(force_reload and master))
 
     nxt = generations.next_number(dirs)
-    text = render_config(bastion, nxt)
+    text = render_config(bastion, nxt, resolved)
     conf = generations.write(dirs, nxt, text, author, generations.config_state(bastion.store))
     try:
         bastion.nginx.test(conf)

@@ -22,7 +22,7 @@ def upstream_models(url: str, api_key: str | None = None, verify: bool | str = T
                 names = pick(resp.json())
                 # an upstream's answer is input like any other: keep only names Bastion can route safely
                 return [n for n in names if isinstance(n, str) and v.MODEL_RE.fullmatch(n)]
-        except (requests.RequestException, ValueError, KeyError, TypeError):
+        except (requests.RequestException, OSError, ValueError, KeyError, TypeError):
             continue
     return None
 

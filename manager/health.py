@@ -39,7 +39,7 @@ def probe(url: str, api_key: str | None, verify: bool | str) -> bool:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
         requests.get(url + "/v1/models", headers=headers, timeout=PROBE_TIMEOUT, verify=verify)
-    except requests.RequestException:
+    except (requests.RequestException, OSError):  # OSError: e.g. a missing CA bundle
         return False
     return True
 
@@ -60,9 +60,20 @@ def check(bastion: Bastion) -> list[str]:
             if down != was["down"]:
                 changes.append(f"upstream {url} of pool {pool['name']} is {'down' if down else 'up again'}")
             state[url] = {"fails": fails, "down": down, "checked": time.time()}
-    write_atomic(bastion.dirs.root / "health.json", json.dumps(state, sort_keys=True).encode())
-    if changes:
+    path = bastion.dirs.root / "health.json"
+    if not changes:
+        write_atomic(path, json.dumps(state, sort_keys=True).encode())
+        return changes
+    before = path.read_bytes() if path.exists() else None
+    write_atomic(path, json.dumps(state, sort_keys=True).encode())
+    try:
         result = bastion.apply("health check")
-        for change in changes:
-            bastion.audit.record("health check", f"{change} (generation {result.generation})")
+    except Exception:  # keep the old state, so the next check tries (and audits) again
+        if before is None:
+            path.unlink(missing_ok=True)
+        else:
+            write_atomic(path, before)
+        raise
+    for change in changes:
+        bastion.audit.record("health check", f"{change} (generation {result.generation})")
     return changes

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import requests
 
-from manager import health, pools
+from manager import generations, health, pools
 from manager.apply import healthz_url
 from manager.context import Bastion
 
@@ -184,9 +184,11 @@ class Supervisor:
             os.chown(child.socket, owner.st_uid, owner.st_gid)
 
     def _refresh(self) -> None:
-        """Ask upstreams for their models, and re-apply so nginx follows changed upstream DNS (a no-op when
-        nothing changed)."""
+        """Ask upstreams for their models; re-apply when an upstream host did not resolve at the last apply,
+        so it comes into service once DNS answers (other DNS changes are taken at the next apply)."""
         pools.refresh_discovered(self.bastion)
+        if "did not resolve" not in generations.live_text_masked(self.bastion.dirs):
+            return
         result = self.bastion.apply("supervisor")
         if result.changed:
             self.bastion.audit.record("supervisor", f"re-resolved upstream hosts (generation {result.generation})")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -75,8 +76,22 @@ def test_tls_verification_can_be_turned_off_per_pool(bastion: Bastion) -> None:
     assert "proxy_ssl_name 127.0.0.1;" in text and "proxy_ssl_verify on;" not in text
 
 
-def test_every_address_of_a_hostname_is_a_server(bastion: Bastion) -> None:
-    pools.add(bastion, "local", ["http://localhost:8000"], models=["m"])
+def test_every_address_of_a_hostname_is_a_server(bastion: Bastion, monkeypatch: pytest.MonkeyPatch) -> None:
+    answers = {"gpu.example": [("10.0.0.7", 8000), ("10.0.0.5", 8000)],
+               "localhost": [("::1", 8001), ("127.0.0.1", 8001)]}
+
+    def fake_getaddrinfo(host, port, *args, **kwargs):
+        if host not in answers:
+            raise socket.gaierror("no such host")
+        return [(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, p))
+                for ip, p in answers[host]]
+
+    monkeypatch.setattr(socket, "getaddrinfo", fake_getaddrinfo)
+    pools.add(bastion, "gpu", ["http://gpu.example:8000"], models=["m"])
+    pools.add(bastion, "local", ["http://localhost:8001"], models=["n"])
     text = bastion.dirs.nginx_conf.read_text()
-    assert "server 127.0.0.1:8000 " in text
+    assert "server 10.0.0.5:8000 max_fails" in text and "server 10.0.0.7:8000 max_fails" in text
+    assert "server 127.0.0.1:8001 max_fails" in text and "[::1]:8001" not in text  # loopback: IPv4 only
     assert bastion.apply("again").changed is False  # stable rendering: no spurious generation
+    answers.pop("gpu.example")  # a DNS hiccup keeps the last good addresses
+    assert bastion.apply("dns down").changed is False
