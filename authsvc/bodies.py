@@ -2,8 +2,8 @@
 
 The gate checks the model; the upstream uses it. Whenever two parsers could disagree (duplicate or
 differently cased keys, ambiguous multipart forms), the body is refused rather than guessed at: Ollama (Go)
-matches JSON keys case-insensitively and lets the last one win, python-multipart (vLLM) takes the last of
-repeated parameters, and so on. Every function raises ValueError for a body it will not vouch for.
+matches JSON keys case-insensitively, python-multipart (vLLM) takes the last of repeated parameters, and
+so on. Every function raises ValueError for a body it will not vouch for.
 """
 
 from __future__ import annotations
@@ -18,24 +18,20 @@ _NAME_PARAM = re.compile(rb"(?:^|;)\s*name\s*=\s*(\"[^\"]*\"|[^;\s]*)", re.IGNOR
 _MODEL_KEYS = ("model", "name")
 
 
-def _refuse_ambiguous_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    seen: set[str] = set()
-    for key, _ in pairs:
-        lowered = key.lower()
-        if lowered in _MODEL_KEYS:
-            if lowered in seen:
-                raise ValueError(f"the key {key!r} appears more than once")
-            seen.add(lowered)
-    return dict(pairs)
-
-
 def json_model(raw: bytes, ollama: bool) -> str | Any | None:
     """The model of a JSON object body: `model` (any case), on Ollama routes else `name`, like Ollama does.
-    Returns None when the body names none, the raw value (maybe not a string) otherwise."""
-    body = json.loads(raw, object_pairs_hook=_refuse_ambiguous_keys)
+    Returns None when the body names none, the raw value (maybe not a string) otherwise. A repeated key is
+    read as the last one by Python and Go alike; two spellings of one key (`model`, `MODEL`) are refused."""
+    body = json.loads(raw)
     if not isinstance(body, dict):
         return None
-    by_lower = {k.lower(): v for k, v in body.items() if k.lower() in _MODEL_KEYS}
+    by_lower: dict[str, Any] = {}
+    for key, value in body.items():
+        lowered = key.lower()
+        if lowered in _MODEL_KEYS:
+            if lowered in by_lower:
+                raise ValueError(f"the key {key!r} is given in two spellings")
+            by_lower[lowered] = value
     model = by_lower.get("model")
     if ollama and not model:
         return by_lower.get("name", model)
