@@ -27,6 +27,7 @@ from manager.context import Bastion
 
 START_TIMEOUT = 15.0
 MAX_RESTARTS = 5
+BACKGROUND_NICENESS = 10
 
 
 class StartupError(RuntimeError):
@@ -215,6 +216,9 @@ class Supervisor:
         self._busy.add(name)
 
         def run() -> None:
+            # Linux niceness is per thread: background work yields the CPU to nginx and the gate under load
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICENESS)
             try:
                 job()
             except Exception as e:  # a failed refresh must not stop the gateway
