@@ -140,6 +140,7 @@ def worker_user(data_dir: Path) -> str | None:
 def render_config(bastion: Bastion, generation: int, resolved: dict[str, list[str]] | None = None) -> str:
     dirs, settings = bastion.dirs, bastion.settings()
     resolved = resolve_upstreams(bastion) if resolved is None else resolved
+    unhealthy = health.down_urls(bastion)
     return render(
         "nginx.conf.j2",
         generation=generation,
@@ -153,7 +154,7 @@ def render_config(bastion: Bastion, generation: int, resolved: dict[str, list[st
             "gate_socket": dirs.gate_socket,
             "manager_socket": dirs.manager_socket,
         },
-        pools=[pool_view(p, health.down_urls(bastion), resolved)
+        pools=[pool_view(p, unhealthy, resolved)
                for p in bastion.store.table("pools").all() if p["upstreams"]],
         public_listen=settings["public_listen"],
         admin_listen=settings["admin_listen"],

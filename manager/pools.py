@@ -166,10 +166,11 @@ def remove(bastion: Bastion, name: str, author: str = "cli") -> None:
 def refresh_discovered(bastion: Bastion, only: str | None = None) -> list[str]:
     """Ask the upstreams of pools without a model list what they serve; returns the pools that changed."""
     changed = []
+    ca_bundle = bastion.settings()["ca_bundle"]
     for pool in bastion.store.table("pools").all():
         if pool.get("models") or (only and pool["name"] != only):
             continue
-        found = discovery.discover_pool_models(pool, bastion.settings()["ca_bundle"])
+        found = discovery.discover_pool_models(pool, ca_bundle)
         if found is None or found == pool.get("discovered_models"):
             continue
         with bastion.change("discovery", f"models discovered for pool {pool['name']}: {', '.join(found)}") as db:
