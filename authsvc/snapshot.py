@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 CHECK_INTERVAL = 0.25
+log = logging.getLogger(__name__)
 OLLAMA_ADMIN_PREFIXES = ("/api/pull", "/api/push", "/api/delete", "/api/create", "/api/copy", "/api/blobs")
 
 
@@ -169,5 +171,5 @@ class SnapshotSource:
                 self.snapshot = Snapshot.from_dict(json.loads(self.path.read_bytes()))
                 self._stamp = stamp
             except (ValueError, KeyError, TypeError) as e:  # keep serving the last good snapshot
-                print(f"authsvc: ignoring unreadable snapshot {self.path}: {e}", flush=True)
+                log.error("ignoring unreadable snapshot %s (serving the last good one): %s", self.path, e)
         return self.snapshot

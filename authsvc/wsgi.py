@@ -3,6 +3,8 @@
 import os
 from pathlib import Path
 
+from authsvc import logconfig
 from authsvc.gate import Gate
 
+logconfig.configure()
 app = Gate.from_data_dir(Path(os.environ["BASTION_DATA_DIR"]))

@@ -18,6 +18,7 @@ from manager.datadir import DataDir
 from manager.errors import Conflict, NotFound, ValidationError
 from manager.nginx import NginxError
 from manager.settings import ADMIN_BODY_LIMIT_KB
+from manager.store import StoreCorrupt
 
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 
@@ -96,6 +97,12 @@ def register_error_handlers(app: Flask) -> None:
         # nginx's own words go back to the caller; the previous configuration is still live
         status = 422 if isinstance(e, ConfigTestFailed | ReloadFailed) else 500
         return error_response(status, str(e), extra={"nginx": e.output})
+
+    @app.errorhandler(StoreCorrupt)
+    def store_unreadable(e: StoreCorrupt):
+        # the data plane keeps serving its last good configuration; only management waits for the repair
+        current_app.logger.error("%s", e)
+        return error_response(503, f"the configuration store cannot be read: {e}", headers={"Retry-After": "10"})
 
     @app.errorhandler(HTTPException)
     def http_error(e: HTTPException):

@@ -111,6 +111,16 @@ def live_pools(dirs: DataDir) -> set[str]:
         return set()
 
 
+def live_settings(dirs: DataDir) -> dict[str, Any]:
+    """The settings the live generation was rendered from ({} when unknown): what a supervisor can go on with
+    while the store cannot be read."""
+    try:
+        docs = state(dirs, live(dirs)).get("settings") or [{}]
+        return dict(docs[0])
+    except (OSError, ValueError, AttributeError, IndexError, TypeError):
+        return {}
+
+
 def live_text_masked(dirs: DataDir) -> str:
     """The live nginx.conf as shown to people ("" before the first apply)."""
     return mask_secrets(dirs.nginx_conf.read_text()) if dirs.nginx_conf.exists() else ""

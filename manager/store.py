@@ -98,7 +98,11 @@ class Store:
         self._local = threading.local()
         self._thread_lock = threading.RLock()
         self.db = TinyDB(path, storage=AtomicJSONStorage)
-        self.db.tables()  # read once now so a corrupt file fails at startup, not on first use
+
+    def check(self) -> None:
+        """Read the file once; raises StoreCorrupt naming it. The CLI calls this first, so a bad file is reported
+        before anything is done; long-running processes do not, so they keep serving and report it per call."""
+        self.db.storage.read()
 
     @contextmanager
     def transaction(self) -> Iterator[TinyDB]:

@@ -1,13 +1,16 @@
 """`bastion up`: run nginx, the gate (granian) and the manager (gunicorn) in the foreground.
 
-Ctrl-C/SIGTERM stops every child. A gate or manager that dies is restarted (at most `MAX_RESTARTS` a
-minute); nginx dying, or failing to start, stops the stack with the reason and a non-zero exit. While running,
-the supervisor ingests the access log every second and refreshes discovered models on a schedule.
+The data plane (nginx + gate) never depends on the control plane: a child that dies is restarted forever with
+back-off (0.5 s doubling to 5 s; a child that ran for a while starts over at 0.5 s), and nothing the store, the
+manager, the periodic jobs or the disk do can stop the supervisor. While it runs, long-lived threads ingest the
+access log, refresh discovered models and probe upstreams; their errors are logged (once per distinct error),
+never fatal. Only nginx failing to start at all makes `up` exit non-zero; Ctrl-C/SIGTERM stops every child.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -16,18 +19,27 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import requests
 
 from manager import generations, health, pools
+from manager import settings as settings_mod
 from manager.apply import healthz_url
 from manager.context import Bastion
+from manager.store import StoreCorrupt
+
+log = logging.getLogger(__name__)
 
 START_TIMEOUT = 15.0
-MAX_RESTARTS = 5
+TICK = 0.25
+BACKOFF_FIRST = 0.5
+BACKOFF_MAX = 5.0
+STABLE_AFTER = 30.0  # a child that ran this long was healthy: its next restart is quick again
 BACKGROUND_NICENESS = 10
+REPEAT_WARNING_AFTER = 300.0  # the same background error is logged again only after this long
 
 
 class StartupError(RuntimeError):
@@ -42,28 +54,50 @@ class Child:
     ready: Callable[[], bool]
     socket: Path | None = None
     proc: subprocess.Popen | None = None
-    restarts: list[float] = field(default_factory=list)
+    started: float = 0.0
+    is_ready: bool = False
+    failures: int = 0  # runs in a row that ended before STABLE_AFTER
+    restart_at: float | None = None
 
     def start(self, env: dict[str, str]) -> None:
         """Start afresh: leftovers of a previous run (its process group, a stale socket) are cleared first."""
         if self.proc:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
         if self.socket:
             self.socket.unlink(missing_ok=True)
-        with self.log.open("ab") as out:
+        try:
+            out = self.log.open("ab")
+        except OSError:  # a missing or broken logs dir must not keep the child down
+            out = open(os.devnull, "ab")  # noqa: SIM115 - closed below, the child keeps its own copy
+        with out:
             self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, env=env,
                                          start_new_session=True)
+        self.started, self.is_ready, self.restart_at = time.monotonic(), False, None
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.proc and self.proc.poll() is not None:
+            if self.exited():
                 raise StartupError(f"{self.name} exited with status {self.proc.returncode}:\n{self.tail()}")
             if self.ready():
+                self.is_ready = True
                 return
             time.sleep(0.05)
         raise StartupError(f"{self.name} did not become ready within {timeout:.0f} s:\n{self.tail()}")
+
+    def exited(self) -> bool:
+        return self.proc is not None and self.proc.poll() is not None
+
+    def schedule_restart(self, now: float) -> float:
+        """Set when to start again; returns the delay."""
+        if now - self.started >= STABLE_AFTER:
+            self.failures = 0
+        delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** self.failures)
+        self.failures += 1
+        self.restart_at = now + delay
+        return delay
 
     def tail(self, lines: int = 15) -> str:
         try:
@@ -83,12 +117,53 @@ class Child:
             self.proc.wait()
 
 
+class Periodic(threading.Thread):
+    """A background job run every `interval()` seconds (0 = paused) until `stopping` is set; errors are logged,
+    the same one only once per REPEAT_WARNING_AFTER, and recovery is logged too."""
+
+    def __init__(self, name: str, interval: Callable[[], float], job: Callable[[], Any], stopping: threading.Event):
+        super().__init__(name=name, daemon=True)
+        self.interval, self.job, self.stopping = interval, job, stopping
+        self._last_error: tuple[str, float] | None = None
+
+    def run(self) -> None:
+        # Linux niceness is per thread: background work yields the CPU to nginx and the gate under load
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICENESS)
+        last = time.monotonic()
+        while not self.stopping.wait(TICK):  # short waits: a changed interval takes effect at once
+            interval = self._safe_interval()
+            if interval and time.monotonic() - last >= interval:
+                last = time.monotonic()
+                self.run_once()
+
+    def _safe_interval(self) -> float:
+        try:
+            return float(self.interval())
+        except Exception:  # settings unreadable: keep the job going at a sane pace
+            return 60.0
+
+    def run_once(self) -> None:
+        try:
+            self.job()
+        except Exception as e:  # a failed job must never stop the gateway
+            message, now = f"{type(e).__name__}: {e}", time.monotonic()
+            last = self._last_error
+            if not last or last[0] != message or now - last[1] > REPEAT_WARNING_AFTER:
+                log.warning("%s failed (will retry): %s", self.name, message)
+                self._last_error = (message, now)
+        else:
+            if self._last_error:
+                log.info("%s works again", self.name)
+                self._last_error = None
+
+
 class Supervisor:
     def __init__(self, bastion: Bastion, echo: Callable[[str], None] = print):
         self.bastion = bastion
         self.echo = echo
         self.stopping = threading.Event()
-        self._busy: set[str] = set()
+        self._settings: dict[str, Any] | None = None
         dirs = bastion.dirs
         # children get no BASTION_ADMIN_PASSWORD: the admin user exists before they start
         self.env = {k: x for k, x in os.environ.items() if k != "BASTION_ADMIN_PASSWORD"}
@@ -114,10 +189,20 @@ class Supervisor:
             dirs.manager_socket,
         )
         self.nginx = Child("nginx", bastion.nginx.run_argv(), dirs.logs / "nginx.log", self._nginx_ready)
+        self.children = (self.nginx, self.gate, self.manager)
+
+    def settings(self) -> dict[str, Any]:
+        """The store's settings; while the store is unreadable, the last good ones (or the live generation's)."""
+        try:
+            self._settings = self.bastion.settings()
+        except (StoreCorrupt, OSError):
+            if self._settings is None:
+                self._settings = settings_mod.effective(generations.live_settings(self.bastion.dirs))
+        return self._settings
 
     def _nginx_ready(self) -> bool:
         try:
-            return requests.get(healthz_url(self.bastion.settings()["public_listen"]), timeout=1).ok
+            return requests.get(healthz_url(self.settings()["public_listen"]), timeout=1).ok
         except requests.RequestException:
             return False
 
@@ -131,22 +216,31 @@ class Supervisor:
             self.shutdown()
             return 1
         try:
-            return self.watch()
+            self.watch()
+            return 0
         finally:
             self.shutdown()
 
     def start(self) -> None:
         dirs, bastion = self.bastion.dirs, self.bastion
         self.echo("applying nginx configuration...")
-        result = bastion.apply("up")
-        self.echo(f"  generation {result.generation}")
+        try:
+            result = bastion.apply("up")
+            self.echo(f"  generation {result.generation}")
+        except StoreCorrupt as e:
+            live = generations.live(dirs)
+            if not live:
+                raise StartupError(str(e)) from None
+            log.error("%s; serving the last good configuration (generation %d) until it is fixed", e, live)
         for child in (self.gate, self.manager):
             self.echo(f"starting {child.name}...")
-            self._start(child)
+            child.start(self.env)
+            child.wait_ready()
+            self._on_ready(child)
         self.echo("starting nginx...")
         self.nginx.start(self.env)
         self.nginx.wait_ready()
-        settings = bastion.settings()
+        settings = self.settings()
         self.echo(f"Bastion is up (data dir {dirs.root})")
         self.echo(f"  OpenAI base URL: http://{settings['public_listen']}/v1")
         self.echo(f"  Ollama base URL: http://{settings['public_listen']}")
@@ -156,29 +250,51 @@ class Supervisor:
         self.echo(f"Add a pool and a key:  {cli}{data} pools add NAME --url http://HOST:PORT")
         self.echo(f"                       {cli}{data} keys create NAME      (Ctrl-C stops the stack)")
 
-    def watch(self) -> int:
-        next_discovery = next_health = time.monotonic()
-        while not self.stopping.wait(1.0):
-            if self.nginx.proc and self.nginx.proc.poll() is not None:
-                self.echo(f"error: nginx exited with status {self.nginx.proc.returncode}:\n{self.nginx.tail()}")
-                return 1
-            for child in (self.gate, self.manager):
-                if child.proc and child.proc.poll() is not None and not self._restart(child):
-                    return 1
-            self._background("usage ingestion", self.bastion.usage.ingest)
-            settings, now = self.bastion.settings(), time.monotonic()
-            if now >= next_discovery:
-                next_discovery = now + settings["discovery_interval"]
-                self._background("model discovery and DNS", self._refresh)
-            if settings["health_interval"] and now >= next_health:
-                next_health = now + settings["health_interval"]
-                self._background("health checks", lambda: health.check(self.bastion))
+    def watch(self) -> None:
+        """Tend the children until asked to stop; nothing raised in here ends the supervisor."""
+        for job in self._jobs():
+            job.start()
+        while not self.stopping.wait(TICK):
+            for child in self.children:
+                try:
+                    self._tend(child)
+                except Exception:  # e.g. fork failing under memory pressure: try again next tick
+                    log.exception("could not look after %s; trying again", child.name)
         self.echo("stopping...")
-        return 0
 
-    def _start(self, child: Child) -> None:
-        child.start(self.env)
-        child.wait_ready()
+    def _jobs(self) -> list[Periodic]:
+        def health_interval() -> float:
+            return self.settings()["health_interval"]
+
+        return [
+            Periodic("usage ingestion", lambda: 1.0, lambda: self.bastion.usage.ingest(), self.stopping),
+            Periodic("model discovery and DNS", lambda: self.settings()["discovery_interval"], self._refresh,
+                     self.stopping),
+            Periodic("health checks", health_interval, lambda: health.check(self.bastion), self.stopping),
+        ]
+
+    def _tend(self, child: Child) -> None:
+        """One look at a child: restart it when its back-off is over, notice when it died or became ready."""
+        now = time.monotonic()
+        if child.restart_at is not None:
+            if now >= child.restart_at:
+                log.info("restarting %s", child.name)
+                child.start(self.env)
+        elif child.exited():
+            delay = child.schedule_restart(now)
+            log.warning("%s exited with status %s; restarting in %.1f s. Last output:\n%s",
+                        child.name, child.proc.returncode, delay, child.tail())
+        elif not child.is_ready:
+            if child.ready():
+                child.is_ready = True
+                self._on_ready(child)
+                log.info("%s is ready", child.name)
+            elif now - child.started > START_TIMEOUT:
+                log.error("%s did not become ready within %.0f s; killing it", child.name, START_TIMEOUT)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(child.proc.pid, signal.SIGKILL)
+
+    def _on_ready(self, child: Child) -> None:
         owner = self.bastion.dirs.root.stat()
         if child.socket and os.geteuid() == 0 and owner.st_uid != 0:
             # nginx workers run as the data dir's owner (see apply.worker_user): let them connect
@@ -194,40 +310,8 @@ class Supervisor:
         if result.changed:
             self.bastion.audit.record("supervisor", f"re-resolved upstream hosts (generation {result.generation})")
 
-    def _restart(self, child: Child) -> bool:
-        now = time.monotonic()
-        child.restarts = [t for t in child.restarts if now - t < 60] + [now]
-        if len(child.restarts) > MAX_RESTARTS:
-            self.echo(f"error: {child.name} keeps dying; last output:\n{child.tail()}")
-            return False
-        self.echo(f"{child.name} exited with status {child.proc.returncode}; restarting")
-        try:
-            self._start(child)
-        except StartupError as e:
-            self.echo(f"error: {e}")
-            return False
-        return True
-
-    def _background(self, name: str, job: Callable[[], object]) -> None:
-        """Run periodic work without blocking the watch loop, one run of each job at a time; errors are
-        reported, never fatal."""
-        if name in self._busy:
-            return
-        self._busy.add(name)
-
-        def run() -> None:
-            # Linux niceness is per thread: background work yields the CPU to nginx and the gate under load
-            with contextlib.suppress(OSError):
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICENESS)
-            try:
-                job()
-            except Exception as e:  # a failed refresh must not stop the gateway
-                self.echo(f"warning: {name}: {e}")
-            finally:
-                self._busy.discard(name)
-        threading.Thread(target=run, daemon=True).start()
-
     def shutdown(self) -> None:
+        self.stopping.set()
         self.nginx.stop(signal.SIGQUIT)  # graceful: in-flight streams finish
         for child in (self.manager, self.gate):
             child.stop()

@@ -158,6 +158,8 @@ def test_health_checks_take_a_dead_upstream_out_and_back(running) -> None:
         while upstream_down():
             assert time.monotonic() < deadline, "the revived upstream was never marked up"
             time.sleep(0.3)
-        assert "is up again" in stack.cli("audit")
+        while "is up again" not in stack.cli("audit"):  # audited once the re-apply finished
+            assert time.monotonic() < deadline, "the revival was never audited"
+            time.sleep(0.3)
     finally:
         revived.close()

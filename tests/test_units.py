@@ -85,7 +85,7 @@ def test_corrupt_store_refused(tmp_path: Path, content: str) -> None:
     path = tmp_path / "store.json"
     path.write_text(content)
     with pytest.raises(StoreCorrupt) as e:
-        Store(path)
+        Store(path).check()
     assert str(path) in str(e.value)
     assert path.read_text() == content
 

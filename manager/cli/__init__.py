@@ -61,20 +61,26 @@ def main(ctx: click.Context, data_dir: str, nginx_binary: str | None) -> None:
     ctx.obj = lambda: Bastion(DataDir.at(data_dir), nginx_binary)  # built lazily: --help needs no data dir
 
 
-def get_bastion(ctx: click.Context) -> Bastion:
+def get_bastion(ctx: click.Context, check_store: bool = True) -> Bastion:
     try:
-        return ctx.obj()
+        bastion = ctx.obj()
+        if check_store:
+            bastion.store.check()
+        return bastion
     except StoreCorrupt as e:
         raise click.ClickException(str(e)) from None
 
 
-def with_bastion(fn):
-    @click.pass_context
-    @friendly_errors
-    @functools.wraps(fn)
-    def wrapper(ctx: click.Context, *args, **kwargs):
-        return fn(get_bastion(ctx), *args, **kwargs)
-    return wrapper
+def with_bastion(fn=None, *, check_store: bool = True):
+    """Pass the data dir's `Bastion` as first argument; with `check_store` a corrupt store is reported at once."""
+    def decorate(fn):
+        @click.pass_context
+        @friendly_errors
+        @functools.wraps(fn)
+        def wrapper(ctx: click.Context, *args, **kwargs):
+            return fn(get_bastion(ctx, check_store), *args, **kwargs)
+        return wrapper
+    return decorate(fn) if fn else decorate
 
 
 # the command groups register themselves on `main`

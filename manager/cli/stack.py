@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+import os
+
 import click
 
+from authsvc import logconfig
+from manager import generations
 from manager import settings as settings_mod
 from manager import users as users_mod
 from manager.cli import main, with_bastion
 from manager.context import Bastion
+from manager.store import StoreCorrupt
+
+log = logging.getLogger(__name__)
 
 
 @main.command()
@@ -31,17 +39,31 @@ def announce_admin(b: Bastion) -> None:
 @click.option("--public", help="Public listener HOST:PORT (saved; default 127.0.0.1:8080).")
 @click.option("--admin", help="Admin listener HOST:PORT (saved; default 127.0.0.1:8081).")
 @click.option("--nginx", "nginx_path", help="Path of the nginx binary (same as the global --nginx).")
-@with_bastion
-def up(b: Bastion, public: str | None, admin: str | None, nginx_path: str | None) -> None:
+@click.option("--log-level", type=click.Choice(logconfig.LEVELS, case_sensitive=False), envvar=logconfig.ENV,
+              default="INFO", show_default=True, help="Detail of the log lines of every process (stderr and logs/).")
+@with_bastion(check_store=False)
+def up(b: Bastion, public: str | None, admin: str | None, nginx_path: str | None, log_level: str) -> None:
     """Run nginx, the gate and the manager in the foreground until Ctrl-C."""
     from manager.supervisor import Supervisor
 
+    logconfig.configure(log_level)
+    os.environ[logconfig.ENV] = log_level.upper()  # the children log at the same level
     if nginx_path:
         b.nginx.binary = nginx_path
     if running := b.nginx.master_pid():  # before anything is changed: never move a live stack's listeners
         raise click.ClickException(f"Bastion for {b.dirs.root} is already running (nginx pid {running})")
-    changes = {k: x for k, x in (("public_listen", public), ("admin_listen", admin)) if x}
-    if changes:
-        settings_mod.update(b, changes, "up")
-    announce_admin(b)
+    try:
+        b.store.check()
+    except StoreCorrupt as e:
+        # the data plane does not need the store: serve the last good configuration while it is repaired
+        if not generations.live(b.dirs):
+            raise click.ClickException(str(e)) from None
+        log.error("%s", e)
+        log.error("starting on the last good configuration (generation %d); listener options and admin set-up "
+                  "wait until the store is repaired", generations.live(b.dirs))
+    else:
+        changes = {k: x for k, x in (("public_listen", public), ("admin_listen", admin)) if x}
+        if changes:
+            settings_mod.update(b, changes, "up")
+        announce_admin(b)
     raise SystemExit(Supervisor(b, click.echo).run())
