@@ -98,6 +98,8 @@ def test_corrupt_store_while_traffic_flows(serving) -> None:
     time.sleep(6)  # several health checks, a discovery run and many supervisor ticks on a broken store
     r = requests.get(stack.admin + "/api/v1/pools", headers={"Authorization": f"Bearer {token}"}, timeout=10)
     assert r.status_code == 503 and str(store) in r.json()["message"]
+    health = requests.get(stack.admin + "/api/v1/health", timeout=10).json()
+    assert health["status"] == "degraded" and health["store"].startswith("unreadable")
     assert stack.proc.poll() is None, stack.output.read_text()
     store.write_bytes(good)
     outcomes = traffic.finish()

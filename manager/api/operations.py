@@ -23,6 +23,7 @@ from manager.api.base import (
 from manager.app import bastion
 from manager.apply import render_config
 from manager.errors import NotFound
+from manager.store import StoreCorrupt
 
 config_bp = ApiBlueprint("config", __name__, url_prefix="/api/v1/config")
 usage_bp = ApiBlueprint("usage", __name__, url_prefix="/api/v1/usage")
@@ -125,8 +126,14 @@ def audit_log():
                                            query_param("limit", lambda f, x: v.integer(f, x, 1, 10000), 200)))
 
 
-@health_bp.op("GET", "", "Is the stack up, which generation is live", public=True,
-              response=obj(status=STR, generation=INT, nginx_running=BOOL))
+@health_bp.op("GET", "", "Is the stack up, which generation is live, is the store readable", public=True,
+              response=obj(status=STR, generation=INT, nginx_running=BOOL, store=STR))
 def health():
     b = bastion()
-    return jsonify(status="ok", generation=generations.live(b.dirs), nginx_running=b.nginx.master_pid() is not None)
+    try:
+        b.store.check()
+        store = "ok"
+    except StoreCorrupt:  # the data plane still serves the live generation; the message names the file
+        store = "unreadable (see the manager log; management answers 503 until it is repaired)"
+    return jsonify(status="ok" if store == "ok" else "degraded", generation=generations.live(b.dirs),
+                   nginx_running=b.nginx.master_pid() is not None, store=store)
