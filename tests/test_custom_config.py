@@ -267,3 +267,13 @@ def test_viewers_never_read_secrets_admins_read_their_custom_config(stack: Stack
     finally:
         live.write_bytes(original)
     assert hashlib.sha256(live.read_bytes()).hexdigest() == hashlib.sha256(original).hexdigest()
+
+
+@needs_nginx
+def test_a_stored_config_the_allow_list_refuses_is_never_rendered(tmp_path: Path) -> None:
+    """A custom config stored by an older version (or restored by a rollback to one) is left out."""
+    bastion = Bastion(DataDir.at(tmp_path / "data"))
+    sock = tmp_path / "evil.sock"
+    bastion.store.update_settings(custom_config=f"server {{ listen unix:{sock}; }}")
+    bastion.apply("test")
+    assert "unix:" + str(sock) not in bastion.dirs.nginx_conf.read_text()
