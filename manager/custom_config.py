@@ -382,7 +382,7 @@ def renderable(text: str) -> str:
 _VALUE_ARG = {"proxy_set_header": 1, "grpc_set_header": 1, "add_header": 1, "add_trailer": 1,
               "fastcgi_param": 1, "uwsgi_param": 1, "scgi_param": 1, "set": 1, "proxy_set_body": 0,
               "secure_link_secret": 0, "secure_link_md5": 0}
-_HEADER_LINES = {"more_set_headers", "more_set_input_headers", "more_clear_headers"}  # "Name: value" arguments
+_HEADER_LINES = {"more_set_headers", "more_set_input_headers"}  # "Name: value" arguments
 _VARIABLE_RE = re.compile(r"\$(?:\{\w+\}|\w+)")
 _AUTH_SCHEME_RE = re.compile(r"(?i)(bearer|basic|digest|token|bot)\s+\S")
 _USERINFO_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://([^/?#@\s]+)@")
