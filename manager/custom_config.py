@@ -239,6 +239,10 @@ def _one_of(*choices: str) -> Check:
     return lambda args: None if all(a in choices for a in args) else f"the value must be {' or '.join(choices)}"
 
 
+def _log_off(args: list[str]) -> str | None:
+    return None if args == ["off"] else "only 'access_log off': a log path is a file opened by nginx's root master"
+
+
 @dataclass(frozen=True)
 class Rule:
     contexts: frozenset[str]  # "server", "location", "limit_except"
@@ -247,8 +251,8 @@ class Rule:
     block: bool = False
 
 
-S, L, X = frozenset({"server"}), frozenset({"location"}), frozenset({"limit_except"})
-SL = S | L
+SERVER, LOCATION, LIMIT_EXCEPT = frozenset({"server"}), frozenset({"location"}), frozenset({"limit_except"})
+BOTH = SERVER | LOCATION
 ON_OFF = _one_of("on", "off")
 
 
@@ -258,39 +262,39 @@ def _rules(contexts: frozenset[str], nargs: tuple[int, int], check: Check | None
 
 ALLOWED: dict[str, Rule] = {
     "server": Rule(frozenset({"top"}), (0, 0), None, block=True),
-    "listen": Rule(S, (1, 12), _listen),
-    "location": Rule(SL, (1, 2), _location, block=True),
-    "limit_except": Rule(L, (1, 9), None, block=True),
-    "allow": Rule(SL | X, (1, 1), _address),
-    "deny": Rule(SL | X, (1, 1), _address),
-    "return": Rule(SL, (1, 2), None),  # text bodies may hold any character
-    "rewrite": Rule(SL, (2, 3), _rewrite),
-    "error_page": Rule(SL, (2, 24), _error_page),
-    "proxy_pass": Rule(L, (1, 1), _proxy_pass),
-    "access_log": Rule(SL, (1, 1), _one_of("off")),  # a path would be a file opened by root
-    "internal": Rule(L, (0, 0), None),
-    "satisfy": Rule(SL, (1, 1), _one_of("all", "any")),
-    **_rules(S, (1, 64), None, "server_name"),
-    **_rules(S, (1, 1), None, "client_header_timeout", "client_header_buffer_size"),
-    **_rules(S, (2, 2), None, "large_client_header_buffers"),
-    **_rules(S, (1, 1), ON_OFF, "http2", "ignore_invalid_headers", "underscores_in_headers", "merge_slashes"),
-    **_rules(SL, (2, 3), None, "proxy_set_header", "add_header", "add_trailer"),
-    **_rules(SL, (1, 1), None, "proxy_hide_header", "proxy_pass_header", "proxy_http_version",
+    "listen": Rule(SERVER, (1, 12), _listen),
+    "location": Rule(BOTH, (1, 2), _location, block=True),
+    "limit_except": Rule(LOCATION, (1, 9), None, block=True),
+    "allow": Rule(BOTH | LIMIT_EXCEPT, (1, 1), _address),
+    "deny": Rule(BOTH | LIMIT_EXCEPT, (1, 1), _address),
+    "return": Rule(BOTH, (1, 2), None),  # text bodies may hold any character
+    "rewrite": Rule(BOTH, (2, 3), _rewrite),
+    "error_page": Rule(BOTH, (2, 24), _error_page),
+    "proxy_pass": Rule(LOCATION, (1, 1), _proxy_pass),
+    "access_log": Rule(BOTH, (1, 1), _log_off),
+    "internal": Rule(LOCATION, (0, 0), None),
+    "satisfy": Rule(BOTH, (1, 1), _one_of("all", "any")),
+    **_rules(SERVER, (1, 64), None, "server_name"),
+    **_rules(SERVER, (1, 1), None, "client_header_timeout", "client_header_buffer_size"),
+    **_rules(SERVER, (2, 2), None, "large_client_header_buffers"),
+    **_rules(SERVER, (1, 1), ON_OFF, "http2", "ignore_invalid_headers", "underscores_in_headers", "merge_slashes"),
+    **_rules(BOTH, (2, 3), None, "proxy_set_header", "add_header", "add_trailer"),
+    **_rules(BOTH, (1, 1), None, "proxy_hide_header", "proxy_pass_header", "proxy_http_version",
              "proxy_connect_timeout", "proxy_read_timeout", "proxy_send_timeout", "proxy_next_upstream_timeout",
              "proxy_next_upstream_tries", "proxy_buffer_size", "proxy_busy_buffers_size", "proxy_limit_rate",
              "proxy_max_temp_file_size", "proxy_ssl_name", "proxy_ssl_verify_depth", "proxy_ssl_ciphers",
              "proxy_method", "default_type", "client_max_body_size", "client_body_buffer_size",
              "client_body_timeout", "send_timeout", "keepalive_requests", "limit_rate", "limit_rate_after"),
-    **_rules(SL, (1, 1), ON_OFF, "proxy_buffering", "proxy_request_buffering", "proxy_intercept_errors",
+    **_rules(BOTH, (1, 1), ON_OFF, "proxy_buffering", "proxy_request_buffering", "proxy_intercept_errors",
              "proxy_ssl_server_name", "proxy_ssl_verify", "proxy_ssl_session_reuse", "proxy_pass_request_body",
              "proxy_pass_request_headers", "proxy_socket_keepalive", "log_not_found", "server_tokens",
              "absolute_redirect", "port_in_redirect", "server_name_in_redirect", "chunked_transfer_encoding",
              "recursive_error_pages", "tcp_nodelay", "gzip"),
-    **_rules(SL, (1, 2), None, "proxy_redirect", "proxy_cookie_domain", "proxy_cookie_path", "keepalive_timeout",
+    **_rules(BOTH, (1, 2), None, "proxy_redirect", "proxy_cookie_domain", "proxy_cookie_path", "keepalive_timeout",
              "expires"),
-    **_rules(SL, (1, 12), None, "proxy_ignore_headers", "proxy_next_upstream", "proxy_ssl_protocols",
+    **_rules(BOTH, (1, 12), None, "proxy_ignore_headers", "proxy_next_upstream", "proxy_ssl_protocols",
              "proxy_cookie_flags", "gzip_types"),
-    **_rules(SL, (2, 2), None, "proxy_buffers"),
+    **_rules(BOTH, (2, 2), None, "proxy_buffers"),
 }
 
 _WHY = {
@@ -416,6 +420,8 @@ def _statement_secrets(words: list[Token], text: str) -> Iterator[tuple[int, int
     name = words[0].value.lower()
     value_at = _VALUE_ARG.get(name)
     options_left = 0
+    if words[0].broken:
+        yield *words[0].inner, MASK
     for i, tok in enumerate(words[1:]):
         start, end = tok.inner
         if tok.broken or (i == value_at and _is_secret(tok.value)):

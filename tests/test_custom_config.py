@@ -115,6 +115,8 @@ USEFUL = """server {
         proxy_read_timeout 600s;
         proxy_buffering off;
         add_header X-Served-By "bastion-custom" always;
+        add_header X-Quoted "a\\"b; c} # d" always;
+        add_header X-Word ${host}x#y always;
         limit_except GET POST { allow 127.0.0.0/8; deny all; }
     }
     location = /old { rewrite ^ /new permanent; }
@@ -122,7 +124,7 @@ USEFUL = """server {
     location @fallback { return 503; }
     error_page 502 504 =503 @fallback;
     access_log off;
-}"""
+} # a trailing comment without a line break"""
 
 
 @needs_nginx
