@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 import requests
 
-from manager import cidr_groups, generations, health
+from manager import cidr_groups, custom_config, generations, health
 from manager import settings as settings_mod
 from manager.nginx import NginxError
 from manager.render import render
@@ -162,7 +162,7 @@ def render_config(bastion: Bastion, generation: int, resolved: dict[str, list[st
         trusted_proxies=settings["trusted_proxies"],
         public_access=access_rules(bastion, settings["public_cidr_groups"]),
         admin_access=access_rules(bastion, settings["admin_cidr_groups"]),
-        custom_config=settings["custom_config"],
+        custom_config=custom_config.renderable(settings["custom_config"]),
         body_limit_mb=settings["body_limit_mb"],
         read_timeout=settings["read_timeout"],
         connect_timeout=settings["connect_timeout"],

@@ -12,23 +12,18 @@ import difflib
 import hashlib
 import json
 import os
-import re
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
+from manager import custom_config
 from manager.datadir import DataDir
 from manager.store import Store, write_atomic
 
 KEEP = 20
 CONFIG_TABLES = ("pools", "routes", "settings", "cidr_groups")  # what a rollback restores (never keys or users)
-_SECRET_RE = re.compile(r'(Authorization "Bearer )[^"]+(")')
-
-
-def mask_secrets(text: str) -> str:
-    """The config as shown to people: upstream API keys replaced by ****."""
-    return _SECRET_RE.sub(r"\1****\2", text)
+mask_secrets = custom_config.mask  # the one rule for nginx text shown to anyone (upstream keys, header values)
 
 
 def directory(dirs: DataDir, generation: int) -> Path:

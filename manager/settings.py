@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import re
 from typing import TYPE_CHECKING, Any
 
-from manager import cidr_groups
+from manager import cidr_groups, custom_config
 from manager import validation as v
 
 if TYPE_CHECKING:
     from manager.context import Bastion
 
-MAX_CUSTOM_CONFIG = 64 * 1024
 ADMIN_BODY_LIMIT_KB = 256  # management API bodies; nginx enforces it (a clean 413), Flask checks it again
 
 DEFAULTS: dict[str, Any] = {
@@ -36,39 +34,6 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-# nginx's master runs as root: directives that open, write or load files would let an admin write any file.
-FILE_DIRECTIVES = frozenset({
-    "include", "load_module", "access_log", "error_log", "root", "alias", "user", "pid", "lock_file",
-    "working_directory", "env", "daemon", "master_process", "open_log_file_cache", "auth_basic_user_file",
-    "ssl_certificate", "ssl_certificate_key", "ssl_trusted_certificate", "ssl_client_certificate", "ssl_crl",
-    "ssl_dhparam", "ssl_password_file", "ssl_stapling_file", "ssl_session_ticket_key", "proxy_ssl_certificate",
-    "proxy_ssl_certificate_key", "proxy_ssl_trusted_certificate", "proxy_ssl_crl", "proxy_ssl_password_file",
-    "client_body_temp_path", "proxy_temp_path", "fastcgi_temp_path", "uwsgi_temp_path", "scgi_temp_path",
-    "proxy_cache_path", "fastcgi_cache_path", "uwsgi_cache_path", "scgi_cache_path", "proxy_store",
-    "fastcgi_store", "uwsgi_store", "scgi_store", "dav_methods", "geoip_country", "geoip_city", "geoip_org",
-    "ssl_conf_command", "proxy_ssl_conf_command", "grpc_ssl_conf_command", "uwsgi_ssl_conf_command",
-})
-FILE_DIRECTIVE_PREFIXES = ("js_", "perl", "lua", "xslt_", "grpc_ssl_", "uwsgi_ssl_")
-# a directive name starts a statement: after ; { } or a line break (quoted names count too)
-_DIRECTIVE_RE = re.compile(r"""(?:^|[;{}\n])\s*["']?([A-Za-z_][A-Za-z0-9_]*)""")
-
-
-def custom_config(field: str, value: Any) -> str:
-    """Extra nginx `server` blocks from an admin: size-limited text without directives that touch files;
-    `nginx -t` and the reload check judge the rest."""
-    value = v.require_str(field, value)
-    if len(value) > MAX_CUSTOM_CONFIG:
-        raise v.ValidationError(field, f"must be at most {MAX_CUSTOM_CONFIG} characters")
-    if "\x00" in value or "\\" in value:
-        raise v.ValidationError(field, "must not contain NUL characters or backslashes")
-    for name in _DIRECTIVE_RE.findall(value):
-        lowered = name.lower()
-        if lowered in FILE_DIRECTIVES or lowered.startswith(FILE_DIRECTIVE_PREFIXES) or "_by_lua" in lowered:
-            raise v.ValidationError(field, f"the directive {name!r} is not allowed in a custom config (it reads or "
-                                           "writes files with nginx's privileges)")
-    return value
-
-
 VALIDATORS = {
     "public_listen": v.listen,
     "admin_listen": v.listen,
@@ -83,7 +48,7 @@ VALIDATORS = {
     "discovery_interval": lambda f, x: v.integer(f, x, 5, 86400),
     "health_interval": lambda f, x: v.integer(f, x, 0, 3600),
     "health_fails": lambda f, x: v.integer(f, x, 1, 20),
-    "custom_config": custom_config,
+    "custom_config": custom_config.validate,
     "ca_bundle": lambda f, x: v.file_path(f, x),
 }
 

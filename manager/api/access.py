@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flask import jsonify
+from flask import g, jsonify
 
 from manager import cidr_groups, generations, users
 from manager import settings as settings_mod
@@ -96,5 +96,8 @@ def update_settings():
 
 
 def _shown(values: dict) -> dict:
-    """Settings as answered: bearer values in the custom config masked (viewers read this too)."""
+    """Settings as answered: admins read the custom config as they wrote it (to edit it), viewers with every
+    header value and URL credential masked."""
+    if g.identity.role == "admin":
+        return values
     return {**values, "custom_config": generations.mask_secrets(values["custom_config"])}
