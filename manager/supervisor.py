@@ -304,7 +304,8 @@ class Supervisor:
         """Ask upstreams for their models; re-apply when an upstream host did not resolve at the last apply,
         so it comes into service once DNS answers (other DNS changes are taken at the next apply)."""
         pools.refresh_discovered(self.bastion)
-        if "did not resolve" not in generations.live_text_masked(self.bastion.dirs):
+        conf = self.bastion.dirs.nginx_conf
+        if not conf.exists() or "did not resolve" not in conf.read_text():
             return
         result = self.bastion.apply("supervisor")
         if result.changed:
