@@ -12,7 +12,8 @@ import pytest
 from authsvc import keys as keyformat
 from authsvc.gate import Gate
 from authsvc.ratelimit import RateLimiter
-from authsvc.snapshot import CHECK_INTERVAL
+from authsvc.snapshot import CHECK_INTERVAL, KEYS_DB
+from manager.keystore import KeyStore
 
 PEPPER = b"test-pepper"
 
@@ -23,10 +24,22 @@ def key_entry(token: str, **rules) -> dict:
 
 
 def write_snapshot(path: Path, keys: list[dict], **extra) -> None:
-    data = {"keys": keys, "pools": [{"name": "main", "models": ["llama3:latest", "gpt-4o"]},
-                                    {"name": "embed", "models": ["nomic"]}],
+    """snapshot.json next to a key store holding exactly `keys` (any other key there is revoked)."""
+    data = {"pools": [{"name": "main", "models": ["llama3:latest", "gpt-4o"]},
+                      {"name": "embed", "models": ["nomic"]}],
             "routes": [{"model": "qwen*", "pools": ["embed"]}], **extra}
     path.write_text(json.dumps(data))
+    write_keys(path.with_name(KEYS_DB), keys)
+
+
+def write_keys(db: Path, keys: list[dict]) -> None:
+    store = KeyStore(db)
+    wanted = {k["id"]: k for k in keys}
+    for key_id in {k["id"] for k in store.all()} - set(wanted):
+        store.update(key_id, lambda _: {"revoked_at": time.time()})
+    for key_id, key in wanted.items():
+        if store.update(key_id, lambda _, key=key: key) is None:
+            store.insert(key)
 
 
 class Call:
