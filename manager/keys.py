@@ -20,7 +20,6 @@ if TYPE_CHECKING:
     from manager.context import Bastion
 
 
-
 def _rules(bastion: Bastion, values: dict[str, Any]) -> dict[str, Any]:
     """Validate the editable fields present in `values`."""
     checks = {
