@@ -7,6 +7,7 @@ upgraded install), so the same test also covers the move and works against any v
 from __future__ import annotations
 
 import json
+import multiprocessing
 import secrets
 import statistics
 import time
@@ -178,3 +179,28 @@ def test_admin_listener_waits_for_long_applies_and_answers_json(tmp_path: Path) 
     assert "error_page 504 @admin_error_504;" in conf
     page = conf[conf.index("location @admin_error_504"):].split("}")[0]
     assert "default_type application/json;" in page and "return 504 '{" in page
+
+
+def _create_keys(db: Path, start: int) -> None:
+    keys = KeyStore(db)
+    for i in range(start, start + 25):
+        keys.insert(key_record(i))
+        keys.update(key_record(i)["id"], lambda _: {"enabled": False})
+
+
+def test_concurrent_writers_get_distinct_growing_versions(tmp_path: Path) -> None:
+    """The gate loads rows above the last version it saw: every write needs its own version, in commit order."""
+    db = tmp_path / KEYS_DB
+    KeyStore(db)
+    workers = [multiprocessing.get_context("fork").Process(target=_create_keys, args=(db, n * 100))
+               for n in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+        assert w.exitcode == 0
+    keys = KeyStore(db)
+    assert keys.count() == 100 and not any(k["enabled"] for k in keys.all())
+    versions = [r[0] for r in keys._db().execute("SELECT version FROM keys")]
+    assert len(set(versions)) == 100
+    assert keys._db().execute("SELECT version FROM meta").fetchone()[0] == 200  # one per write, none lost
