@@ -181,8 +181,9 @@ def test_admin_listener_waits_for_long_applies_and_answers_json(tmp_path: Path) 
     assert "default_type application/json;" in page and "return 504 '{" in page
 
 
-def _create_keys(db: Path, start: int) -> None:
+def _create_keys(db: Path, start: int, ready) -> None:
     keys = KeyStore(db)
+    ready.wait(60)  # all writers at once
     for i in range(start, start + 25):
         keys.insert(key_record(i))
         keys.update(key_record(i)["id"], lambda _: {"enabled": False})
@@ -191,9 +192,10 @@ def _create_keys(db: Path, start: int) -> None:
 def test_concurrent_writers_get_distinct_growing_versions(tmp_path: Path) -> None:
     """The gate loads rows above the last version it saw: every write needs its own version, in commit order."""
     db = tmp_path / KEYS_DB
-    KeyStore(db)
-    workers = [multiprocessing.get_context("fork").Process(target=_create_keys, args=(db, n * 100))
-               for n in range(4)]
+    # separate processes, like the manager's workers and the CLI (never fork with a connection open: SQLite forbids it)
+    context = multiprocessing.get_context("spawn")
+    ready = context.Barrier(4)
+    workers = [context.Process(target=_create_keys, args=(db, n * 100, ready)) for n in range(4)]
     for w in workers:
         w.start()
     for w in workers:
