@@ -15,6 +15,7 @@ test: install
 bench: install
 	@command -v wrk >/dev/null || $(MAKE) system-deps PACKAGES=wrk
 	$(PY) bench/bench.py
+	$(PY) bench/keys.py
 
 install: $(STAMP)
 

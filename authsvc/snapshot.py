@@ -1,8 +1,12 @@
-"""The gate's in-memory view of keys, pools and routes, rebuilt when the manager publishes a new snapshot.
+"""The gate's in-memory view of keys, pools and routes, kept up to date from two sources.
 
-The manager writes `snapshot.json` atomically; the gate looks at the file's stat at most every
-`CHECK_INTERVAL` seconds (never per request) and swaps in a fully built `Snapshot`, so a key created, disabled
-or revoked takes effect within that interval plus one request.
+Pools, routes and CIDR groups: the manager writes `snapshot.json` atomically; the gate looks at the file's stat
+at most every `CHECK_INTERVAL` seconds (never per request) and swaps in a fully built `Snapshot`.
+Keys: the manager writes them to `keys.sqlite3` (manager.keystore), stamping every written row with a growing
+`version`. At most every `CHECK_INTERVAL` seconds the gate asks SQLite whether anything was committed (`PRAGMA
+data_version`, no file read) and, if so, loads only the rows above the last version it saw. So a key created,
+disabled or revoked takes effect within that interval plus one request, at a cost independent of the number of
+keys; a CIDR group change re-resolves only the keys in memory. Whatever cannot be read, the last good view stays.
 """
 
 from __future__ import annotations
@@ -11,14 +15,22 @@ import ipaddress
 import json
 import logging
 import os
+import sqlite3
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
-CHECK_INTERVAL = 0.25
 log = logging.getLogger(__name__)
+
+CHECK_INTERVAL = 0.25
+KEYS_DB = "keys.sqlite3"  # next to snapshot.json
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Groups = dict[str, tuple[tuple[Network, ...], tuple[Network, ...]]]  # name -> (allow, deny)
+# a group a key names but the snapshot lacks (e.g. after a rollback) denies everything: never silently open
+UNKNOWN_GROUP = ((), (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")))
 OLLAMA_ADMIN_PREFIXES = ("/api/pull", "/api/push", "/api/delete", "/api/create", "/api/copy", "/api/blobs")
 
 
@@ -43,7 +55,37 @@ class KeyRule:
     rpm: int
     networks: tuple[Any, ...]
     denied: tuple[Any, ...] = ()
+    cidrs: tuple[Network, ...] = ()  # the key's own networks; `networks` adds its groups' allow lists
+    cidr_groups: tuple[str, ...] = ()
     _model_cache: dict[str, bool] = field(default_factory=dict)
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any], groups: Groups) -> KeyRule:
+        """A key as the key store holds it (lists as JSON text), its groups resolved with `groups`."""
+        rule = cls(
+            id=row["id"],
+            digest=row["digest"],
+            name=row["name"],
+            enabled=bool(row["enabled"]),
+            expires=row["expires"],
+            models=tuple(json.loads(row["models"])),
+            endpoints=tuple(json.loads(row["endpoints"])),
+            rpm=int(row["rpm"] or 0),
+            networks=(),
+            cidrs=tuple(ipaddress.ip_network(c) for c in json.loads(row["cidrs"])),
+            cidr_groups=tuple(json.loads(row["cidr_groups"])),
+        )
+        rule.resolve_groups(groups)
+        return rule
+
+    def resolve_groups(self, groups: Groups) -> None:
+        """Allowed: the key's own networks plus its groups' allow lists; denied: its groups' deny lists."""
+        allow, deny = list(self.cidrs), []
+        for name in self.cidr_groups:
+            group_allow, group_deny = groups.get(name, UNKNOWN_GROUP)
+            allow += [n for n in group_allow if n not in allow]
+            deny += [n for n in group_deny if n not in deny]
+        self.networks, self.denied = tuple(allow), tuple(deny)
 
     def allows_model(self, model: str) -> bool:
         if not self.models:
@@ -76,6 +118,7 @@ class KeyRule:
 @dataclass(slots=True)
 class Snapshot:
     keys: dict[str, KeyRule] = field(default_factory=dict)
+    groups: Groups = field(default_factory=dict)
     routes: dict[str, tuple[str, ...]] = field(default_factory=dict)  # explicit routes by exact model name
     glob_routes: tuple[tuple[str, tuple[str, ...]], ...] = ()
     served: dict[str, tuple[str, ...]] = field(default_factory=dict)  # the pools' own model lists
@@ -84,21 +127,10 @@ class Snapshot:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Snapshot:
-        keys = {
-            k["id"]: KeyRule(
-                id=k["id"],
-                digest=k["digest"],
-                name=k.get("name", ""),
-                enabled=bool(k.get("enabled", True)),
-                expires=k.get("expires"),
-                models=tuple(k.get("models") or ()),
-                endpoints=tuple(k.get("endpoints") or ()),
-                rpm=int(k.get("rpm") or 0),
-                networks=tuple(ipaddress.ip_network(c) for c in k.get("cidrs") or ()),
-                denied=tuple(ipaddress.ip_network(c) for c in k.get("deny_cidrs") or ()),
-            )
-            for k in data.get("keys", [])
-        }
+        """Pools, routes and CIDR groups from snapshot.json; keys are filled in by `SnapshotSource`."""
+        groups = {name: (tuple(ipaddress.ip_network(c) for c in g["allow"]),
+                         tuple(ipaddress.ip_network(c) for c in g["deny"]))
+                  for name, g in data.get("cidr_groups", {}).items()}
         routes: dict[str, tuple[str, ...]] = {}
         globs: list[tuple[str, tuple[str, ...]]] = []
         for route in data.get("routes", []):
@@ -112,7 +144,7 @@ class Snapshot:
                 served.setdefault(model, []).append(pool["name"])
         pool_names = [p["name"] for p in data.get("pools", [])]
         snapshot = cls(
-            keys=keys,
+            groups=groups,
             routes=routes,
             glob_routes=tuple(globs),
             served={m: tuple(p) for m, p in served.items()},
@@ -145,11 +177,76 @@ class Snapshot:
         return None
 
 
+class KeyFeed:
+    """Key rows from the key store, read incrementally on one read-only connection kept open.
+
+    `poll()` returns None when nothing was committed since the last call (or the store cannot be read: the
+    caller keeps what it has), else `(whole, rows)`: the rows written since, or all rows when `whole` (first
+    read, or the file was replaced or restored, so versions started again).
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.version = 0
+        self._db: sqlite3.Connection | None = None
+        self._inode = 0
+        self._data_version: int | None = None
+        self._problem = ""
+
+    def poll(self) -> tuple[bool, list[sqlite3.Row]] | None:
+        try:
+            inode = os.stat(self.path).st_ino
+            whole = self._db is None or inode != self._inode
+            if whole:
+                self._open(inode)
+            assert self._db is not None
+            # read before the rows: a commit in between is seen now and again (harmlessly) next time
+            data_version = self._db.execute("PRAGMA data_version").fetchone()[0]
+            if data_version == self._data_version:
+                return None
+            if self._db.execute("SELECT version FROM meta").fetchone()[0] < self.version:
+                whole, self.version = True, 0  # an older copy was put back
+            rows = self._db.execute("SELECT * FROM keys WHERE version > ? ORDER BY version",
+                                    (self.version,)).fetchall()
+        except FileNotFoundError:  # no key created yet (or the file was moved away)
+            self._fail("no key store yet", logging.INFO)
+            return None
+        except (OSError, sqlite3.Error) as e:
+            self._fail(f"{type(e).__name__}: {e}", logging.WARNING)
+            return None
+        self._data_version = data_version
+        if rows:
+            self.version = rows[-1]["version"]
+        if self._problem:
+            log.info("key store %s readable again", self.path)
+            self._problem = ""
+        return whole, rows
+
+    def _open(self, inode: int) -> None:
+        self.close()
+        db = sqlite3.connect(self.path.resolve().as_uri() + "?mode=ro", uri=True, isolation_level=None,
+                             check_same_thread=False)  # built in granian's main thread, used in its worker
+        db.row_factory = sqlite3.Row
+        self._db, self._inode, self._data_version, self.version = db, inode, None, 0
+
+    def _fail(self, problem: str, level: int) -> None:
+        self.close()
+        if problem != self._problem:  # once per distinct problem, not every check
+            log.log(level, "key store %s unreadable, keeping the keys already loaded: %s", self.path, problem)
+            self._problem = problem
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+
 class SnapshotSource:
     """Holds the current snapshot and reloads it when the file changes (checked at most every 0.25 s)."""
 
-    def __init__(self, path: Path, clock=time.monotonic):
+    def __init__(self, path: Path, keys_path: Path | None = None, clock=time.monotonic):
         self.path = path
+        self.feed = KeyFeed(keys_path or path.with_name(KEYS_DB))
         self._clock = clock
         self._stamp: tuple[int, int, int] | None = None
         self._next_check = 0.0
@@ -161,15 +258,42 @@ class SnapshotSource:
         if not force and now < self._next_check:
             return self.snapshot
         self._next_check = now + CHECK_INTERVAL
+        self._load_file()
+        self._load_keys()
+        return self.snapshot
+
+    def _load_file(self) -> None:
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
-            return self.snapshot
+            return
         stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
         if stamp != self._stamp:
             try:
-                self.snapshot = Snapshot.from_dict(json.loads(self.path.read_bytes()))
+                snapshot = Snapshot.from_dict(json.loads(self.path.read_bytes()))
                 self._stamp = stamp
             except (ValueError, KeyError, TypeError) as e:  # keep serving the last good snapshot
                 log.error("ignoring unreadable snapshot %s (serving the last good one): %s", self.path, e)
-        return self.snapshot
+                return
+            snapshot.keys = self.snapshot.keys
+            if snapshot.groups != self.snapshot.groups:  # rare: re-resolve the keys that name groups
+                for rule in snapshot.keys.values():
+                    if rule.cidr_groups:
+                        rule.resolve_groups(snapshot.groups)
+            self.snapshot = snapshot
+
+    def _load_keys(self) -> None:
+        changes = self.feed.poll()
+        if changes is None:
+            return
+        whole, rows = changes
+        keys = {} if whole else self.snapshot.keys
+        for row in rows:
+            keys.pop(row["id"], None)
+            if row["revoked_at"] is not None:
+                continue
+            try:
+                keys[row["id"]] = KeyRule.from_row(row, self.snapshot.groups)
+            except (ValueError, KeyError, TypeError) as e:  # refuse that key rather than guess
+                log.warning("key %s unreadable in %s, refused until fixed: %s", row["id"], self.feed.path, e)
+        self.snapshot.keys = keys

@@ -43,6 +43,7 @@ ADMIN_ERROR_PAGES = [
     (403, "Your address may not use the admin interface."),
     (413, "The request body is too large."),
     (502, "The management service is unavailable."),
+    (504, "The management service did not answer in time; the change may still complete, check before retrying."),
 ]
 
 

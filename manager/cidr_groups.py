@@ -104,8 +104,7 @@ def remove(bastion: Bastion, name: str, author: str = "cli") -> None:
         get(bastion, name)
         settings = bastion.settings()
         users = [s for s in ATTACH_SETTINGS if name in settings[s]]
-        users += [f"key {k['id']}" for k in db.table("keys").all()
-                  if name in k.get("cidr_groups", []) and not k.get("revoked_at")]
+        users += [f"key {key_id}" for key_id in bastion.keystore.using_group(name)]
         if users:
             raise Conflict("name", f"CIDR group {name!r} is attached to {', '.join(users)}; detach it first")
         db.table("cidr_groups").remove(Group.name == name)

@@ -9,11 +9,13 @@ from typing import Any
 
 from tinydb import TinyDB
 
+from authsvc.snapshot import KEYS_DB
 from manager import apply as applier
 from manager import generations
 from manager import settings as settings_mod
 from manager.audit import Audit
 from manager.datadir import DataDir
+from manager.keystore import KeyStore, migrate_from
 from manager.nginx import Nginx
 from manager.snapshot import publish
 from manager.store import Store
@@ -26,6 +28,12 @@ class Bastion:
         dirs.ensure()
         self.store = Store(dirs.store)
         self.nginx = Nginx(dirs, nginx_binary)
+        if "keys" in self.store.db.tables():  # keys kept in store.json before they moved to SQLite
+            migrate_from(self.store, self.keystore)
+
+    @cached_property
+    def keystore(self) -> KeyStore:
+        return KeyStore(self.dirs.root / KEYS_DB)
 
     @cached_property
     def pepper(self) -> bytes:
@@ -43,7 +51,8 @@ class Bastion:
         return settings_mod.effective(self.store.settings())
 
     def publish_snapshot(self, only_pools: set[str] | None = None) -> None:
-        """Hand keys, pools and routes to the gate (takes effect within a second, no restart)."""
+        """Hand pools, routes and CIDR groups to the gate (takes effect within a second, no restart); keys reach
+        it from the key store."""
         publish(self, only_pools)
 
     def apply(self, author: str = "cli", *, force_reload: bool = False) -> applier.ApplyResult:

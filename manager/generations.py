@@ -46,7 +46,8 @@ def next_number(dirs: DataDir) -> int:
 
 
 def config_state(store: Store) -> dict[str, Any]:
-    return {name: [dict(doc) for doc in store.table(name).all()] for name in CONFIG_TABLES}
+    data = store.dump() or {}  # one read of the store, not one per table
+    return {name: [dict(doc) for doc in data.get(name, {}).values()] for name in CONFIG_TABLES}
 
 
 def write(dirs: DataDir, generation: int, text: str, author: str, state: dict[str, Any]) -> Path:

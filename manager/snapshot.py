@@ -1,4 +1,9 @@
-"""Builds the gate's snapshot (keys, pools, routes) from the store and publishes it atomically (0600)."""
+"""Builds the gate's snapshot (pools, routes, CIDR groups) from the store and publishes it atomically (0600).
+
+Keys are not in it: the gate reads them incrementally from the key store (manager.keystore), so a key change
+costs neither a snapshot rebuild here nor a reparse there. The gate resolves each key's `cidr_groups` with the
+groups published here.
+"""
 
 from __future__ import annotations
 
@@ -20,23 +25,6 @@ def pool_models(pool: dict[str, Any]) -> list[str]:
 def build(bastion: Bastion, only_pools: set[str] | None = None) -> dict[str, Any]:
     """The gate's view; `only_pools` limits pools (and routes to them) to those nginx has right now."""
     store = bastion.store
-    keys = []
-    for k in store.table("keys").all():
-        if k.get("revoked_at"):
-            continue
-        allow, deny = cidr_groups.rules(bastion, k.get("cidr_groups", []))
-        keys.append({
-            "id": k["id"],
-            "digest": k["digest"],
-            "name": k["name"],
-            "enabled": k["enabled"],
-            "expires": k.get("expires"),
-            "models": k.get("models", []),
-            "endpoints": k.get("endpoints", []),
-            "rpm": k.get("rpm", 0),
-            "cidrs": list(dict.fromkeys([*k.get("cidrs", []), *allow])),
-            "deny_cidrs": deny,
-        })
     pools = [{"name": p["name"], "models": pool_models(p)} for p in store.table("pools").all()
              if p["upstreams"] and (only_pools is None or p["name"] in only_pools)]
     names = {p["name"] for p in pools}
@@ -44,7 +32,7 @@ def build(bastion: Bastion, only_pools: set[str] | None = None) -> dict[str, Any
               for r in store.table("routes").all()]
     default_pool = bastion.settings()["default_pool"]
     return {
-        "keys": keys,
+        "cidr_groups": {g["name"]: {"allow": g["allow"], "deny": g["deny"]} for g in cidr_groups.all_groups(bastion)},
         "pools": pools,
         "routes": [r for r in routes if r["pools"]],
         "default_pool": default_pool if default_pool in names else None,

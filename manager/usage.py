@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -164,10 +164,20 @@ class Usage:
         with self._connect() as db:
             return [dict(r) for r in db.execute(sql, args)]
 
-    def last_used(self) -> dict[str, float]:
+    def last_used(self, keys: Iterable[str] | None = None) -> dict[str, float]:
+        """When each key was last used (every key when `keys` is None, a scan of all rows). For named keys:
+        the end of each key's latest request, one probe of the (key, start) index per key, never a scan."""
         with self._connect() as db:
-            rows = db.execute("SELECT key, MAX(end) AS last FROM requests WHERE key IS NOT NULL GROUP BY key")
-            return {r["key"]: r["last"] for r in rows}
+            if keys is None:
+                rows = db.execute("SELECT key, MAX(end) AS last FROM requests WHERE key IS NOT NULL GROUP BY key")
+                return {r["key"]: r["last"] for r in rows}
+            found = {}
+            for key in keys:
+                row = db.execute("SELECT end FROM requests WHERE key = ? ORDER BY start DESC LIMIT 1",
+                                 (key,)).fetchone()
+                if row is not None:
+                    found[key] = row["end"]
+            return found
 
     @staticmethod
     def _filter(key: str | None, since: float | None, until: float | None) -> tuple[str, tuple[Any, ...]]:

@@ -12,7 +12,8 @@ import pytest
 from authsvc import keys as keyformat
 from authsvc.gate import Gate
 from authsvc.ratelimit import RateLimiter
-from authsvc.snapshot import CHECK_INTERVAL
+from authsvc.snapshot import CHECK_INTERVAL, KEYS_DB
+from manager.keystore import KeyStore
 
 PEPPER = b"test-pepper"
 
@@ -23,10 +24,22 @@ def key_entry(token: str, **rules) -> dict:
 
 
 def write_snapshot(path: Path, keys: list[dict], **extra) -> None:
-    data = {"keys": keys, "pools": [{"name": "main", "models": ["llama3:latest", "gpt-4o"]},
-                                    {"name": "embed", "models": ["nomic"]}],
+    """snapshot.json next to a key store holding exactly `keys` (any other key there is revoked)."""
+    data = {"pools": [{"name": "main", "models": ["llama3:latest", "gpt-4o"]},
+                      {"name": "embed", "models": ["nomic"]}],
             "routes": [{"model": "qwen*", "pools": ["embed"]}], **extra}
     path.write_text(json.dumps(data))
+    write_keys(path.with_name(KEYS_DB), keys)
+
+
+def write_keys(db: Path, keys: list[dict]) -> None:
+    store = KeyStore(db)
+    wanted = {k["id"]: k for k in keys}
+    for key_id in {k["id"] for k in store.all()} - set(wanted):
+        store.update(key_id, lambda _: {"revoked_at": time.time()})
+    for key_id, key in wanted.items():
+        if store.update(key_id, lambda _, key=key: key) is None:
+            store.insert(key)
 
 
 class Call:
@@ -201,6 +214,45 @@ def test_unreadable_snapshot_keeps_the_last_good_one(tmp_path: Path, token: str)
     path.write_text("{broken")
     time.sleep(CHECK_INTERVAL + 0.05)
     assert Call(gate, "/v1/models", token, method="GET").status == 200
+
+
+def test_unreadable_or_missing_key_store_keeps_the_keys_loaded(tmp_path: Path, token: str) -> None:
+    path = tmp_path / "snapshot.json"
+    write_snapshot(path, [key_entry(token)])
+    gate = Gate(path, PEPPER)
+    db = tmp_path / KEYS_DB
+    for name in (KEYS_DB, KEYS_DB + "-wal", KEYS_DB + "-shm"):
+        (tmp_path / name).unlink(missing_ok=True)
+    time.sleep(CHECK_INTERVAL + 0.05)
+    assert Call(gate, "/v1/models", token, method="GET").status == 200
+    db.write_bytes(b"not a database" * 100)
+    time.sleep(CHECK_INTERVAL + 0.05)
+    assert Call(gate, "/v1/models", token, method="GET").status == 200
+    db.unlink()
+    other = keyformat.generate()[1]
+    write_keys(db, [key_entry(other)])  # a fresh store replaces the view
+    time.sleep(CHECK_INTERVAL + 0.05)
+    assert Call(gate, "/v1/models", other, method="GET").status == 200
+    assert Call(gate, "/v1/models", token, method="GET").status == 401
+
+
+def test_key_cidr_groups_follow_the_group_definitions(tmp_path: Path, token: str) -> None:
+    path = tmp_path / "snapshot.json"
+    office = {"office": {"allow": ["10.0.0.0/8"], "deny": ["10.9.0.0/16"]}}
+    lost = keyformat.generate()[1]
+    write_snapshot(path, [key_entry(token, cidr_groups=["office"], cidrs=["192.168.1.0/24"]),
+                          key_entry(lost, cidr_groups=["gone"])], cidr_groups=office)
+    gate = Gate(path, PEPPER)
+
+    def status(key: str, address: str) -> int:
+        return Call(gate, "/v1/models", key, method="GET", HTTP_X_REAL_IP=address).status
+
+    assert [status(token, a) for a in ("10.1.2.3", "192.168.1.9", "10.9.0.1", "127.0.0.1")] == [200, 200, 403, 403]
+    assert status(lost, "127.0.0.1") == 403  # a group that does not exist denies everything
+    office["office"]["allow"] = ["127.0.0.0/8"]
+    path.write_text(json.dumps({"pools": [{"name": "main", "models": ["gpt-4o"]}], "cidr_groups": office}))
+    time.sleep(CHECK_INTERVAL + 0.05)
+    assert [status(token, a) for a in ("10.1.2.3", "192.168.1.9", "127.0.0.1")] == [403, 200, 200]
 
 
 def test_model_found_whatever_the_content_type(tmp_path: Path, token: str) -> None:
