@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from functools import cached_property
 from typing import Any
 
@@ -18,7 +18,7 @@ from manager.datadir import DataDir
 from manager.keystore import KeyStore, migrate_from
 from manager.nginx import Nginx
 from manager.snapshot import publish
-from manager.store import Store
+from manager.store import Store, StoreCorrupt
 from manager.usage import Usage
 
 
@@ -28,8 +28,9 @@ class Bastion:
         dirs.ensure()
         self.store = Store(dirs.store)
         self.nginx = Nginx(dirs, nginx_binary)
-        if "keys" in self.store.db.tables():  # keys kept in store.json before they moved to SQLite
-            migrate_from(self.store, self.keystore)
+        with suppress(StoreCorrupt):  # an unreadable store is reported by whoever needs it; the move waits
+            if "keys" in self.store.db.tables():  # keys kept in store.json before they moved to SQLite
+                migrate_from(self.store, self.keystore)
 
     @cached_property
     def keystore(self) -> KeyStore:
