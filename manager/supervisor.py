@@ -167,6 +167,7 @@ class Supervisor:
                     return 1
             self._background("usage ingestion", self.bastion.usage.ingest)
             settings, now = self.bastion.settings(), time.monotonic()
+            self._background("log upkeep", lambda s=settings: self.bastion.usage.maintain(s, self.nginx.proc.pid))
             if now >= next_discovery:
                 next_discovery = now + settings["discovery_interval"]
                 self._background("model discovery and DNS", self._refresh)
