@@ -128,6 +128,26 @@ def parse_lines(text: str) -> tuple[list[tuple[Any, ...]], int]:
     return rows, skipped
 
 
+def _insert(db: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> int:
+    """Insert rows; returns how many were refused. Only a line nginx did not write (edited by hand) can carry a
+    value SQLite cannot store (an object, a huge number): that row is dropped instead of failing every run."""
+    db.execute("SAVEPOINT batch")
+    try:
+        db.executemany(INSERT, rows)
+        return 0
+    except (sqlite3.ProgrammingError, OverflowError):
+        db.execute("ROLLBACK TO batch")
+        refused = 0
+        for row in rows:
+            try:
+                db.execute(INSERT, row)
+            except (sqlite3.ProgrammingError, OverflowError):
+                refused += 1
+        return refused
+    finally:
+        db.execute("RELEASE batch")
+
+
 @contextmanager
 def _transaction(db: sqlite3.Connection) -> Iterator[None]:
     db.execute("BEGIN IMMEDIATE")
@@ -214,9 +234,9 @@ class Usage:
             chunk = f.read(BATCH_BYTES)
         end = chunk.rfind(b"\n") + 1
         rows, skipped = parse_lines(chunk[:end].decode(errors="replace"))
-        db.executemany(INSERT, rows)
+        refused = _insert(db, rows)
         db.execute("INSERT OR REPLACE INTO ingest_files (inode, offset) VALUES (?, ?)", (st.st_ino, offset + end))
-        return len(rows), skipped, len(chunk) == BATCH_BYTES and end > 0
+        return len(rows) - refused, skipped + refused, len(chunk) == BATCH_BYTES and end > 0
 
     def _forget_gone_files(self, db: sqlite3.Connection) -> None:
         """Offsets are kept for the log and its rotated copy only: a deleted file's inode number is reused."""

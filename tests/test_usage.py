@@ -75,6 +75,16 @@ def test_record_start_inside_a_value_splits_nothing(usage: Usage) -> None:
     assert usage.skipped == 0
 
 
+def test_a_line_sqlite_cannot_store_does_not_stop_ingestion(usage: Usage) -> None:
+    """nginx never writes one, but a hand-edited log must not make every later ingestion fail."""
+    usage.log_path.write_text(record("a") + record("bad", status={"x": 1}) + record("huge", bytes_sent=2**70)
+                              + record("b"))
+    assert usage.ingest() == 2
+    assert ids(usage) == ["a", "b"] and usage.skipped == 2
+    append(usage.log_path, record("c"))
+    assert usage.ingest() == 1
+
+
 # ---- a failing database -------------------------------------------------------------------------------------
 
 def test_ingestion_failing_between_read_and_commit_counts_every_line_once(usage: Usage,
@@ -143,7 +153,8 @@ def test_ingestion_on_a_full_disk_resumes_without_losing_or_doubling_lines(tmp_p
 def test_rotation_by_hand_loses_no_line_of_the_moved_file(usage: Usage) -> None:
     """Lines written before the move but after the last ingestion, and lines nginx's workers write to the moved
     file until they reopen, are read; each once."""
-    log, old = usage.log_path, usage.rotated_path
+    log = usage.log_path
+    old = log.with_name("access.log.1")
     log.write_text(record("a1") + record("a2"))
     assert usage.ingest() == 2
     append(log, record("a3"))  # after the last ingestion
@@ -243,7 +254,7 @@ def test_rotation_with_real_nginx_loses_and_doubles_nothing(stack: Stack) -> Non
     time.sleep(1.5)  # the supervisor has ingested these
     send("unread", 20)
     inode = usage.log_path.stat().st_ino
-    usage.log_path.rename(usage.rotated_path)  # by hand, as an operator would
+    usage.log_path.rename(logs / "access.log.1")  # by hand, as an operator would
     send("moved", 20)  # nginx still writes to the moved file
     os.kill(master, signal.SIGUSR1)
     reopened(inode)
