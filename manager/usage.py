@@ -278,6 +278,13 @@ class Usage:
         """Make way for renaming access.log to access.log.1: True once the present access.log.1 has been read to
         its end (a torn record at its very end is given up). access.log's offset is recorded by inode
         beforehand, so the renamed file is followed from where ingestion stands."""
+        try:
+            return self._record_rotation()
+        except sqlite3.Error as e:  # a full disk, say: rotate later (the other logs rotate and nginx reopens)
+            log.warning("%s is rotated later: %s", self.log_path, e)
+            return False
+
+    def _record_rotation(self) -> bool:
         with self._connect() as db, _transaction(db):
             current, previous = _stat(self.log_path), _stat(self.rotated_path)
             if current is None:
