@@ -10,7 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -116,27 +116,38 @@ def test_ingestion_failing_between_read_and_commit_counts_every_line_once(usage:
 
 
 @pytest.fixture
-def full_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 2 MB tmpfs (root only): the database lives there, and the test fills it."""
+def full_disk_of(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    """Mounts a tmpfs of the given size (root only) for the test to fill."""
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
-    mount = tmp_path / "fs"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], check=True)
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=True)
+    mounts: list[Path] = []
+
+    def mount(size: str) -> Path:
+        path = tmp_path / f"fs{len(mounts)}"
+        path.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+        mounts.append(path)
+        return path
+
+    yield mount
+    for path in mounts:
+        subprocess.run(["umount", "-l", str(path)], check=True)
 
 
-def test_ingestion_on_a_full_disk_resumes_without_losing_or_doubling_lines(tmp_path: Path, full_disk: Path) -> None:
-    usage = Usage(full_disk / "usage.sqlite3", tmp_path / "access.log")
-    usage.log_path.write_text("".join(record(f"a{i}") for i in range(50)))
-    assert usage.ingest() == 50
-    filler = full_disk / "filler"
-    with filler.open("wb", buffering=0) as f, pytest.raises(OSError):
+def fill(path: Path) -> None:
+    with path.open("wb", buffering=0) as f, pytest.raises(OSError):
         while True:
             f.write(b"\0" * 4096)
+
+
+def test_ingestion_on_a_full_disk_resumes_without_losing_or_doubling_lines(tmp_path: Path, full_disk_of) -> None:
+    """The database on a 2 MB tmpfs that the test fills."""
+    disk = full_disk_of("2m")
+    usage = Usage(disk / "usage.sqlite3", tmp_path / "access.log")
+    usage.log_path.write_text("".join(record(f"a{i}") for i in range(50)))
+    assert usage.ingest() == 50
+    filler = disk / "filler"
+    fill(filler)
     append(usage.log_path, "".join(record(f"b{i}") for i in range(5000)))
     with pytest.raises(sqlite3.OperationalError):
         usage.ingest()
@@ -285,6 +296,45 @@ def test_record_start_in_a_uri_is_escaped_by_real_nginx(stack: Stack) -> None:
     assert len(rows) == 1 and rows[0]["uri"] == '/v1/x{"time":1}\u2028'
     text = (stack.data_dir / "logs" / "access.log").read_text(errors="replace")
     assert '"uri":"/v1/x{\\"time\\":1}' in text
+
+
+def test_no_usage_line_lost_after_the_data_dir_was_full(tmp_path: Path, full_disk_of) -> None:
+    """The whole stack on a small tmpfs that the test fills: nginx's write that reaches the end of the free space
+    is cut short (a torn record) and its next record, once space returns, is glued to it."""
+    stack = Stack(full_disk_of("32m") / "data")
+    stack.start()
+    try:
+        access_log = stack.data_dir / "logs" / "access.log"
+        sent: dict[str, list[str]] = {"before": [], "full": [], "after": []}
+
+        def send(phase: str, n: int) -> None:
+            for i in range(n):
+                rid = f"{phase}-{i}"
+                assert stack.get("/v1/models", headers={"X-Request-ID": rid}).status_code == 401
+                sent[phase].append(rid)
+
+        send("before", 10)
+        if access_log.stat().st_size % 4096 == 0:  # the last page must have room for part of a record
+            send("before", 1)
+        fill(stack.data_dir / "filler")
+        send("full", 30)  # the data plane keeps answering
+        (stack.data_dir / "filler").unlink()
+        time.sleep(1.1)  # nginx writes no log line for the rest of a second in which a write failed with ENOSPC
+        send("after", 10)
+        text = access_log.read_text(errors="replace")
+        assert any(line.count('{"time":') > 1 for line in text.split("\n")), "no torn record: nothing was tested"
+
+        usage = Usage(stack.data_dir / "usage.sqlite3", access_log)
+        deadline = time.monotonic() + 10
+        while not set(sent["before"] + sent["after"]) <= set(ids(usage)):
+            assert time.monotonic() < deadline, sorted(set(sent["before"] + sent["after"]) - set(ids(usage)))
+            usage.ingest()
+            time.sleep(0.2)
+        recorded = [rid for rid in ids(usage) if rid.startswith(("before-", "full-", "after-"))]
+        assert len(recorded) == len(set(recorded))  # none twice
+        assert set(sent["before"] + sent["after"]) <= set(recorded)
+    finally:
+        stack.stop()
 
 
 # ---- retention ------------------------------------------------------------------------------------------------
