@@ -59,10 +59,23 @@ def test_torn_record_is_skipped_and_the_record_glued_to_it_kept(usage: Usage, cu
         added = usage.ingest()
     complete = cut == -1
     assert ids(usage) == sorted(["a", "b", "c", *(["torn"] if complete else [])])
-    assert added == 4 if complete else 3
+    assert added == (4 if complete else 3)
     assert usage.ingest() == 0  # exactly once
     if not complete:
         assert usage.skipped == 1 and "torn" in caplog.text
+
+
+def test_torn_record_seen_before_the_next_record_arrives(usage: Usage) -> None:
+    """As it happens: ingestion runs while the disk is full (the torn record waits for its newline), the next
+    record arrives once space returns."""
+    usage.log_path.write_text(record("a") + record("torn")[:100])
+    assert usage.ingest() == 1
+    assert usage.ingest() == 0
+    append(usage.log_path, record("b"))
+    assert usage.ingest() == 1
+    append(usage.log_path, record("c"))
+    assert usage.ingest() == 1
+    assert ids(usage) == ["a", "b", "c"] and usage.skipped == 1
 
 
 def test_record_start_inside_a_value_splits_nothing(usage: Usage) -> None:
