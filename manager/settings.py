@@ -31,6 +31,8 @@ DEFAULTS: dict[str, Any] = {
     "health_fails": 2,
     "custom_config": "",
     "ca_bundle": "/etc/ssl/certs/ca-certificates.crt",
+    "usage_retention_days": 90,
+    "log_max_mb": 100,
 }
 
 
@@ -50,6 +52,8 @@ VALIDATORS = {
     "health_fails": lambda f, x: v.integer(f, x, 1, 20),
     "custom_config": custom_config.validate,
     "ca_bundle": lambda f, x: v.file_path(f, x),
+    "usage_retention_days": lambda f, x: v.integer(f, x, 0, 36500),
+    "log_max_mb": lambda f, x: v.integer(f, x, 0, 100_000),
 }
 
 

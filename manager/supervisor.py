@@ -271,6 +271,9 @@ class Supervisor:
             Periodic("model discovery and DNS", lambda: self.settings()["discovery_interval"], self._refresh,
                      self.stopping),
             Periodic("health checks", health_interval, lambda: health.check(self.bastion), self.stopping),
+            Periodic("log upkeep", lambda: 1.0,
+                     lambda: self.bastion.usage.maintain(self.settings(), self.bastion.nginx.master_pid()),
+                     self.stopping),
         ]
 
     def _tend(self, child: Child) -> None:

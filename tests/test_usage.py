@@ -1,0 +1,392 @@
+"""Usage ingestion under faults: torn log lines, a failing database, log rotation, retention of raw rows."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from manager import settings as settings_mod
+from manager import usage as usage_mod
+from manager import validation as v
+from manager.usage import Usage
+from tests.conftest import Stack
+
+
+def record(request_id: str, t: float = 1_764_000_000.5, **fields) -> str:
+    """One line as nginx's `bastion` log_format writes it (compact JSON, `time` first, newline-terminated)."""
+    entry = {"time": t, "request_id": request_id, "key": "k1", "model": "m", "pool": "p",
+             "upstream": "10.0.0.1:8000", "status": 200, "bytes_sent": 10, "request_length": 5,
+             "request_time": 0.5, "upstream_status": "200", "upstream_header_time": "0.1",
+             "upstream_response_time": "0.4", "method": "POST", "uri": "/v1/chat/completions",
+             "remote_addr": "127.0.0.1", **fields}
+    return json.dumps(entry, separators=(",", ":"), ensure_ascii=False) + "\n"
+
+
+def append(path: Path, text: str) -> None:
+    with path.open("a", encoding="utf-8") as f:
+        f.write(text)
+
+
+def ids(usage: Usage) -> list[str]:
+    return sorted(r["request_id"] for r in usage.records(limit=1_000_000))
+
+
+@pytest.fixture
+def usage(tmp_path: Path) -> Usage:
+    return Usage(tmp_path / "usage.sqlite3", tmp_path / "access.log")
+
+
+# ---- torn lines ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cut", [1, 8, 30, 120, -3, -2, -1])  # -1: all but the newline reached the disk
+def test_torn_record_is_skipped_and_the_record_glued_to_it_kept(usage: Usage, cut: int,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """A write cut short by a full disk leaves half a record; nginx's next record follows on the same line."""
+    torn = record("torn")[:cut]
+    usage.log_path.write_text(record("a") + torn + record("b") + record("c"))
+    with caplog.at_level(logging.WARNING, logger="manager.usage"):
+        added = usage.ingest()
+    complete = cut == -1
+    assert ids(usage) == sorted(["a", "b", "c", *(["torn"] if complete else [])])
+    assert added == (4 if complete else 3)
+    assert usage.ingest() == 0  # exactly once
+    if not complete:
+        assert usage.skipped == 1 and "torn" in caplog.text
+
+
+def test_torn_record_seen_before_the_next_record_arrives(usage: Usage) -> None:
+    """As it happens: ingestion runs while the disk is full (the torn record waits for its newline), the next
+    record arrives once space returns."""
+    usage.log_path.write_text(record("a") + record("torn")[:100])
+    assert usage.ingest() == 1
+    assert usage.ingest() == 0
+    append(usage.log_path, record("b"))
+    assert usage.ingest() == 1
+    append(usage.log_path, record("c"))
+    assert usage.ingest() == 1
+    assert ids(usage) == ["a", "b", "c"] and usage.skipped == 1
+
+
+def test_record_start_inside_a_value_splits_nothing(usage: Usage) -> None:
+    """escape=json writes `"` inside values as `\\"`, so `{"time":` in a URI is not a record start; raw U+2028
+    (nginx escapes only bytes below 0x20) does not end a line either."""
+    uri = '/v1/x{"time":1,"request_id":"fake"}\u2028\u2029\x85y'
+    usage.log_path.write_text(record("a", uri=uri) + record("b"))
+    assert usage.ingest() == 2
+    assert {r["request_id"]: r["uri"] for r in usage.records()} == {"a": uri, "b": "/v1/chat/completions"}
+    assert usage.skipped == 0
+
+
+def test_a_line_sqlite_cannot_store_does_not_stop_ingestion(usage: Usage) -> None:
+    """nginx never writes one, but a hand-edited log must not make every later ingestion fail."""
+    usage.log_path.write_text(record("a") + record("bad", status={"x": 1}) + record("huge", bytes_sent=2**70)
+                              + record("b"))
+    assert usage.ingest() == 2
+    assert ids(usage) == ["a", "b"] and usage.skipped == 2
+    append(usage.log_path, record("c"))
+    assert usage.ingest() == 1
+
+
+# ---- a failing database -------------------------------------------------------------------------------------
+
+def test_ingestion_failing_between_read_and_commit_counts_every_line_once(usage: Usage,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The offset is written after the rows in the same transaction: refuse that write (an injected fault at
+    the last step before COMMIT, in the second of several batches) and nothing of the failed batch remains."""
+    lines = [record(f"r{i}") for i in range(40)]
+    usage.log_path.write_text("".join(lines))
+    monkeypatch.setattr(usage_mod, "BATCH_BYTES", len(lines[0]) * 10 + 5)
+    offset_writes = []
+
+    class FailingConnection(sqlite3.Connection):
+        def execute(self, sql: str, *args):
+            if sql.startswith("INSERT OR REPLACE INTO ingest_"):
+                offset_writes.append(sql)
+                if len(offset_writes) == 2:
+                    raise sqlite3.OperationalError("injected: database or disk is full")
+            return super().execute(sql, *args)
+
+    connect = sqlite3.connect
+    monkeypatch.setattr(usage_mod.sqlite3, "connect", lambda *a, **kw: connect(*a, factory=FailingConnection, **kw))
+    with pytest.raises(sqlite3.DatabaseError):
+        usage.ingest()
+    assert ids(usage) == sorted(f"r{i}" for i in range(10))  # the first batch committed, the second not
+    append(usage.log_path, record("late"))
+    assert usage.ingest() == 31
+    assert ids(usage) == sorted([*(f"r{i}" for i in range(40)), "late"])
+    assert usage.ingest() == 0
+
+
+@pytest.fixture
+def full_disk_of(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    """Mounts a tmpfs of the given size (root only) for the test to fill."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mounts: list[Path] = []
+
+    def mount(size: str) -> Path:
+        path = tmp_path / f"fs{len(mounts)}"
+        path.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+        mounts.append(path)
+        return path
+
+    yield mount
+    for path in mounts:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def fill(path: Path) -> None:
+    with path.open("wb", buffering=0) as f, pytest.raises(OSError):
+        while True:
+            f.write(b"\0" * 4096)
+
+
+def test_ingestion_on_a_full_disk_resumes_without_losing_or_doubling_lines(tmp_path: Path, full_disk_of) -> None:
+    """The database on a 2 MB tmpfs that the test fills."""
+    disk = full_disk_of("2m")
+    usage = Usage(disk / "usage.sqlite3", tmp_path / "access.log")
+    usage.log_path.write_text("".join(record(f"a{i}") for i in range(50)))
+    assert usage.ingest() == 50
+    filler = disk / "filler"
+    fill(filler)
+    append(usage.log_path, "".join(record(f"b{i}") for i in range(5000)))
+    with pytest.raises(sqlite3.OperationalError):
+        usage.ingest()
+    with pytest.raises(sqlite3.OperationalError):
+        usage.ingest()  # still full: fails again, harmlessly
+    filler.unlink()
+    assert usage.ingest() == 5000
+    assert ids(usage) == sorted([*(f"a{i}" for i in range(50)), *(f"b{i}" for i in range(5000))])
+    assert usage.ingest() == 0
+
+
+# ---- rotation -------------------------------------------------------------------------------------------------
+
+def test_rotation_by_hand_loses_no_line_of_the_moved_file(usage: Usage) -> None:
+    """Lines written before the move but after the last ingestion, and lines nginx's workers write to the moved
+    file until they reopen, are read; each once."""
+    log = usage.log_path
+    old = log.with_name("access.log.1")
+    log.write_text(record("a1") + record("a2"))
+    assert usage.ingest() == 2
+    append(log, record("a3"))  # after the last ingestion
+    log.rename(old)
+    append(old, record("a4"))  # a worker that has not reopened yet
+    log.write_text(record("b1"))
+    assert usage.ingest() == 3
+    append(old, record("a5"))
+    append(log, record("b2"))
+    assert usage.ingest() == 2
+    assert ids(usage) == ["a1", "a2", "a3", "a4", "a5", "b1", "b2"]
+    assert usage.ingest() == 0
+
+
+@pytest.fixture
+def fake_master() -> Iterator[subprocess.Popen]:
+    """A process standing in for nginx's master: prints a line per SIGUSR1 (reopen logs)."""
+    code = ("import signal, sys, time\n"
+            "signal.signal(signal.SIGUSR1, lambda *_: print('reopen', flush=True))\n"
+            "print('ready', flush=True)\n"
+            "time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "ready\n"
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def settings(**values) -> dict:
+    return {**settings_mod.DEFAULTS, **values}
+
+
+def test_rotation_is_triggered_by_size_and_waits_for_ingestion(usage: Usage, fake_master: subprocess.Popen) -> None:
+    logs = usage.log_path.parent
+    admin, errors = logs / "admin-access.log", logs / "error.log"
+    big = "".join(record(f"a{i}") for i in range(4000))
+    assert len(big) > 1 << 20
+    usage.log_path.write_text(big)
+    admin.write_text("x" * (1 << 20) + "x\n")
+    errors.write_text("small\n")
+    usage.maintain(settings(log_max_mb=2), fake_master.pid)
+    assert not usage.rotated_path.exists() and not (logs / "admin-access.log.1").exists()  # under the limit
+
+    usage.maintain(settings(log_max_mb=1), fake_master.pid)
+    assert fake_master.stdout.readline() == "reopen\n"
+    assert usage.rotated_path.read_text() == big and (logs / "admin-access.log.1").exists()
+    assert errors.read_text() == "small\n" and not (logs / "error.log.1").exists()
+    usage.log_path.write_text("".join(record(f"b{i}") for i in range(4000)))  # nginx reopened, then wrote
+
+    usage.maintain(settings(log_max_mb=1), fake_master.pid)  # access.log.1 was never ingested: it stays
+    assert usage.rotated_path.read_text() == big
+    assert usage.ingest() == 8000
+    append(usage.log_path, record("c"))
+    usage.maintain(settings(log_max_mb=1), fake_master.pid)
+    assert fake_master.stdout.readline() == "reopen\n"
+    assert usage.rotated_path.read_text().startswith(record("b0"))
+    assert usage.ingest() == 1
+    assert usage.ingest() == 0 and len(ids(usage)) == 8001
+
+    usage.log_path.write_text(big)
+    usage.maintain(settings(log_max_mb=0), fake_master.pid)  # 0: never rotate
+    assert usage.log_path.read_text() == big
+
+
+def test_rotation_with_real_nginx_loses_and_doubles_nothing(stack: Stack) -> None:
+    """A real master and its workers: lines written between the move and SIGUSR1 land in the moved file;
+    afterwards nginx writes a new access.log. Ingestion by the supervisor runs concurrently all along."""
+    logs = stack.data_dir / "logs"
+    usage = Usage(stack.data_dir / "usage.sqlite3", logs / "access.log")
+    master = int((stack.data_dir / "nginx" / "nginx.pid").read_text())
+    sent: list[str] = []
+
+    def send(prefix: str, n: int) -> None:
+        for i in range(n):
+            rid = f"{prefix}-{i}"
+            assert stack.get("/v1/models", headers={"X-Request-ID": rid}).status_code == 401
+            sent.append(rid)
+
+    def reopened(old_inode: int) -> None:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if usage.log_path.exists() and usage.log_path.stat().st_ino != old_inode:
+                return
+            time.sleep(0.02)
+        raise AssertionError("nginx did not reopen access.log")
+
+    def all_recorded_once() -> None:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            usage.ingest()
+            if set(sent) <= set(ids(usage)):
+                break
+            time.sleep(0.2)
+        assert [rid for rid in ids(usage) if rid in set(sent)] == sorted(sent)  # every request, none twice
+
+    send("before", 20)
+    time.sleep(1.5)  # the supervisor has ingested these
+    send("unread", 20)
+    inode = usage.log_path.stat().st_ino
+    usage.log_path.rename(logs / "access.log.1")  # by hand, as an operator would
+    send("moved", 20)  # nginx still writes to the moved file
+    os.kill(master, signal.SIGUSR1)
+    reopened(inode)
+    send("after", 20)
+    all_recorded_once()
+
+    inode = usage.log_path.stat().st_ino
+    assert usage.log_path in usage.rotate(1, master)  # and now by size (error.log too)
+    send("late", 10)
+    reopened(inode)
+    send("new", 10)
+
+    all_recorded_once()
+
+
+def test_record_start_in_a_uri_is_escaped_by_real_nginx(stack: Stack) -> None:
+    """The reasoning behind splitting torn lines, checked against nginx itself; and a client cannot hide a
+    request from usage with a raw line separator in its URI."""
+    r = requests.get(stack.base + "/v1/x%7B%22time%22:1%7D%E2%80%A8", headers={"X-Request-ID": "escape-probe"},
+                     timeout=10)
+    assert r.status_code in (401, 404)
+    usage = Usage(stack.data_dir / "usage.sqlite3", stack.data_dir / "logs" / "access.log")
+    deadline = time.monotonic() + 10
+    while not (rows := [r for r in usage.records(limit=100_000) if r["request_id"] == "escape-probe"]):
+        assert time.monotonic() < deadline, "the request was not recorded"
+        usage.ingest()
+        time.sleep(0.2)
+    assert len(rows) == 1 and rows[0]["uri"] == '/v1/x{"time":1}\u2028'
+    text = (stack.data_dir / "logs" / "access.log").read_text(errors="replace")
+    assert '"uri":"/v1/x{\\"time\\":1}' in text
+
+
+def test_no_usage_line_lost_after_the_data_dir_was_full(tmp_path: Path, full_disk_of) -> None:
+    """The whole stack on a small tmpfs that the test fills: nginx's write that reaches the end of the free space
+    is cut short (a torn record) and its next record, once space returns, is glued to it."""
+    stack = Stack(full_disk_of("32m") / "data")
+    stack.start()
+    try:
+        access_log = stack.data_dir / "logs" / "access.log"
+        sent: dict[str, list[str]] = {"before": [], "full": [], "after": []}
+
+        def send(phase: str, n: int) -> None:
+            for i in range(n):
+                rid = f"{phase}-{i}"
+                assert stack.get("/v1/models", headers={"X-Request-ID": rid}).status_code == 401
+                sent[phase].append(rid)
+
+        send("before", 10)
+        if access_log.stat().st_size % 4096 == 0:  # the last page must have room for part of a record
+            send("before", 1)
+        fill(stack.data_dir / "filler")
+        send("full", 30)  # the data plane keeps answering
+        (stack.data_dir / "filler").unlink()
+        time.sleep(1.1)  # nginx writes no log line for the rest of a second in which a write failed with ENOSPC
+        send("after", 10)
+        text = access_log.read_text(errors="replace")
+        assert any(line.count('{"time":') > 1 for line in text.split("\n")), "no torn record: nothing was tested"
+
+        usage = Usage(stack.data_dir / "usage.sqlite3", access_log)
+        deadline = time.monotonic() + 10
+        while not set(sent["before"] + sent["after"]) <= set(ids(usage)):
+            assert time.monotonic() < deadline, sorted(set(sent["before"] + sent["after"]) - set(ids(usage)))
+            usage.ingest()
+            time.sleep(0.2)
+        recorded = [rid for rid in ids(usage) if rid.startswith(("before-", "full-", "after-"))]
+        assert len(recorded) == len(set(recorded))  # none twice
+        assert set(sent["before"] + sent["after"]) <= set(recorded)
+    finally:
+        stack.stop()
+
+
+# ---- retention ------------------------------------------------------------------------------------------------
+
+def test_retention_prunes_old_rows_in_batches_and_keeps_newer(usage: Usage, monkeypatch: pytest.MonkeyPatch) -> None:
+    now = 1_764_000_000.0
+    day = 86400
+    usage.log_path.write_text("".join(record(f"old{i}", now - 31 * day) for i in range(23))
+                              + "".join(record(f"new{i}", now - 29 * day) for i in range(5)))
+    assert usage.ingest() == 28
+    monkeypatch.setattr(usage_mod, "PRUNE_BATCH", 5)  # several small DELETEs, never one big one
+    statements: list[str] = []
+    connect = sqlite3.connect
+
+    def traced(*args, **kw) -> sqlite3.Connection:
+        db = connect(*args, **kw)
+        db.set_trace_callback(statements.append)
+        return db
+
+    monkeypatch.setattr(usage_mod.sqlite3, "connect", traced)
+    assert usage.prune(0, now) == 0  # 0 keeps everything
+    assert usage.prune(30, now) == 23
+    assert ids(usage) == sorted(f"new{i}" for i in range(5))
+    assert sum(s.startswith("DELETE") for s in statements) == 5
+    assert usage.prune(30, now) == 0
+
+
+def test_maintain_applies_the_retention_setting(usage: Usage) -> None:
+    usage.log_path.write_text(record("ancient", time.time() - 100 * 86400) + record("recent", time.time() - 10))
+    usage.ingest()
+    usage.maintain(settings(usage_retention_days=90), None)
+    assert ids(usage) == ["recent"]
+
+
+@pytest.mark.parametrize(("name", "value"), [("usage_retention_days", -1), ("usage_retention_days", 36501),
+                                             ("usage_retention_days", "ninety"), ("log_max_mb", -1),
+                                             ("log_max_mb", True), ("log_max_mb", 100_001)])
+def test_retention_and_rotation_settings_validated(name: str, value: object) -> None:
+    with pytest.raises(v.ValidationError) as e:
+        settings_mod.VALIDATORS[name](name, value)
+    assert name in str(e.value)
+    assert settings_mod.DEFAULTS["usage_retention_days"] == 90 and settings_mod.DEFAULTS["log_max_mb"] == 100
