@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from manager.apply import access_rules
@@ -32,6 +32,12 @@ class Requester:
 
 
 requester: ContextVar[Requester | None] = ContextVar("requester", default=None)
+
+
+def force() -> None:
+    """The current request says `force` (a JSON body field; the query parameter is read with the requester)."""
+    if (who := requester.get()) is not None:
+        requester.set(replace(who, force=True))
 
 
 class SelfLockout(Conflict):

@@ -54,15 +54,10 @@ def client_ip() -> str:
 
 
 def name_requester() -> None:
-    """Who asks, for the admin self-lockout guard (manager/admin_guard.py). `force` may come as a query
-    parameter or a JSON body field on any request; it is taken out of the body here, so no route sees it."""
-    force = request.args.get("force", "false")
-    body = request.get_json(silent=True) if request.is_json else None
-    if isinstance(body, dict) and "force" in body:
-        force = body.pop("force")  # the parsed body is cached: json_body() returns it without `force`
-    if isinstance(force, str):
-        force = {"true": True, "1": True, "false": False, "0": False}.get(force.lower(), force)
-    if not isinstance(force, bool):
+    """Who asks, for the admin self-lockout guard (manager/admin_guard.py). `force` comes as the query parameter
+    `?force=true` or as a JSON body field (taken out of the body by `json_body()`)."""
+    force = {"true": True, "1": True, "false": False, "0": False}.get(request.args.get("force", "false").lower())
+    if force is None:
         raise ValidationError("force", "must be true or false")
     # nginx sends the connecting address before X-Forwarded-For processing (trusted_proxies) as X-Bastion-Peer
     peer = request.headers.get("X-Bastion-Peer") or client_ip()
