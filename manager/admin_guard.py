@@ -41,9 +41,8 @@ def force() -> None:
 
 
 class SelfLockout(Conflict):
-    def __init__(self, address: str):
-        super().__init__("force", f"this change would deny your address {address} on the admin listener; include "
-                                  "it in the allowed networks or repeat the request with force=true")
+    def __init__(self, why: str):
+        super().__init__("force", f"this change would {why} or repeat the request with force=true")
 
 
 def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -95,17 +94,22 @@ class Guard:
     def __init__(self, bastion: Bastion):
         who = requester.get()
         self.who = None if who is None or who.force else who
-        self.admitted_before = self.who is not None and self._admits(bastion)[0]
+        self.admitted_before = self.who is not None and self._refusal(bastion) is None
 
-    def _admits(self, bastion: Bastion) -> tuple[bool, str]:
+    def _refusal(self, bastion: Bastion) -> str | None:
+        """Why the admin listener would shut the requester out with the stored settings (None: it would not)."""
         assert self.who is not None
         settings = bastion.settings()
         address = seen_address(self.who.peer, self.who.forwarded_for, settings["trusted_proxies"])
-        return permits(access_rules(bastion, settings["admin_cidr_groups"]), address), address
+        if not permits(access_rules(bastion, settings["admin_cidr_groups"]), address):
+            return f"deny your address {address} on the admin listener; include it in the allowed networks"
+        listen = settings["admin_listen"]
+        peer = _ip(self.who.peer)
+        if ipaddress.ip_address(listen.rpartition(":")[0].strip("[]")).is_loopback and peer and not peer.is_loopback:
+            return (f"move the admin listener to {listen}, which your address {peer} cannot reach; keep an address "
+                    "you can reach")
+        return None
 
     def check(self, bastion: Bastion) -> None:
-        if not self.admitted_before:
-            return
-        admitted, address = self._admits(bastion)
-        if not admitted:
-            raise SelfLockout(address)
+        if self.admitted_before and (why := self._refusal(bastion)):
+            raise SelfLockout(why)

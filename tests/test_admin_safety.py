@@ -23,11 +23,12 @@ from pathlib import Path
 import pytest
 import requests
 
-from manager import auth, generations, users
+from manager import admin_guard, auth, generations, users
+from manager import settings as settings_mod
 from manager.app import create_app
 from manager.context import Bastion
 from manager.datadir import DataDir
-from tests.conftest import NGINX, Stack
+from tests.conftest import NGINX, Stack, free_port
 
 PASSWORD = "right-password"
 
@@ -296,3 +297,37 @@ def test_force_must_be_a_boolean(admin: Stack) -> None:
     assert r.status_code == 400 and r.json()["error"]["field"] == "force"
     assert call(admin, "PATCH", "/api/v1/settings?force=yes", json={"read_timeout": 600}).status_code == 400
 
+
+
+def test_the_guard_sees_addresses_as_nginx_does() -> None:
+    seen = admin_guard.seen_address
+    assert seen("127.0.0.1", "203.0.113.9", []) == "127.0.0.1"  # no trusted proxy: the header means nothing
+    assert seen("127.0.0.1", "203.0.113.9", ["127.0.0.1/32"]) == "203.0.113.9"
+    assert seen("127.0.0.1", "203.0.113.9, 10.0.0.2", ["127.0.0.0/8", "10.0.0.0/8"]) == "203.0.113.9"  # recursive
+    assert seen("127.0.0.1", "10.0.0.3, 10.0.0.2", ["127.0.0.0/8", "10.0.0.0/8"]) == "10.0.0.3"  # all trusted
+    assert seen("127.0.0.1", "junk", ["127.0.0.0/8"]) == "127.0.0.1"
+    assert seen("192.0.2.1", "10.0.0.2", ["127.0.0.0/8"]) == "192.0.2.1"  # an untrusted peer's header is ignored
+    rules = [("deny", "10.0.0.1/32"), ("allow", "10.0.0.0/8"), ("deny", "all")]
+    assert not admin_guard.permits(rules, "10.0.0.1") and admin_guard.permits(rules, "10.9.9.9")
+    assert not admin_guard.permits(rules, "192.0.2.1") and admin_guard.permits(rules, "::ffff:10.1.1.1")
+    assert admin_guard.permits([], "192.0.2.1")
+
+
+@pytest.mark.skipif(not Path(NGINX).exists(), reason="nginx is not installed")
+def test_moving_the_admin_listener_out_of_reach_is_refused(data_dir: Path) -> None:
+    port = free_port()
+    settings_mod.update(Bastion(DataDir.at(data_dir)), {"admin_listen": f"0.0.0.0:{port}"})  # as the CLI: no guard
+    app = make_app(data_dir)
+    client = app.test_client()
+
+    def patch(ip: str):
+        token = client.post("/auth/token", json={"username": "admin", "password": PASSWORD},
+                            environ_base={"REMOTE_ADDR": ip}).json["token"]
+        return client.patch("/api/v1/settings", json={"admin_listen": f"127.0.0.1:{port}"},
+                            headers={"Authorization": f"Bearer {token}"}, environ_base={"REMOTE_ADDR": ip})
+
+    r = patch("10.1.2.3")  # a remote admin on a private network
+    assert r.status_code == 409 and r.json["message"] == (
+        f"this change would move the admin listener to 127.0.0.1:{port}, which your address 10.1.2.3 cannot reach; "
+        "keep an address you can reach or repeat the request with force=true")
+    assert patch("127.0.0.1").status_code == 200  # an admin on the host itself keeps access
