@@ -128,11 +128,11 @@ class LoginState:
 
         try:
             with self._write() as db:
+                self._write_unsaved(db, now)
                 records = self._records(subjects, now, db)
                 db.executemany(UPSERT, [(s, *_fields(outcome(records[s]))) for s in subjects])
-                for s in subjects:
-                    self._unsaved.pop(s, None)
-                self._flush(db, now)
+            self._unsaved.clear()  # only once committed: memory keeps everything until the disk has it
+            self._unsaved_revoked.clear()
             return
         except (sqlite3.Error, OSError) as e:
             log.warning("could not write %s (%s); sign-in counts kept in memory until it can be written",
@@ -199,7 +199,9 @@ class LoginState:
             self._unsaved_revoked[jti] = exp
             try:
                 with self._write() as db:
-                    self._flush(db, now)
+                    self._write_unsaved(db, now)
+                self._unsaved.clear()
+                self._unsaved_revoked.clear()
                 return True
             except (sqlite3.Error, OSError) as e:
                 log.warning("could not write %s (%s); logout of token %s holds in this process only until "
@@ -217,15 +219,14 @@ class LoginState:
 
     # -- disk -------------------------------------------------------------------------------------------------
 
-    def _flush(self, db: sqlite3.Connection, now: float) -> None:
-        """Write what earlier writes could not, and forget what no longer matters (inside a write)."""
+    def _write_unsaved(self, db: sqlite3.Connection, now: float) -> None:
+        """Write what only memory holds and delete what no longer matters (inside a write transaction; the
+        caller forgets the memory copies once it committed)."""
         db.executemany(UPSERT, [(s, *_fields(r)) for s, r in self._unsaved.items()])
         db.executemany("INSERT OR IGNORE INTO revoked_tokens VALUES (?, ?)", self._unsaved_revoked.items())
         db.execute("DELETE FROM revoked_tokens WHERE exp < ?", (now,))
         db.execute("DELETE FROM login_failures WHERE last < ? AND locked_until < ? AND subject != ?",
                    (now - KEEP_ROWS, now, ALL))
-        self._unsaved.clear()
-        self._unsaved_revoked.clear()
 
     def _connection(self, create: bool) -> sqlite3.Connection | None:
         db = getattr(self._local, "db", None)

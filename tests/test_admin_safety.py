@@ -184,6 +184,7 @@ def fill(path: Path) -> None:
 
 def test_sign_in_on_a_full_disk_then_counts_reach_the_disk(full_disk: Path) -> None:
     app = make_app(full_disk)
+    assert sign_in(app, "wrong", ip="10.8.8.8", user="nobody") == 401  # auth.sqlite3 exists, with a row
     filler = full_disk.parent / "filler"
     fill(filler)
     assert sign_in(app) == 200  # was a 500
