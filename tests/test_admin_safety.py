@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from manager import admin_guard, auth, generations, users
+from manager import auth, generations, users
 from manager import settings as settings_mod
 from manager.app import create_app
 from manager.context import Bastion
@@ -301,6 +301,8 @@ def test_force_must_be_a_boolean(admin: Stack) -> None:
 
 
 def test_the_guard_sees_addresses_as_nginx_does() -> None:
+    from manager import admin_guard
+
     seen = admin_guard.seen_address
     assert seen("127.0.0.1", "203.0.113.9", []) == "127.0.0.1"  # no trusted proxy: the header means nothing
     assert seen("127.0.0.1", "203.0.113.9", ["127.0.0.1/32"]) == "203.0.113.9"
