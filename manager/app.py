@@ -11,11 +11,12 @@ from typing import Any
 from flask import Flask, current_app, g, request
 from werkzeug.exceptions import HTTPException
 
-from manager import auth
+from manager import admin_guard, auth
 from manager.apply import ConfigTestFailed, ReloadFailed
 from manager.context import Bastion
 from manager.datadir import DataDir
 from manager.errors import Conflict, NotFound, ValidationError
+from manager.logins import drop_legacy_tables
 from manager.nginx import NginxError
 from manager.settings import ADMIN_BODY_LIMIT_KB
 from manager.store import StoreCorrupt
@@ -30,12 +31,15 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.config.update(config or {})
     app.json.sort_keys = False
     app.extensions["bastion"] = Bastion(DataDir.at(app.config["DATA_DIR"]), app.config["NGINX"])
+    drop_legacy_tables(app.extensions["bastion"].store)
 
     from manager.api import BLUEPRINTS
 
     for bp in BLUEPRINTS:
         app.register_blueprint(bp)
+    app.before_request(name_requester)
     app.before_request(authenticate)
+    app.teardown_request(forget_requester)
     register_error_handlers(app)
     return app
 
@@ -48,6 +52,23 @@ def bastion() -> Bastion:
 def client_ip() -> str:
     """nginx's admin listener sets X-Real-IP (after real_ip processing); only nginx reaches the manager's socket."""
     return request.headers.get("X-Real-IP") or request.remote_addr or "unknown"
+
+
+def name_requester() -> None:
+    """Who asks, for the admin self-lockout guard (manager/admin_guard.py). `force` comes as the query parameter
+    `?force=true` or as a JSON body field (taken out of the body by `json_body()`)."""
+    force = {"true": True, "1": True, "false": False, "0": False}.get(request.args.get("force", "false").lower())
+    if force is None:
+        raise ValidationError("force", "must be true or false")
+    # nginx sends the connecting address before X-Forwarded-For processing (trusted_proxies) as X-Bastion-Peer
+    peer = request.headers.get("X-Bastion-Peer") or client_ip()
+    g.requester_token = admin_guard.requester.set(
+        admin_guard.Requester(peer, request.headers.get("X-Forwarded-For", ""), force))
+
+
+def forget_requester(_error: BaseException | None = None) -> None:
+    if (token := g.pop("requester_token", None)) is not None:
+        admin_guard.requester.reset(token)
 
 
 def authenticate() -> None:
@@ -80,6 +101,10 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(Conflict)
     def conflict(e: Conflict):
         return error_response(409, f"{e.field}: {e.message}", e.field)
+
+    @app.errorhandler(admin_guard.SelfLockout)
+    def self_lockout(e: admin_guard.SelfLockout):
+        return error_response(409, e.message, e.field)
 
     @app.errorhandler(NotFound)
     def not_found(e: NotFound):

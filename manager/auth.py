@@ -2,6 +2,8 @@
 
 - A token carries the user's `token_version`; changing the password or role bumps it, which ends every session.
 - Logout puts the token's `jti` on a deny list until the token would have expired anyway.
+- Sign-in failures and the deny list live in manager/logins.py (`auth.sqlite3` plus memory), apart from the
+  configuration, so a full disk never stops a sign-in or a lockout.
 - Cookie sessions also carry a CSRF secret: state-changing requests must echo it in `X-CSRF-Token`
   (double submit: the page reads it from the non-HttpOnly `csrf_token` cookie).
 - Failed logins are counted per user and per client IP; after `MAX_FAILURES` in a row the subject is locked
@@ -16,9 +18,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import jwt
-from tinydb import Query
 
 from manager import users
+from manager.logins import FAILURE_WINDOW as FAILURE_WINDOW  # the lockout policy, part of sign-in's contract
+from manager.logins import LOCKOUT_BASE as LOCKOUT_BASE
+from manager.logins import LOCKOUT_MAX as LOCKOUT_MAX
+from manager.logins import MAX_FAILURES as MAX_FAILURES
+from manager.logins import LockedOut
 
 if TYPE_CHECKING:
     from manager.context import Bastion
@@ -27,13 +33,7 @@ SESSION_COOKIE = "auth_token"  # the llm-proxy cookie name
 CSRF_COOKIE = "csrf_token"
 CSRF_HEADER = "X-CSRF-Token"
 TOKEN_TTL = 24 * 3600
-MAX_FAILURES = 5
-LOCKOUT_BASE = 60.0
-LOCKOUT_MAX = 3600.0
-FAILURE_WINDOW = 900.0
 ALGORITHM = "HS256"
-
-Row = Query()
 
 
 class AuthError(Exception):
@@ -78,7 +78,7 @@ def verify(bastion: Bastion, token: str, *, via_cookie: bool, csrf: str | None, 
     # `uid` is new for every user: a token of a deleted user never works for a new one of the same name
     if user is None or user.get("uid", "") != claims.get("uid") or user.get("token_version", 0) != claims.get("ver"):
         raise AuthError(401, "this session is no longer valid; log in again")
-    if bastion.store.table("revoked_tokens").contains(Row.jti == claims["jti"]):
+    if bastion.logins.is_revoked(claims["jti"]):
         raise AuthError(401, "this session was logged out; log in again")
     if via_cookie and unsafe_method and (not csrf or not secrets.compare_digest(csrf, claims.get("csrf", ""))):
         raise AuthError(403, f"missing or wrong {CSRF_HEADER} header for a cookie session")
@@ -86,51 +86,30 @@ def verify(bastion: Bastion, token: str, *, via_cookie: bool, csrf: str | None, 
 
 
 def revoke(bastion: Bastion, identity: Identity) -> None:
-    with bastion.store.transaction() as db:
-        table = db.table("revoked_tokens")
-        table.remove(Row.exp < time.time())
-        table.insert({"jti": identity.jti, "exp": identity.exp})
+    bastion.logins.revoke(identity.jti, identity.exp)
 
 
 def login(bastion: Bastion, username: Any, password: Any, client_ip: str) -> dict[str, Any]:
     """Return the user or raise AuthError (401 wrong credentials, 429 locked out).
 
-    Failures count per client IP and per existing user (so made-up names cannot grow the store); a run of
-    failures is forgotten after `FAILURE_WINDOW` seconds without another one."""
+    Failures count per client IP and per existing user (so made-up names cannot grow the state); a run of
+    failures is forgotten after `FAILURE_WINDOW` seconds without another one. Nothing is written before the
+    password check (see manager/logins.py)."""
     known_user = isinstance(username, str) and users.find(bastion, username) is not None
     subjects = [f"ip:{client_ip}"] + ([f"user:{username}"] if known_user else [])
-    now = time.time()
-    # Count the attempt as a failure before the (slow) password check, in one locked step, so concurrent
-    # attempts cannot slip past the limit; a success then clears the count.
-    with bastion.store.transaction() as db:
-        table = db.table("login_failures")
-        table.remove((Row.last < now - FAILURE_WINDOW) & ~(Row.locked_until > now))
-        for subject in subjects:
-            row = table.get(Row.subject == subject)
-            if row and row.get("locked_until", 0) > now:
-                wait = row["locked_until"] - now
-                raise AuthError(429, f"too many failed logins; try again in {int(wait) + 1} s", retry_after=wait)
-        for subject in subjects:
-            row = table.get(Row.subject == subject) or {"subject": subject, "failures": 0, "lockouts": 0}
-            row["failures"] += 1
-            row["last"] = now
-            if row["failures"] >= MAX_FAILURES:
-                row["locked_until"] = now + min(LOCKOUT_MAX, LOCKOUT_BASE * 2 ** row["lockouts"])
-                row["lockouts"] += 1
-                row["failures"] = 0
-            table.upsert(row, Row.subject == subject)
-    user = users.authenticate(bastion, username, password)
+    try:
+        with bastion.logins.attempt(subjects) as attempt:
+            user = users.authenticate(bastion, username, password)
+            attempt.succeeded = user is not None
+    except LockedOut as e:
+        raise AuthError(429, str(e), retry_after=e.retry_after) from None
     if user is None:
         raise AuthError(401, "wrong username or password")
-    with bastion.store.transaction() as db:
-        db.table("login_failures").remove(Row.subject.one_of(subjects))
     return user
 
 
 def unlock(bastion: Bastion, subject: str | None = None) -> int:
     """Clear login lockouts (all, or one `user:NAME` / `ip:ADDR`); returns how many were cleared."""
-    with bastion.store.transaction() as db:
-        table = db.table("login_failures")
-        removed = table.remove(Row.subject == subject) if subject else table.remove(Row.subject.exists())
+    cleared = bastion.logins.unlock(subject)
     bastion.audit.record("cli", f"unlock logins ({subject or 'all'})")
-    return len(removed)
+    return cleared

@@ -10,12 +10,13 @@ from typing import Any
 from tinydb import TinyDB
 
 from authsvc.snapshot import KEYS_DB
+from manager import admin_guard, generations
 from manager import apply as applier
-from manager import generations
 from manager import settings as settings_mod
 from manager.audit import Audit
 from manager.datadir import DataDir
 from manager.keystore import KeyStore, migrate_from
+from manager.logins import LoginState
 from manager.nginx import Nginx
 from manager.snapshot import publish
 from manager.store import Store, StoreCorrupt
@@ -48,6 +49,11 @@ class Bastion:
     def usage(self) -> Usage:
         return Usage(self.dirs.usage_db, self.dirs.access_log)
 
+    @cached_property
+    def logins(self) -> LoginState:
+        """Sign-in failures and logged-out tokens, apart from the configuration (manager/logins.py)."""
+        return LoginState(self.dirs.root / "auth.sqlite3")
+
     def settings(self) -> dict[str, Any]:
         return settings_mod.effective(self.store.settings())
 
@@ -68,12 +74,15 @@ class Bastion:
 
         Runs under the store lock; afterwards publishes the snapshot, or applies the nginx config first when
         `nginx` is set. If anything fails (validation, `nginx -t`, reload) the store is put back as it was.
+        An nginx change that would lock the requesting admin out of the admin listener is refused first.
         """
         with self.store.transaction() as db:
             before = self.store.dump()
+            guard = admin_guard.Guard(self) if nginx else None
             try:
                 yield db
-                if nginx:
+                if guard:
+                    guard.check(self)
                     # first stop the gate from choosing pools that are about to leave nginx's config
                     self.publish_snapshot(only_pools=generations.live_pools(self.dirs))
                     self.apply(author)

@@ -7,6 +7,7 @@ pasted into nginx syntax without passing through here first (DESIGN.md §6).
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 import time
 from collections.abc import Iterable
@@ -37,6 +38,8 @@ URL_CHARS_RE = re.compile(r"^[A-Za-z0-9:/.\-\[\]_]+$")
 DURATION_RE = re.compile(r"^(\d{1,6})([smhdw])$")
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 BALANCING_METHODS = ("round_robin", "least_conn", "hash", "random_two")
+# Times are bounded to what every consumer (datetime, the CLI, JavaScript's Date) can show.
+MAX_EPOCH = 253_402_214_400  # 9999-12-31T00:00:00Z
 
 
 def require_str(field: str, value: Any) -> str:
@@ -117,6 +120,39 @@ def integer(field: str, value: Any, lo: int, hi: int) -> int:
     if not lo <= value <= hi:
         raise ValidationError(field, f"must be between {lo} and {hi}")
     return value
+
+
+def number(field: str, value: Any, lo: float, hi: float) -> float:
+    """A finite number (a JSON number or decimal text) in [lo, hi]. NaN and Infinity, which Python's json
+    accepts in request bodies, are refused."""
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise ValidationError(field, "must be a number") from None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValidationError(field, "must be a number")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValidationError(field, "must be a finite number (not NaN or Infinity)")
+    if not lo <= value <= hi:
+        raise ValidationError(field, f"must be between {lo} and {hi}")
+    return float(value)
+
+
+def epoch(field: str, value: Any) -> float:
+    """Epoch seconds from 1970 to the year 9999."""
+    return number(field, value, 0, MAX_EPOCH)
+
+
+def iso_timestamp(text: str) -> float:
+    """Epoch seconds of an ISO date/time (local time when it names no zone); ValueError if there is none."""
+    try:
+        dt = datetime.fromisoformat(text.strip())
+        if dt.tzinfo is None:
+            dt = dt.astimezone()  # raises for dates at the edge of the calendar (year 1, year 9999)
+        return dt.timestamp()
+    except (ValueError, OverflowError, OSError) as e:
+        raise ValueError(f"{text!r} is not an ISO date/time datetime can handle") from e
 
 
 def boolean(field: str, value: Any) -> bool:
@@ -216,24 +252,24 @@ def listen(field: str, value: Any) -> str:
 
 
 def expiry(field: str, value: Any, now: float | None = None) -> float | None:
-    """None/"" (never), a duration like 30d/12h, an ISO date/time, or epoch seconds → epoch seconds."""
+    """None/"" (never), a duration like 30d/12h, an ISO date/time, or epoch seconds → epoch seconds, in the
+    future and before 9999-12-31 (every consumer can show it)."""
     if value in (None, "", "never"):
         return None
     now = time.time() if now is None else now
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        result = float(value)
-    elif isinstance(value, str) and (m := DURATION_RE.fullmatch(value.strip())):
+    if isinstance(value, str) and (m := DURATION_RE.fullmatch(value.strip())):
         result = now + int(m.group(1)) * DURATION_UNITS[m.group(2)]
     elif isinstance(value, str):
         try:
-            dt = datetime.fromisoformat(value.strip())
-        except ValueError as e:
-            raise ValidationError(field, "must be a duration like 30d or 12h, or an ISO date like 2027-01-31") from e
-        if dt.tzinfo is None:
-            dt = dt.astimezone()
-        result = dt.timestamp()
+            result = iso_timestamp(value)
+        except ValueError:
+            raise ValidationError(field, "must be a duration like 30d or 12h, or an ISO date like 2027-01-31") from None
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        result = value if isinstance(value, int) else number(field, value, -math.inf, math.inf)
     else:
         raise ValidationError(field, "must be a duration, an ISO date or epoch seconds")
     if result <= now:
         raise ValidationError(field, "must be in the future")
-    return result
+    if result > MAX_EPOCH:
+        raise ValidationError(field, "must be before 9999-12-31")
+    return float(result)

@@ -340,7 +340,7 @@ def test_admin_listener_cidr_and_real_ip(api: Stack, token: str) -> None:
     office_key = api.key("office-only", "--cidrs", "10.0.0.0/8")
     time.sleep(0.5)
     assert call(api, "POST", "/api/v1/cidr-groups", token, json={"name": "office", "allow": ["10.0.0.0/8"]}).ok
-    r = call(api, "PATCH", "/api/v1/settings", token, json={"admin_cidr_groups": ["office"]})
+    r = call(api, "PATCH", "/api/v1/settings", token, json={"admin_cidr_groups": ["office"], "force": True})
     assert r.status_code == 200, r.text
     try:
         refused = call(api, "GET", "/api/v1/health")

@@ -13,7 +13,8 @@ from typing import Any
 
 from flask import Blueprint, g, jsonify, request
 
-from manager.validation import ValidationError
+from manager import admin_guard
+from manager.validation import ValidationError, boolean
 
 Schema = dict[str, Any]
 
@@ -63,9 +64,13 @@ class ApiBlueprint(Blueprint):
 
 
 def json_body() -> dict[str, Any]:
+    """The JSON object of the request. A `force` field (accepted on every route, for the admin self-lockout
+    guard) is taken out, so `fields()` never sees it."""
     data = request.get_json(silent=True)
     if not isinstance(data, dict):
         raise ValidationError("body", "must be a JSON object")
+    if "force" in data and boolean("force", data.pop("force")):
+        admin_guard.force()
     return data
 
 

@@ -36,13 +36,7 @@ EPOCH = {"type": "number", "minimum": 0}
 
 
 def _epoch(field: str, raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        raise v.ValidationError(field, "must be epoch seconds") from None
-    if not 0 <= value < 1e11:
-        raise v.ValidationError(field, "must be epoch seconds")
-    return value
+    return v.epoch(field, raw)
 
 
 def _applied(result) -> dict:

@@ -38,8 +38,14 @@ def csv(value: str | None) -> list[str] | None:
     return None if value is None else [x.strip() for x in value.split(",") if x.strip()]
 
 
-def fmt_time(ts: float | None) -> str:
-    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M") if ts else "-"
+def fmt_time(ts: Any) -> str:
+    """Local time of stored epoch seconds; a value no calendar can show (older stores may hold one) is shown as is."""
+    if not ts:
+        return "-"
+    try:
+        return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M")
+    except (TypeError, ValueError, OverflowError, OSError):
+        return f"invalid ({ts!r})"
 
 
 def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import datetime
 
 import click
 
@@ -28,7 +27,7 @@ def usage(b: Bastion, key_id: str | None, since: str, records: bool, as_json: bo
     start = time.time() - int(m.group(1)) * v.DURATION_UNITS[m.group(2)] if m else None
     if start is None:
         try:
-            start = datetime.fromisoformat(since).timestamp()
+            start = v.iso_timestamp(since)
         except ValueError:
             raise v.ValidationError("since", "must be a duration like 24h or an ISO date") from None
     b.usage.ingest()
