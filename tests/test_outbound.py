@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import resource
+import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -183,6 +186,24 @@ def test_failures_are_short_sentences(serve) -> None:
     plain = serve(lambda h: answer(h, 200, b"{}"))
     tls_url = plain.url.replace("http://", "https://")
     assert discovery.discover_pool_models(pool_of(tls_url)).error.startswith(f"{tls_url}: TLS failed")
+
+
+def test_tls_verification(serve, tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    server = serve(lambda h: answer(h, 200, b'{"data": [{"id": "tls-model"}]}'))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    server.httpd.socket = context.wrap_socket(server.httpd.socket, server_side=True)
+    url = server.url.replace("http://127.0.0.1", "https://localhost")
+    found = discovery.discover_pool_models(pool_of(url))
+    assert found.error == f"{url}: TLS verification failed: self-signed certificate"
+    assert discovery.discover_pool_models(pool_of(url), str(cert)) == discovery.Discovery(["tls-model"], None)
+    assert discovery.discover_pool_models({**pool_of(url), "tls_verify": False}).models == ["tls-model"]
+    found = discovery.discover_pool_models(pool_of(url), str(tmp_path / "missing.pem"))
+    assert found.error.startswith(f"{url}: cannot read the CA bundle")
 
 
 # ---- end to end: a pool whose upstream refuses the pool's own key ----------------------------------------
