@@ -62,7 +62,7 @@ def get(url: str, *, api_key: str | None = None, verify: bool | str = True, max_
     https = parts.scheme == "https"
     host, port = parts.hostname, parts.port or (443 if https else 80)
     end = time.monotonic() + deadline
-    sock = _connect(host, port, deadline)
+    sock = _connect(host, port, end, deadline)
     cut = threading.Event()
     watchdog_sock = sock.dup()  # shutting down the connection through a dup works after the TLS wrap too
 
@@ -90,11 +90,11 @@ def get(url: str, *, api_key: str | None = None, verify: bool | str = True, max_
         answer_headers = {k.lower(): v for k, v in resp.getheaders()}
         _check_status(resp.status, answer_headers, api_key)
         body = _read(resp, answer_headers, max_bytes) if read_body else b""
-        if cut.is_set():  # the watchdog's shutdown reads as an early end of the answer
+        if cut.is_set():  # an answer cut short by the watchdog can look complete
             raise OutboundError(_timeout(deadline))
         return Answer(resp.status, answer_headers, body)
     except OutboundError:
-        if cut.is_set():  # the watchdog's shutdown can look like an early end of the answer
+        if cut.is_set():  # e.g. "the answer ended early" because the watchdog cut it
             raise OutboundError(_timeout(deadline)) from None
         raise
     except ssl.SSLCertVerificationError as e:
@@ -134,18 +134,31 @@ def printable(text: str, limit: int = 200) -> str:
     return clean + ("..." if len(text) > limit else "")
 
 
-def _connect(host: str, port: int, deadline: float) -> socket.socket:
+def _connect(host: str, port: int, end: float, deadline: float) -> socket.socket:
+    """A connection to the first address of `host` that accepts one; all attempts share the deadline."""
     where = f"{host}:{port}"
     try:
-        return socket.create_connection((host, port), timeout=deadline)
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror:
         raise OutboundError(f"{host} does not resolve") from None
-    except ConnectionRefusedError:
-        raise OutboundError(f"connection refused by {where}") from None
-    except TimeoutError:
-        raise OutboundError(f"no connection to {where} within {deadline:g} s") from None
-    except OSError as e:
-        raise OutboundError(f"cannot connect to {where} ({e.strerror or e})") from None
+    error: OSError = TimeoutError()
+    for family, kind, proto, _, address in addresses:
+        remaining = end - time.monotonic()
+        if remaining <= 0:
+            break
+        sock = socket.socket(family, kind, proto)
+        sock.settimeout(remaining)
+        try:
+            sock.connect(address)
+            return sock
+        except OSError as e:
+            sock.close()
+            error = e
+    if isinstance(error, ConnectionRefusedError):
+        raise OutboundError(f"connection refused by {where}")
+    if isinstance(error, TimeoutError):
+        raise OutboundError(f"no connection to {where} within {deadline:g} s")
+    raise OutboundError(f"cannot connect to {where} ({error.strerror or error})")
 
 
 def _tls_context(verify: bool | str) -> ssl.SSLContext:
