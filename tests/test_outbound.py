@@ -267,6 +267,8 @@ def test_upstream_auth_failure_is_the_gateways_problem(stack: Stack, locked: Fak
         time.sleep(0.3)
     assert (up["health"], up["down"], up["error"]) == ("up", False, KEY_REJECTED)
     assert up["error_since"] <= up["checked_at"] <= time.time()
+    # the same server behind the pool without a key: its own problem, kept apart
+    assert pool_status(stack, "nokey")["upstreams"][0]["error"] == "upstream needs an API key"
     assert KEY_REJECTED in stack.cli("pools", "list")
 
     # the operator fixes the key: traffic flows, the problems clear
