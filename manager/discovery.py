@@ -6,6 +6,7 @@ so the pool's status can say why no models were found.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +14,7 @@ from manager import outbound
 from manager import validation as v
 
 DEADLINE = 5.0
+MAX_PARALLEL = 8
 LISTS = (("/v1/models", "data", "id"), ("/api/tags", "models", "name"))
 
 
@@ -47,16 +49,20 @@ def upstream_models(url: str, api_key: str | None = None, verify: bool | str = T
 
 
 def discover_pool_models(pool: dict[str, Any], ca_bundle: str | None = None) -> Discovery:
-    """Union of what the pool's upstreams report. Certificates are checked against `ca_bundle` (the same file
-    nginx uses) unless the pool turned verification off."""
+    """Union of what the pool's upstreams report, asked in parallel (so a pool of slow upstreams takes one
+    deadline, not one each). Certificates are checked against `ca_bundle` (the same file nginx uses) unless
+    the pool turned verification off."""
     verify: bool | str = (ca_bundle or True) if pool.get("tls_verify", True) else False
-    found: list[str] | None = None
-    errors = []
-    for up in pool["upstreams"]:
+
+    def ask(url: str) -> list[str] | str:
         try:
-            names = upstream_models(up["url"], pool.get("api_key"), verify)
+            return upstream_models(url, pool.get("api_key"), verify)
         except outbound.OutboundError as e:
-            errors.append(f"{up['url']}: {e}")
-            continue
-        found = list(dict.fromkeys([*(found or []), *names]))
-    return Discovery(found, "; ".join(errors) or None)
+            return f"{url}: {e}"
+
+    urls = [up["url"] for up in pool["upstreams"]]
+    with ThreadPoolExecutor(max_workers=min(len(urls), MAX_PARALLEL) or 1) as executor:
+        answers = list(executor.map(ask, urls))
+    lists = [a for a in answers if isinstance(a, list)]
+    found = list(dict.fromkeys(name for names in lists for name in names)) if lists else None
+    return Discovery(found, "; ".join(a for a in answers if isinstance(a, str)) or None)

@@ -141,12 +141,13 @@ def test_slow_drip_is_cut_at_the_total_deadline(serve, phase: str) -> None:
             time.sleep(0.1)
             h.write(b"1" if phase == "headers" else b"1,")
 
-    server = serve(drip)
+    server, second = serve(drip), serve(drip)
     started = time.monotonic()
-    found = discovery.discover_pool_models(pool_of(server.url))
+    found = discovery.discover_pool_models({"name": "p", "upstreams": [{"url": server.url}, {"url": second.url}]})
     took = time.monotonic() - started
-    assert took < 6.5, f"discovery took {took:.1f} s"
-    assert found.error == f"{server.url}: no complete answer within 5 s"
+    assert took < 6.5, f"discovery took {took:.1f} s"  # one deadline: the upstreams are asked in parallel
+    assert found.error == (f"{server.url}: no complete answer within 5 s; "
+                           f"{second.url}: no complete answer within 5 s")
     if phase == "headers":
         started = time.monotonic()
         assert health.probe(server.url, None, True) == (False, "no complete answer within 3 s")
