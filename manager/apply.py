@@ -125,6 +125,8 @@ def pool_view(pool: dict[str, Any], unhealthy: set[str], resolved: dict[str, lis
         "host_header": host_header,
         "tls_name": first.hostname,
         "authorization": f"Bearer {pool['api_key']}" if pool.get("api_key") else "",
+        # the upstream's 401/403 to the pool's own key is the gateway's fault: 502 upstream_auth_failed
+        "intercept_auth": bool(pool.get("api_key")),
         "tls_verify": pool.get("tls_verify", True),
     }
 

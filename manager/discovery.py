@@ -1,39 +1,68 @@
-"""Finding out which models an upstream serves: OpenAI `/v1/models`, else Ollama `/api/tags`."""
+"""Finding out which models an upstream serves: OpenAI `/v1/models`, else Ollama `/api/tags`.
+
+Requests go through manager.outbound (no redirects, 4 MB, one deadline); each failure is kept as a sentence
+so the pool's status can say why no models were found.
+"""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
-import requests
-
+from manager import outbound
 from manager import validation as v
 
-TIMEOUT = 3.0
+DEADLINE = 5.0
+MAX_PARALLEL = 8
+LISTS = (("/v1/models", "data", "id"), ("/api/tags", "models", "name"))
 
 
-def upstream_models(url: str, api_key: str | None = None, verify: bool | str = True) -> list[str] | None:
-    """Model names one upstream reports, or None when it cannot be asked."""
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    for path, pick in (("/v1/models", lambda d: [m["id"] for m in d["data"]]),
-                       ("/api/tags", lambda d: [m["name"] for m in d["models"]])):
+@dataclass(frozen=True)
+class Discovery:
+    """What a pool's upstreams report: `models` is None when none of them answered with a list; `error`
+    names each upstream that did not (None when all did)."""
+    models: list[str] | None
+    error: str | None
+
+
+def upstream_models(url: str, api_key: str | None = None, verify: bool | str = True) -> list[str]:
+    """Model names one upstream reports; raises outbound.OutboundError saying why it cannot tell."""
+    errors: list[outbound.OutboundError] = []
+    for path, field, name_key in LISTS:
         try:
-            resp = requests.get(url.rstrip("/") + path, headers=headers, timeout=TIMEOUT, verify=verify)
-            if resp.ok:
-                names = pick(resp.json())
-                # an upstream's answer is input like any other: keep only names Bastion can route safely
-                return [n for n in names if isinstance(n, str) and v.MODEL_RE.fullmatch(n)]
-        except (requests.RequestException, OSError, ValueError, KeyError, TypeError):
-            continue
-    return None
+            data = outbound.get_json(url.rstrip("/") + path, api_key=api_key, verify=verify,
+                                     max_bytes=outbound.MODEL_LIST_LIMIT, deadline=DEADLINE)
+            names = [m[name_key] for m in data[field]]
+        except (KeyError, TypeError):
+            error = outbound.OutboundError(f"the answer to {path} is not a model list", 200)
+        except outbound.OutboundError as e:
+            error = e
+        else:
+            # an upstream's answer is input like any other: keep only names Bastion can route safely
+            return [n for n in names if isinstance(n, str) and v.MODEL_RE.fullmatch(n)]
+        errors.append(error)
+        # Only a server that answered, and did not refuse the key, may be an Ollama with /api/tags instead.
+        if error.status is None or error.status in outbound.AUTH_STATUSES:
+            break
+    raise errors[0]  # the OpenAI list's failure says most (the key, the redirect...)
 
 
-def discover_pool_models(pool: dict[str, Any], ca_bundle: str | None = None) -> list[str] | None:
-    """Union of what the pool's upstreams report; None when none of them answered. Certificates are checked
-    against `ca_bundle` (the same file nginx uses) unless the pool turned verification off."""
+def discover_pool_models(pool: dict[str, Any], ca_bundle: str | None = None) -> Discovery:
+    """Union of what the pool's upstreams report, asked in parallel (so a pool of slow upstreams takes one
+    deadline, not one each). Certificates are checked against `ca_bundle` (the same file nginx uses) unless
+    the pool turned verification off."""
     verify: bool | str = (ca_bundle or True) if pool.get("tls_verify", True) else False
-    found: list[str] | None = None
-    for up in pool["upstreams"]:
-        names = upstream_models(up["url"], pool.get("api_key"), verify)
-        if names is not None:
-            found = list(dict.fromkeys([*(found or []), *names]))
-    return found
+
+    def ask(url: str) -> list[str] | str:
+        try:
+            return upstream_models(url, pool.get("api_key"), verify)
+        except outbound.OutboundError as e:
+            return f"{url}: {e}"
+
+    urls = [up["url"] for up in pool["upstreams"]]
+    with ThreadPoolExecutor(max_workers=min(len(urls), MAX_PARALLEL) or 1) as executor:
+        answers = list(executor.map(ask, urls))
+    lists = [a for a in answers if isinstance(a, list)]
+    found = list(dict.fromkeys(name for names in lists for name in names)) if lists else None
+    return Discovery(found, "; ".join(a for a in answers if isinstance(a, str)) or None)

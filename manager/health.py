@@ -1,30 +1,35 @@
 """Active health checks of upstreams, run by the supervisor every `health_interval` seconds.
 
 nginx's passive checks (`max_fails`/`fail_timeout`) only learn from real requests, and retry a dead upstream
-every `fail_timeout`. The active check connects to each upstream (`GET /v1/models`, 3 s): after
-`health_fails` failed probes in a row the upstream is rendered `down` in nginx's configuration, and one good
-probe brings it back. Only connection failures and timeouts count: an upstream that answers, whatever the
-status, is alive. State lives in `health.json` (0600) under the data dir, beside the generations it shapes.
+every `fail_timeout`. The active check connects to each upstream (`GET /v1/models` through
+manager.outbound: 3 s in all, no redirects, the answer's body is not read): after `health_fails` failed probes
+in a row the upstream is rendered `down` in nginx's configuration, and one good probe brings it back. Only
+connection failures, TLS failures and timeouts count: an upstream that answers, whatever the status, is alive.
+Each upstream's last problem is kept with the time it began, also for a live one: a 401/403 says the pool's
+API key is wrong or missing (nginx then answers clients 502 `upstream_auth_failed`). State lives in
+`health.json` (0600) under the data dir, beside the generations it shapes.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-import requests
-
+from manager import outbound
 from manager.store import write_atomic
 
 if TYPE_CHECKING:
     from manager.context import Bastion
 
+log = logging.getLogger(__name__)
 PROBE_TIMEOUT = 3.0
 
 
 def load(bastion: Bastion) -> dict[str, dict[str, Any]]:
-    """url -> {"fails", "down", "checked"}; empty when never checked."""
+    """url -> {"fails", "down", "checked", "problems": {pool: {"error", "error_since"}}}; empty when never
+    checked."""
     try:
         return json.loads((bastion.dirs.root / "health.json").read_text())
     except (OSError, ValueError):
@@ -35,13 +40,23 @@ def down_urls(bastion: Bastion) -> set[str]:
     return {url for url, state in load(bastion).items() if state.get("down")}
 
 
-def probe(url: str, api_key: str | None, verify: bool | str) -> bool:
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+def problem_since(was: dict[str, Any], error: str | None, now: float) -> float | None:
+    """When the current problem began: kept while the same problem goes on, None when there is none."""
+    if not error:
+        return None
+    return (was.get("error_since") or now) if error == was.get("error") else now
+
+
+def probe(url: str, api_key: str | None, verify: bool | str) -> tuple[bool, str | None]:
+    """(alive, problem): any HTTP answer means alive; a refused key or a redirect is still a problem."""
     try:
-        requests.get(url + "/v1/models", headers=headers, timeout=PROBE_TIMEOUT, verify=verify)
-    except (requests.RequestException, OSError):  # OSError: e.g. a missing CA bundle
-        return False
-    return True
+        outbound.get(url + "/v1/models", api_key=api_key, verify=verify, deadline=PROBE_TIMEOUT, read_body=False)
+    except outbound.OutboundError as e:
+        if e.status is None:
+            return False, str(e)
+        problem = e.status in outbound.AUTH_STATUSES or 300 <= e.status < 400
+        return True, str(e) if problem else None
+    return True, None
 
 
 def check(bastion: Bastion) -> list[str]:
@@ -55,11 +70,21 @@ def check(bastion: Bastion) -> list[str]:
         for upstream in pool["upstreams"]:
             url = upstream["url"]
             was = previous.get(url, {"fails": 0, "down": False})
-            fails = 0 if probe(url, pool.get("api_key"), verify) else was["fails"] + 1
+            alive, error = probe(url, pool.get("api_key"), verify)
+            fails = 0 if alive else was["fails"] + 1
             down = fails >= settings["health_fails"]
             if down != was["down"]:
                 changes.append(f"upstream {url} of pool {pool['name']} is {'down' if down else 'up again'}")
-            state[url] = {"fails": fails, "down": down, "checked": time.time()}
+            # the problem belongs to the pool: two pools may reach one server with different keys
+            had = was.get("problems", {}).get(pool["name"], {})
+            if error != had.get("error"):
+                log.log(logging.WARNING if error else logging.INFO, "upstream %s of pool %s: %s",
+                        url, pool["name"], error or "no problem any more")
+            now = time.time()
+            problems = state.get(url, {}).get("problems", {})
+            if error:
+                problems[pool["name"]] = {"error": error, "error_since": problem_since(had, error, now)}
+            state[url] = {"fails": fails, "down": down, "checked": now, "problems": problems}
     path = bastion.dirs.root / "health.json"
     if not changes:
         write_atomic(path, json.dumps(state, sort_keys=True).encode())

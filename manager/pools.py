@@ -1,7 +1,14 @@
-"""Upstream pools (named groups of upstream servers) and routes (model → pools)."""
+"""Upstream pools (named groups of upstream servers) and routes (model → pools).
+
+A pool's status is shown with it: per upstream the health checks' verdict and last problem (health.json), and
+for a pool without a configured model list the last discovery problem (discovery.json). Both are runtime state
+kept beside the store, not in it, so they never enter configuration history or rollbacks.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
 import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -11,10 +18,12 @@ from tinydb import Query
 from manager import discovery, health
 from manager import validation as v
 from manager.errors import Conflict, NotFound
+from manager.store import write_atomic
 
 if TYPE_CHECKING:
     from manager.context import Bastion
 
+log = logging.getLogger(__name__)
 Pool = Query()
 Route = Query()
 METHODS_WITHOUT_BACKUP = ("hash", "random_two")  # nginx refuses `backup` with these balancers
@@ -58,21 +67,61 @@ def _find(bastion: Bastion, name: str) -> dict[str, Any]:
     return record
 
 
-def public(pool: dict[str, Any], unhealthy: set[str] = frozenset()) -> dict[str, Any]:
-    """A pool as shown: the upstream API key is never echoed back; `down` marks failed health checks."""
+def public(pool: dict[str, Any], checks: dict[str, dict[str, Any]], discoveries: dict[str, dict[str, Any]]
+           ) -> dict[str, Any]:
+    """A pool as shown, with its status (`checks`: health.load(), `discoveries`: discovery_state()). The
+    upstream API key is never echoed back."""
     out = {k: x for k, x in pool.items() if k != "api_key"}
     out["api_key_set"] = bool(pool.get("api_key"))
-    out["upstreams"] = [{**u, "down": u["url"] in unhealthy} for u in pool["upstreams"]]
+    out["upstreams"] = [upstream_status(u, checks.get(u["url"]), pool["name"]) for u in pool["upstreams"]]
+    found = {} if pool["models"] else discoveries.get(pool["name"], {})
+    out["discovery_error"] = found.get("error")
+    out["discovery_error_since"] = found.get("error_since")
     return out
 
 
+def upstream_status(up: dict[str, Any], check: dict[str, Any] | None, pool_name: str) -> dict[str, Any]:
+    """An upstream with its last health check: `health` up/down (unknown before the first check), `error`
+    (also for a live upstream, e.g. a refused API key) and since when."""
+    check = check or {}
+    down = bool(check.get("down"))
+    problem = check.get("problems", {}).get(pool_name, {})
+    return {**up, "down": down, "health": ("down" if down else "up") if check else "unknown",
+            "error": problem.get("error"), "error_since": problem.get("error_since"),
+            "checked_at": check.get("checked")}
+
+
 def all_pools(bastion: Bastion) -> list[dict[str, Any]]:
-    unhealthy = health.down_urls(bastion)
-    return [public(p, unhealthy) for p in bastion.store.table("pools").all()]
+    checks, discoveries = health.load(bastion), discovery_state(bastion)
+    return [public(p, checks, discoveries) for p in bastion.store.table("pools").all()]
 
 
 def get(bastion: Bastion, name: str) -> dict[str, Any]:
-    return public(_find(bastion, name), health.down_urls(bastion))
+    return public(_find(bastion, name), health.load(bastion), discovery_state(bastion))
+
+
+def discovery_state(bastion: Bastion) -> dict[str, dict[str, Any]]:
+    """pool name -> {"error", "error_since", "checked"} of its last model discovery."""
+    try:
+        return json.loads((bastion.dirs.root / "discovery.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def record_discovery(bastion: Bastion, errors: dict[str, str | None]) -> dict[str, dict[str, Any]]:
+    """Keep each pool's last discovery problem (None: it went well) with the time it began."""
+    now = time.time()
+    with bastion.store.transaction():  # the supervisor and the manager both discover
+        known = {p["name"] for p in bastion.store.table("pools").all()}
+        state = {name: s for name, s in discovery_state(bastion).items() if name in known}
+        for name, error in errors.items():
+            was = state.get(name, {})
+            if error != was.get("error"):
+                log.log(logging.WARNING if error else logging.INFO, "model discovery for pool %s: %s",
+                        name, error or "works again")
+            state[name] = {"error": error, "error_since": health.problem_since(was, error, now), "checked": now}
+        write_atomic(bastion.dirs.root / "discovery.json", json.dumps(state, sort_keys=True).encode())
+    return state
 
 
 def add(bastion: Bastion, name: str, upstreams: list[Any], author: str = "cli", *, api_key: str | None = None,
@@ -92,14 +141,16 @@ def add(bastion: Bastion, name: str, upstreams: list[Any], author: str = "cli", 
         "created_at": time.time(),
     }
     check_pool(pool)
+    error = None
     if not pool["models"]:
-        pool["discovered_models"] = discovery.discover_pool_models(pool, bastion.settings()["ca_bundle"]) or []
+        found = discovery.discover_pool_models(pool, bastion.settings()["ca_bundle"])
+        pool["discovered_models"], error = found.models or [], found.error
         pool["discovered_at"] = time.time()
     with bastion.change(author, f"add pool {pool['name']}", nginx=True) as db:
         if db.table("pools").contains(Pool.name == pool["name"]):
             raise Conflict("name", f"a pool named {pool['name']!r} already exists")
         db.table("pools").insert(pool)
-    return public(pool)
+    return public(pool, {}, record_discovery(bastion, {pool["name"]: error}))
 
 
 def update(bastion: Bastion, name: str, author: str = "cli", **fields: Any) -> dict[str, Any]:
@@ -164,19 +215,25 @@ def remove(bastion: Bastion, name: str, author: str = "cli") -> None:
 
 
 def refresh_discovered(bastion: Bastion, only: str | None = None) -> list[str]:
-    """Ask the upstreams of pools without a model list what they serve; returns the pools that changed."""
+    """Ask the upstreams of pools without a model list what they serve; returns the pools that changed.
+    Each pool's problem, if any, is recorded for its status; a pool that got no list keeps its old one."""
     changed = []
+    errors: dict[str, str | None] = {}
     ca_bundle = bastion.settings()["ca_bundle"]
     for pool in bastion.store.table("pools").all():
         if pool.get("models") or (only and pool["name"] != only):
             continue
         found = discovery.discover_pool_models(pool, ca_bundle)
-        if found is None or found == pool.get("discovered_models"):
+        errors[pool["name"]] = found.error
+        if found.models is None or found.models == pool.get("discovered_models"):
             continue
-        with bastion.change("discovery", f"models discovered for pool {pool['name']}: {', '.join(found)}") as db:
-            db.table("pools").update({"discovered_models": found, "discovered_at": time.time()},
+        with bastion.change("discovery", f"models discovered for pool {pool['name']}: "
+                                         f"{', '.join(found.models)}") as db:
+            db.table("pools").update({"discovered_models": found.models, "discovered_at": time.time()},
                                      Pool.name == pool["name"])
         changed.append(pool["name"])
+    if errors:
+        record_discovery(bastion, errors)
     return changed
 
 

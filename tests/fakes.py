@@ -10,10 +10,13 @@ from typing import Any
 
 
 class FakeUpstream:
-    """An OpenAI + Ollama compatible server on a free port, answering with its `name` in every reply."""
+    """An OpenAI + Ollama compatible server on a free port, answering with its `name` in every reply. With
+    `api_key` it answers 401 (OpenAI-shaped) to every request without `Authorization: Bearer <api_key>`."""
 
-    def __init__(self, name: str, models: list[str], chunk_delay: float = 0.0, chunks: int = 5, port: int = 0):
+    def __init__(self, name: str, models: list[str], chunk_delay: float = 0.0, chunks: int = 5, port: int = 0,
+                 api_key: str | None = None):
         self.name = name
+        self.api_key = api_key
         self.models = models
         self.chunk_delay = chunk_delay
         self.chunks = chunks
@@ -67,8 +70,19 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
         self.upstream.stream_finished.set()
 
+    def _refused(self) -> bool:
+        """Answer 401 when the upstream wants a key and did not get it."""
+        key = self.upstream.api_key
+        if key is None or self.headers.get("Authorization") == f"Bearer {key}":
+            return False
+        self._json({"error": {"message": "Incorrect API key provided.", "type": "invalid_request_error",
+                              "param": None, "code": "invalid_api_key"}}, 401)
+        return True
+
     def do_GET(self) -> None:
         self._record()
+        if self._refused():
+            return
         up = self.upstream
         if self.path == "/v1/models":
             self._json({"object": "list", "data": [{"id": m, "object": "model", "owned_by": up.name}
@@ -82,6 +96,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         entry = self._record()
+        if self._refused():
+            return
         up = self.upstream
         try:
             body = json.loads(entry["body"] or b"{}")
@@ -119,6 +135,9 @@ class _Handler(BaseHTTPRequestHandler):
                                  "done": False}).encode() + b"\n" for i in range(up.chunks)]
             lines.append(json.dumps({"model": model, "done": True, "eval_count": up.chunks}).encode() + b"\n")
             self._stream("application/x-ndjson", lines)
+        elif self.path.startswith("/v1/fail/"):  # the upstream's own error, e.g. /v1/fail/500
+            self._json({"error": {"message": f"{up.name} failed on purpose", "type": "server_error",
+                                  "param": None, "code": "upstream_said_so"}}, int(self.path.rsplit("/", 1)[1]))
         elif self.path == "/v1/evil":  # a compromised upstream trying to hop into another pool
             data = b"{}"
             self.send_response(200)

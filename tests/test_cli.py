@@ -54,7 +54,8 @@ def test_pools_update_and_upstreams(bastion_cli) -> None:
     bastion_cli("pools", "add-upstream", "p", "http://127.0.0.1:10", "--weight", "3", "--backup")
     pool = json.loads(bastion_cli("pools", "list", "--json"))[0]
     assert pool["method"] == "least_conn" and pool["api_key_set"]
-    assert pool["upstreams"][1] == {"url": "http://127.0.0.1:10", "weight": 3, "backup": True, "down": False}
+    assert pool["upstreams"][1] == {"url": "http://127.0.0.1:10", "weight": 3, "backup": True, "down": False,
+                                    "health": "unknown", "error": None, "error_since": None, "checked_at": None}
     assert "server 127.0.0.1:10 weight=3" in bastion_cli("config", "show")
     assert "sk-1" not in bastion_cli("config", "show")
     bastion_cli("pools", "remove-upstream", "p", "http://127.0.0.1:10/")

@@ -144,18 +144,18 @@ def test_health_checks_take_a_dead_upstream_out_and_back(running) -> None:
         return next(u for u in pool["upstreams"] if u["url"] == dead)["down"]
 
     deadline = time.monotonic() + 15
-    while not upstream_down():
+    while "is down" not in stack.cli("audit"):  # audited once nginx runs the new configuration
         assert time.monotonic() < deadline, "the dead upstream was never marked down"
         time.sleep(0.3)
+    assert upstream_down()
     conf = (stack.data_dir / "nginx" / "live" / "nginx.conf").read_text()
     assert f"server 127.0.0.1:{port} max_fails=3 fail_timeout=10s down;  # failed its health checks" in conf
-    assert "is down" in stack.cli("audit")
     for _ in range(4):  # every request lands on the live upstream
         assert stack.post("/v1/chat/completions", key, json={"model": "slow-model"}).status_code == 200
     revived = FakeUpstream("revived", ["slow-model"], port=port)
     try:
         deadline = time.monotonic() + 15
-        while upstream_down():
+        while "is up again" not in stack.cli("audit"):
             assert time.monotonic() < deadline, "the revived upstream was never marked up"
             time.sleep(0.3)
         while "is up again" not in stack.cli("audit"):  # audited once the re-apply finished

@@ -14,12 +14,17 @@ routes_bp = ApiBlueprint("routes", __name__, url_prefix="/api/v1/routes")
 
 UPSTREAM = obj(["url"], url=STR, weight=INT, backup=BOOL, down=BOOL)
 UPSTREAM_IN = {"oneOf": [STR, UPSTREAM]}
+NULLABLE_STR = {"type": ["string", "null"]}
+# as shown: with the last health check (health unknown until the first; error e.g. a refused API key)
+UPSTREAM_STATUS = obj(["url"], url=STR, weight=INT, backup=BOOL, down=BOOL,
+                      health={"type": "string", "enum": ["up", "down", "unknown"]}, error=NULLABLE_STR,
+                      error_since=NULLABLE_NUM, checked_at=NULLABLE_NUM)
 POOL_FIELDS = {"upstreams": {"type": "array", "items": UPSTREAM_IN, "minItems": 1},
                "api_key": {"type": ["string", "null"]}, "models": STR_LIST,
                "method": {"type": "string", "enum": list(v.BALANCING_METHODS)}, "tls_verify": BOOL}
-POOL = obj(name=STR, method=STR, upstreams={"type": "array", "items": UPSTREAM}, models=STR_LIST,
+POOL = obj(name=STR, method=STR, upstreams={"type": "array", "items": UPSTREAM_STATUS}, models=STR_LIST,
            discovered_models=STR_LIST, discovered_at=NULLABLE_NUM, created_at=NUM, api_key_set=BOOL,
-           tls_verify=BOOL)
+           tls_verify=BOOL, discovery_error=NULLABLE_STR, discovery_error_since=NULLABLE_NUM)
 ROUTE = obj(["model", "pools"], model=STR, pools=STR_LIST)
 
 
@@ -58,7 +63,7 @@ def refresh_pool(name: str):
     return jsonify(pools_mod.get(bastion(), name))
 
 
-@bp.op("GET", "/<name>/upstreams", "A pool's upstreams", response={"type": "array", "items": UPSTREAM})
+@bp.op("GET", "/<name>/upstreams", "A pool's upstreams", response={"type": "array", "items": UPSTREAM_STATUS})
 def list_upstreams(name: str):
     return jsonify(pools_mod.get(bastion(), name)["upstreams"])
 

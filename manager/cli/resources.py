@@ -38,7 +38,13 @@ def pools_add(b: Bastion, name: str, urls: tuple[str, ...], backup_urls: tuple[s
     pool = pools_mod.add(b, name, ups, api_key=api_key, models=csv(models), method=method, tls_verify=tls_verify)
     served = pool["models"] or pool["discovered_models"]
     source = "configured" if pool["models"] else "discovered"
-    click.echo(f"pool {name} added; models ({source}): {', '.join(served) or 'none found yet'}")
+    if served:
+        click.echo(f"pool {name} added; models ({source}): {', '.join(served)}")
+    else:
+        why = pool["discovery_error"] or "the upstreams list none"
+        click.echo(f"pool {name} added; no models found: {why}")
+    if pool["discovery_error"] and served:
+        click.echo(f"warning: {pool['discovery_error']}", err=True)
 
 
 @pools.command("update")
@@ -91,8 +97,17 @@ def pools_list(b: Bastion, as_json: bool) -> None:
         return u["url"] + (" (backup)" if u["backup"] else "") + (" (DOWN)" if u["down"] else "")
 
     print_table([{"name": p["name"], "method": p["method"], "upstreams": " ".join(map(upstream, p["upstreams"])),
-                  "models": ",".join(p["models"] or p["discovered_models"]) or "-"} for p in rows],
-                ["name", "method", "upstreams", "models"])
+                  "models": ",".join(p["models"] or p["discovered_models"]) or "-", "status": pool_status(p)}
+                 for p in rows], ["name", "method", "upstreams", "models", "status"])
+
+
+def pool_status(pool: dict) -> str:
+    """`ok`, or each problem of the pool's last health checks and model discovery, with since when."""
+    problems = [f"{u['url']}: {u['error']} (since {fmt_time(u['error_since'])})"
+                for u in pool["upstreams"] if u["error"]]
+    if pool["discovery_error"]:
+        problems.append(f"discovery: {pool['discovery_error']} (since {fmt_time(pool['discovery_error_since'])})")
+    return "; ".join(problems) or "ok"
 
 
 @pools.command("remove")
@@ -109,6 +124,9 @@ def pools_refresh(b: Bastion) -> None:
     """Ask upstreams now which models they serve (pools without a model list)."""
     changed = pools_mod.refresh_discovered(b)
     click.echo(f"updated: {', '.join(changed)}" if changed else "no change")
+    for pool in pools_mod.all_pools(b):
+        if pool["discovery_error"]:
+            click.echo(f"pool {pool['name']}: {pool['discovery_error']}", err=True)
 
 
 @main.group()
