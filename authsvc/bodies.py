@@ -40,12 +40,12 @@ def _refuse_constant(name: str) -> Any:
 
 
 _DECODER = json.JSONDecoder(parse_constant=_refuse_constant)  # built once: json.loads(**kw) builds one per call
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
-_NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
+_NOT_SKELETON = bytes(b for b in range(256) if b not in b'[]{}"\\/bfnrtu')  # brackets, quotes and escapes
 _DEPTH_STEP = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 # \u0040-\u007f: the only escapes that can spell an ASCII letter of a key (clients escape non-ASCII, not letters)
 _LETTER_ESCAPE = re.compile(rb"\\u00[4-7][0-9A-Fa-f]")
+_MODEL_KEY = re.compile(rb'"model"[ \t\n\r]*:')  # `model` written as a key, at any level
 
 
 def check_depth(raw: bytes, limit: int = MAX_DEPTH) -> None:
@@ -53,7 +53,12 @@ def check_depth(raw: bytes, limit: int = MAX_DEPTH) -> None:
     brackets than the limit in all, which two `count`s prove; only the others are scanned."""
     if raw.count(b"[") + raw.count(b"{") <= limit:
         return
-    steps = _STRING.sub(b"", raw).translate(None, _NOT_BRACKET).translate(_DEPTH_STEP)
+    skeleton = raw.translate(None, _NOT_SKELETON)
+    if b"\\" in skeleton:  # drop escaped backslashes, then escaped quotes: every quote left delimits a string
+        skeleton = skeleton.replace(b"\\\\", b"").replace(b'\\"', b"")
+    # then the escape letters, and strings without brackets (`""` also drops no bracket between two strings)
+    skeleton = skeleton.translate(None, b"\\/bfnrtu").replace(b'""', b"")
+    steps = b"".join(skeleton.split(b'"')[::2]).translate(_DEPTH_STEP)
     # as signed bytes: +1 per opening, -1 per closing bracket; the highest running sum is the depth
     if max(accumulate(array("b", steps)), default=0) > limit:
         raise TooDeep(f"the JSON nests deeper than {limit} levels")
@@ -112,8 +117,9 @@ def json_model(raw: bytes, ollama: bool) -> str | Any | None:
         return None
     if ollama:
         return _ollama_model(body)
-    # Python's dict hides a repeated or escaped `model`; a cheap bytes check says when to look at the keys
-    if raw.count(b'"model"') > 1 or (b"\\u00" in raw and _LETTER_ESCAPE.search(raw)):
+    # Python's dict hides a repeated or escaped `model`; cheap bytes checks say when to look at the keys
+    first = _MODEL_KEY.search(raw)
+    if (first and _MODEL_KEY.search(raw, first.end())) or _LETTER_ESCAPE.search(raw):
         written = [w for w, key in _top_level_keys(text) if key == "model"]
         if len(written) > 1:
             raise Ambiguous("the key `model` is given more than once")
