@@ -386,7 +386,7 @@ def test_deep_json_check_is_cheap_and_exact() -> None:
     wide = json.dumps([[{"a": [1]}] * 20_000]).encode()  # many brackets, shallow: the precise scan
     t0 = time.perf_counter()
     bodies.check_depth(wide)
-    assert time.perf_counter() - t0 < 0.1
+    assert time.perf_counter() - t0 < 0.25
     with pytest.raises(bodies.TooDeep):
         bodies.loads(b"{" + b'"a":{' * 2000 + b"}" * 2001)
 
