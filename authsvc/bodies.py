@@ -125,9 +125,9 @@ def json_model(raw: bytes, ollama: bool) -> str | Any | None:
             raise Ambiguous("the key `model` is given more than once")
         if written and written[0] != '"model"':
             raise Ambiguous("the key `model` is written with escapes")
-    for key in body:
-        if key != "model" and key.lower() == "model":
-            raise Ambiguous(f"the model key must be written `model`, not `{key[:20]}`")
+    for key in body:  # C parsers (cJSON) end a key at NUL: `model\u0000` is `model` to them
+        if key != "model" and key[:5].lower() == "model" and key[5:6] in ("", "\0"):
+            raise Ambiguous(f"the model key must be written `model`, not {json.dumps(key[:20])}")
     return body.get("model")
 
 

@@ -317,6 +317,7 @@ def restricted(tmp_path: Path, token: str) -> Gate:
     b'{"mod\\u0065l":"gpt-4o"}',  # simdjson matches keys as written: no model
     b'{"model":"secret-model","\\u006dodel":"gpt-4o"}',
     b'{"MOD\\u0045L":"gpt-4o"}',
+    b'{"model\\u0000":"secret-model","model":"gpt-4o"}',  # cJSON ends keys at NUL and keeps the first
 ])
 def test_openai_routes_read_only_the_exact_model_key(restricted: Gate, token: str, body: bytes) -> None:
     for path in ("/v1/chat/completions", "/v1/responses"):
