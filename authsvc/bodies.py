@@ -1,80 +1,222 @@
 """Reading the model out of a request body the way the upstream will, or refusing the body.
 
-The gate checks the model; the upstream uses it. Whenever two parsers could disagree (duplicate or
-differently cased keys, ambiguous multipart forms), the body is refused rather than guessed at: Ollama (Go)
-matches JSON keys case-insensitively, python-multipart (vLLM) takes the last of repeated parameters, and
-so on. Every function raises ValueError for a body it will not vouch for.
+The gate checks the model; the upstream uses it. Whenever two parsers could disagree, the body is refused
+rather than guessed at. OpenAI-style servers (vLLM, llama.cpp, LiteLLM: Python json, pydantic, nlohmann, ...)
+read the exact key `model`, and some JSON parsers keep the first of repeated keys (cJSON, yyjson, simdjson)
+where others keep the last; Ollama (Go) matches keys case-insensitively; werkzeug honours `boundary*=` and
+skips a multipart preamble; and so on. Every function raises ValueError for a body it will not vouch for:
+`TooDeep` for nesting beyond MAX_DEPTH, `Ambiguous` for a body that parsers read differently.
+
+`loads` is the one JSON reader for outside input (request bodies here and in the manager, upstream answers).
 """
 
 from __future__ import annotations
 
 import json
 import re
+from array import array
+from collections.abc import Iterator
+from itertools import accumulate
+from json.decoder import scanstring  # type: ignore[attr-defined]
 from typing import Any
 
+# The lowest nesting limit among common JSON parsers (serde_json 128, pydantic 200, Python ~1000): deeper bodies
+# are refused before they reach any parser. Real requests nest below 20 (JSON schemas included).
+MAX_DEPTH = 128
 MAX_PARTS = 256
 MAX_HEADER_LINES = 16
-_NAME_PARAM = re.compile(rb"(?:^|;)\s*name\s*=\s*(\"[^\"]*\"|[^;\s]*)", re.IGNORECASE)
-_MODEL_KEYS = ("model", "name")
+
+
+class TooDeep(ValueError):
+    """JSON nested deeper than MAX_DEPTH."""
+
+
+class Ambiguous(ValueError):
+    """A body that upstream parsers would read differently (or that the gate cannot vouch for)."""
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)  # built once: json.loads(**kw) builds one per call
+_NOT_SKELETON = bytes(b for b in range(256) if b not in b'[]{}"\\/bfnrtu')  # brackets, quotes and escapes
+_DEPTH_STEP = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+# \u0040-\u007f: the only escapes that can spell an ASCII letter of a key (clients escape non-ASCII, not letters)
+_LETTER_ESCAPE = re.compile(rb"\\u00[4-7][0-9A-Fa-f]")
+_MODEL_KEY = re.compile(rb'"model"[ \t\n\r]*:')  # `model` written as a key, at any level
+
+
+def check_depth(raw: bytes, limit: int = MAX_DEPTH) -> None:
+    """Raise TooDeep when brackets outside strings nest deeper than `limit`. Ordinary bodies have fewer
+    brackets than the limit in all, which two `count`s prove; only the others are scanned."""
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return
+    skeleton = raw.translate(None, _NOT_SKELETON)
+    if b"\\" in skeleton:  # drop escaped backslashes, then escaped quotes: every quote left delimits a string
+        skeleton = skeleton.replace(b"\\\\", b"").replace(b'\\"', b"")
+    # then the escape letters, and strings without brackets (`""` also drops no bracket between two strings)
+    skeleton = skeleton.translate(None, b"\\/bfnrtu").replace(b'""', b"")
+    steps = b"".join(skeleton.split(b'"')[::2]).translate(_DEPTH_STEP)
+    # as signed bytes: +1 per opening, -1 per closing bracket; the highest running sum is the depth
+    if max(accumulate(array("b", steps)), default=0) > limit:
+        raise TooDeep(f"the JSON nests deeper than {limit} levels")
+
+
+def _text(raw: bytes | str) -> str:
+    """The body as text: UTF-8 (RFC 8259), no byte order mark, nesting checked first."""
+    data = raw.encode() if isinstance(raw, str) else raw
+    check_depth(data)
+    text = data.decode("utf-8")
+    if text.startswith("\ufeff"):
+        raise ValueError("a JSON text must not start with a byte order mark")
+    return text
+
+
+def loads(raw: bytes | str) -> Any:
+    """Parse JSON from outside as every upstream parser can: UTF-8 without a byte order mark, no NaN or
+    Infinity, at most MAX_DEPTH levels deep. Raises ValueError (TooDeep for nesting), never RecursionError."""
+    return _parse(_text(raw))
+
+
+def _parse(text: str) -> Any:
+    try:
+        return _DECODER.decode(text)
+    except RecursionError:  # check_depth prevents it; a caller deep in its own stack still gets a ValueError
+        raise TooDeep("the JSON nests too deeply") from None
+
+
+def _top_level_keys(text: str) -> Iterator[tuple[str, str]]:
+    """(key as written, key decoded) for each member of the top-level object of a valid JSON object text.
+    Values are skipped with the C scanner, so this costs about one more parse."""
+    i = _WHITESPACE.match(text).end() + 1  # past "{"
+    while True:
+        i = _WHITESPACE.match(text, i).end()
+        if text[i] == "}":
+            return
+        key, end = scanstring(text, i + 1)
+        yield text[i:end], key
+        i = _WHITESPACE.match(text, _WHITESPACE.match(text, end).end() + 1).end()  # past ":"
+        _, i = _DECODER.scan_once(text, i)
+        i = _WHITESPACE.match(text, i).end()
+        if text[i] == "}":
+            return
+        i += 1  # past ","
 
 
 def json_model(raw: bytes, ollama: bool) -> str | Any | None:
-    """The model of a JSON object body: `model` (any case), on Ollama routes else `name`, like Ollama does.
-    Returns None when the body names none, the raw value (maybe not a string) otherwise. A repeated key is
-    read as the last one by Python and Go alike; two spellings of one key (`model`, `MODEL`) are refused."""
-    body = json.loads(raw)
+    """The model of a JSON object body, or None when the body names none (the raw value, maybe not a string).
+
+    OpenAI-style endpoints: the exact key `model`, written once and without escapes; another spelling (`MODEL`:
+    Ollama's /v1 reads it, pydantic does not) is refused. Ollama routes (`ollama`): `model` in any case, else
+    `name`, like Ollama's Go decoder (two spellings of one key are refused: Go keeps the last, Python both)."""
+    text = _text(raw)
+    body = _parse(text)
     if not isinstance(body, dict):
         return None
+    if ollama:
+        return _ollama_model(body)
+    # Python's dict hides a repeated or escaped `model`; cheap bytes checks say when to look at the keys
+    first = _MODEL_KEY.search(raw)
+    if (first and _MODEL_KEY.search(raw, first.end())) or _LETTER_ESCAPE.search(raw):
+        written = [w for w, key in _top_level_keys(text) if key == "model"]
+        if len(written) > 1:
+            raise Ambiguous("the key `model` is given more than once")
+        if written and written[0] != '"model"':
+            raise Ambiguous("the key `model` is written with escapes")
+    for key in body:  # C parsers (cJSON) end a key at NUL: `model\u0000` is `model` to them
+        if key != "model" and key[:5].lower() == "model" and key[5:6] in ("", "\0"):
+            raise Ambiguous(f"the model key must be written `model`, not {json.dumps(key[:20])}")
+    return body.get("model")
+
+
+def _ollama_model(body: dict[str, Any]) -> Any:
     by_lower: dict[str, Any] = {}
     for key, value in body.items():
         lowered = key.lower()
-        if lowered in _MODEL_KEYS:
+        if lowered in ("model", "name"):
             if lowered in by_lower:
-                raise ValueError(f"the key {key!r} is given in two spellings")
+                raise Ambiguous(f"the key {key[:20]!r} is given in two spellings")
             by_lower[lowered] = value
     model = by_lower.get("model")
-    if ollama and not model:
+    if not model:
         return by_lower.get("name", model)
     return model
 
 
+# Exactly one plain boundary parameter: `boundary*=` (RFC 2231, honoured by werkzeug), a second boundary or a
+# charset (Starlette decodes fields with it) would let parsers split or decode the form differently.
+# Quoted: RFC 2046 bchars (a space but not last); unquoted: the bchars that are also token characters.
+_FORM_TYPE = re.compile(r"multipart/form-data[ \t]*;[ \t]*boundary=(?:\"([0-9A-Za-z'()+_,./:=? -]{0,69}"
+                        r"[0-9A-Za-z'()+_,./:=?-])\"|([0-9A-Za-z'+_.-]{1,70}))[ \t]*", re.IGNORECASE)
+_TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_HEADER = re.compile(rb"(" + _TOKEN + rb"):[ \t]*([^\r\n\x00]*?)[ \t]*")
+# form-data with `name` and `filename` only: no `name*=`/`filename*=` (RFC 2231/5987), no escapes in quotes
+_DISPOSITION = re.compile(rb"form-data((?:[ \t]*;[ \t]*(?:name|filename)=(?:\"[^\"\\\r\n]*\"|" + _TOKEN
+                          + rb"))+)", re.IGNORECASE)
+_PARAM = re.compile(rb"[ \t]*;[ \t]*(name|filename)=(\"[^\"\\\r\n]*\"|" + _TOKEN + rb")", re.IGNORECASE)
+_PART_HEADERS = frozenset({b"content-disposition", b"content-type", b"content-length"})
+_PLAIN_TEXT = re.compile(rb"text/plain(?:[ \t]*;[ \t]*charset=(?:utf-8|us-ascii|\"utf-8\"|\"us-ascii\"))?",
+                         re.IGNORECASE)
+
+
 def _boundary(content_type: str) -> bytes:
-    params = [p.strip() for p in content_type.split(";")[1:]]
-    boundaries = [p[len("boundary="):] for p in params if p.lower().startswith("boundary=")]
-    if len(boundaries) != 1:
-        raise ValueError("a multipart body needs exactly one boundary")
-    boundary = boundaries[0].strip('"')
-    if not 1 <= len(boundary) <= 70:
-        raise ValueError("bad multipart boundary")
-    return boundary.encode("latin-1")
+    match = _FORM_TYPE.fullmatch(content_type)
+    if not match:
+        raise Ambiguous("a multipart Content-Type must have exactly one plain boundary parameter and no other")
+    return (match[1] or match[2]).encode("ascii")
+
+
+def _part(piece: bytes) -> tuple[dict[bytes, bytes], dict[bytes, bytes], bytes]:
+    """Headers, Content-Disposition parameters and content of one part, read strictly."""
+    head, sep, content = piece.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    if not sep or len(lines) > MAX_HEADER_LINES:
+        raise Ambiguous("malformed multipart part headers")
+    headers: dict[bytes, bytes] = {}
+    for line in lines:
+        match = _HEADER.fullmatch(line)  # no folded lines, no bare CR or LF
+        name = match and match[1].lower()
+        if not match or name in headers or name not in _PART_HEADERS:
+            raise Ambiguous("a multipart part may have one each of Content-Disposition, Content-Type and "
+                            "Content-Length, written on one line")
+        headers[name] = match[2]
+    if b"content-length" in headers and headers[b"content-length"] != str(len(content)).encode():
+        raise Ambiguous("a multipart part's Content-Length does not match its content")
+    disposition = _DISPOSITION.fullmatch(headers.get(b"content-disposition", b""))
+    if not disposition:
+        raise Ambiguous("a multipart part needs `Content-Disposition: form-data` with `name` (and `filename`)")
+    params: dict[bytes, bytes] = {}
+    for key, value in _PARAM.findall(disposition[1]):
+        if key.lower() in params:
+            raise Ambiguous("a multipart part needs exactly one name")
+        params[key.lower()] = value.strip(b'"') if value.startswith(b'"') else value
+    if b"name" not in params:
+        raise Ambiguous("a multipart part needs exactly one name")
+    return headers, params, content
 
 
 def form_model(raw: bytes, content_type: str) -> str | None:
-    """The `model` field of a multipart/form-data body, read strictly: no preamble, CRLF line ends, one
-    Content-Disposition with one `name` per part, no transfer encodings, at most one `model` field."""
+    """The `model` field of a multipart/form-data body, read strictly: one plain boundary, nothing before the
+    first boundary, nothing after the closing one but one CRLF, CRLF line ends, one `form-data` disposition
+    with one `name` per part, no transfer encodings, at most 256 parts and one `model` field, which is a plain
+    field (no filename) in UTF-8."""
     delimiter = b"\r\n--" + _boundary(content_type)
     pieces = (b"\r\n" + raw).split(delimiter)
-    if pieces[0] != b"" or len(pieces) < 2 or not pieces[-1].startswith(b"--"):
-        raise ValueError("malformed multipart body (preamble or no closing boundary)")
+    if pieces[0] != b"" or len(pieces) < 2 or pieces[-1] not in (b"--", b"--\r\n"):
+        raise Ambiguous("a multipart body must start with its boundary and end with the closing boundary")
     if len(pieces) > MAX_PARTS + 2:
-        raise ValueError("too many multipart parts")
+        raise Ambiguous("too many multipart parts")
     values: list[bytes] = []
     for piece in pieces[1:-1]:
-        if not piece.startswith(b"\r\n"):
-            raise ValueError("malformed multipart boundary line")
-        head, sep, content = piece[2:].partition(b"\r\n\r\n")
-        lines = head.split(b"\r\n")
-        if not sep or len(lines) > MAX_HEADER_LINES or any(b"\n" in line or b"\r" in line for line in lines):
-            raise ValueError("malformed multipart part headers")
-        names = [line.partition(b":")[0].strip().lower() for line in lines]
-        if names.count(b"content-disposition") != 1 or b"content-transfer-encoding" in names:
-            raise ValueError("ambiguous multipart part headers")
-        disposition = lines[names.index(b"content-disposition")].partition(b":")[2]
-        params = _NAME_PARAM.findall(disposition)
-        if len(params) != 1:
-            raise ValueError("a multipart part needs exactly one name")
-        if params[0].strip(b'"') == b"model":
+        if not piece.startswith(b"\r\n"):  # a closing boundary, padding or a longer boundary-like line
+            raise Ambiguous("malformed multipart boundary line")
+        headers, params, content = _part(piece[2:])
+        if params[b"name"] == b"model":
+            if b"filename" in params or not _PLAIN_TEXT.fullmatch(headers.get(b"content-type", b"text/plain")):
+                raise Ambiguous("the field 'model' must be a plain text field")
             values.append(content)
     if len(values) > 1:
-        raise ValueError("the field 'model' appears more than once")
-    return values[0].decode("utf-8", errors="replace").strip() if values else None
+        raise Ambiguous("the field 'model' appears more than once")
+    return values[0].decode("utf-8") if values else None

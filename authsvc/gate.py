@@ -8,6 +8,7 @@ Everything it needs is in memory (`SnapshotSource`); it does no disk I/O per req
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -38,6 +39,7 @@ MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,199}$")
 JSON_HEADERS = [("Content-Type", "application/json")]
 
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]
+log = logging.getLogger(__name__)
 
 
 class Reply(Exception):
@@ -50,7 +52,7 @@ class Reply(Exception):
 
 
 STATUS_TEXT = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-               429: "Too Many Requests", 503: "Service Unavailable"}
+               429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable"}
 
 
 def error(status: int, message: str, code: str | None, ollama: bool, param: str | None = None,
@@ -76,6 +78,13 @@ class Gate:
             return [b""]
         except Reply as reply:
             start_response(f"{reply.status} {STATUS_TEXT.get(reply.status, 'Error')}", reply.headers)
+            return [reply.body]
+        except Exception:  # a bug must still answer JSON (the server's own 500 is empty)
+            log.exception("gate failed on %s %s (request %s)", environ.get("REQUEST_METHOD"),
+                          environ.get("PATH_INFO"), environ.get("HTTP_X_REQUEST_ID", "-"))
+            reply = error(500, "The gateway could not handle the request.", "internal_error",
+                          str(environ.get("PATH_INFO", "")).startswith("/api/"))
+            start_response("500 Internal Server Error", reply.headers)
             return [reply.body]
 
     def decide(self, environ: dict[str, Any]) -> list[tuple[str, str]]:
@@ -183,17 +192,26 @@ class Gate:
             else:
                 found = bodies.json_model(raw, ollama)
         except ValueError as e:
-            if required:
-                raise error(400, f"The request body is not valid JSON ({e}).", "invalid_json", ollama) from None
-            if restricted:
-                raise error(400, f"This API key may only send bodies whose model can be checked ({e}).",
-                            "unreadable_body", ollama) from None
-            return None
+            if required or restricted:
+                raise unreadable(e, required, ollama) from None
+            return None  # the key may use any model: the body goes, unread, to the default pool
         if found is None and not (required or restricted):
             return None
         if not isinstance(found, str) or not found:
             raise error(400, "The request body needs a `model` string.", "missing_model", ollama, param="model")
         return checked_model(found, ollama)
+
+
+def unreadable(e: ValueError, required: bool, ollama: bool) -> Reply:
+    """The 400 for a body whose model the gate cannot vouch for (authsvc.bodies says why)."""
+    if isinstance(e, bodies.TooDeep):
+        return error(400, f"The request body is refused: {e}.", "json_too_deep", ollama)
+    if isinstance(e, bodies.Ambiguous):
+        return error(400, f"The request body is ambiguous: {e}.", "ambiguous_body", ollama, param="model")
+    if required:
+        return error(400, f"The request body is not valid JSON ({e}).", "invalid_json", ollama)
+    return error(400, f"This API key may only send bodies whose model can be checked ({e}).", "unreadable_body",
+                 ollama)
 
 
 def checked_model(model: str, ollama: bool) -> str:

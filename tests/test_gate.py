@@ -293,7 +293,7 @@ def test_multipart_with_two_model_fields_refused(tmp_path: Path, token: str) -> 
     body = (b'--XX\r\nContent-Disposition: form-data; name="model"\r\n\r\ngpt-4o\r\n'
             b'--XX\r\nContent-Disposition: form-data; name="model"\r\n\r\nsecret-model\r\n--XX--\r\n')
     c = Call(gate, "/v1/audio/transcriptions", token, body, CONTENT_TYPE="multipart/form-data; boundary=XX")
-    assert c.status == 400 and c.json()["error"]["code"] == "unreadable_body"
+    assert c.status == 400 and c.json()["error"]["code"] == "ambiguous_body"
 
 
 def form(*parts: bytes, boundary: bytes = b"XX") -> bytes:
@@ -315,6 +315,11 @@ SECRET_PART = b'Content-Disposition: form-data; name="model"\r\n\r\nsecret-model
     (form(MODEL_PART, SECRET_PART), "multipart/form-data; boundary=XX"),
     (form(b'Content-Disposition: form-data; name="model"\r\nContent-Transfer-Encoding: base64\r\n\r\nZ3B0LTRv'),
      "multipart/form-data; boundary=XX"),
+    (form(MODEL_PART), "multipart/form-data; boundary*=utf-8''XX"),
+    (form(MODEL_PART), 'multipart/form-data; boundary="XX"; boundary=YY'),
+    (form(MODEL_PART).replace(b"--XX\r\n", b"--XX \r\n", 1), "multipart/form-data; boundary=XX"),  # padding
+    (form(MODEL_PART).replace(b"\r\n", b"\n"), "multipart/form-data; boundary=XX"),
+    (b"\r\n" + form(MODEL_PART), "multipart/form-data; boundary=XX"),
     (b'{"model":"gpt-4o","MODEL":"secret-model"}', "application/json"),
 ])
 def test_bodies_that_parsers_could_read_differently_are_refused(tmp_path: Path, token: str, body: bytes,
@@ -344,3 +349,161 @@ def test_huge_multipart_bodies_are_refused_fast(tmp_path: Path, token: str) -> N
     c = Call(gate, "/v1/audio/transcriptions", token, many, CONTENT_TYPE="multipart/form-data; boundary=XX")
     assert time.perf_counter() - t0 < 1.0
     assert c.headers.get("X-Accel-Redirect") == "@pool_main"  # unrestricted: passed on unread, to the default
+
+
+# --- body reading: exact-case JSON keys on OpenAI routes, strict JSON, capped depth, strict forms, JSON 500s ---
+
+@pytest.fixture
+def restricted(tmp_path: Path, token: str) -> Gate:
+    """A gate whose key may use gpt-4o only (llama3* on /api), with a secret-model pool it must not reach."""
+    write_snapshot(tmp_path / "snapshot.json", [key_entry(token, models=["gpt-4o", "llama3*"])],
+                   pools=[{"name": "main", "models": ["gpt-4o", "llama3:latest"]},
+                          {"name": "secret", "models": ["secret-model"]}])
+    return Gate(tmp_path / "snapshot.json", PEPPER)
+
+
+@pytest.mark.parametrize("body", [
+    b'{"MODEL":"gpt-4o"}',  # a case-sensitive upstream sees no model and may fall back to its default
+    b'{"Model":"gpt-4o","messages":[]}',
+    b'{"model":"secret-model","model":"gpt-4o"}',  # cJSON, yyjson, simdjson keep the first, Python the last
+    b'{"mod\\u0065l":"gpt-4o"}',  # simdjson matches keys as written: no model
+    b'{"model":"secret-model","\\u006dodel":"gpt-4o"}',
+    b'{"MOD\\u0045L":"gpt-4o"}',
+    b'{"model\\u0000":"secret-model","model":"gpt-4o"}',  # cJSON ends keys at NUL and keeps the first
+])
+def test_openai_routes_read_only_the_exact_model_key(restricted: Gate, token: str, body: bytes) -> None:
+    for path in ("/v1/chat/completions", "/v1/responses"):
+        c = Call(restricted, path, token, body)
+        assert c.status == 400, (path, c.body)
+        assert c.json()["error"]["code"] == "ambiguous_body" and c.json()["error"]["param"] == "model"
+        assert "X-Accel-Redirect" not in c.headers
+
+
+def test_model_key_rules_per_route(tmp_path: Path, restricted: Gate, token: str) -> None:
+    # a model-required endpoint refuses another spelling whatever the key; an unrestricted key's other
+    # endpoints pass it, unread, to the default pool (the upstream sees no model, as the gate did)
+    write_snapshot(tmp_path / "open.json", [key_entry(token)])
+    open_gate = Gate(tmp_path / "open.json", PEPPER)
+    assert Call(open_gate, "/v1/chat/completions", token, {"MODEL": "gpt-4o"}).status == 400
+    c = Call(open_gate, "/v1/responses", token, {"MODEL": "nomic"})
+    assert c.headers["X-Accel-Redirect"] == "@pool_main" and "X-Bastion-Model" not in c.headers
+    # Ollama's Go decoder matches keys case-insensitively: /api keeps that rule
+    assert Call(restricted, "/api/chat", token, {"Model": "llama3"}).headers["X-Bastion-Model"] == "llama3"
+    assert Call(restricted, "/api/chat", token, {"MODEL": "secret-model"}).status == 404
+    # ordinary bodies that mention "model" elsewhere, or escape non-ASCII text, are read as usual
+    tools = {"model": "gpt-4o", "messages": [{"role": "user", "content": "model"}], "tools": [{"type": "function",
+             "function": {"name": "f", "parameters": {"properties": {"model": {"type": "string"}}}}}]}
+    assert Call(restricted, "/v1/chat/completions", token, tools).headers["X-Bastion-Model"] == "gpt-4o"
+    escaped = b'{"model":"gpt-4o","messages":[{"role":"user","content":"\\u00e9t\\u00e9 \\\\u0041"}]}'
+    assert Call(restricted, "/v1/chat/completions", token, escaped).headers["X-Bastion-Model"] == "gpt-4o"
+
+
+@pytest.mark.parametrize("body", [
+    b'\xef\xbb\xbf{"model":"gpt-4o"}',  # a byte order mark: Python skips it, Go and pydantic refuse the body
+    '{"model":"gpt-4o"}'.encode("utf-16"),  # Python's json.loads(bytes) guesses UTF-16; upstreams read UTF-8
+    b'{"model":"gpt-4o","user":"\xed\xa0\x80"}',  # an encoded surrogate: invalid UTF-8
+    b'{"model":"gpt-4o","temperature":NaN}',
+    b'{"model":"gpt-4o","top_p":-Infinity}',
+])
+def test_only_standard_json_is_read(restricted: Gate, token: str, body: bytes) -> None:
+    c = Call(restricted, "/v1/chat/completions", token, body)
+    assert c.status == 400 and c.json()["error"]["code"] == "invalid_json", c.body
+    c = Call(restricted, "/v1/responses", token, body)
+    assert c.status == 400 and c.json()["error"]["code"] == "unreadable_body", c.body
+
+
+def nested(depth: int, model: str = "gpt-4o") -> bytes:
+    return b'{"model":"' + model.encode() + b'","messages":' + b"[" * (depth - 1) + b"]" * (depth - 1) + b"}"
+
+
+def test_deep_json_is_a_400_in_the_shape_of_the_route(restricted: Gate, token: str) -> None:
+    c = Call(restricted, "/v1/chat/completions", token, nested(5000))
+    assert c.status == 400 and c.json()["error"]["code"] == "json_too_deep", c.body
+    assert "128" in c.json()["error"]["message"]
+    c = Call(restricted, "/api/chat", token, nested(5000, "llama3"))
+    assert c.status == 400 and "128" in c.json()["error"], c.body
+    assert Call(restricted, "/v1/responses", token, b"[" * 200_000).status == 400
+    assert Call(restricted, "/v1/chat/completions", token, nested(129)).status == 400
+    assert Call(restricted, "/v1/chat/completions", token, nested(128)).status == 200
+    # brackets inside strings are text, not nesting
+    text = {"model": "gpt-4o", "messages": [{"role": "user", "content": "[{" * 5000 + '\\"[' * 100}]}
+    assert Call(restricted, "/v1/chat/completions", token, text).status == 200
+
+
+def test_deep_json_check_is_cheap_and_exact() -> None:
+    from authsvc import bodies
+    bodies.check_depth(b"[" * 128 + b"]" * 128)
+    with pytest.raises(bodies.TooDeep):
+        bodies.check_depth(b"[" * 129 + b"]" * 129)
+    bodies.check_depth(b'["' + b"[" * 500 + b'\\"' + b"{" * 500 + b'"]')
+    wide = json.dumps([[{"a": [1]}] * 20_000]).encode()  # many brackets, shallow: the precise scan
+    t0 = time.perf_counter()
+    bodies.check_depth(wide)
+    assert time.perf_counter() - t0 < 0.25
+    with pytest.raises(bodies.TooDeep):
+        bodies.loads(b"{" + b'"a":{' * 2000 + b"}" * 2001)
+
+
+def test_unexpected_errors_answer_json_500(gate: Gate, token: str, caplog: pytest.LogCaptureFixture) -> None:
+    def broken() -> None:
+        raise RuntimeError("boom")
+    gate.source.refresh = broken  # type: ignore[method-assign]
+    c = Call(gate, "/v1/chat/completions", token, {"model": "gpt-4o"}, HTTP_X_REQUEST_ID="req-1")
+    assert c.status == 500 and c.headers["Content-Type"] == "application/json"
+    assert c.json()["error"]["code"] == "internal_error" and c.json()["error"]["type"] == "server_error"
+    assert "boom" not in c.body.decode()
+    c = Call(gate, "/api/chat", token, {"model": "llama3"})
+    assert c.status == 500 and isinstance(c.json()["error"], str)
+    assert any("req-1" in r.getMessage() and r.exc_info for r in caplog.records)
+
+
+IMAGE_PART = b'Content-Disposition: form-data; name="image[]"; filename="a.png"\r\nContent-Type: image/png\r\n\r\nPNG'
+
+
+@pytest.mark.parametrize(("body", "content_type"), [
+    # werkzeug reads boundary*= (RFC 2231) over boundary=: the upstream splits on YY
+    (form(MODEL_PART), "multipart/form-data; boundary=XX; boundary*=utf-8''YY"),
+    (form(MODEL_PART), "multipart/form-data; charset=utf-16; boundary=XX"),  # Starlette decodes fields with it
+    (form(MODEL_PART), "multipart/form-data; boundary=XX;"),
+    # data after the closing boundary: Go does not take `--XX--junk` as the end, and nobody should read more
+    (form(MODEL_PART) + b"junk", "multipart/form-data; boundary=XX"),
+    (form(MODEL_PART)[:-2] + b"junk\r\n", "multipart/form-data; boundary=XX"),
+    (form(MODEL_PART) + b"\r\n", "multipart/form-data; boundary=XX"),
+    # part headers: RFC 2231 names, folded lines, dispositions other than form-data, model sent as a file
+    (form(MODEL_PART, b"Content-Disposition: form-data; name=\"x\"; name*=utf-8''model\r\n\r\nsecret-model"),
+     "multipart/form-data; boundary=XX"),
+    (form(b'Content-Disposition: form-data; name="x"\r\n ; name="model"\r\n\r\nsecret-model', MODEL_PART),
+     "multipart/form-data; boundary=XX"),
+    (form(b"Content-Disposition: form-data; name=\"file\"; filename*=utf-8''a.wav\r\n\r\nRIFF", MODEL_PART),
+     "multipart/form-data; boundary=XX"),
+    (form(b'Content-Disposition: attachment; name="model"\r\n\r\ngpt-4o'), "multipart/form-data; boundary=XX"),
+    (form(b'Content-Disposition: form-data; name="model"; filename="m"\r\n\r\ngpt-4o'),
+     "multipart/form-data; boundary=XX"),
+    (form(b'Content-Disposition: form-data; name="model"\r\nContent-Type: text/plain; charset=utf-7\r\n\r\ngpt-4o'),
+     "multipart/form-data; boundary=XX"),
+    (form(b'Content-Disposition: form-data; name="model"\r\nContent-Length: 3\r\n\r\ngpt-4o'),
+     "multipart/form-data; boundary=XX"),
+    (form(b'Content-Disposition: form-data; name="model"\r\nX-Model: secret-model\r\n\r\ngpt-4o'),
+     "multipart/form-data; boundary=XX"),
+    (form(b'Content-Disposition: form-data; name="mo\\"del"\r\n\r\nsecret-model', MODEL_PART),
+     "multipart/form-data; boundary=XX"),
+    (form(b'Content-Disposition: form-data; name="model"\r\n\r\n gpt-4o'), "multipart/form-data; boundary=XX"),
+])
+def test_multipart_forms_that_parsers_split_differently_are_refused(restricted: Gate, token: str, body: bytes,
+                                                                    content_type: str) -> None:
+    c = Call(restricted, "/v1/audio/transcriptions", token, body, CONTENT_TYPE=content_type)
+    assert c.status in (400, 404) and "X-Accel-Redirect" not in c.headers, c.body
+
+
+def test_ordinary_multipart_forms_pass(restricted: Gate, token: str) -> None:
+    ok = [
+        (form(IMAGE_PART, IMAGE_PART, MODEL_PART), "multipart/form-data; boundary=XX"),  # image[] repeats
+        (form(MODEL_PART)[:-2], "multipart/form-data; boundary=XX"),  # no CRLF after the closing boundary
+        (form(MODEL_PART, boundary=b"a'b+c"), 'Multipart/Form-Data;Boundary="a\'b+c"'),
+        (form(MODEL_PART, boundary=b"x y:z"), 'multipart/form-data; boundary="x y:z"'),
+        (form(b'content-disposition: form-data; name=model\r\nContent-Type: text/plain; charset=utf-8\r\n'
+              b'Content-Length: 6\r\n\r\ngpt-4o'), "multipart/form-data; boundary=XX"),
+    ]
+    for body, content_type in ok:
+        c = Call(restricted, "/v1/audio/transcriptions", token, body, CONTENT_TYPE=content_type)
+        assert c.headers.get("X-Bastion-Model") == "gpt-4o", (body, c.body)

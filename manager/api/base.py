@@ -13,6 +13,7 @@ from typing import Any
 
 from flask import Blueprint, g, jsonify, request
 
+from authsvc import bodies
 from manager import admin_guard
 from manager.validation import ValidationError, boolean
 
@@ -64,9 +65,17 @@ class ApiBlueprint(Blueprint):
 
 
 def json_body() -> dict[str, Any]:
-    """The JSON object of the request. A `force` field (accepted on every route, for the admin self-lockout
-    guard) is taken out, so `fields()` never sees it."""
-    data = request.get_json(silent=True)
+    """The request's JSON object, read like the gate reads bodies (authsvc.bodies.loads: UTF-8, no NaN,
+    nesting capped, so a deep body is a 400 and never a RecursionError). A `force` field (accepted on every
+    route, for the admin self-lockout guard) is taken out, so `fields()` never sees it."""
+    if not request.is_json:
+        raise ValidationError("body", "must be a JSON object (Content-Type: application/json)")
+    try:
+        data = bodies.loads(request.get_data(cache=True))
+    except bodies.TooDeep as e:
+        raise ValidationError("body", str(e)) from None
+    except ValueError:
+        data = None
     if not isinstance(data, dict):
         raise ValidationError("body", "must be a JSON object")
     if "force" in data and boolean("force", data.pop("force")):
