@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import http.client
-import json
 import socket
 import ssl
 import threading
@@ -26,6 +25,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
+
+from authsvc import bodies
 
 MODEL_LIST_LIMIT = 4 * 1024 * 1024
 DEFAULT_DEADLINE = 5.0
@@ -123,8 +124,8 @@ def get_json(url: str, **options: Any) -> Any:
 
 def parse_json(raw: bytes, status: int | None = None) -> Any:
     try:
-        return json.loads(raw)
-    except (ValueError, RecursionError):  # ValueError covers bad UTF-8 and bad JSON; RecursionError deep nesting
+        return bodies.loads(raw)  # the gate's reader: depth-capped, so a deep answer is never a RecursionError
+    except ValueError:
         raise OutboundError("the answer is not JSON", status) from None
 
 

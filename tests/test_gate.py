@@ -382,8 +382,9 @@ def test_openai_routes_read_only_the_exact_model_key(restricted: Gate, token: st
 def test_model_key_rules_per_route(tmp_path: Path, restricted: Gate, token: str) -> None:
     # a model-required endpoint refuses another spelling whatever the key; an unrestricted key's other
     # endpoints pass it, unread, to the default pool (the upstream sees no model, as the gate did)
-    write_snapshot(tmp_path / "open.json", [key_entry(token)])
-    open_gate = Gate(tmp_path / "open.json", PEPPER)
+    (tmp_path / "open").mkdir()  # a data dir of its own: keys live in keys.sqlite3 beside the snapshot
+    write_snapshot(tmp_path / "open" / "snapshot.json", [key_entry(token)])
+    open_gate = Gate(tmp_path / "open" / "snapshot.json", PEPPER)
     assert Call(open_gate, "/v1/chat/completions", token, {"MODEL": "gpt-4o"}).status == 400
     c = Call(open_gate, "/v1/responses", token, {"MODEL": "nomic"})
     assert c.headers["X-Accel-Redirect"] == "@pool_main" and "X-Bastion-Model" not in c.headers

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sqlite3
 from datetime import datetime
 from typing import Any
 
@@ -28,6 +29,8 @@ def friendly_errors(fn):
             raise click.ClickException(f"{e.field}: {e.message}") from None
         except (NotFound, StoreCorrupt, OSError) as e:
             raise click.ClickException(str(e)) from None
+        except sqlite3.Error as e:  # a key, usage or sign-in database that is locked, full or damaged
+            raise click.ClickException(f"database error: {e}") from None
         except (ConfigTestFailed, ReloadFailed, NginxError) as e:
             raise click.ClickException(f"{e.summary}\n{e.output}".strip()) from None
     return wrapper

@@ -7,6 +7,7 @@ import time
 
 import click
 
+from authsvc import bodies
 from manager import configuration, generations
 from manager import settings as settings_mod
 from manager import validation as v
@@ -73,7 +74,7 @@ def settings_set(b: Bastion, name: str, value: str) -> None:
     """Set one setting and apply it. VALUE is JSON when it parses as JSON; otherwise a string, or for list
     settings a comma-separated list."""
     try:
-        parsed = json.loads(value)
+        parsed = bodies.loads(value.encode())  # depth-capped: a silly value is a string, never a traceback
     except ValueError:
         parsed = csv(value) if isinstance(settings_mod.DEFAULTS.get(name), list) else value
     settings_mod.update(b, {name: parsed})
