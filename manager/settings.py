@@ -33,6 +33,11 @@ DEFAULTS: dict[str, Any] = {
     "health_fails": 2,
     "custom_config": "",
     "ca_bundle": "/etc/ssl/certs/ca-certificates.crt",
+    "bruteforce_max_failures": 20,
+    "bruteforce_window": 60,
+    "bruteforce_block": 60,
+    "bruteforce_max_block": 3600,
+    "bruteforce_exempt_cidr_groups": [],
 }
 
 
@@ -85,6 +90,10 @@ VALIDATORS = {
     "health_fails": lambda f, x: v.integer(f, x, 1, 20),
     "custom_config": custom_config,
     "ca_bundle": lambda f, x: v.file_path(f, x),
+    "bruteforce_max_failures": lambda f, x: v.integer(f, x, 0, 1_000_000),
+    "bruteforce_window": lambda f, x: v.integer(f, x, 1, 86400),
+    "bruteforce_block": lambda f, x: v.integer(f, x, 1, 86400),
+    "bruteforce_max_block": lambda f, x: v.integer(f, x, 1, 30 * 86400),
 }
 
 
