@@ -42,17 +42,24 @@ LOG_HEADER = "X-Bastion-Log"  # "0" on a refusal nginx need not log (hidden from
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+_v6_keys: dict[str, str] = {}  # parsing IPv6 costs microseconds: remember recent answers (bounded)
+
+
 def client_key(address: str) -> str:
     """What failures are counted against: the IPv4 address, or the IPv6 /64 (IPv4-mapped IPv6 as IPv4)."""
     if ":" not in address:
         return address
-    try:
-        ip = ipaddress.IPv6Address(address)
-    except ValueError:
-        return address[:64]
-    if ip.ipv4_mapped:
-        return str(ip.ipv4_mapped)
-    return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
+    key = _v6_keys.get(address)
+    if key is None:
+        try:
+            ip = ipaddress.IPv6Address(address)
+        except ValueError:
+            return address[:64]
+        key = str(ip.ipv4_mapped) if ip.ipv4_mapped else str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
+        if len(_v6_keys) >= 10_000:
+            _v6_keys.clear()
+        _v6_keys[address] = key
+    return key
 
 
 def parse_client(text: str) -> str:
