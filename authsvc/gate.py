@@ -90,14 +90,14 @@ class Gate:
         snap = self.source.refresh()
         address = environ.get("HTTP_X_REAL_IP", "")
         self.refuse_blocked(address, snap, ollama)
-        if not (ollama or path.startswith("/v1/")):
-            raise error(404, f"Unknown path {path}", "not_found", ollama)
-        if not canonical(path):
-            raise error(400, "The path must not contain empty, '.' or '..' segments.", "invalid_path", ollama)
         try:
+            if not (ollama or path.startswith("/v1/")):
+                raise error(404, f"Unknown path {path}", "not_found", ollama)
+            if not canonical(path):
+                raise error(400, "The path must not contain empty, '.' or '..' segments.", "invalid_path", ollama)
             key = self.authenticate(environ, snap, ollama)
-        except Reply as reply:
-            if reply.status == 401:
+        except Reply as reply:  # a failed key, or a path refused to a client without a valid key, counts
+            if reply.status == 401 or (reply.status != 403 and self.unauthenticated(environ, snap)):
                 self.guard.failed(address, snap.bruteforce)
             raise
         try:
@@ -105,6 +105,13 @@ class Gate:
         except Reply as reply:  # nginx logs which key was refused (the header is hidden from the client)
             reply.headers.append(("X-Bastion-Key", key.id))
             raise
+
+    def unauthenticated(self, environ: dict[str, Any], snap: Snapshot) -> bool:
+        try:
+            self.authenticate(environ, snap, False)
+        except Reply as reply:
+            return reply.status == 401
+        return False
 
     def refuse_blocked(self, address: str, snap: Snapshot, ollama: bool) -> None:
         """Checked before anything else: a blocked client learns nothing, not even whether its key is good."""

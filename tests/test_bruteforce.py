@@ -182,6 +182,22 @@ def test_blocked_address_gets_429_for_everything_other_addresses_unaffected(tmp_
     assert Call(gate, "/v1/models", token, method="GET", **attacker).status == 200
 
 
+def test_paths_refused_to_clients_without_a_valid_key_count_as_failures(tmp_path: Path) -> None:
+    """Scanners probing paths get 404/400 as before, but cannot fill the log for ever."""
+    token = keyformat.generate()[1]
+    write_snapshot(tmp_path / "snapshot.json", [key_entry(token)], bruteforce={"max_failures": 4})
+    gate = Gate(tmp_path / "snapshot.json", PEPPER)
+    keyed = {"HTTP_X_REAL_IP": "203.0.113.1"}
+    for _ in range(10):  # a valid key's mistakes are its own business
+        assert Call(gate, "/wp-login.php", token, method="GET", **keyed).status == 404
+        assert Call(gate, "/v1//models", token, method="GET", **keyed).status == 400
+    assert Call(gate, "/v1/models", token, method="GET", **keyed).status == 200
+    scanner = {"HTTP_X_REAL_IP": "203.0.113.2"}
+    statuses = [Call(gate, path, None, method="GET", **scanner).status
+                for path in ("/wp-login.php", "/.env", "/v1//models", "/admin", "/v1/models")]
+    assert statuses == [404, 404, 400, 404, 429]
+
+
 def test_gate_protects_by_default_and_honours_exempt_networks(tmp_path: Path) -> None:
     token, wrong = keyformat.generate()[1], keyformat.generate()[1]
     write_snapshot(tmp_path / "snapshot.json", [key_entry(token)])  # no section: the defaults
