@@ -18,6 +18,7 @@ applies the manager's clear requests (`run/blocks-clear/*.json`), never on the r
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import json
 import logging
 import os
@@ -33,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 MAX_COUNTING = 50_000
 MAX_BLOCKED = 50_000
+MAX_LISTED = 1000
 BLOCKS_FILE = "blocks.json"  # in the run dir: the published blocks
 CLEAR_DIR = "blocks-clear"  # in the run dir: one file per clear request, deleted once applied
 POLL_INTERVAL = 0.25  # how often the board looks for clear requests
@@ -193,7 +195,8 @@ class Guard:
             return lifted
 
     def rows(self) -> list[dict[str, Any]]:
-        """The blocks in force, oldest first; finished ones go back to counting (their strikes remembered)."""
+        """The newest `MAX_LISTED` blocks in force, oldest first (a listing, rewritten every second, stays small);
+        finished blocks go back to counting, their strikes remembered."""
         with self._lock:
             now = self.clock()
             for key in [k for k, e in self._blocked.items() if now >= e.until]:
@@ -204,8 +207,9 @@ class Guard:
             if len(self._counting) > MAX_COUNTING:
                 for _ in range(len(self._counting) - MAX_COUNTING):
                     self._counting.popitem(last=False)
+            newest = list(itertools.islice(reversed(self._blocked.items()), MAX_LISTED))[::-1]
             return [{"address": k, "since": round(e.since, 3), "until": round(e.until, 3), "blocks": e.strikes,
-                     "failures": e.failures, "refused": e.refused} for k, e in self._blocked.items()]
+                     "failures": e.failures, "refused": e.refused} for k, e in newest]
 
     def _adopt(self, policy: Policy) -> None:
         """A new snapshot: lift blocks the new policy no longer wants (protection off, address exempt)."""

@@ -105,6 +105,8 @@ def test_memory_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
         fail(guard, f"10.2.{i // 256}.{i % 256}", 2, policy)
     assert len(guard._blocked) == 50 and len(guard._counting) <= 100
     assert guard.check("10.2.3.231", policy) is not None  # the newest blocks are kept
+    monkeypatch.setattr(bruteforce, "MAX_LISTED", 10)  # and listed
+    assert [r["address"] for r in guard.rows()] == [f"10.2.3.{i}" for i in range(222, 232)]
 
 
 def test_exempt_networks_and_switching_protection_off() -> None:
