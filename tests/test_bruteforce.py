@@ -214,18 +214,37 @@ def test_gate_protects_by_default_and_honours_exempt_networks(tmp_path: Path) ->
 
 # ---- a real stack -------------------------------------------------------------------------------------------
 
-ATTACKER = textwrap.dedent("""
+LOAD = textwrap.dedent("""
     import http.client, json, sys
-    port, count, source, offset = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+    port, path, count, source, offset = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30, source_address=(source, 0))
     statuses = {}
     for i in range(offset, offset + count):
-        conn.request("GET", "/v1/models", headers={"Authorization": f"Bearer bst_{i:012d}_" + "x" * 40})
+        conn.request("GET", path, headers={"Authorization": f"Bearer bst_{i:012d}_" + "x" * 40})
         response = conn.getresponse()
         response.read()
         statuses[response.status] = statuses.get(response.status, 0) + 1
     print(json.dumps(statuses))
 """)
+
+
+def load_while_measuring(stack: Stack, path: str, source: str, client: Client, key: str) -> tuple[dict, list, float]:
+    """10,000 requests to `path` from `source` (4 processes, keep-alive), while `client` measures valid requests.
+    Returns the load's statuses, the valid requests' latencies and the gate's CPU seconds meanwhile."""
+    cpu = gate_cpu_seconds(stack)
+    procs = [subprocess.Popen([sys.executable, "-c", LOAD, str(stack.public_port), path, "2500", source,
+                               str(i * 2500)], stdout=subprocess.PIPE, text=True) for i in range(4)]
+    during: list[float] = []
+    while any(p.poll() is None for p in procs) or len(during) < 100:
+        during += latencies(client, key, 10)
+    cpu = gate_cpu_seconds(stack) - cpu
+    statuses: dict[str, int] = {}
+    for p in procs:
+        out, _ = p.communicate(timeout=60)
+        assert p.returncode == 0
+        for status, n in json.loads(out).items():
+            statuses[status] = statuses.get(status, 0) + n
+    return statuses, during, cpu
 
 
 class Client:
@@ -342,26 +361,16 @@ def test_ten_thousand_invalid_keys_are_blocked_and_valid_traffic_keeps_flowing(s
     latencies(bystander, key, 50)  # warm up
     baseline = latencies(bystander, key, 500)
 
-    gate_cpu = gate_cpu_seconds(stack)
-    procs = [subprocess.Popen([sys.executable, "-c", ATTACKER, str(stack.public_port), "2500", attacker,
-                               str(i * 2500)], stdout=subprocess.PIPE, text=True) for i in range(4)]
-    started = time.monotonic()
-    during: list[float] = []
-    while any(p.poll() is None for p in procs) or len(during) < 100:
-        during += latencies(bystander, key, 10)
-    attack_seconds = time.monotonic() - started
-    gate_cpu = gate_cpu_seconds(stack) - gate_cpu
-    statuses: dict[str, int] = {}
-    for p in procs:
-        out, _ = p.communicate(timeout=60)
-        assert p.returncode == 0
-        for status, n in json.loads(out).items():
-            statuses[status] = statuses.get(status, 0) + n
-    print(f"\nattack: {statuses} in {attack_seconds:.1f} s; gate CPU {gate_cpu * 1e6 / (10_000 + len(during)):.0f} µs "
-          f"per request (attack and valid)\nvalid from another address, idle:   {summary(baseline)}"
-          f"\nvalid from another address, attack: {summary(during)}")
+    # control: the same load answered by nginx alone, to tell the load generator's share of 2 cores from the gate's
+    _, control, _ = load_while_measuring(stack, "/healthz", "127.0.0.7", bystander, key)
+    statuses, during, gate_cpu = load_while_measuring(stack, "/v1/models", attacker, bystander, key)
+    print(f"\nattack: {statuses}; gate CPU {gate_cpu * 1e6 / (10_000 + len(during)):.0f} µs per request"
+          f"\nvalid from another address, idle:                {summary(baseline)}"
+          f"\nvalid from another address, 10k /healthz (nginx): {summary(control)}"
+          f"\nvalid from another address, 10k invalid keys:     {summary(during)}")
     assert statuses == {"401": 20, "429": 9980}  # blocked exactly at the default threshold
-    assert statistics.median(during) < 0.25  # generous: the machine is shared; the numbers are printed
+    # the load costs the bystander what the same load answered by nginx alone costs it (generous: shared machine)
+    assert statistics.median(during) < 2 * statistics.median(control) + 0.002
 
     # the log holds the 20 failures and the first refusal, not 10,000 lines; usage rows likewise
     assert sorted(line["status"] for line in access_lines(stack, attacker)) == [401] * 20 + [429]
@@ -371,6 +380,7 @@ def test_ten_thousand_invalid_keys_are_blocked_and_valid_traffic_keeps_flowing(s
     assert status == 200
     logged = [line for line in access_lines(stack, "127.0.0.6") if line["request_id"] == headers["X-Request-ID"]]
     assert [line["pool"] for line in logged] == ["hiding"]
+
     def usage_rows() -> int:
         with sqlite3.connect(stack.data_dir / "usage.sqlite3") as db:
             return db.execute("SELECT count(*) FROM requests WHERE remote_addr = ?", (attacker,)).fetchone()[0]
@@ -382,14 +392,14 @@ def test_ten_thousand_invalid_keys_are_blocked_and_valid_traffic_keeps_flowing(s
     assert wait_for(lambda: [b["refused"] for b in blocks()] == [9980])
     listed = blocks()
     assert [(b["address"], b["failures"], b["refused"], b["blocks"]) for b in listed] == [(attacker, 20, 9980, 1)]
-    assert 590 < listed[0]["retry_after"] <= 600
+    assert 500 < listed[0]["retry_after"] <= 600
     assert attacker in stack.cli("blocks", "list")
 
     # the valid key from the blocked address: refused too, with Retry-After and no hidden header leaking
     victim = Client(stack.public_port, attacker)
     status, headers, body = victim.request("GET", "/v1/models", key)
     assert status == 429 and json.loads(body)["error"]["code"] == "too_many_failed_attempts"
-    assert 590 < int(headers["Retry-After"]) <= 600 and "X-Bastion-Log" not in headers
+    assert 500 < int(headers["Retry-After"]) <= 600 and "X-Bastion-Log" not in headers
 
     # cleared through the API (audited): the valid key works again from that address at once
     r = requests.delete(stack.admin + f"/api/v1/blocks/{attacker}", headers=admin, timeout=10)
