@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -17,6 +18,7 @@ from typing import Any
 
 from authsvc import bodies, errors
 from authsvc import keys as keyformat
+from authsvc.bruteforce import LOG_HEADER, BlockBoard, Guard
 from authsvc.ratelimit import RateLimiter
 from authsvc.snapshot import KeyRule, Snapshot, SnapshotSource
 
@@ -66,10 +68,13 @@ class Gate:
         self.pepper = pepper
         self.limiter = RateLimiter()
         self.clock = clock
+        self.guard = Guard(clock)
 
     @classmethod
     def from_data_dir(cls, data_dir: Path) -> Gate:
-        return cls(data_dir / "snapshot.json", (data_dir / "pepper").read_bytes().strip())
+        gate = cls(data_dir / "snapshot.json", (data_dir / "pepper").read_bytes().strip())
+        BlockBoard(gate.guard, data_dir / "run").start()
+        return gate
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
         try:
@@ -91,17 +96,43 @@ class Gate:
         """Return the redirect headers for an allowed request, or raise `Reply`."""
         path: str = environ.get("PATH_INFO") or "/"
         ollama = path.startswith("/api/")
-        if not (ollama or path.startswith("/v1/")):
-            raise error(404, f"Unknown path {path}", "not_found", ollama)
-        if not canonical(path):
-            raise error(400, "The path must not contain empty, '.' or '..' segments.", "invalid_path", ollama)
         snap = self.source.refresh()
-        key = self.authenticate(environ, snap, ollama)
+        address = environ.get("HTTP_X_REAL_IP", "")
+        self.refuse_blocked(address, snap, ollama)
+        try:
+            if not (ollama or path.startswith("/v1/")):
+                raise error(404, f"Unknown path {path}", "not_found", ollama)
+            if not canonical(path):
+                raise error(400, "The path must not contain empty, '.' or '..' segments.", "invalid_path", ollama)
+            key = self.authenticate(environ, snap, ollama)
+        except Reply as reply:  # a failed key, or a path refused to a client without a valid key, counts
+            if reply.status == 401 or (reply.status != 403 and self.unauthenticated(environ, snap)):
+                self.guard.failed(address, snap.bruteforce)
+            raise
         try:
             return self.route(environ, path, snap, key, ollama)
         except Reply as reply:  # nginx logs which key was refused (the header is hidden from the client)
             reply.headers.append(("X-Bastion-Key", key.id))
             raise
+
+    def unauthenticated(self, environ: dict[str, Any], snap: Snapshot) -> bool:
+        try:
+            self.authenticate(environ, snap, False)
+        except Reply as reply:
+            return reply.status == 401
+        return False
+
+    def refuse_blocked(self, address: str, snap: Snapshot, ollama: bool) -> None:
+        """Checked before anything else: a blocked client learns nothing, not even whether its key is good."""
+        block = self.guard.check(address, snap.bruteforce)
+        if block is None:
+            return
+        retry = max(1, math.ceil(block.until - self.clock()))
+        headers = [("Retry-After", str(retry))]
+        if block.refused > 1:  # one log line per block; blocks.json counts the rest
+            headers.append((LOG_HEADER, "0"))
+        raise error(429, f"Too many failed authentication attempts from your address; try again in {retry} s.",
+                    "too_many_failed_attempts", ollama, headers=headers)
 
     def route(self, environ: dict[str, Any], path: str, snap: Snapshot, key: KeyRule,
               ollama: bool) -> list[tuple[str, str]]:

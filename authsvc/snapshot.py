@@ -23,6 +23,8 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
+from authsvc.bruteforce import Policy
+
 log = logging.getLogger(__name__)
 
 CHECK_INTERVAL = 0.25
@@ -124,6 +126,7 @@ class Snapshot:
     served: dict[str, tuple[str, ...]] = field(default_factory=dict)  # the pools' own model lists
     models: tuple[tuple[str, str], ...] = ()  # (model id, owning pool) for /v1/models
     default_pool: str | None = None
+    bruteforce: Policy = field(default_factory=Policy)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Snapshot:
@@ -149,6 +152,7 @@ class Snapshot:
             glob_routes=tuple(globs),
             served={m: tuple(p) for m, p in served.items()},
             default_pool=data.get("default_pool") or (pool_names[0] if pool_names else None),
+            bruteforce=Policy.from_dict(data.get("bruteforce") or {}),
         )
         # every exactly named model, owned by the pool its requests would go to
         snapshot.models = tuple(sorted((m, snapshot.pools_for(m)[0]) for m in {*served, *routes}))

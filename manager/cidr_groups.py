@@ -27,7 +27,7 @@ BUILTIN: dict[str, dict[str, Any]] = {
         "builtin": True,
     },
 }
-ATTACH_SETTINGS = ("public_cidr_groups", "admin_cidr_groups")
+ATTACH_SETTINGS = ("public_cidr_groups", "admin_cidr_groups", "bruteforce_exempt_cidr_groups")
 
 
 def all_groups(bastion: Bastion) -> list[dict[str, Any]]:

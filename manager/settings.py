@@ -33,6 +33,11 @@ DEFAULTS: dict[str, Any] = {
     "ca_bundle": "/etc/ssl/certs/ca-certificates.crt",
     "usage_retention_days": 90,
     "log_max_mb": 100,
+    "bruteforce_max_failures": 20,
+    "bruteforce_window": 60,
+    "bruteforce_block": 60,
+    "bruteforce_max_block": 3600,
+    "bruteforce_exempt_cidr_groups": [],
 }
 
 
@@ -54,6 +59,10 @@ VALIDATORS = {
     "ca_bundle": lambda f, x: v.file_path(f, x),
     "usage_retention_days": lambda f, x: v.integer(f, x, 0, 36500),
     "log_max_mb": lambda f, x: v.integer(f, x, 0, 100_000),
+    "bruteforce_max_failures": lambda f, x: v.integer(f, x, 0, 1_000_000),
+    "bruteforce_window": lambda f, x: v.integer(f, x, 1, 86400),
+    "bruteforce_block": lambda f, x: v.integer(f, x, 1, 86400),
+    "bruteforce_max_block": lambda f, x: v.integer(f, x, 1, 30 * 86400),
 }
 
 

@@ -30,13 +30,24 @@ def build(bastion: Bastion, only_pools: set[str] | None = None) -> dict[str, Any
     names = {p["name"] for p in pools}
     routes = [{"model": r["model"], "pools": [p for p in r["pools"] if p in names]}
               for r in store.table("routes").all()]
-    default_pool = bastion.settings()["default_pool"]
+    settings = bastion.settings()
+    default_pool = settings["default_pool"]
     return {
         "cidr_groups": {g["name"]: {"allow": g["allow"], "deny": g["deny"]} for g in cidr_groups.all_groups(bastion)},
         "pools": pools,
         "routes": [r for r in routes if r["pools"]],
         "default_pool": default_pool if default_pool in names else None,
+        "bruteforce": bruteforce_policy(bastion, settings),
     }
+
+
+def bruteforce_policy(bastion: Bastion, settings: dict[str, Any]) -> dict[str, Any]:
+    """The gate's brute-force settings (authsvc.bruteforce.Policy), exempt CIDR groups resolved to networks."""
+    groups = settings["bruteforce_exempt_cidr_groups"]
+    exempt, exempt_deny = cidr_groups.rules(bastion, groups) if groups else ([], [])
+    return {"max_failures": settings["bruteforce_max_failures"], "window": settings["bruteforce_window"],
+            "block": settings["bruteforce_block"], "max_block": settings["bruteforce_max_block"],
+            "exempt": exempt, "exempt_deny": exempt_deny}
 
 
 def publish(bastion: Bastion, only_pools: set[str] | None = None) -> None:

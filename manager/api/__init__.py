@@ -1,6 +1,6 @@
 """One blueprint per resource of the management API (see base.ApiBlueprint for how routes are declared)."""
 
-from manager.api import access, compat, keys, openapi, operations, pages, pools, session
+from manager.api import access, blocks, compat, keys, openapi, operations, pages, pools, session
 
 BLUEPRINTS = [
     session.bp,
@@ -15,6 +15,7 @@ BLUEPRINTS = [
     operations.usage_bp,
     operations.audit_bp,
     operations.health_bp,
+    blocks.bp,
     openapi.bp,
     pages.bp,
 ]

@@ -21,7 +21,9 @@ SETTINGS = obj(public_listen=STR, admin_listen=STR, server_name=NULLABLE_STR, pu
                admin_cidr_groups=STR_LIST, trusted_proxies=STR_LIST, body_limit_mb=INT, read_timeout=INT,
                connect_timeout=INT, max_fails=INT, fail_timeout=INT, default_pool=NULLABLE_STR,
                discovery_interval=INT, health_interval=INT, health_fails=INT, custom_config=STR, ca_bundle=STR,
-               usage_retention_days=INT, log_max_mb=INT)
+               usage_retention_days=INT, log_max_mb=INT,
+               bruteforce_max_failures=INT, bruteforce_window=INT, bruteforce_block=INT, bruteforce_max_block=INT,
+               bruteforce_exempt_cidr_groups=STR_LIST)
 
 
 @groups_bp.op("GET", "", "List CIDR groups", response={"type": "array", "items": GROUP})

@@ -1,10 +1,13 @@
-"""Admin users, sign-in lockouts and CIDR groups."""
+"""Admin users, sign-in lockouts, CIDR groups and brute-force blocks."""
 
 from __future__ import annotations
+
+import json
 
 import click
 
 from manager import auth as auth_mod
+from manager import blocks as blocks_mod
 from manager import cidr_groups as cidr_groups_mod
 from manager import users as users_mod
 from manager.cli import csv, fmt_time, main, print_table, with_bastion
@@ -114,3 +117,34 @@ def cidr_groups_list(b: Bastion) -> None:
 def cidr_groups_remove(b: Bastion, name: str) -> None:
     cidr_groups_mod.remove(b, name)
     click.echo(f"CIDR group {name} removed")
+
+
+@main.group("blocks")
+def blocks_group() -> None:
+    """Clients the gate refuses after too many invalid API keys."""
+
+
+@blocks_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@with_bastion
+def blocks_list(b: Bastion, as_json: bool) -> None:
+    rows = blocks_mod.listing(b)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    print_table([{**r, "since": fmt_time(r["since"]), "until": fmt_time(r["until"])} for r in rows],
+                ["address", "since", "until", "retry_after", "blocks", "failures", "refused"])
+
+
+@blocks_group.command("clear")
+@click.argument("address", required=False)
+@click.option("--all", "everything", is_flag=True, help="Lift every block and forget all failure counts.")
+@with_bastion
+def blocks_clear(b: Bastion, address: str | None, everything: bool) -> None:
+    """Lift the block of ADDRESS (an IP address, or an IPv6 /64), or of every client with --all."""
+    if everything == (address is not None):
+        raise click.UsageError("give an ADDRESS or --all")
+    result = blocks_mod.clear(b, None if everything else address)
+    note = "" if result["applied"] else " (no running gate confirmed it; a restarted gate holds no blocks)"
+    click.echo(f"cleared {len(result['cleared'])} block(s){': ' if result['cleared'] else ''}"
+               f"{', '.join(result['cleared'])}{note}")
