@@ -74,8 +74,8 @@ def json_body() -> dict[str, Any]:
         data = bodies.loads(request.get_data(cache=True))
     except bodies.TooDeep as e:
         raise ValidationError("body", str(e)) from None
-    except ValueError:
-        data = None
+    except ValueError as e:  # also NaN and Infinity, which Python would take but no consumer can handle
+        raise ValidationError("body", f"is not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise ValidationError("body", "must be a JSON object")
     if "force" in data and boolean("force", data.pop("force")):
