@@ -320,6 +320,7 @@ def test_no_usage_line_lost_after_the_data_dir_was_full(tmp_path: Path, full_dis
     stack.start()
     try:
         key = stack.key("k")
+        time.sleep(0.6)  # the gate picks the key up within 0.25 s
         access_log = stack.data_dir / "logs" / "access.log"
         sent: dict[str, list[str]] = {"before": [], "full": [], "after": []}
 
