@@ -9,7 +9,6 @@ from typing import Any
 
 from tinydb import TinyDB
 
-from authsvc.snapshot import KEYS_DB
 from manager import admin_guard, generations
 from manager import apply as applier
 from manager import settings as settings_mod
@@ -35,7 +34,7 @@ class Bastion:
 
     @cached_property
     def keystore(self) -> KeyStore:
-        return KeyStore(self.dirs.root / KEYS_DB)
+        return KeyStore(self.dirs.keys_db)
 
     @cached_property
     def pepper(self) -> bytes:

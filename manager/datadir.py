@@ -6,7 +6,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from manager.store import create_secret
+from authsvc.snapshot import KEYS_DB
+from manager.store import StoreCorrupt, create_secret
 
 DEFAULT_DATA_DIR = "./data"
 
@@ -30,6 +31,10 @@ class DataDir:
     @property
     def jwt_secret(self) -> Path:
         return self.root / "jwt_secret"
+
+    @property
+    def keys_db(self) -> Path:
+        return self.root / KEYS_DB
 
     @property
     def snapshot(self) -> Path:
@@ -97,6 +102,10 @@ class DataDir:
         for d in (self.root, self.nginx, self.generations, self.nginx_temp, self.logs, self.run):
             d.mkdir(parents=True, exist_ok=True)
             os.chmod(d, 0o711)
+        if not self.pepper.exists() and self.keys_db.exists():
+            # a new pepper would silently turn every existing key into a wrong one
+            raise StoreCorrupt(f"{self.pepper} is missing but {self.keys_db} holds keys hashed with it; restore it "
+                               "from a backup (or move the key database aside to start without keys)")
         create_secret(self.pepper)
         create_secret(self.jwt_secret)
 

@@ -15,9 +15,10 @@ from __future__ import annotations
 import json
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from manager import outbound
+from manager import discovery, outbound
 from manager.store import write_atomic
 
 if TYPE_CHECKING:
@@ -65,26 +66,33 @@ def check(bastion: Bastion) -> list[str]:
     previous = load(bastion)
     state: dict[str, dict[str, Any]] = {}
     changes: list[str] = []
-    for pool in bastion.store.table("pools").all():
+    targets = [(pool, upstream["url"]) for pool in bastion.store.table("pools").all()
+               for upstream in pool["upstreams"]]
+
+    def probe_target(target: tuple[dict[str, Any], str]) -> tuple[bool, str | None]:
+        pool, url = target
         verify = (settings["ca_bundle"] or True) if pool.get("tls_verify", True) else False
-        for upstream in pool["upstreams"]:
-            url = upstream["url"]
-            was = previous.get(url, {"fails": 0, "down": False})
-            alive, error = probe(url, pool.get("api_key"), verify)
-            fails = 0 if alive else was["fails"] + 1
-            down = fails >= settings["health_fails"]
-            if down != was["down"]:
-                changes.append(f"upstream {url} of pool {pool['name']} is {'down' if down else 'up again'}")
-            # the problem belongs to the pool: two pools may reach one server with different keys
-            had = was.get("problems", {}).get(pool["name"], {})
-            if error != had.get("error"):
-                log.log(logging.WARNING if error else logging.INFO, "upstream %s of pool %s: %s",
-                        url, pool["name"], error or "no problem any more")
-            now = time.time()
-            problems = state.get(url, {}).get("problems", {})
-            if error:
-                problems[pool["name"]] = {"error": error, "error_since": problem_since(had, error, now)}
-            state[url] = {"fails": fails, "down": down, "checked": now, "problems": problems}
+        return probe(url, pool.get("api_key"), verify)
+
+    # in parallel: a round costs one probe's deadline, not one per unreachable upstream
+    with ThreadPoolExecutor(max_workers=min(len(targets), discovery.MAX_PARALLEL) or 1) as executor:
+        results = list(executor.map(probe_target, targets))
+    for (pool, url), (alive, error) in zip(targets, results, strict=True):
+        was = previous.get(url, {"fails": 0, "down": False})
+        fails = 0 if alive else was["fails"] + 1
+        down = fails >= settings["health_fails"]
+        if down != was["down"]:
+            changes.append(f"upstream {url} of pool {pool['name']} is {'down' if down else 'up again'}")
+        # the problem belongs to the pool: two pools may reach one server with different keys
+        had = was.get("problems", {}).get(pool["name"], {})
+        if error != had.get("error"):
+            log.log(logging.WARNING if error else logging.INFO, "upstream %s of pool %s: %s",
+                    url, pool["name"], error or "no problem any more")
+        now = time.time()
+        problems = state.get(url, {}).get("problems", {})
+        if error:
+            problems[pool["name"]] = {"error": error, "error_since": problem_since(had, error, now)}
+        state[url] = {"fails": fails, "down": down, "checked": now, "problems": problems}
     path = bastion.dirs.root / "health.json"
     if not changes:
         write_atomic(path, json.dumps(state, sort_keys=True).encode())

@@ -99,6 +99,16 @@ class Child:
         self.restart_at = now + delay
         return delay
 
+    def rotate_log(self, max_bytes: int) -> None:
+        """Copy the log to NAME.1 and empty it when it is over `max_bytes`. The child keeps writing: its file
+        was opened for appending, so it carries on at the new end (lines written during the copy are lost)."""
+        try:
+            if self.log.stat().st_size > max_bytes:
+                shutil.copyfile(self.log, self.log.with_name(self.log.name + ".1"))
+                os.truncate(self.log, 0)
+        except FileNotFoundError:
+            pass
+
     def tail(self, lines: int = 15) -> str:
         try:
             return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
@@ -271,10 +281,16 @@ class Supervisor:
             Periodic("model discovery and DNS", lambda: self.settings()["discovery_interval"], self._refresh,
                      self.stopping),
             Periodic("health checks", health_interval, lambda: health.check(self.bastion), self.stopping),
-            Periodic("log upkeep", lambda: 1.0,
-                     lambda: self.bastion.usage.maintain(self.settings(), self.bastion.nginx.master_pid()),
-                     self.stopping),
+            Periodic("log upkeep", lambda: 1.0, self._log_upkeep, self.stopping),
         ]
+
+    def _log_upkeep(self) -> None:
+        """Rotate nginx's logs (without losing a usage line) and the children's own logs; prune usage rows."""
+        settings = self.settings()
+        self.bastion.usage.maintain(settings, self.bastion.nginx.master_pid())
+        if settings["log_max_mb"]:
+            for child in self.children:
+                child.rotate_log(settings["log_max_mb"] << 20)
 
     def _tend(self, child: Child) -> None:
         """One look at a child: restart it when its back-off is over, notice when it died or became ready."""

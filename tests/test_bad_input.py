@@ -196,3 +196,12 @@ def test_epoch_query_params_are_bounded(data_dir: Path) -> None:
         for bad in ("nan", "inf", "1e308", "-1", "x"):
             r = client.get(f"{path}?since={bad}", headers={"Authorization": f"Bearer {token}"})
             assert r.status_code == 400 and r.json["error"]["field"] == "since", (path, bad, r.text)
+
+
+def test_missing_pepper_is_never_silently_replaced(data_dir: Path) -> None:
+    """A new pepper would turn every existing key into a wrong one: refuse, name the file, create nothing."""
+    assert run(data_dir, "keys", "create", "k").exit_code == 0
+    (data_dir / "pepper").unlink()
+    result = run(data_dir, "keys", "list")
+    assert result.exit_code != 0 and f"{data_dir / 'pepper'} is missing" in result.output, result.output
+    assert not (data_dir / "pepper").exists()

@@ -148,3 +148,18 @@ def test_back_off_grows_to_a_cap_and_starts_over_after_a_stable_run(tmp_path: Pa
     assert delays[0] == 0.5 and delays == sorted(delays) and delays[-1] == BACKOFF_MAX
     child.started = now
     assert child.schedule_restart(now + STABLE_AFTER + 1) == 0.5
+
+
+def test_child_log_rotation_keeps_the_child_writing(tmp_path: Path) -> None:
+    log = tmp_path / "child.log"
+    child = Child("writer", ["sh", "-c", "while true; do echo line; sleep 0.01; done"], log, lambda: True)
+    child.start({"PATH": os.environ["PATH"]})
+    try:
+        time.sleep(0.3)
+        child.rotate_log(10)
+        assert (tmp_path / "child.log.1").read_text().startswith("line\n")
+        time.sleep(0.2)
+        # appending at the new end: no hole of NUL bytes where the old content was
+        assert log.read_bytes().startswith(b"line\n") and log.stat().st_size < 4096
+    finally:
+        child.stop()
