@@ -38,10 +38,17 @@ ERROR_PAGES = [
     (504, "The upstream server did not answer in time."),
     (500, "The gateway could not handle the request."),
     (403, "Your address may not use this service."),
+    # nginx's own refusals of malformed requests (494: headers too large, answered as 400)
+    (494, "The request headers are too large."),
+    (405, "This method is not allowed here."),
+    (501, "This transfer encoding is not supported."),
 ]
 ADMIN_ERROR_PAGES = [
     (403, "Your address may not use the admin interface."),
     (413, "The request body is too large."),
+    (494, "The request headers are too large."),
+    (405, "This method is not allowed here."),
+    (501, "This transfer encoding is not supported."),
     (502, "The management service is unavailable."),
     (504, "The management service did not answer in time; the change may still complete, check before retrying."),
 ]
