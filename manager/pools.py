@@ -217,7 +217,7 @@ def remove(bastion: Bastion, name: str, author: str = "cli") -> None:
 def refresh_discovered(bastion: Bastion, only: str | None = None) -> list[str]:
     """Ask the upstreams of pools without a model list what they serve; returns the pools that changed.
     Each pool's problem, if any, is recorded for its status; a pool that got no list keeps its old one."""
-    changed = []
+    discovered: dict[str, list[str]] = {}
     errors: dict[str, str | None] = {}
     ca_bundle = bastion.settings()["ca_bundle"]
     for pool in bastion.store.table("pools").all():
@@ -225,16 +225,19 @@ def refresh_discovered(bastion: Bastion, only: str | None = None) -> list[str]:
             continue
         found = discovery.discover_pool_models(pool, ca_bundle)
         errors[pool["name"]] = found.error
-        if found.models is None or found.models == pool.get("discovered_models"):
-            continue
-        with bastion.change("discovery", f"models discovered for pool {pool['name']}: "
-                                         f"{', '.join(found.models)}") as db:
-            db.table("pools").update({"discovered_models": found.models, "discovered_at": time.time()},
-                                     Pool.name == pool["name"])
-        changed.append(pool["name"])
+        if found.models is not None and found.models != pool.get("discovered_models"):
+            discovered[pool["name"]] = found.models
+    if discovered:  # one change for all pools: one store write and one snapshot, however many pools changed
+        summary = "; ".join(f"pool {name}: {', '.join(models)}" for name, models in discovered.items())
+
+        def set_models(doc: dict[str, Any]) -> None:
+            doc.update(discovered_models=discovered[doc["name"]], discovered_at=time.time())
+
+        with bastion.change("discovery", f"models discovered for {summary}") as db:
+            db.table("pools").update(set_models, Pool.name.one_of(list(discovered)))
     if errors:
         record_discovery(bastion, errors)
-    return changed
+    return list(discovered)
 
 
 # Routes: explicit model → pools mappings, checked before the pools' own model lists.
