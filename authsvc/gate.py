@@ -99,14 +99,17 @@ class Gate:
         snap = self.source.refresh()
         address = environ.get("HTTP_X_REAL_IP", "")
         self.refuse_blocked(address, snap, ollama)
+        presented = self.identify(environ, snap)
         try:
             if not (ollama or path.startswith("/v1/")):
                 raise error(404, f"Unknown path {path}", "not_found", ollama)
             if not canonical(path):
                 raise error(400, "The path must not contain empty, '.' or '..' segments.", "invalid_path", ollama)
-            key = self.authenticate(environ, snap, ollama)
-        except Reply as reply:  # a failed key, or a path refused to a client without a valid key, counts
-            if reply.status == 401 or (reply.status != 403 and self.unauthenticated(environ, snap)):
+            key = self.authenticate(presented, environ, ollama)
+        except Reply:
+            # a client without a real key is guessing (or probing paths): that counts; a disabled or expired
+            # key proves its secret, so a forgotten client behind a shared address does not block everyone
+            if presented is None:
                 self.guard.failed(address, snap.bruteforce)
             raise
         try:
@@ -114,13 +117,6 @@ class Gate:
         except Reply as reply:  # nginx logs which key was refused (the header is hidden from the client)
             reply.headers.append(("X-Bastion-Key", key.id))
             raise
-
-    def unauthenticated(self, environ: dict[str, Any], snap: Snapshot) -> bool:
-        try:
-            self.authenticate(environ, snap, False)
-        except Reply as reply:
-            return reply.status == 401
-        return False
 
     def refuse_blocked(self, address: str, snap: Snapshot, ollama: bool) -> None:
         """Checked before anything else: a blocked client learns nothing, not even whether its key is good."""
@@ -160,12 +156,17 @@ class Gate:
         return [("X-Accel-Redirect", f"@pool_{pools[0]}"), ("X-Bastion-Key", key.id), ("X-Bastion-Model", model),
                 *limits]
 
-    def authenticate(self, environ: dict[str, Any], snap: Snapshot, ollama: bool) -> KeyRule:
+    def identify(self, environ: dict[str, Any], snap: Snapshot) -> KeyRule | None:
+        """The key whose secret the request presents, whatever its state; None for no, unknown or wrong key."""
         auth = environ.get("HTTP_AUTHORIZATION", "")
         token = auth[7:].strip() if auth[:7].lower() == "bearer " else environ.get("HTTP_X_API_KEY", "")
         key_id = keyformat.key_id_of(token)
         key = snap.keys.get(key_id) if key_id else None
-        if key is None or not keyformat.matches(self.pepper, token, key.digest):
+        return key if key is not None and keyformat.matches(self.pepper, token, key.digest) else None
+
+    def authenticate(self, key: KeyRule | None, environ: dict[str, Any], ollama: bool) -> KeyRule:
+        """The presented key if it may be used now, from this address; else the 401/403 to answer."""
+        if key is None:
             raise error(401, "Incorrect API key provided.", "invalid_api_key", ollama)
         if not key.enabled:
             raise error(401, "This API key is disabled.", "invalid_api_key", ollama)

@@ -16,7 +16,6 @@ from manager.apply import ConfigTestFailed, ReloadFailed
 from manager.context import Bastion
 from manager.datadir import DataDir
 from manager.errors import Conflict, NotFound, ValidationError
-from manager.logins import drop_legacy_tables
 from manager.nginx import NginxError
 from manager.settings import ADMIN_BODY_LIMIT_KB
 from manager.store import StoreCorrupt
@@ -31,7 +30,6 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.config.update(config or {})
     app.json.sort_keys = False
     app.extensions["bastion"] = Bastion(DataDir.at(app.config["DATA_DIR"]), app.config["NGINX"])
-    drop_legacy_tables(app.extensions["bastion"].store)
 
     from manager.api import BLUEPRINTS
 

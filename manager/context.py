@@ -15,7 +15,7 @@ from manager import settings as settings_mod
 from manager.audit import Audit
 from manager.datadir import DataDir
 from manager.keystore import KeyStore, migrate_from
-from manager.logins import LoginState
+from manager.logins import LEGACY_TABLES, LoginState, drop_legacy_tables
 from manager.nginx import Nginx
 from manager.snapshot import publish
 from manager.store import Store, StoreCorrupt
@@ -28,9 +28,15 @@ class Bastion:
         dirs.ensure()
         self.store = Store(dirs.store)
         self.nginx = Nginx(dirs, nginx_binary)
-        with suppress(StoreCorrupt):  # an unreadable store is reported by whoever needs it; the move waits
-            if "keys" in self.store.db.tables():  # keys kept in store.json before they moved to SQLite
-                migrate_from(self.store, self.keystore)
+        with suppress(StoreCorrupt):  # an unreadable store is reported by whoever needs it; upgrades wait
+            self._upgrade_store(self.store.db.tables())
+
+    def _upgrade_store(self, tables: set[str]) -> None:
+        """What older versions kept in store.json: keys move to SQLite, sign-in state is dropped."""
+        if "keys" in tables:
+            migrate_from(self.store, self.keystore)
+        if tables & set(LEGACY_TABLES):
+            drop_legacy_tables(self.store)
 
     @cached_property
     def keystore(self) -> KeyStore:

@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from manager.store import Store
+from manager.store import Store, StoreCorrupt
 
 log = logging.getLogger(__name__)
 
@@ -292,10 +292,8 @@ def _fields(record: Record) -> tuple[int, int, float, float]:
 def drop_legacy_tables(store: Store) -> None:
     """Older versions kept this state in store.json; it is dropped there (lockouts are not carried over)."""
     try:
-        if not set(LEGACY_TABLES) & store.db.tables():
-            return
         with store.transaction() as db:
             for name in LEGACY_TABLES:
                 db.drop_table(name)
-    except OSError as e:
+    except (OSError, StoreCorrupt) as e:
         log.warning("could not drop the old sign-in tables from %s (%s); they are ignored", store.path, e)

@@ -237,7 +237,7 @@ class Supervisor:
         try:
             result = bastion.apply("up")
             self.echo(f"  generation {result.generation}")
-        except StoreCorrupt as e:
+        except Exception as e:  # a corrupt store, a full disk, a config nginx now refuses...
             live = generations.live(dirs)
             if not live:
                 raise StartupError(str(e)) from None

@@ -184,6 +184,23 @@ def test_blocked_address_gets_429_for_everything_other_addresses_unaffected(tmp_
     assert Call(gate, "/v1/models", token, method="GET", **attacker).status == 200
 
 
+def test_retired_keys_are_refused_but_not_counted_as_guesses(tmp_path: Path) -> None:
+    """A disabled or expired key proves its secret: a forgotten client retrying it behind a shared address
+    (NAT) must not block every other key from there."""
+    good, disabled, expired = (keyformat.generate()[1] for _ in range(3))
+    write_snapshot(tmp_path / "snapshot.json", [key_entry(good), key_entry(disabled, enabled=False),
+                                                key_entry(expired, expires=time.time() - 60)],
+                   bruteforce={"max_failures": 3})
+    gate = Gate(tmp_path / "snapshot.json", PEPPER)
+    nat = {"HTTP_X_REAL_IP": "198.51.100.7"}
+    for retired in (disabled, expired):
+        assert [Call(gate, "/v1/models", retired, method="GET", **nat).status for _ in range(10)] == [401] * 10
+    assert Call(gate, "/v1/models", good, method="GET", **nat).status == 200
+    # a wrong secret for a known id is still a guess
+    guess = good[:-1] + ("A" if good[-1] != "A" else "B")
+    assert [Call(gate, "/v1/models", guess, method="GET", **nat).status for _ in range(4)] == [401] * 3 + [429]
+
+
 def test_paths_refused_to_clients_without_a_valid_key_count_as_failures(tmp_path: Path) -> None:
     """Scanners probing paths get 404/400 as before, but cannot fill the log for ever."""
     token = keyformat.generate()[1]

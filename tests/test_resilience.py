@@ -116,8 +116,11 @@ def test_up_on_a_corrupt_store_serves_the_last_good_configuration(serving) -> No
     (stack.data_dir / "store.json").write_text('{"keys": ')
     stack.start()
     assert stack.post("/v1/chat/completions", key, json={"model": "m1"}).status_code == 200
-    assert "serving the last good configuration" in stack.output.read_text() or \
-        "starting on the last good configuration" in stack.output.read_text()
+    assert "starting on the last good configuration" in stack.output.read_text()
+    # the manager runs too, and says what is wrong
+    assert requests.get(stack.admin + "/api/v1/health", timeout=10).json()["status"] == "degraded"
+    r = requests.post(stack.admin + "/auth/token", json={"username": "admin", "password": "x" * 10}, timeout=10)
+    assert r.status_code == 503 and "store.json" in r.json()["message"]
 
 
 def test_gate_killed_ten_times_in_twenty_seconds(serving) -> None:
