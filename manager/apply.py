@@ -172,7 +172,7 @@ def render_config(bastion: Bastion, generation: int, resolved: dict[str, list[st
         trusted_proxies=settings["trusted_proxies"],
         public_access=access_rules(bastion, settings["public_cidr_groups"]),
         admin_access=access_rules(bastion, settings["admin_cidr_groups"]),
-        custom_config=custom_config.renderable(settings["custom_config"]),
+        custom_config=custom_config.renderable(settings["custom_config"], settings),
         body_limit_mb=settings["body_limit_mb"],
         read_timeout=settings["read_timeout"],
         connect_timeout=settings["connect_timeout"],

@@ -3,7 +3,8 @@
 `tokenize` reads nginx syntax the way nginx's own reader does (quotes with escapes, `#` comments only where a
 token starts, `${var}`, braces and semicolons), `parse` builds a small tree, and `validate` allows only
 `server { ... }` blocks made of the directives in ALLOWED: nginx's master runs as root, so a custom block must
-never name a file or a socket, nor reach Bastion's own upstreams. `nginx -t` remains the second judge.
+never name a file or a socket, nor reach Bastion's own upstreams, nor take over or reach Bastion's listeners.
+`nginx -t` remains the second judge.
 
 `mask` is the one rule for every nginx text shown to people: literal header (and variable) values and URL
 credentials become `****`.
@@ -14,7 +15,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from manager import validation as v
@@ -353,8 +354,35 @@ def _check(d: Directive, context: str) -> None:
         raise _refuse(d.line, f"the directive {name!r} is not allowed with these arguments: {why}")
 
 
-def validate(field_name: str, value: object) -> str:
-    """The custom config as stored: size-limited text of `server` blocks made only of allowed directives."""
+def _port(name: str, args: list[str]) -> int | None:
+    """The port a `listen` binds or a `proxy_pass` connects to (both already checked by the allow-list)."""
+    if name == "listen":
+        address = args[0]
+        return int(address if address.isdigit() else address.rpartition(":")[2] or 80)
+    m = _URL_RE.fullmatch(args[0])
+    return int(m[3]) if m and m[3] else (443 if m and m[1].lower() == "https" else 80)
+
+
+def _bastion_ports(reserved: Mapping[str, int]) -> Callable[[Directive, str], None]:
+    """A check that custom servers keep off Bastion's listeners: they may neither listen on their ports (and
+    take over their traffic) nor proxy to the admin listener's (where nginx, a local client, would pass the
+    admin network rules: any address of this host may reach it)."""
+    def check(d: Directive, context: str) -> None:
+        name = d.name.value
+        if name not in ("listen", "proxy_pass") or not d.args:
+            return
+        port = _port(name, d.values)
+        for listener, reserved_port in reserved.items():
+            if port == reserved_port and (name == "listen" or listener == "admin"):
+                raise _refuse(d.line, f"port {port} is the {listener} listener's: custom servers "
+                                      + ("listen on ports of their own" if name == "listen" else
+                                         "may not proxy to the admin listener"))
+    return check
+
+
+def validate(field_name: str, value: object, reserved: Mapping[str, int] | None = None) -> str:
+    """The custom config as stored: size-limited text of `server` blocks made only of allowed directives; with
+    `reserved` ({"admin": port, "public": port}) also kept off Bastion's own listeners."""
     text = v.require_str(field_name, value)
     if len(text) > MAX_SIZE:
         raise v.ValidationError(field_name, f"must be at most {MAX_SIZE} characters")
@@ -363,18 +391,29 @@ def validate(field_name: str, value: object) -> str:
         line = text.count("\n", 0, bad.start()) + 1
         raise v.ValidationError(field_name, f"line {line}: control characters other than tab and line breaks "
                                             "are not allowed")
+    ports = _bastion_ports(reserved or {})
+
+    def check(d: Directive, context: str) -> None:
+        _check(d, context)
+        ports(d, context)
+
     try:
-        parse(text, _check)
+        parse(text, check)
     except ConfigSyntaxError as e:
         raise v.ValidationError(field_name, str(e)) from None
     return text
 
 
-def renderable(text: str) -> str:
-    """The stored custom config if the allow-list accepts it, else "" (a text stored by an older version or
-    restored by a rollback to one is never rendered)."""
+def listener_ports(settings: Mapping[str, object]) -> dict[str, int]:
+    """The ports of Bastion's own listeners, which a custom config must keep off."""
+    return {name: int(str(settings[f"{name}_listen"]).rpartition(":")[2]) for name in ("admin", "public")}
+
+
+def renderable(text: str, settings: Mapping[str, object]) -> str:
+    """The stored custom config if the allow-list accepts it with these settings, else "" (a text stored by an
+    older version, restored by a rollback or made wrong by a listener change is never rendered)."""
     try:
-        return validate(FIELD, text)
+        return validate(FIELD, text, listener_ports(settings))
     except v.ValidationError as e:
         log.error("custom_config left out of nginx.conf: %s", e.message)
         return ""

@@ -79,6 +79,9 @@ def validate(bastion: Bastion, values: dict[str, Any]) -> dict[str, Any]:
             out[key] = VALIDATORS[key](key, value)
         else:
             raise v.ValidationError(key, "is not a known setting")
+    if {"custom_config", "admin_listen", "public_listen"} & out.keys():  # custom servers keep off the listeners
+        merged = {**bastion.settings(), **out}
+        custom_config.validate("custom_config", merged["custom_config"], custom_config.listener_ports(merged))
     if out.get("default_pool") and not bastion.store.table("pools").search(
             lambda p: p["name"] == out["default_pool"]):
         raise v.ValidationError("default_pool", f"unknown pool {out['default_pool']!r}")

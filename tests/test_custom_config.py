@@ -212,6 +212,32 @@ def test_refused_config_changes_nothing_and_creates_no_socket(stack: Stack, admi
     assert not sock.exists()
 
 
+@pytest.mark.parametrize("text", [
+    "server { listen 127.0.0.1:FREE; location / { proxy_pass http://127.0.0.1:ADMIN; } }",
+    "server { listen FREE; location / { proxy_pass http://[::ffff:127.0.0.1]:ADMIN/; } }",
+    "server { listen FREE; location / { proxy_pass http://localhost:ADMIN; } }",
+    "server { listen ADMIN; return 200; }",
+    "server { listen 127.0.0.1:PUBLIC; server_name evil; return 200; }",
+])
+def test_custom_servers_keep_off_bastions_listeners(stack: Stack, admin: str, text: str) -> None:
+    """Proxying to the admin listener would reach it as nginx (a local, trusted client) from anywhere."""
+    text = (text.replace("ADMIN", str(stack.admin_port)).replace("PUBLIC", str(stack.public_port))
+            .replace("FREE", str(free_port())))
+    before = snapshot(stack)
+    r = call(stack, "POST", "/nginx/config/update", admin, json={"config": text})
+    assert r.status_code == 400 and "listener's" in r.json()["message"], r.text
+    assert snapshot(stack) == before
+
+
+def test_listeners_cannot_move_onto_a_custom_servers_port(stack: Stack, admin: str) -> None:
+    port = free_port()
+    text = f"server {{ listen 127.0.0.1:{port}; return 200 'custom'; }}"
+    assert call(stack, "POST", "/nginx/config/update", admin, json={"config": text}).status_code == 200
+    r = call(stack, "PATCH", "/api/v1/settings", admin, json={"admin_listen": f"127.0.0.1:{port}"})
+    assert r.status_code == 400 and r.json()["error"]["field"] == "custom_config", r.text
+    assert call(stack, "POST", "/nginx/config/update", admin, json={"config": ""}).status_code == 200
+
+
 SECRET_CONFIG = """server {
     listen 127.0.0.1:PORT;
     location / {
