@@ -200,9 +200,9 @@ class KeyFeed:
     def poll(self) -> tuple[bool, list[sqlite3.Row]] | None:
         try:
             inode = os.stat(self.path).st_ino
-            whole = self._db is None or inode != self._inode
-            if whole:
+            if self._db is None or inode != self._inode:
                 self._open(inode)
+            whole = self.version == 0  # first read, or another file: everything is read
             assert self._db is not None
             # read before the rows: a commit in between is seen now and again (harmlessly) next time
             data_version = self._db.execute("PRAGMA data_version").fetchone()[0]
@@ -231,7 +231,9 @@ class KeyFeed:
         db = sqlite3.connect(self.path.resolve().as_uri() + "?mode=ro", uri=True, isolation_level=None,
                              check_same_thread=False)  # built in granian's main thread, used in its worker
         db.row_factory = sqlite3.Row
-        self._db, self._inode, self._data_version, self.version = db, inode, None, 0
+        if inode != self._inode:  # reopening the same file after a read error keeps its version: no full reload
+            self.version = 0
+        self._db, self._inode, self._data_version = db, inode, None
 
     def _fail(self, problem: str, level: int) -> None:
         self.close()

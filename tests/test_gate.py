@@ -508,3 +508,20 @@ def test_ordinary_multipart_forms_pass(restricted: Gate, token: str) -> None:
     for body, content_type in ok:
         c = Call(restricted, "/v1/audio/transcriptions", token, body, CONTENT_TYPE=content_type)
         assert c.headers.get("X-Bastion-Model") == "gpt-4o", (body, c.body)
+
+
+def test_key_feed_reopened_after_a_read_error_reads_only_the_changes(tmp_path: Path) -> None:
+    """A transient error (a busy or recovering database) must not turn the next check into a full reload inside
+    a request: the single-threaded gate would stall for every key (about 150 ms at 10,000 keys)."""
+    from authsvc.snapshot import KeyFeed
+
+    tokens = [keyformat.generate()[1] for _ in range(3)]
+    db = tmp_path / KEYS_DB
+    write_keys(db, [key_entry(t) for t in tokens[:2]])
+    feed = KeyFeed(db)
+    whole, rows = feed.poll()
+    assert whole and len(rows) == 2
+    feed.close()  # what a read error does
+    KeyStore(db).insert({**key_entry(tokens[2]), "created_at": time.time()})
+    whole, rows = feed.poll()
+    assert not whole and [r["id"] for r in rows] == [keyformat.key_id_of(tokens[2])]

@@ -178,7 +178,7 @@ def test_admin_listener_waits_for_long_applies_and_answers_json(tmp_path: Path) 
     admin_location = conf[conf.rindex("location / {"):].split("}")[0]  # the admin server comes last
     assert "proxy_pass http://bastion_manager;" in admin_location
     assert "proxy_read_timeout 300s;" in admin_location
-    assert "error_page 504 @admin_error_504;" in conf
+    assert "error_page 504 =504 @admin_error_504;" in conf
     page = conf[conf.index("location @admin_error_504"):].split("}")[0]
     assert "default_type application/json;" in page and "return 504 '{" in page
 
