@@ -247,7 +247,7 @@ def _apply(bastion: Bastion, author: str, force_reload: bool, resolved: dict[str
 
 def _reload_and_verify(bastion: Bastion, master: int, generation: int) -> None:
     nginx, log = bastion.nginx, bastion.dirs.error_log
-    mark = log.stat().st_size if log.exists() else 0
+    mark = _log_mark(log)
     old_workers = nginx.worker_pids(master)
     nginx.reload(master)
     url = healthz_url(bastion.settings()["public_listen"])
@@ -269,11 +269,30 @@ def _reload_and_verify(bastion: Bastion, master: int, generation: int) -> None:
                        _emerg_since(log, mark))
 
 
-def _emerg_since(log: Path, mark: int) -> str:
+def _log_mark(log: Path) -> tuple[int, int]:
+    """(inode, size) of the error log now: where nginx's messages about the coming reload begin."""
     try:
-        with log.open("rb") as f:
-            f.seek(mark)
-            tail = f.read().decode(errors="replace")
-    except OSError:
-        return ""
+        st = log.stat()
+    except FileNotFoundError:
+        return 0, 0
+    return st.st_ino, st.st_size
+
+
+def _emerg_since(log: Path, mark: tuple[int, int]) -> str:
+    """nginx's [emerg]/[alert] lines written since `mark`, also when the log was rotated meanwhile (the rest of
+    the old file, now NAME.1, then the new file from its start)."""
+    inode, offset = mark
+    parts = []
+    for path in (log.with_name(log.name + ".1"), log):
+        try:
+            with path.open("rb") as f:
+                current = os.fstat(f.fileno()).st_ino
+                if current == inode:
+                    f.seek(offset)
+                elif path != log:
+                    continue  # an older rotated file: nothing of this reload
+                parts.append(f.read().decode(errors="replace"))
+        except OSError:
+            continue
+    tail = "\n".join(parts)
     return "\n".join(line for line in tail.splitlines() if "[emerg]" in line or "[alert]" in line)

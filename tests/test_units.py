@@ -144,3 +144,17 @@ def test_ipv6_zone_ids_never_pass(value: str) -> None:
     with pytest.raises(v.ValidationError) as e:
         v.listen("public_listen", f"[{value}]:80")
     assert "zone" in e.value.message
+
+
+def test_reload_errors_are_found_across_an_error_log_rotation(tmp_path: Path) -> None:
+    from manager.apply import _emerg_since, _log_mark
+
+    log = tmp_path / "error.log"
+    log.write_text("[emerg] before the reload\n")
+    mark = _log_mark(log)
+    with log.open("a") as f:
+        f.write("[emerg] old file, after the mark\n")
+    log.rename(tmp_path / "error.log.1")  # log upkeep rotates it during the verify
+    log.write_text("[alert] new file\n")
+    assert _emerg_since(log, mark).splitlines() == ["[emerg] old file, after the mark", "[alert] new file"]
+    assert _emerg_since(log, _log_mark(log)) == ""
