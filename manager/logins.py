@@ -3,8 +3,10 @@
 It lives in `auth.sqlite3` in the data dir (0600, indexed lookups) and in memory, so a full or read-only disk
 never stops a sign-in, a lockout or a logout:
 
-- Nothing is written before the password check. Concurrent attempts cannot slip past the limit: the checks in
-  flight are counted in memory per subject, and `failures + in flight` may never exceed `MAX_FAILURES`.
+- Nothing is written before the password check. Concurrent attempts in one process cannot slip past the
+  limit: its checks in flight are counted in memory per subject, and `failures + in flight` may never exceed
+  `MAX_FAILURES`. Across processes (gunicorn's workers) a burst of parallel attempts can get up to
+  `MAX_FAILURES` checks per process before the shared count locks the subject.
 - Each outcome is kept in memory first and written to disk when the disk takes it (retried with every later
   write). Between memory and disk the newer record wins; a failure is counted inside one write transaction,
   so processes sharing the file never lose each other's counts while the disk is healthy.

@@ -4,7 +4,7 @@ What answers is input like any other, possibly hostile or broken, so a request h
 - never follows a redirect: a 3xx is a failure that names where it pointed (an upstream must not make the
   manager fetch another service, e.g. one on loopback, and publish its answer);
 - reads the answer in chunks and stops at `max_bytes` (a Content-Length above it is refused unread);
-- has one deadline for everything: connect, TLS, headers and every read. Socket timeouts alone bound each
+- has one deadline for connect, TLS, headers and every read (not the DNS lookup). Socket timeouts alone bound each
   read, not their sum, so a watchdog shuts the socket down when the deadline passes and a server that drips
   a byte at a time cannot hold the caller;
 - parses JSON with every parser error caught;
