@@ -30,6 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from authsvc.files import write_atomic
+from authsvc.networks import Network, admits
+
 logger = logging.getLogger(__name__)
 
 MAX_COUNTING = 50_000
@@ -41,7 +44,6 @@ POLL_INTERVAL = 0.25  # how often the board looks for clear requests
 PUBLISH_INTERVAL = 1.0  # at most one write of blocks.json a second
 LOG_HEADER = "X-Bastion-Log"  # "0" on a refusal nginx need not log (hidden from clients)
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 _v6_keys: dict[str, str] = {}  # parsing IPv6 costs microseconds: remember recent answers (bounded)
@@ -101,13 +103,7 @@ class Policy:
 
     def exempts(self, address: str) -> bool:
         """In an exempt CIDR group (its allow list, not its deny list)."""
-        if not self.exempt:
-            return False
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        return any(ip in net for net in self.exempt) and not any(ip in net for net in self.exempt_deny)
+        return bool(self.exempt) and admits(address, self.exempt, self.exempt_deny)
 
 
 @dataclass(slots=True)
@@ -224,15 +220,6 @@ class Guard:
         self.policy = policy
 
 
-def write_private(path: Path, data: bytes) -> None:
-    """Replace `path` atomically with a 0600 file (no fsync: the file is a status report, rebuilt each second)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 class BlockBoard(threading.Thread):
     """Publishes the guard's blocks to `run/blocks.json` and applies clear requests from `run/blocks-clear/`."""
 
@@ -305,5 +292,5 @@ class BlockBoard(threading.Thread):
         self._known = current
         data = json.dumps({"blocks": rows}, sort_keys=True).encode()
         if data != self._published:
-            write_private(self.blocks_file, data)
+            write_atomic(self.blocks_file, data, durable=False)  # a status report, rebuilt each second
             self._published = data

@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from authsvc.bruteforce import Policy
+from authsvc.networks import Network, admits
 
 log = logging.getLogger(__name__)
 
 CHECK_INTERVAL = 0.25
 KEYS_DB = "keys.sqlite3"  # next to snapshot.json
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Groups = dict[str, tuple[tuple[Network, ...], tuple[Network, ...]]]  # name -> (allow, deny)
 # a group a key names but the snapshot lacks (e.g. after a rollback) denies everything: never silently open
 UNKNOWN_GROUP = ((), (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")))
@@ -106,15 +106,7 @@ class KeyRule:
 
     def allows_address(self, address: str) -> bool:
         """Refused when a deny network matches; else allowed when there is no allow list or one matches."""
-        if not self.networks and not self.denied:
-            return True
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        if any(ip in net for net in self.denied):
-            return False
-        return not self.networks or any(ip in net for net in self.networks)
+        return (not self.networks and not self.denied) or admits(address, self.networks, self.denied)
 
 
 @dataclass(slots=True)

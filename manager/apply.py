@@ -21,11 +21,11 @@ from urllib.parse import urlsplit
 
 import requests
 
+from authsvc.files import write_atomic
 from manager import cidr_groups, custom_config, generations, health
 from manager import settings as settings_mod
 from manager.nginx import NginxError
 from manager.render import render
-from manager.store import write_atomic
 
 if TYPE_CHECKING:
     from manager.context import Bastion

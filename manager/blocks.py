@@ -10,9 +10,9 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from authsvc.bruteforce import BLOCKS_FILE, CLEAR_DIR, POLL_INTERVAL, parse_client
+from authsvc.files import write_atomic
 from manager import validation as v
 from manager.errors import NotFound
-from manager.store import write_atomic
 
 if TYPE_CHECKING:
     from manager.context import Bastion

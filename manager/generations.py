@@ -17,9 +17,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from authsvc.files import write_atomic
 from manager import custom_config
 from manager.datadir import DataDir
-from manager.store import Store, write_atomic
+from manager.store import Store
 
 KEEP = 20
 CONFIG_TABLES = ("pools", "routes", "settings", "cidr_groups")  # what a rollback restores (never keys or users)

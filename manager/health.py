@@ -18,8 +18,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
+from authsvc.files import write_atomic
 from manager import discovery, outbound
-from manager.store import write_atomic
 
 if TYPE_CHECKING:
     from manager.context import Bastion

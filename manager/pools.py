@@ -15,10 +15,10 @@ from urllib.parse import urlsplit
 
 from tinydb import Query
 
+from authsvc.files import write_atomic
 from manager import discovery, health
 from manager import validation as v
 from manager.errors import Conflict, NotFound
-from manager.store import write_atomic
 
 if TYPE_CHECKING:
     from manager.context import Bastion

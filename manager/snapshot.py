@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
+from authsvc.files import write_atomic
 from manager import cidr_groups
-from manager.store import write_atomic
 
 if TYPE_CHECKING:
     from manager.context import Bastion
