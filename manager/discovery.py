@@ -6,15 +6,12 @@ so the pool's status can say why no models were found.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from manager import outbound
 from manager import validation as v
 
-DEADLINE = 5.0
-MAX_PARALLEL = 8
 LISTS = (("/v1/models", "data", "id"), ("/api/tags", "models", "name"))
 
 
@@ -32,7 +29,7 @@ def upstream_models(url: str, api_key: str | None = None, verify: bool | str = T
     for path, field, name_key in LISTS:
         try:
             data = outbound.get_json(url.rstrip("/") + path, api_key=api_key, verify=verify,
-                                     max_bytes=outbound.MODEL_LIST_LIMIT, deadline=DEADLINE)
+                                     max_bytes=outbound.MODEL_LIST_LIMIT)
             names = [m[name_key] for m in data[field]]
         except (KeyError, TypeError):
             error = outbound.OutboundError(f"the answer to {path} is not a model list", 200)
@@ -60,9 +57,7 @@ def discover_pool_models(pool: dict[str, Any], ca_bundle: str | None = None) -> 
         except outbound.OutboundError as e:
             return f"{url}: {e}"
 
-    urls = [up["url"] for up in pool["upstreams"]]
-    with ThreadPoolExecutor(max_workers=min(len(urls), MAX_PARALLEL) or 1) as executor:
-        answers = list(executor.map(ask, urls))
+    answers = outbound.in_parallel(ask, [up["url"] for up in pool["upstreams"]])
     lists = [a for a in answers if isinstance(a, list)]
     found = list(dict.fromkeys(name for names in lists for name in names)) if lists else None
     return Discovery(found, "; ".join(a for a in answers if isinstance(a, str)) or None)

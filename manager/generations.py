@@ -24,7 +24,6 @@ from manager.store import Store
 
 KEEP = 20
 CONFIG_TABLES = ("pools", "routes", "settings", "cidr_groups")  # what a rollback restores (never keys or users)
-mask_secrets = custom_config.mask  # the one rule for nginx text shown to anyone (upstream keys, header values)
 
 
 def directory(dirs: DataDir, generation: int) -> Path:
@@ -120,7 +119,7 @@ def live_settings(dirs: DataDir) -> dict[str, Any]:
 
 def live_text_masked(dirs: DataDir) -> str:
     """The live nginx.conf as shown to people ("" before the first apply)."""
-    return mask_secrets(dirs.nginx_conf.read_text()) if dirs.nginx_conf.exists() else ""
+    return custom_config.mask(dirs.nginx_conf.read_text()) if dirs.nginx_conf.exists() else ""
 
 
 def text(dirs: DataDir, generation: int) -> str:
@@ -133,7 +132,7 @@ def history(dirs: DataDir) -> list[dict[str, Any]]:
 
 
 def diff(old: str, new: str, old_name: str, new_name: str) -> str:
-    before, after = mask_secrets(old).splitlines(keepends=True), mask_secrets(new).splitlines(keepends=True)
+    before, after = custom_config.mask(old).splitlines(keepends=True), custom_config.mask(new).splitlines(keepends=True)
     return "".join(difflib.unified_diff(before, after, old_name, new_name))
 
 

@@ -15,11 +15,10 @@ from __future__ import annotations
 import json
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from authsvc.files import write_atomic
-from manager import discovery, outbound
+from manager import outbound
 
 if TYPE_CHECKING:
     from manager.context import Bastion
@@ -74,9 +73,7 @@ def check(bastion: Bastion) -> list[str]:
         verify = (settings["ca_bundle"] or True) if pool.get("tls_verify", True) else False
         return probe(url, pool.get("api_key"), verify)
 
-    # in parallel: a round costs one probe's deadline, not one per unreachable upstream
-    with ThreadPoolExecutor(max_workers=min(len(targets), discovery.MAX_PARALLEL) or 1) as executor:
-        results = list(executor.map(probe_target, targets))
+    results = outbound.in_parallel(probe_target, targets)
     for (pool, url), (alive, error) in zip(targets, results, strict=True):
         was = previous.get(url, {"fails": 0, "down": False})
         fails = 0 if alive else was["fails"] + 1

@@ -22,14 +22,19 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from authsvc import bodies
 
+T = TypeVar("T")
+R = TypeVar("R")
 MODEL_LIST_LIMIT = 4 * 1024 * 1024
 DEFAULT_DEADLINE = 5.0
+MAX_PARALLEL = 8  # requests at once when many upstreams are asked (discovery, health checks)
 CHUNK = 64 * 1024
 AUTH_STATUSES = (401, 403)
 KEY_REJECTED = "upstream rejected the pool's API key"
@@ -51,6 +56,12 @@ class Answer:
     headers: dict[str, str]  # names in lower case
     body: bytes
 
+
+
+def in_parallel(ask: Callable[[T], R], items: list[T]) -> list[R]:
+    """`ask` for every item, up to MAX_PARALLEL at a time: many slow upstreams cost one deadline, not one each."""
+    with ThreadPoolExecutor(max_workers=min(len(items), MAX_PARALLEL) or 1) as executor:
+        return list(executor.map(ask, items))
 
 def get(url: str, *, api_key: str | None = None, verify: bool | str = True, max_bytes: int = MODEL_LIST_LIMIT,
         deadline: float = DEFAULT_DEADLINE, read_body: bool = True) -> Answer:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from manager import generations
+from manager import custom_config
 from manager import settings as settings_mod
 from manager.context import Bastion
 from manager.datadir import DataDir
@@ -154,7 +154,7 @@ SECRET_SPELLINGS = [
 @pytest.mark.parametrize(("line", "secret"), SECRET_SPELLINGS, ids=[s for _, s in SECRET_SPELLINGS])
 def test_mask_hides_every_header_value_and_url_credential(line: str, secret: str) -> None:
     text = f"server {{\n    location / {{\n        {line}\n    }}\n}}\n"
-    masked = generations.mask_secrets(text)
+    masked = custom_config.mask(text)
     assert secret not in masked and "****" in masked, masked
 
 
@@ -162,8 +162,8 @@ def test_mask_keeps_what_is_not_secret() -> None:
     text = ('proxy_set_header Host $host;\nproxy_set_header Connection "";\nadd_header X-Request-ID '
             "$bastion_request_id always;\nproxy_set_header X-Forwarded-For \"$remote_addr, $host:$server_port\";\n"
             "proxy_pass http://127.0.0.1:8000/v1;\nreturn 200 '{\"ok\":true}';\n")
-    assert generations.mask_secrets(text) == text
-    assert generations.mask_secrets('proxy_set_header Authorization "Bearer sk-1";') == \
+    assert custom_config.mask(text) == text
+    assert custom_config.mask('proxy_set_header Authorization "Bearer sk-1";') == \
         'proxy_set_header Authorization "Bearer ****";'
 
 

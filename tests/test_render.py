@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from manager import cidr_groups, generations, pools
+from manager import cidr_groups, custom_config, pools
 from manager import settings as settings_mod
 from manager.apply import render_config
 from manager.context import Bastion
@@ -60,7 +60,7 @@ def test_every_feature_renders_and_passes_nginx_t(bastion: Bastion) -> None:
         assert fragment in text, fragment
     bastion.nginx.test(bastion.dirs.nginx_conf)
     # people see the config with upstream keys masked
-    assert "sk-cloud" not in generations.mask_secrets(text)
+    assert "sk-cloud" not in custom_config.mask(text)
 
 
 def test_render_is_deterministic(bastion: Bastion) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import g, jsonify
 
-from manager import cidr_groups, generations, users
+from manager import cidr_groups, custom_config, users
 from manager import settings as settings_mod
 from manager.api.base import BOOL, INT, NUM, STR, STR_LIST, ApiBlueprint, author, fields, json_body, obj
 from manager.app import bastion
@@ -103,4 +103,4 @@ def _shown(values: dict) -> dict:
     header value and URL credential masked."""
     if g.identity.role == "admin":
         return values
-    return {**values, "custom_config": generations.mask_secrets(values["custom_config"])}
+    return {**values, "custom_config": custom_config.mask(values["custom_config"])}

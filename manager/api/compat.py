@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from flask import jsonify
 
 from authsvc import keys as keyformat
-from manager import configuration, generations
+from manager import configuration, custom_config, generations
 from manager import keys as keys_mod
 from manager import validation as v
 from manager.api.base import BOOL, INT, OK, STR, STR_LIST, ApiBlueprint, author, fields, json_body, obj, query_param
@@ -112,4 +112,4 @@ def update_config():
        response=obj(success=BOOL, config=STR))
 def get_default_config():
     b = bastion()
-    return jsonify(success=True, config=generations.mask_secrets(render_config(b, generations.live(b.dirs))))
+    return jsonify(success=True, config=custom_config.mask(render_config(b, generations.live(b.dirs))))

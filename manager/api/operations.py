@@ -35,10 +35,6 @@ APPLIED = obj(generation=INT, changed=BOOL, reloaded=BOOL)
 EPOCH = {"type": "number", "minimum": 0}
 
 
-def _epoch(field: str, raw: str) -> float:
-    return v.epoch(field, raw)
-
-
 def _applied(result) -> dict:
     return {"generation": result.generation, "changed": result.changed, "reloaded": result.reloaded}
 
@@ -98,8 +94,8 @@ def config_rollback():
 def usage_summary():
     usage = bastion().usage
     usage.ingest()
-    return jsonify(usage.summary(query_param("key", lambda f, x: x), query_param("since", _epoch),
-                                 query_param("until", _epoch)))
+    return jsonify(usage.summary(query_param("key", lambda f, x: x), query_param("since", v.epoch),
+                                 query_param("until", v.epoch)))
 
 
 @usage_bp.op("GET", "/records", "Single requests, newest first",
@@ -108,15 +104,15 @@ def usage_summary():
 def usage_records():
     usage = bastion().usage
     usage.ingest()
-    return jsonify(usage.records(query_param("key", lambda f, x: x), query_param("since", _epoch),
-                                 query_param("until", _epoch),
+    return jsonify(usage.records(query_param("key", lambda f, x: x), query_param("since", v.epoch),
+                                 query_param("until", v.epoch),
                                  query_param("limit", lambda f, x: v.integer(f, x, 1, 10000), 1000)))
 
 
 @audit_bp.op("GET", "", "Who changed what, newest first", query={"since": EPOCH, "limit": INT},
              response={"type": "array", "items": obj(time=NUM, author=STR, action=STR)})
 def audit_log():
-    return jsonify(bastion().audit.entries(query_param("since", _epoch),
+    return jsonify(bastion().audit.entries(query_param("since", v.epoch),
                                            query_param("limit", lambda f, x: v.integer(f, x, 1, 10000), 200)))
 
 
