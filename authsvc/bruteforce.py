@@ -117,7 +117,7 @@ class Entry:
     refused: int = 0  # requests refused during the current block
 
 
-class Guard:
+class FailureGuard:
     """Failure counters and blocks, owned by the gate's request thread (`BlockBoard` takes the lock too)."""
 
     def __init__(self, clock: Callable[[], float] = time.time):
@@ -223,7 +223,7 @@ class Guard:
 class BlockBoard(threading.Thread):
     """Publishes the guard's blocks to `run/blocks.json` and applies clear requests from `run/blocks-clear/`."""
 
-    def __init__(self, guard: Guard, run_dir: Path):
+    def __init__(self, guard: FailureGuard, run_dir: Path):
         super().__init__(name="bruteforce-board", daemon=True)
         self.guard = guard
         self.blocks_file = run_dir / BLOCKS_FILE

@@ -18,7 +18,7 @@ from typing import Any
 
 from authsvc import bodies, errors
 from authsvc import keys as keyformat
-from authsvc.bruteforce import LOG_HEADER, BlockBoard, Guard
+from authsvc.bruteforce import LOG_HEADER, BlockBoard, FailureGuard
 from authsvc.ratelimit import RateLimiter
 from authsvc.snapshot import KeyRule, Snapshot, SnapshotSource
 
@@ -68,7 +68,7 @@ class Gate:
         self.pepper = pepper
         self.limiter = RateLimiter()
         self.clock = clock
-        self.guard = Guard(clock)
+        self.guard = FailureGuard(clock)
 
     @classmethod
     def from_data_dir(cls, data_dir: Path) -> Gate:

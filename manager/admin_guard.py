@@ -2,7 +2,7 @@
 asked for it is refused (409) unless the request says `force`.
 
 The API layer names the requester for the duration of a request (`requester`, set in manager/app.py);
-`Bastion.change(..., nginx=True)` asks `Guard.check()` after the change is staged and before nginx sees it.
+`Bastion.change(..., nginx=True)` asks `LockoutGuard.check()` after the change is staged and before nginx sees it.
 So every path is covered in one place: llm-proxy's write-default, settings (`admin_cidr_groups`, and
 `trusted_proxies`, which changes the address nginx sees), CIDR group edits and config rollbacks.
 CLI changes carry no address and are never refused.
@@ -87,7 +87,7 @@ def permits(rules: Rules, address: str) -> bool:
     return True
 
 
-class Guard:
+class LockoutGuard:
     """Notes whether the admin listener admits the requester before a change; `check()` refuses the change when
     it would not admit them afterwards."""
 

@@ -83,7 +83,7 @@ class Bastion:
         """
         with self.store.transaction() as db:
             before = self.store.dump()
-            guard = admin_guard.Guard(self) if nginx else None
+            guard = admin_guard.LockoutGuard(self) if nginx else None
             try:
                 yield db
                 if guard:

@@ -24,7 +24,7 @@ import requests
 
 from authsvc import bruteforce
 from authsvc import keys as keyformat
-from authsvc.bruteforce import BlockBoard, Guard, Policy, client_key, parse_client
+from authsvc.bruteforce import BlockBoard, FailureGuard, Policy, client_key, parse_client
 from authsvc.gate import Gate
 from tests.conftest import Stack
 from tests.test_gate import PEPPER, Call, key_entry, write_snapshot
@@ -38,7 +38,7 @@ class Clock:
         return self.now
 
 
-def fail(guard: Guard, address: str, times: int, policy: Policy) -> list:
+def fail(guard: FailureGuard, address: str, times: int, policy: Policy) -> list:
     return [guard.failed(address, policy) for _ in range(times)]
 
 
@@ -46,7 +46,7 @@ def fail(guard: Guard, address: str, times: int, policy: Policy) -> list:
 
 def test_blocked_at_the_threshold_for_a_period_that_doubles_up_to_the_cap() -> None:
     clock = Clock()
-    guard, policy = Guard(clock), Policy(max_failures=5, window=60, block=60, max_block=200)
+    guard, policy = FailureGuard(clock), Policy(max_failures=5, window=60, block=60, max_block=200)
     periods = []
     for _ in range(4):
         started = fail(guard, "10.0.0.1", 5, policy)
@@ -64,7 +64,7 @@ def test_blocked_at_the_threshold_for_a_period_that_doubles_up_to_the_cap() -> N
 
 def test_failures_count_per_window_and_quiet_clients_are_forgiven() -> None:
     clock = Clock()
-    guard, policy = Guard(clock), Policy(max_failures=5, window=60, block=60, max_block=200)
+    guard, policy = FailureGuard(clock), Policy(max_failures=5, window=60, block=60, max_block=200)
     fail(guard, "10.0.0.1", 4, policy)
     clock.now += 60  # a new window: the count starts again
     assert fail(guard, "10.0.0.1", 4, policy) == [None] * 4
@@ -77,7 +77,7 @@ def test_failures_count_per_window_and_quiet_clients_are_forgiven() -> None:
 
 def test_blocks_are_listed_and_cleared() -> None:
     clock = Clock()
-    guard, policy = Guard(clock), Policy(max_failures=2)
+    guard, policy = FailureGuard(clock), Policy(max_failures=2)
     fail(guard, "10.0.0.1", 2, policy)
     fail(guard, "10.0.0.2", 2, policy)
     fail(guard, "10.0.0.3", 1, policy)
@@ -96,7 +96,7 @@ def test_blocks_are_listed_and_cleared() -> None:
 def test_memory_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(bruteforce, "MAX_COUNTING", 100)
     monkeypatch.setattr(bruteforce, "MAX_BLOCKED", 50)
-    guard, policy = Guard(Clock()), Policy(max_failures=2)
+    guard, policy = FailureGuard(Clock()), Policy(max_failures=2)
     for i in range(1000):
         guard.failed(f"10.1.{i // 256}.{i % 256}", policy)
     assert len(guard._counting) == 100
@@ -110,7 +110,7 @@ def test_memory_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_exempt_networks_and_switching_protection_off() -> None:
-    guard = Guard(Clock())
+    guard = FailureGuard(Clock())
     policy = Policy.from_dict({"max_failures": 2, "exempt": ["10.0.0.0/8", "::1/128"], "exempt_deny": ["10.9.0.0/16"]})
     assert fail(guard, "10.1.2.3", 10, policy) == [None] * 10
     assert fail(guard, "::1", 10, policy) == [None] * 10
@@ -132,7 +132,7 @@ def test_ipv6_clients_are_counted_per_64() -> None:
     for bad in ("2001:db8::/48", "10.0.0.0/8", "nonsense", ""):
         with pytest.raises(ValueError):
             parse_client(bad)
-    guard, policy = Guard(Clock()), Policy(max_failures=3)
+    guard, policy = FailureGuard(Clock()), Policy(max_failures=3)
     for i in range(3):  # a host rotating through its /64 is still one client
         guard.failed(f"2001:db8:1:2::{i + 1:x}", policy)
     assert guard.check("2001:db8:1:2:ffff::1", policy) is not None
@@ -140,7 +140,7 @@ def test_ipv6_clients_are_counted_per_64() -> None:
 
 
 def test_board_publishes_0600_and_applies_clear_requests(tmp_path: Path) -> None:
-    guard, policy = Guard(Clock(time.time())), Policy(max_failures=1)
+    guard, policy = FailureGuard(Clock(time.time())), Policy(max_failures=1)
     board = BlockBoard(guard, tmp_path)
     board.clear_dir.mkdir()
     guard.failed("10.0.0.1", policy)

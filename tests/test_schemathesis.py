@@ -44,7 +44,7 @@ def test_no_input_causes_a_server_error(case) -> None:
 
 
 def test_the_run_reached_the_handlers() -> None:
-    """Guard against a vacuous run (e.g. every call refused at sign-in): many calls, many of them accepted."""
+    """Protects against a vacuous run (e.g. every call refused at sign-in): many calls, many of them accepted."""
     assert len(STATUSES) > 500
     assert sum(200 <= s < 300 for s in STATUSES) > 100
     assert sum(s == 400 for s in STATUSES) > 100
