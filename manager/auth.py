@@ -20,10 +20,6 @@ from typing import TYPE_CHECKING, Any
 import jwt
 
 from manager import users
-from manager.logins import FAILURE_WINDOW as FAILURE_WINDOW  # the lockout policy, part of sign-in's contract
-from manager.logins import LOCKOUT_BASE as LOCKOUT_BASE
-from manager.logins import LOCKOUT_MAX as LOCKOUT_MAX
-from manager.logins import MAX_FAILURES as MAX_FAILURES
 from manager.logins import LockedOut
 
 if TYPE_CHECKING:

@@ -344,13 +344,10 @@ class Usage:
         with self._connect() as db:
             return [dict(r) for r in db.execute(sql, args)]
 
-    def last_used(self, keys: Iterable[str] | None = None) -> dict[str, float]:
-        """When each key was last used (every key when `keys` is None, a scan of all rows). For named keys:
-        the end of each key's latest request, one probe of the (key, start) index per key, never a scan."""
+    def last_used(self, keys: Iterable[str]) -> dict[str, float]:
+        """When each key was last used: the end of its latest request, one probe of the (key, start) index per
+        key, never a scan."""
         with self._connect() as db:
-            if keys is None:
-                rows = db.execute("SELECT key, MAX(end) AS last FROM requests WHERE key IS NOT NULL GROUP BY key")
-                return {r["key"]: r["last"] for r in rows}
             found = {}
             for key in keys:
                 row = db.execute("SELECT end FROM requests WHERE key = ? ORDER BY start DESC LIMIT 1",

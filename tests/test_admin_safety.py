@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from manager import auth, generations, users
+from manager import auth, generations, logins, users
 from manager import settings as settings_mod
 from manager.app import create_app
 from manager.context import Bastion
@@ -114,7 +114,7 @@ def test_sign_in_lockout_and_logout_work_when_no_file_can_be_written(data_dir: P
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
     assert out["first"] == 200, done.stderr  # was a 500: login wrote the store before checking the password
-    assert out["checks"] <= auth.MAX_FAILURES and sorted(out["parallel"]).count(401) == out["checks"]
+    assert out["checks"] <= logins.MAX_FAILURES and sorted(out["parallel"]).count(401) == out["checks"]
     assert set(out["parallel"]) <= {401, 429}
     assert out["after"] == 429  # the lockout holds, kept in memory
     assert out["logout"] == 200 and out["after_logout"] == 401  # the logout holds in this process
@@ -125,7 +125,7 @@ def test_sign_in_lockout_and_logout_work_when_no_file_can_be_written(data_dir: P
 def test_parallel_wrong_sign_ins_get_at_most_max_failures_checks(data_dir: Path, slow_checks: list[int]) -> None:
     app = make_app(data_dir)
     statuses = parallel_wrong_sign_ins(app)
-    assert len(slow_checks) <= auth.MAX_FAILURES and statuses.count(401) == len(slow_checks)
+    assert len(slow_checks) <= logins.MAX_FAILURES and statuses.count(401) == len(slow_checks)
     assert statuses.count(429) == len(statuses) - len(slow_checks)
     assert sign_in(app) == 429
 
@@ -188,7 +188,7 @@ def test_sign_in_on_a_full_disk_then_counts_reach_the_disk(full_disk: Path) -> N
     filler = full_disk.parent / "filler"
     fill(filler)
     assert sign_in(app) == 200  # was a 500
-    for _ in range(auth.MAX_FAILURES):
+    for _ in range(logins.MAX_FAILURES):
         assert sign_in(app, "wrong") == 401
     assert sign_in(app) == 429
     assert sign_in(app, ip="10.9.9.9") == 429  # the user is locked, from any address

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from manager import auth, users
+from manager import auth, logins, users
 from manager.context import Bastion
 from manager.datadir import DataDir
 
@@ -45,7 +45,7 @@ def test_failures_are_forgotten_after_the_window(bastion: Bastion, monkeypatch: 
     now = [1_000_000.0]
     monkeypatch.setattr(auth.time, "time", lambda: now[0])
     fail(bastion, 4)
-    now[0] += auth.FAILURE_WINDOW + 1
+    now[0] += logins.FAILURE_WINDOW + 1
     fail(bastion, 1)
     assert auth.login(bastion, "alice", "alice-password", "10.0.0.1")["username"] == "alice"
 

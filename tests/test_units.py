@@ -124,7 +124,7 @@ def test_ingest_counts_each_line_once_and_follows_rotation(tmp_path: Path) -> No
     assert usage.ingest() == 1
     assert sorted(r["request_id"] for r in usage.records()) == ["a", "b", "c", "d"]
     assert usage.summary()[0]["requests"] == 4
-    assert usage.last_used() == {"k1": 1000.5}
+    assert usage.last_used(["k1", "unknown"]) == {"k1": 1000.5}
 
 
 @pytest.mark.parametrize(("check", "value"), [
