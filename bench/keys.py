@@ -171,6 +171,8 @@ def measure(count: int, root: Path) -> None:
         raise bench.BenchError(str(e)) from e
     try:
         up_s = time.perf_counter() - start
+        # the pick-up polls present keys the gate has not loaded yet: not a brute force to block
+        stack.cli("settings", "set", "bruteforce_max_failures", "0")
         run = Run(stack)
         cpu = run.measure()
         report(count, fill_s, up_s, run, cpu, run.process_times())
