@@ -20,7 +20,7 @@ from authsvc import bodies, errors
 from authsvc import keys as keyformat
 from authsvc.bruteforce import LOG_HEADER, BlockBoard, FailureGuard
 from authsvc.ratelimit import RateLimiter
-from authsvc.snapshot import KeyRule, Snapshot, SnapshotSource
+from authsvc.snapshot import KeyRule, Snapshot, SnapshotSource, StatusBoard
 
 MODEL_REQUIRED = frozenset(
     {
@@ -74,6 +74,7 @@ class Gate:
     def from_data_dir(cls, data_dir: Path) -> Gate:
         gate = cls(data_dir / "snapshot.json", (data_dir / "pepper").read_bytes().strip())
         BlockBoard(gate.guard, data_dir / "run").start()
+        StatusBoard(gate.source, data_dir / "run").start()
         return gate
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,11 +25,14 @@ from pathlib import Path
 from typing import Any
 
 from authsvc.bruteforce import Policy
+from authsvc.files import write_atomic
 from authsvc.networks import Network, admits
 
 log = logging.getLogger(__name__)
 
 CHECK_INTERVAL = 0.25
+STATUS_FILE = "gate-status.json"  # in the run dir: what the gate serves, for the manager's health check
+NO_KEY_STORE = "no key store yet"  # not a problem: no key was ever created
 KEYS_DB = "keys.sqlite3"  # next to snapshot.json
 Groups = dict[str, tuple[tuple[Network, ...], tuple[Network, ...]]]  # name -> (allow, deny)
 # a group a key names but the snapshot lacks (e.g. after a rollback) denies everything: never silently open
@@ -187,7 +191,7 @@ class KeyFeed:
         self._db: sqlite3.Connection | None = None
         self._inode = 0
         self._data_version: int | None = None
-        self._problem = ""
+        self.problem = ""
 
     def poll(self) -> tuple[bool, list[sqlite3.Row]] | None:
         try:
@@ -205,7 +209,7 @@ class KeyFeed:
             rows = self._db.execute("SELECT * FROM keys WHERE version > ? ORDER BY version",
                                     (self.version,)).fetchall()
         except FileNotFoundError:  # no key created yet (or the file was moved away)
-            self._fail("no key store yet", logging.INFO)
+            self._fail(NO_KEY_STORE, logging.INFO)
             return None
         except (OSError, sqlite3.Error) as e:
             self._fail(f"{type(e).__name__}: {e}", logging.WARNING)
@@ -213,9 +217,9 @@ class KeyFeed:
         self._data_version = data_version
         if rows:
             self.version = rows[-1]["version"]
-        if self._problem:
+        if self.problem:
             log.info("key store %s readable again", self.path)
-            self._problem = ""
+            self.problem = ""
         return whole, rows
 
     def _open(self, inode: int) -> None:
@@ -229,9 +233,9 @@ class KeyFeed:
 
     def _fail(self, problem: str, level: int) -> None:
         self.close()
-        if problem != self._problem:  # once per distinct problem, not every check
+        if problem != self.problem:  # once per distinct problem, not every check
             log.log(level, "key store %s unreadable, keeping the keys already loaded: %s", self.path, problem)
-            self._problem = problem
+            self.problem = problem
 
     def close(self) -> None:
         if self._db is not None:
@@ -247,9 +251,17 @@ class SnapshotSource:
         self.feed = KeyFeed(keys_path or path.with_name(KEYS_DB))
         self._clock = clock
         self._stamp: tuple[int, int, int] | None = None
+        self._bad_stamp: tuple[int, int, int] | None = None
+        self.problem = ""  # why the snapshot file cannot be read ("" when it can)
         self._next_check = 0.0
         self.snapshot = Snapshot()
         self.refresh(force=True)
+
+    def status(self) -> dict[str, Any]:
+        """What the gate serves, for the manager's health check: a problem means changes are not taking effect."""
+        keys_problem = self.feed.problem if self.feed.problem != NO_KEY_STORE else ""
+        return {"snapshot_problem": self.problem or None, "keys_problem": keys_problem or None,
+                "key_version": self.feed.version}
 
     def refresh(self, force: bool = False) -> Snapshot:
         now = self._clock()
@@ -266,11 +278,12 @@ class SnapshotSource:
         except FileNotFoundError:
             return
         stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
-        if stamp != self._stamp:
+        if stamp not in (self._stamp, self._bad_stamp):  # a bad file is read (and reported) once
             try:
                 snapshot = Snapshot.from_dict(json.loads(self.path.read_bytes()))
-                self._stamp = stamp
-            except (ValueError, KeyError, TypeError) as e:  # keep serving the last good snapshot
+                self._stamp, self.problem = stamp, ""
+            except (OSError, ValueError, KeyError, TypeError) as e:  # keep serving the last good snapshot
+                self._bad_stamp, self.problem = stamp, f"{type(e).__name__}: {e}"
                 log.error("ignoring unreadable snapshot %s (serving the last good one): %s", self.path, e)
                 return
             snapshot.keys = self.snapshot.keys
@@ -295,3 +308,25 @@ class SnapshotSource:
             except (ValueError, KeyError, TypeError) as e:  # refuse that key rather than guess
                 log.warning("key %s unreadable in %s, refused until fixed: %s", row["id"], self.feed.path, e)
         self.snapshot.keys = keys
+
+
+class StatusBoard(threading.Thread):
+    """Publishes `SnapshotSource.status()` to `run/gate-status.json` when it changes (checked every second, off
+    the request path), so the manager can raise the alarm when changes stop reaching the gate."""
+
+    def __init__(self, source: SnapshotSource, run_dir: Path):
+        super().__init__(name="gate-status", daemon=True)
+        self.source = source
+        self.path = run_dir / STATUS_FILE
+        self._published: bytes | None = None
+
+    def run(self) -> None:
+        while True:
+            data = json.dumps(self.source.status(), sort_keys=True).encode()
+            if data != self._published:
+                try:
+                    write_atomic(self.path, data, durable=False)
+                    self._published = data
+                except OSError as e:  # a full disk: try again in a second
+                    log.debug("gate status not written: %s", e)
+            time.sleep(1.0)

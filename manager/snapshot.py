@@ -11,6 +11,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from authsvc.files import write_atomic
+from authsvc.snapshot import STATUS_FILE
 from manager import cidr_groups
 
 if TYPE_CHECKING:
@@ -55,3 +56,17 @@ def publish(bastion: Bastion, only_pools: set[str] | None = None) -> None:
     path = bastion.dirs.snapshot
     if not path.exists() or path.read_bytes() != data:  # unchanged: spare the gate a rebuild
         write_atomic(path, data)
+
+
+SNAPSHOT_UNREADABLE = "snapshot.json unreadable"
+
+
+def gate_problems(bastion: Bastion) -> list[str]:
+    """What keeps the gate from taking changes in, as it last reported (nothing when it cannot be told)."""
+    try:
+        status = json.loads((bastion.dirs.run / STATUS_FILE).read_bytes())
+    except (OSError, ValueError):
+        return []
+    return [f"{what}: {status[field]}" for field, what in (("snapshot_problem", SNAPSHOT_UNREADABLE),
+                                                            ("keys_problem", "key store unreadable"))
+            if isinstance(status, dict) and status.get(field)]

@@ -25,7 +25,7 @@ from typing import Any
 
 import requests
 
-from manager import generations, health, pools
+from manager import generations, health, pools, snapshot
 from manager import settings as settings_mod
 from manager.apply import healthz_url
 from manager.context import Bastion
@@ -282,6 +282,7 @@ class Supervisor:
                      self.stopping),
             Periodic("health checks", health_interval, lambda: health.check(self.bastion), self.stopping),
             Periodic("log upkeep", lambda: 1.0, self._log_upkeep, self.stopping),
+            Periodic("snapshot repair", lambda: 2.0, self._repair_snapshot, self.stopping),
         ]
 
     def _log_upkeep(self) -> None:
@@ -291,6 +292,13 @@ class Supervisor:
         if settings["log_max_mb"]:
             for child in self.children:
                 child.rotate_log(settings["log_max_mb"] << 20)
+
+    def _repair_snapshot(self) -> None:
+        """A snapshot.json the gate cannot read (edited by hand, damaged) is published again from the store; a
+        gate restarted meanwhile would otherwise serve no pool at all."""
+        if any(p.startswith(snapshot.SNAPSHOT_UNREADABLE) for p in snapshot.gate_problems(self.bastion)):
+            self.bastion.publish_snapshot()
+            log.warning("the gate could not read snapshot.json: published it again from the store")
 
     def _tend(self, child: Child) -> None:
         """One look at a child: restart it when its back-off is over, notice when it died or became ready."""

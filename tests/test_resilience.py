@@ -166,3 +166,50 @@ def test_child_log_rotation_keeps_the_child_writing(tmp_path: Path) -> None:
         assert log.read_bytes().startswith(b"line\n") and log.stat().st_size < 4096
     finally:
         child.stop()
+
+
+def test_health_raises_the_alarm_when_changes_stop_reaching_the_gate(serving) -> None:
+    """The gate keeps serving what it has when it cannot read snapshot.json or keys.sqlite3; a key revoked
+    meanwhile would keep working, so the manager's health says so."""
+    stack, key = serving
+
+    def health() -> dict:
+        return requests.get(stack.admin + "/api/v1/health", timeout=10).json()
+
+    def wait_for(condition) -> dict:
+        deadline = time.monotonic() + 10
+        while not condition(h := health()):
+            assert time.monotonic() < deadline, h
+            stack.get("/v1/models", key)  # the gate looks at its files when requests come
+            time.sleep(0.2)
+        return h
+
+    assert health()["status"] == "ok" and health()["gate"] == []
+    assert stack.post("/v1/chat/completions", key, json={"model": "m1"}).status_code == 200  # gate up to date
+    files = [stack.data_dir / f"keys.sqlite3{suffix}" for suffix in ("", "-wal", "-shm")]
+    for f in files:  # e.g. a bad restore from a backup
+        if f.exists():
+            f.rename(f.with_name(f.name + ".spare"))
+    files[0].write_bytes(b"not a database" * 100)
+    h = wait_for(lambda h: h["gate"])
+    assert h["status"] == "degraded" and "key store unreadable" in h["gate"][0]
+    assert stack.post("/v1/chat/completions", key, json={"model": "m1"}).status_code == 200  # still serving
+    for f in files:
+        f.unlink(missing_ok=True)
+        if f.with_name(f.name + ".spare").exists():
+            f.with_name(f.name + ".spare").rename(f)
+    wait_for(lambda h: h["status"] == "ok")
+
+
+def test_a_snapshot_the_gate_cannot_read_is_published_again(serving) -> None:
+    stack, key = serving
+    assert stack.post("/v1/chat/completions", key, json={"model": "m1"}).status_code == 200
+    snapshot = stack.data_dir / "snapshot.json"
+    good = snapshot.read_bytes()
+    snapshot.write_text("{")
+    deadline = time.monotonic() + 15
+    while snapshot.read_bytes() != good:  # the gate reports it, the supervisor publishes it again
+        assert time.monotonic() < deadline, "snapshot.json was never repaired"
+        assert stack.post("/v1/chat/completions", key, json={"model": "m1"}).status_code == 200
+        time.sleep(0.2)
+    assert "published it again from the store" in stack.output.read_text()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import jsonify
 
-from manager import configuration, generations
+from manager import configuration, generations, snapshot
 from manager import validation as v
 from manager.api.base import (
     BOOL,
@@ -116,8 +116,9 @@ def audit_log():
                                            query_param("limit", lambda f, x: v.integer(f, x, 1, 10000), 200)))
 
 
-@health_bp.op("GET", "", "Is the stack up, which generation is live, is the store readable", public=True,
-              response=obj(status=STR, generation=INT, nginx_running=BOOL, store=STR))
+@health_bp.op("GET", "", "Is the stack up, which generation is live, do changes reach the data plane", public=True,
+              response=obj(status=STR, generation=INT, nginx_running=BOOL, store=STR,
+                           gate={"type": "array", "items": STR}))
 def health():
     b = bastion()
     try:
@@ -125,5 +126,7 @@ def health():
         store = "ok"
     except StoreCorrupt:  # the data plane still serves the live generation; the message names the file
         store = "unreadable (see the manager log; management answers 503 until it is repaired)"
-    return jsonify(status="ok" if store == "ok" else "degraded", generation=generations.live(b.dirs),
-                   nginx_running=b.nginx.master_pid() is not None, store=store)
+    # the gate keeps serving what it has; a problem here means changes (a revoked key!) do not reach it
+    gate = snapshot.gate_problems(b)
+    return jsonify(status="ok" if store == "ok" and not gate else "degraded", generation=generations.live(b.dirs),
+                   nginx_running=b.nginx.master_pid() is not None, store=store, gate=gate)
