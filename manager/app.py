@@ -12,6 +12,7 @@ from flask import Flask, current_app, g, request
 from werkzeug.exceptions import HTTPException
 
 from manager import admin_guard, auth
+from manager.api.base import bastion, client_ip, error_response
 from manager.apply import ConfigTestFailed, ReloadFailed
 from manager.context import Bastion
 from manager.datadir import DataDir
@@ -40,16 +41,6 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.teardown_request(forget_requester)
     register_error_handlers(app)
     return app
-
-
-def bastion() -> Bastion:
-    """The `Bastion` of the app handling the current request."""
-    return current_app.extensions["bastion"]
-
-
-def client_ip() -> str:
-    """nginx's admin listener sets X-Real-IP (after real_ip processing); only nginx reaches the manager's socket."""
-    return request.headers.get("X-Real-IP") or request.remote_addr or "unknown"
 
 
 def name_requester() -> None:
@@ -90,8 +81,6 @@ def authenticate() -> None:
 
 
 def register_error_handlers(app: Flask) -> None:
-    from manager.api.base import error_response
-
     @app.errorhandler(ValidationError)
     def bad_input(e: ValidationError):
         return error_response(400, f"{e.field}: {e.message}", e.field)

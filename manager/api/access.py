@@ -6,8 +6,7 @@ from flask import g, jsonify
 
 from manager import cidr_groups, custom_config, users
 from manager import settings as settings_mod
-from manager.api.base import BOOL, INT, NUM, STR, STR_LIST, ApiBlueprint, author, fields, json_body, obj
-from manager.app import bastion
+from manager.api.base import BOOL, INT, NUM, STR, STR_LIST, ApiBlueprint, author, bastion, fields, json_body, obj
 
 groups_bp = ApiBlueprint("cidr_groups", __name__, url_prefix="/api/v1/cidr-groups", tag="cidr-groups")
 users_bp = ApiBlueprint("users", __name__, url_prefix="/api/v1/users")

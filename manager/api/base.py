@@ -9,13 +9,16 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flask import Blueprint, g, jsonify, request
+from flask import Blueprint, current_app, g, jsonify, request
 
 from authsvc import bodies
 from manager import admin_guard
 from manager.validation import ValidationError, boolean
+
+if TYPE_CHECKING:
+    from manager.context import Bastion
 
 Schema = dict[str, Any]
 
@@ -62,6 +65,16 @@ class ApiBlueprint(Blueprint):
                 status, public, needs_admin))
             return fn
         return register
+
+
+def bastion() -> Bastion:
+    """The `Bastion` of the app handling the current request."""
+    return current_app.extensions["bastion"]
+
+
+def client_ip() -> str:
+    """nginx's admin listener sets X-Real-IP (after real_ip processing); only nginx reaches the manager's socket."""
+    return request.headers.get("X-Real-IP") or request.remote_addr or "unknown"
 
 
 def json_body() -> dict[str, Any]:

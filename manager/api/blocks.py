@@ -5,8 +5,7 @@ from __future__ import annotations
 from flask import jsonify
 
 from manager import blocks as blocks_mod
-from manager.api.base import BOOL, INT, NUM, STR, STR_LIST, ApiBlueprint, author, obj
-from manager.app import bastion
+from manager.api.base import BOOL, INT, NUM, STR, STR_LIST, ApiBlueprint, author, bastion, obj
 
 bp = ApiBlueprint("blocks", __name__, url_prefix="/api/v1/blocks")
 BLOCK = obj(address=STR, since=NUM, until=NUM, retry_after=INT, blocks=INT, failures=INT, refused=INT)

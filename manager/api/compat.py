@@ -14,8 +14,20 @@ from authsvc import keys as keyformat
 from manager import configuration, custom_config, generations
 from manager import keys as keys_mod
 from manager import validation as v
-from manager.api.base import BOOL, INT, OK, STR, STR_LIST, ApiBlueprint, author, fields, json_body, obj, query_param
-from manager.app import bastion
+from manager.api.base import (
+    BOOL,
+    INT,
+    OK,
+    STR,
+    STR_LIST,
+    ApiBlueprint,
+    author,
+    bastion,
+    fields,
+    json_body,
+    obj,
+    query_param,
+)
 from manager.apply import render_config
 
 bp = ApiBlueprint("compat", __name__, tag="llm-proxy")

@@ -14,12 +14,12 @@ from manager.api.base import (
     STR_LIST,
     ApiBlueprint,
     author,
+    bastion,
     extend,
     fields,
     json_body,
     obj,
 )
-from manager.app import bastion
 
 bp = ApiBlueprint("keys", __name__, url_prefix="/api/v1/keys")
 KEY_FIELDS = {"name": STR, "models": STR_LIST, "endpoints": STR_LIST, "rpm": INT,

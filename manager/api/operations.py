@@ -14,13 +14,13 @@ from manager.api.base import (
     STR,
     ApiBlueprint,
     author,
+    bastion,
     extend,
     fields,
     json_body,
     obj,
     query_param,
 )
-from manager.app import bastion
 from manager.apply import render_config
 from manager.errors import NotFound
 from manager.store import StoreCorrupt

@@ -6,8 +6,20 @@ from flask import jsonify, request
 
 from manager import pools as pools_mod
 from manager import validation as v
-from manager.api.base import BOOL, INT, NULLABLE_NUM, NUM, STR, STR_LIST, ApiBlueprint, author, fields, json_body, obj
-from manager.app import bastion
+from manager.api.base import (
+    BOOL,
+    INT,
+    NULLABLE_NUM,
+    NUM,
+    STR,
+    STR_LIST,
+    ApiBlueprint,
+    author,
+    bastion,
+    fields,
+    json_body,
+    obj,
+)
 
 bp = ApiBlueprint("pools", __name__, url_prefix="/api/v1/pools")
 routes_bp = ApiBlueprint("routes", __name__, url_prefix="/api/v1/routes")

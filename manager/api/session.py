@@ -5,8 +5,7 @@ from __future__ import annotations
 from flask import g, jsonify, make_response, request
 
 from manager import auth
-from manager.api.base import BOOL, INT, STR, ApiBlueprint, fields, json_body, obj
-from manager.app import bastion, client_ip
+from manager.api.base import BOOL, INT, STR, ApiBlueprint, bastion, client_ip, fields, json_body, obj
 
 bp = ApiBlueprint("session", __name__, url_prefix="/auth", tag="auth")
 CREDENTIALS = obj(["username", "password"], username=STR, password=STR)
