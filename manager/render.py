@@ -20,6 +20,7 @@ _env = Environment(
     undefined=StrictUndefined,
     keep_trailing_newline=True,
     autoescape=False,  # nginx syntax, not HTML: every value is validated before it gets here
+    auto_reload=False,  # templates are code: read once, never looked at again (a rendering does no I/O)
 )
 
 MAIN = "nginx.conf"
