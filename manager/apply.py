@@ -141,7 +141,7 @@ def recover(bastion: Bastion) -> int | None:
 def _recover(bastion: Bastion) -> int | None:
     """Generations written but never switched to are discarded. When the journal shows a switch that was never
     verified, the live generation is kept if `nginx -t` accepts it and a running master verifiably serves it,
-    else the previous one is restored. Returns the generation nginx is left on, None when nothing was
+    else the previous one is restored. Returns the generation nginx is left on, None when no switch was
     interrupted. Raises OSError when the data dir cannot be changed."""
     dirs = bastion.dirs
     for leftover in generations.unswitched(dirs):

@@ -221,10 +221,10 @@ def drift(dirs: DataDir) -> bool:
     return bool(drifted(dirs))
 
 
-def drift_diff(dirs: DataDir) -> str:
-    """What was changed by hand in the live files, against what Bastion rendered (masked)."""
+def drift_diff(dirs: DataDir, changed: list[str]) -> str:
+    """What was changed by hand in the live files named `changed` (see drifted()), against what Bastion rendered
+    (masked)."""
     current = live(dirs)
-    changed = drifted(dirs)
     if not changed:
         return ""
     before = {n: t for n, t in rendered(dirs, current).items() if n in changed}

@@ -106,7 +106,7 @@ def test_a_generation_holds_several_files(live: Live, monkeypatch: pytest.Monkey
     original = live.file("public.conf").read_text()
     live.file("public.conf").write_text(original.replace("client_max_body_size 16m;", "client_max_body_size 1m;"))
     assert generations.drifted(live.dirs) == ["public.conf"]
-    assert "+        client_max_body_size 1m;" in generations.drift_diff(live.dirs)
+    assert "+        client_max_body_size 1m;" in generations.drift_diff(live.dirs, ["public.conf"])
 
     # a rollback writes every file afresh
     configuration.rollback(live.bastion, first, "test")

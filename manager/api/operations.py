@@ -43,9 +43,10 @@ def _applied(result) -> dict:
               response=obj(generation=INT, drift=BOOL, drift_diff=STR, nginx_running=BOOL))
 def config_status():
     b = bastion()
+    drifted = generations.drifted(b.dirs)
     # what was changed by hand, against what Bastion rendered for this generation (no rendering here)
-    diff = generations.drift_diff(b.dirs)
-    return jsonify(generation=generations.live(b.dirs), drift=bool(diff) or generations.drift(b.dirs), drift_diff=diff,
+    diff = generations.drift_diff(b.dirs, drifted)
+    return jsonify(generation=generations.live(b.dirs), drift=bool(drifted), drift_diff=diff,
                    nginx_running=b.nginx.master_pid() is not None)
 
 
