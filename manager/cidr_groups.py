@@ -8,6 +8,7 @@ The built-in group `private` (loopback and private ranges) guards the admin list
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from tinydb import Query
@@ -61,7 +62,11 @@ EVERYWHERE = ["0.0.0.0/0", "::/0"]
 def rules(bastion: Bastion, group_names: list[str]) -> tuple[list[str], list[str]]:
     """(allow, deny) networks of the named groups, in order, without repeats. A group that no longer exists
     (e.g. after a rollback) denies everything: a restriction never silently disappears."""
-    known = by_name(bastion)
+    return rules_in(by_name(bastion), group_names)
+
+
+def rules_in(known: Mapping[str, Mapping[str, Any]], group_names: list[str]) -> tuple[list[str], list[str]]:
+    """rules() over groups already read (name → group), for the pure renderer."""
     allow: list[str] = []
     deny: list[str] = []
     for n in group_names:

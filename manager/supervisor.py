@@ -27,7 +27,7 @@ import requests
 
 from manager import generations, health, pools, snapshot
 from manager import settings as settings_mod
-from manager.apply import healthz_url
+from manager.apply import healthz_url, recover
 from manager.context import Bastion
 from manager.store import StoreCorrupt
 
@@ -235,6 +235,7 @@ class Supervisor:
         dirs, bastion = self.bastion.dirs, self.bastion
         self.echo("applying nginx configuration...")
         try:
+            recover(bastion)  # an apply killed mid-way: keep its generation if nginx takes it, else go back
             result = bastion.apply("up")
             self.echo(f"  generation {result.generation}")
         except Exception as e:  # a corrupt store, a full disk, a config nginx now refuses...
@@ -324,7 +325,7 @@ class Supervisor:
     def _on_ready(self, child: Child) -> None:
         owner = self.bastion.dirs.root.stat()
         if child.socket and os.geteuid() == 0 and owner.st_uid != 0:
-            # nginx workers run as the data dir's owner (see apply.worker_user): let them connect
+            # nginx workers run as the data dir's owner (see render_input.worker_user): let them connect
             os.chown(child.socket, owner.st_uid, owner.st_gid)
 
     def _refresh(self) -> None:

@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
+import builtins
+import io
+import os
 import socket
 from pathlib import Path
 
 import pytest
 
-from manager import cidr_groups, custom_config, pools
+from manager import cidr_groups, custom_config, generations, pools
 from manager import settings as settings_mod
 from manager.apply import render_config
 from manager.context import Bastion
 from manager.datadir import DataDir
+from manager.nginx import Nginx
+from manager.render import RenderInput, render
+from manager.render_input import freeze, gather
 from tests.conftest import needs_nginx
 
 pytestmark = needs_nginx
+
+
+def live_text(bastion: Bastion) -> str:
+    """Every file of the live generation, as one text."""
+    return generations.joined(generations.files(bastion.dirs, generations.live(bastion.dirs)))
 
 
 @pytest.fixture
@@ -33,7 +44,7 @@ def test_every_feature_renders_and_passes_nginx_t(bastion: Bastion) -> None:
     settings_mod.update(bastion, {"public_cidr_groups": ["office"], "trusted_proxies": ["192.0.2.0/24"],
                                   "server_name": "llm.example.com",
                                   "custom_config": "server { listen 127.0.0.1:65001; return 204; }"})
-    text = (bastion.dirs.nginx_conf).read_text()
+    text = live_text(bastion)
     fragments = [
         "least_conn;",
         "server 127.0.0.1:8000 weight=3 max_fails=3 fail_timeout=10s;",
@@ -72,7 +83,7 @@ def test_render_is_deterministic(bastion: Bastion) -> None:
 
 def test_tls_verification_can_be_turned_off_per_pool(bastion: Bastion) -> None:
     pools.add(bastion, "selfsigned", ["https://127.0.0.1:8443"], models=["m"], tls_verify=False)
-    text = bastion.dirs.nginx_conf.read_text()
+    text = live_text(bastion)
     assert "proxy_ssl_name 127.0.0.1;" in text and "proxy_ssl_verify on;" not in text
 
 
@@ -89,9 +100,97 @@ def test_every_address_of_a_hostname_is_a_server(bastion: Bastion, monkeypatch: 
     monkeypatch.setattr(socket, "getaddrinfo", fake_getaddrinfo)
     pools.add(bastion, "gpu", ["http://gpu.example:8000"], models=["m"])
     pools.add(bastion, "local", ["http://localhost:8001"], models=["n"])
-    text = bastion.dirs.nginx_conf.read_text()
+    text = live_text(bastion)
     assert "server 10.0.0.5:8000 max_fails" in text and "server 10.0.0.7:8000 max_fails" in text
     assert "server 127.0.0.1:8001 max_fails" in text and "[::1]:8001" not in text  # loopback: IPv4 only
     assert bastion.apply("again").changed is False  # stable rendering: no spurious generation
     answers.pop("gpu.example")  # a DNS hiccup keeps the last good addresses
     assert bastion.apply("dns down").changed is False
+
+
+# ---- the pure rendering: golden files, no I/O ----
+
+GOLDEN = Path(__file__).parent / "golden"
+GOLDEN_ROOT = "/srv/bastion-golden"  # the data dir named in the golden files
+
+
+def golden_input() -> RenderInput:
+    """A fixed input touching every feature of the templates."""
+    pools_ = [
+        {"name": "local", "method": "least_conn", "models": ["m1"],
+         "upstreams": [{"url": "http://127.0.0.1:8000", "weight": 3},
+                       {"url": "http://127.0.0.1:8001", "backup": True}]},
+        {"name": "cloud", "method": "random_two", "api_key": "sk-golden", "models": ["m2"],
+         "upstreams": [{"url": "https://api.example.com:443"}]},
+        {"name": "selfsigned", "tls_verify": False, "upstreams": [{"url": "https://[::1]:8443"}]},
+        {"name": "gpu", "method": "hash", "upstreams": [{"url": "http://gpu.example:8000"},
+                                                         {"url": "http://gone.example:8000"}]},
+        {"name": "empty", "upstreams": []},
+    ]
+    stored = {"public_cidr_groups": ["office"], "admin_cidr_groups": ["private", "vanished"],
+              "trusted_proxies": ["192.0.2.0/24"], "server_name": "llm.example.com", "read_timeout": 700}
+    tables = {"pools": pools_, "routes": [], "settings": [stored],
+              "cidr_groups": [{"name": "office", "allow": ["10.1.0.0/16"], "deny": ["10.1.2.0/24"]}]}
+    resolved = {"127.0.0.1:8000": ["127.0.0.1:8000"], "127.0.0.1:8001": ["127.0.0.1:8001"],
+                "api.example.com:443": ["203.0.113.7:443"], "::1:8443": ["[::1]:8443"],
+                "gpu.example:8000": ["10.0.0.5:8000", "10.0.0.7:8000"], "gone.example:8000": []}
+    paths = {"pid": "nginx/nginx.pid", "error_log": "logs/error.log", "access_log": "logs/access.log",
+             "admin_access_log": "logs/admin-access.log", "temp": "nginx/temp", "gate_socket": "run/authsvc.sock",
+             "manager_socket": "run/manager.sock"}
+    return RenderInput(
+        tables=freeze(tables), settings=freeze(settings_mod.effective(stored)),
+        custom_config="server { listen 127.0.0.1:65001; return 204; }", resolved=freeze(resolved),
+        down=frozenset({"http://127.0.0.1:8001"}), worker_user=None,
+        paths=freeze({k: f"{GOLDEN_ROOT}/{v}" for k, v in paths.items()}))
+
+
+def test_rendering_matches_the_golden_files_byte_for_byte(tmp_path: Path) -> None:
+    """The checked-in files are what this input renders to (BASTION_UPDATE_GOLDEN=1 rewrites them after a
+    deliberate template change: review the diff), and nginx accepts them."""
+    files = render(golden_input(), 42)
+    if os.environ.get("BASTION_UPDATE_GOLDEN"):
+        for name, text in files.items():
+            (GOLDEN / name).write_text(text)
+    assert sorted(files) == sorted(p.name for p in GOLDEN.iterdir())
+    for name, text in files.items():
+        assert text.encode() == (GOLDEN / name).read_bytes(), f"{name} differs from tests/golden/{name}"
+    # the golden bytes themselves pass nginx -t (moved to a real data dir)
+    dirs = DataDir.at(tmp_path)
+    dirs.ensure()
+    gen = dirs.generations / "000042"
+    gen.mkdir()
+    for name in files:
+        (gen / name).write_text((GOLDEN / name).read_text().replace(GOLDEN_ROOT, str(tmp_path)))
+    Nginx(dirs).test(gen / "nginx.conf")
+
+
+def test_render_is_a_pure_function_of_its_input(bastion: Bastion, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gathered once, the input renders to the same bytes whatever happens afterwards, and rendering touches
+    neither files nor the network."""
+    answers = {"gpu.example": "10.0.0.5"}
+
+    def fake_getaddrinfo(host, port, *args, **kwargs):
+        if host not in answers:
+            raise socket.gaierror("no such host")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (answers[host], port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", fake_getaddrinfo)
+    pools.add(bastion, "gpu", ["http://gpu.example:8000"], models=["m"])
+    inp = gather(bastion)
+    first = render(inp, 3)
+    assert render(inp, 3) == first
+    # the world changes after gathering: DNS, health verdicts, the store
+    answers["gpu.example"] = "10.0.0.9"
+    (bastion.dirs.root / "health.json").write_text('{"http://gpu.example:8000": {"down": true, "fails": 9}}')
+    settings_mod.update(bastion, {"read_timeout": 900})
+    assert "10.0.0.9" in render(gather(bastion), 3)["nginx.conf"]  # a new gathering sees it...
+
+    def no_io(*args, **kwargs):
+        raise AssertionError("rendering did I/O")
+
+    for module, name in ((socket, "getaddrinfo"), (socket, "socket"), (builtins, "open"), (io, "open"),
+                         (os, "open"), (os, "stat"), (os, "listdir"), (os, "scandir")):
+        monkeypatch.setattr(module, name, no_io)
+    assert render(inp, 3) == first  # ...the gathered input does not
+    with pytest.raises(TypeError):
+        inp.tables["pools"][0]["name"] = "changed"  # type: ignore[index]

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from flask import jsonify
 
 from authsvc import keys as keyformat
-from manager import configuration, custom_config, generations
+from manager import configuration, generations
 from manager import keys as keys_mod
 from manager import validation as v
 from manager.api.base import (
@@ -28,7 +28,6 @@ from manager.api.base import (
     obj,
     query_param,
 )
-from manager.apply import render_config
 
 bp = ApiBlueprint("compat", __name__, tag="llm-proxy")
 KEY = obj(id=STR, key=STR, username=STR, createdAt=STR)
@@ -123,5 +122,5 @@ def update_config():
 @bp.op("GET", "/nginx/config/get-default", "The configuration Bastion renders from its settings",
        response=obj(success=BOOL, config=STR))
 def get_default_config():
-    b = bastion()
-    return jsonify(success=True, config=custom_config.mask(render_config(b, generations.live(b.dirs))))
+    # the live generation as rendered (hand edits left out): no DNS, store or health reads in a GET
+    return jsonify(success=True, config=generations.rendered_text_masked(bastion().dirs))

@@ -21,7 +21,6 @@ from manager.api.base import (
     obj,
     query_param,
 )
-from manager.apply import render_config
 from manager.errors import NotFound
 from manager.store import StoreCorrupt
 
@@ -30,7 +29,8 @@ usage_bp = ApiBlueprint("usage", __name__, url_prefix="/api/v1/usage")
 audit_bp = ApiBlueprint("audit", __name__, url_prefix="/api/v1/audit")
 health_bp = ApiBlueprint("health", __name__, url_prefix="/api/v1/health")
 
-GENERATION = obj(generation=INT, author=STR, time=NUM, sha256=STR, live=BOOL)
+GENERATION = obj(generation=INT, author=STR, time=NUM, sha256=STR, live=BOOL,
+                 files={"type": "object", "additionalProperties": STR})  # file name → sha256
 APPLIED = obj(generation=INT, changed=BOOL, reloaded=BOOL)
 EPOCH = {"type": "number", "minimum": 0}
 
@@ -43,13 +43,10 @@ def _applied(result) -> dict:
               response=obj(generation=INT, drift=BOOL, drift_diff=STR, nginx_running=BOOL))
 def config_status():
     b = bastion()
-    drifted = generations.drift(b.dirs)
-    diff = ""
-    if drifted:  # show what was changed by hand, against what Bastion rendered for this generation
-        current = generations.live(b.dirs)
-        diff = generations.diff(render_config(b, current), b.dirs.nginx_conf.read_text(),
-                                f"generation {current} as rendered", "on disk")
-    return jsonify(generation=generations.live(b.dirs), drift=drifted, drift_diff=diff,
+    drifted = generations.drifted(b.dirs)
+    # what was changed by hand, against what Bastion rendered for this generation (no rendering here)
+    diff = generations.drift_diff(b.dirs, drifted)
+    return jsonify(generation=generations.live(b.dirs), drift=bool(drifted), drift_diff=diff,
                    nginx_running=b.nginx.master_pid() is not None)
 
 
