@@ -132,10 +132,10 @@ def config_rollback(b: Bastion, generation: int) -> None:
 @with_bastion
 def config_status(b: Bastion) -> None:
     """Live generation, and whether the files on disk were changed by hand."""
-    drift = generations.drift(b.dirs)
+    changed = generations.drifted(b.dirs)
     click.echo(f"live generation {generations.live(b.dirs)}; nginx "
                f"{'running' if b.nginx.master_pid() else 'not running'}; "
-               f"{'DRIFT: the live nginx.conf was changed by hand' if drift else 'no drift'}")
+               + (f"DRIFT: changed by hand: {', '.join(changed)}" if changed else "no drift"))
 
 
 @config.command("show")
