@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from manager import cidr_groups, custom_config
 from manager import validation as v
+from manager.certs import checks as cert_checks
 
 if TYPE_CHECKING:
     from manager.context import Bastion
@@ -38,6 +39,15 @@ DEFAULTS: dict[str, Any] = {
     "bruteforce_block": 60,
     "bruteforce_max_block": 3600,
     "bruteforce_exempt_cidr_groups": [],
+    # certificates (docs/certificates.md); the listeners are stored now, nginx serves them with the TLS work
+    "http_listen": None,
+    "https_listen": None,
+    "acme_server": "https://acme-v02.api.letsencrypt.org/directory",
+    "acme_email": None,
+    "acme_ca_bundle": None,
+    "acme_key_type": "ecdsa",
+    "dns_propagation_seconds": 10,
+    "hsts": False,
 }
 
 
@@ -63,6 +73,14 @@ VALIDATORS = {
     "bruteforce_window": lambda f, x: v.integer(f, x, 1, 86400),
     "bruteforce_block": lambda f, x: v.integer(f, x, 1, 86400),
     "bruteforce_max_block": lambda f, x: v.integer(f, x, 1, 30 * 86400),
+    "http_listen": cert_checks.nullable(v.listen),
+    "https_listen": cert_checks.nullable(v.listen),
+    "acme_server": cert_checks.acme_url,
+    "acme_email": cert_checks.email,
+    "acme_ca_bundle": cert_checks.nullable(v.file_path),
+    "acme_key_type": lambda f, x: v.choice(f, x, ("ecdsa", "rsa")),
+    "dns_propagation_seconds": lambda f, x: v.integer(f, x, 0, 3600),
+    "hsts": v.boolean,
 }
 
 
