@@ -117,6 +117,8 @@ class FakeCloudflare:
                         {"code": 9109, "message": "Invalid access token"}], "messages": [], "result": None})
                 url = urlsplit(self.path)
                 query = parse_qs(url.query)
+                if query.get("page", ["1"]) != ["1"]:  # the client pages until a page comes back empty
+                    return self._answer(200, _page([]))
                 parts = url.path.strip("/").split("/")[2:]  # after client/v4
                 if parts == ["zones"]:
                     zones = [{"id": "zone-1", "name": ZONE}] if query.get("name") == [ZONE] else []

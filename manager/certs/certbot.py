@@ -34,6 +34,8 @@ NOISE = ("Saving debug log to", "Ask for help or search for solutions", "See the
          "Some challenges have failed", "- - - -", "Need help?", "If you like Certbot", "Donating to",
          "* Donating", "* Donate", "NEXT STEPS:", "- The certificate will need to be renewed",
          "These files will be updated when")
+PROGRESS_ONLY = ("Account registered", "Requesting a certificate for", "Renewing an existing certificate for",
+                 "Processing ")  # steps worth showing while certbot runs, not in the explanation of a failure
 
 
 class CertbotFailed(Exception):
@@ -142,7 +144,8 @@ def certbot_binary() -> str:
 
 def explain(output: str, dirs: DataDir) -> str:
     """certbot's explanation of a failure, without its advertising and pointers to logs."""
-    kept = [line.strip() for line in output.splitlines() if line.strip() and not _noise(line)]
+    kept = [line.strip() for line in output.splitlines()
+            if line.strip() and not _noise(line) and not line.strip().startswith(PROGRESS_ONLY)]
     text = "\n".join(kept)
     if len(text) > MAX_MESSAGE:
         text = "..." + text[-MAX_MESSAGE:]

@@ -118,8 +118,8 @@ def certs_cloudflare_token(b: Bastion, remove: bool) -> None:
     argument: it would show in the process list)."""
     token = None
     if not remove:
-        stdin = click.get_text_stream("stdin")
-        token = click.prompt("Cloudflare API token", hide_input=True) if stdin.isatty() else stdin.readline().strip()
+        interactive = sys.stdin.isatty()
+        token = click.prompt("Cloudflare API token", hide_input=True) if interactive else sys.stdin.readline().strip()
     is_set = manage.set_cloudflare_token(b, token, "cli")
     click.echo("Cloudflare API token stored" if is_set else "Cloudflare API token removed")
 
