@@ -51,6 +51,8 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+LISTENERS = ("public_listen", "admin_listen", "http_listen", "https_listen")
+
 VALIDATORS = {
     "public_listen": v.listen,
     "admin_listen": v.listen,
@@ -100,6 +102,12 @@ def validate(bastion: Bastion, values: dict[str, Any]) -> dict[str, Any]:
     if {"custom_config", "admin_listen", "public_listen"} & out.keys():  # custom servers keep off the listeners
         merged = {**bastion.settings(), **out}
         custom_config.validate("custom_config", merged["custom_config"], custom_config.listener_ports(merged))
+    if set(LISTENERS) & out.keys():  # the ACME/TLS listeners never share an address with another listener
+        merged = {**bastion.settings(), **out}
+        for i, key in enumerate(LISTENERS[2:], start=2):
+            for other in LISTENERS[:i]:
+                if merged[key] and merged[key] == merged[other]:
+                    raise v.ValidationError(key, f"{merged[key]} is already the address of {other}")
     if out.get("default_pool") and not bastion.store.table("pools").search(
             lambda p: p["name"] == out["default_pool"]):
         raise v.ValidationError("default_pool", f"unknown pool {out['default_pool']!r}")

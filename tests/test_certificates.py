@@ -344,7 +344,7 @@ def test_bad_uploads_are_400_and_store_nothing(api: Api, case: str, body: dict, 
     ("acme_email", "$(id)@example.test"), ("acme_ca_bundle", "/no/such/file.pem"), ("acme_ca_bundle", "rel.pem"),
     ("acme_ca_bundle", "/etc/hosts;id"), ("acme_key_type", "dsa"), ("dns_propagation_seconds", -1),
     ("dns_propagation_seconds", 100000), ("http_listen", "0.0.0.0:99999"), ("https_listen", "example.test:443"),
-    ("hsts", "yes"),
+    ("hsts", "yes"), ("http_listen", "127.0.0.1:8080"), ("https_listen", "127.0.0.1:80"),
 ])
 def test_bad_certificate_settings_are_400_naming_the_field(api: Api, name: str, value: object) -> None:
     before = api.b.settings()

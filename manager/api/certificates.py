@@ -79,7 +79,7 @@ def renew(name: str):
     return jsonify(manage.renew(bastion(), author(), name, force=force)[0])
 
 
-@bp.op("DELETE", "/<name>", "Remove a certificate (ACME: revoked from certbot's store; upload: its files)",
+@bp.op("DELETE", "/<name>", "Remove a certificate (ACME: deleted from certbot's store, not revoked; upload: its files)",
        response=obj(success=BOOL))
 def remove(name: str):
     manage.remove(bastion(), name, author())

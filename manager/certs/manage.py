@@ -56,13 +56,14 @@ def obtain(b: Bastion, domains: Any, challenge: Any, author: str, progress: Prog
     else:
         preflight.cloudflare_token(b.dirs.cloudflare_credentials)
         args = bot.cloudflare_args(settings["dns_propagation_seconds"])
+    secret = _stored_token(b.dirs.cloudflare_credentials) if challenge == "dns-01" else None
     _webroot(b)
     progress(f"checking the ACME server {account.server}")
     with bot.lock():
         try:
             preflight.acme_directory(account.server, account.ca_bundle)
             progress(f"requesting the certificate {name} ({challenge})")
-            bot.run(bot.certonly(account, name, names, args), account.ca_bundle, progress)
+            bot.run(bot.certonly(account, name, names, args), account.ca_bundle, progress, secret)
         except AcmeFailed as e:
             _failed(b, author, f"obtain certificate {name} ({challenge})", e)
             raise
@@ -97,7 +98,7 @@ def _renew_one(b: Bastion, bot: Certbot, name: str, force: bool, author: str) ->
     before = _summary(b, name, "acme")
     ca_bundle = b.settings()["acme_ca_bundle"]
     try:
-        bot.run(bot.renew(name, force), ca_bundle)
+        bot.run(bot.renew(name, force), ca_bundle, secret=_stored_token(b.dirs.cloudflare_credentials))
         after = _summary(b, name, "acme")
         renewed = after is not None and (before is None or after.serial != before.serial)
         expires = time.strftime("%Y-%m-%d", time.gmtime(after.not_after)) if after else "?"
@@ -169,6 +170,14 @@ def set_cloudflare_token(b: Bastion, token: Any, author: str) -> bool:
     _write_private(path, f"dns_cloudflare_api_token = {token}\n".encode())
     b.audit.record(author, "set the Cloudflare API token")
     return True
+
+
+def _stored_token(path: Path) -> str | None:
+    """The stored token, only to cut it out of certbot's output."""
+    try:
+        return path.read_text().partition("=")[2].strip() or None
+    except FileNotFoundError:
+        return None
 
 
 def all_certificates(b: Bastion) -> list[dict[str, Any]]:
