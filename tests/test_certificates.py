@@ -14,6 +14,7 @@ import json
 import os
 import socket
 import ssl
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,12 +31,13 @@ from manager.errors import Conflict
 from tests.acme import CLOUDFLARE_TOKEN, HAVE_PEBBLE, FakeCloudflare, Pebble, make_cert, pem
 from tests.conftest import free_port
 
-pytestmark = pytest.mark.skipif(not HAVE_PEBBLE, reason="pebble is not installed (apt-get install pebble)")
 UTC = datetime.UTC
 
 
 @pytest.fixture(scope="module")
 def pebble(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pebble]:
+    if not HAVE_PEBBLE:
+        pytest.skip("pebble is not installed (apt-get install pebble; .ci/run does)")
     p = Pebble(tmp_path_factory.mktemp("pebble"))
     yield p
     p.close()
@@ -185,7 +187,7 @@ def test_dns01_through_the_cloudflare_plugin(api: Api, cloudflare: FakeCloudflar
 # ---- failures leave everything as it was ---------------------------------------------------------------
 
 def test_bad_cloudflare_token_is_a_clear_502(api: Api, cloudflare: FakeCloudflare) -> None:
-    api.cli("certs", "cloudflare-token", stdin="not-the-right-token\n")
+    assert api.cli("certs", "cloudflare-token", stdin="not-the-right-token\n") == "Cloudflare API token stored\n"
     before = api.fingerprint()
     r = api.call("POST", "/api/v1/certificates", json={"domains": ["bad.example.test"], "challenge": "dns-01"})
     assert r.status_code == 502 and r.json["success"] is False
@@ -295,6 +297,16 @@ def test_upload_is_checked_then_stored_private(api: Api) -> None:
     assert api.call("DELETE", "/api/v1/certificates/up.example.test").status_code == 200
     assert not stored.exists() and api.call("GET", "/api/v1/certificates").json == []
     assert api.call("DELETE", "/api/v1/certificates/up.example.test").status_code == 404
+    (api.dirs.root.parent / "chain.pem").write_text(pem(*certs))
+    (api.dirs.root.parent / "key.pem").write_text(pem(key))
+    out = api.cli("certs", "upload", "up.example.test", "--cert", str(api.dirs.root.parent / "chain.pem"),
+                  "--key", str(api.dirs.root.parent / "key.pem"), "--name", "cli-upload")
+    assert out.startswith("certificate cli-upload stored; valid until")
+    assert "cli-upload  upload" in api.cli("certs", "list")
+    out = api.cli("certs", "upload", "other.example.test", "--cert", str(api.dirs.root.parent / "chain.pem"),
+                  "--key", str(api.dirs.root.parent / "key.pem"), ok=False)
+    assert "domains: the certificate does not cover other.example.test" in out
+    assert api.cli("certs", "remove", "cli-upload") == "certificate cli-upload removed\n"
 
 
 def _bad_uploads() -> list[tuple[str, dict, str, str]]:
@@ -365,3 +377,43 @@ def test_certificate_settings_defaults_and_good_values(api: Api, pebble: Pebble)
     assert checked["acme_email"] == "Ops@example.test" and checked["https_listen"] == "[::]:443"
     assert settings.validate(api.b, {"http_listen": None, "acme_email": ""}) == {"http_listen": None,
                                                                                  "acme_email": None}
+
+
+# ---- certbot runs ------------------------------------------------------------------------------------
+
+def test_certbot_output_is_trimmed_and_the_token_cut_out(tmp_path: Path) -> None:
+    """What an operator sees of a failed run: certbot's reason, no advertising, never the Cloudflare token."""
+    from manager.certs.certbot import Certbot, CertbotFailed
+    from manager.datadir import DataDir
+
+    bot = Certbot(DataDir.at(tmp_path))
+    script = ("print('Saving debug log to /x/letsencrypt.log')\n"
+              "print('Requesting a certificate for a.example.test')\n"
+              "print('Error determining zone_id: 9109 token s3cr3t-token rejected')\n"
+              "print('Ask for help or search for solutions at https://community.letsencrypt.org.')\n"
+              "raise SystemExit(1)")
+    lines: list[str] = []
+    with pytest.raises(CertbotFailed) as failed:
+        bot.run([sys.executable, "-c", script], None, lines.append, secret="s3cr3t-token")
+    assert str(failed.value) == "Error determining zone_id: 9109 token [redacted] rejected"
+    assert lines == ["Requesting a certificate for a.example.test",
+                     "Error determining zone_id: 9109 token [redacted] rejected"]
+    with pytest.raises(CertbotFailed, match=r"did not finish within 0\.5 s"):
+        bot.run([sys.executable, "-c", "import time; time.sleep(30)"], None, deadline=0.5)
+
+
+def test_certbot_argv_keeps_every_value_one_argument(tmp_path: Path) -> None:
+    import shlex
+
+    from manager.certs.certbot import Account, Certbot
+    from manager.datadir import DataDir
+
+    odd = tmp_path / "data dir; $(touch pwned)"
+    bot = Certbot(DataDir.at(odd))
+    argv = bot.certonly(Account("https://acme.example.test/dir", None, None, "ecdsa"), "a.example.test",
+                        ["a.example.test", "b.example.test"], bot.webroot_args())
+    assert "--domains=a.example.test,b.example.test" in argv and "--register-unsafely-without-email" in argv
+    assert argv[argv.index("--webroot-path") + 1] == str(odd.resolve() / "acme-webroot")
+    hook = bot.renew("a.example.test", force=True)
+    hook_cmd = hook[hook.index("--deploy-hook") + 1]
+    assert shlex.split(hook_cmd)[-4:] == ["--data-dir", str(odd.resolve()), "certs", "deployed"]

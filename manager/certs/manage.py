@@ -70,7 +70,7 @@ def obtain(b: Bastion, domains: Any, challenge: Any, author: str, progress: Prog
     State(b.dirs.cert_state).set(name, source="acme", challenge=challenge, obtained=time.time())
     b.audit.record(author, f"obtain certificate {name} for {', '.join(names)} ({challenge})")
     status = describe(b, name)
-    progress(f"certificate {name} issued by {status['issuer']}, valid for {status['days_left']} days")
+    progress(f"certificate {name} from {status['issuer']}: {status['days_left']} days left")
     return status
 
 
