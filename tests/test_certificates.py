@@ -25,7 +25,6 @@ from cryptography import x509
 
 from manager import users
 from manager.app import create_app
-from manager.certs import preflight
 from manager.cli import main as cli_main
 from manager.errors import Conflict
 from tests.acme import CLOUDFLARE_TOKEN, HAVE_PEBBLE, FakeCloudflare, Pebble, make_cert, pem
@@ -254,6 +253,8 @@ def test_bad_domains_are_400_and_run_nothing(api: Api, domain: object) -> None:
 
 
 def test_missing_prerequisites_are_409_and_run_nothing(api: Api, pebble: Pebble) -> None:
+    from manager.certs import preflight
+
     api.b.store.update_settings(http_listen=None)
     r = api.call("POST", "/api/v1/certificates", json={"domains": ["www.example.test"]})
     assert r.status_code == 409 and r.json["error"]["field"] == "http_listen" and "is off" in r.json["message"]
