@@ -148,6 +148,20 @@ def test_llm_proxy_obtain_and_renew(api: Api) -> None:
     r = api.call("GET", "/nginx/certificates/renew")
     assert r.status_code == 200 and r.json["success"] is True
     assert r.json["message"].startswith("proxy.example.test: not due for renewal"), r.json
+    assert api.call("DELETE", "/api/v1/certificates/proxy.example.test").status_code == 200
+    assert api.call("GET", "/api/v1/certificates").json == []
+    assert not (api.dirs.certbot_config / "live" / "proxy.example.test").exists()
+    assert api.b.audit.entries()[0]["action"] == "remove certificate proxy.example.test"
+
+
+def test_one_certificate_operation_at_a_time(api: Api) -> None:
+    from manager.certs.certbot import Certbot
+
+    with Certbot(api.dirs).lock():
+        r = api.call("POST", "/api/v1/certificates", json={"domains": ["www.example.test"]})
+        assert r.status_code == 409 and r.json["error"]["field"] == "certificates", r.text
+        assert "another certificate operation is running" in r.json["message"]
+    assert not api.certbot_ran()
 
 
 def test_cli_obtain_shows_progress_and_forced_renew_runs_the_deploy_hook(api: Api) -> None:
