@@ -50,14 +50,14 @@ def obtain(b: Bastion, domains: Any, challenge: Any, author: str, progress: Prog
     progress(f"checking the {challenge} prerequisites for {', '.join(names)}")
     if challenge == "http-01":
         preflight.http_listener(settings)
+        webroot = _webroot(b)
         if probe_url:
-            preflight.webroot_served(_webroot(b), probe_url)
+            preflight.webroot_served(webroot, probe_url)
         args = bot.webroot_args()
     else:
         preflight.cloudflare_token(b.dirs.cloudflare_credentials)
         args = bot.cloudflare_args(settings["dns_propagation_seconds"])
-    secret = _stored_token(b.dirs.cloudflare_credentials) if challenge == "dns-01" else None
-    _webroot(b)
+    secret = _stored_token(b.dirs.cloudflare_credentials)
     progress(f"checking the ACME server {account.server}")
     with bot.lock():
         try:
