@@ -432,3 +432,12 @@ def test_certbot_argv_keeps_every_value_one_argument(tmp_path: Path) -> None:
     hook = bot.renew("a.example.test", force=True)
     hook_cmd = hook[hook.index("--deploy-hook") + 1]
     assert shlex.split(hook_cmd)[-4:] == ["--data-dir", str(odd.resolve()), "certs", "deployed"]
+
+
+def test_domain_names_are_normalised_to_ascii() -> None:
+    from manager.certs import checks
+
+    assert checks.domains("domains", ["Bücher.Example.test", "WWW.example.test.", "bücher.example.test"]) == [
+        "xn--bcher-kva.example.test", "www.example.test"]
+    assert checks.domains("domains", ["*.example.test"], wildcard=True) == ["*.example.test"]
+    assert checks.default_name(["*.example.test", "example.test"]) == "example.test"
