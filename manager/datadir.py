@@ -93,6 +93,46 @@ class DataDir:
     def manager_socket(self) -> Path:
         return self.run / "manager.sock"
 
+    @property
+    def certbot(self) -> Path:
+        """certbot's own dirs (its --config-dir holds the ACME account and the issued certificates)."""
+        return self.root / "certbot"
+
+    @property
+    def certbot_config(self) -> Path:
+        return self.certbot / "config"
+
+    @property
+    def certbot_work(self) -> Path:
+        return self.certbot / "work"
+
+    @property
+    def certbot_logs(self) -> Path:
+        return self.certbot / "logs"
+
+    @property
+    def acme_webroot(self) -> Path:
+        """HTTP-01 answers: nginx serves `<this>/.well-known/acme-challenge/` on the HTTP listener."""
+        return self.root / "acme-webroot"
+
+    @property
+    def certs(self) -> Path:
+        return self.root / "certs"
+
+    @property
+    def uploaded_certs(self) -> Path:
+        """One dir per uploaded certificate: fullchain.pem and privkey.pem (0600)."""
+        return self.certs / "uploaded"
+
+    @property
+    def cert_state(self) -> Path:
+        return self.certs / "state.json"
+
+    @property
+    def cloudflare_credentials(self) -> Path:
+        """certbot-dns-cloudflare's credentials file (0600): the API token, written, never read back."""
+        return self.certs / "cloudflare.ini"
+
     def ensure(self) -> None:
         """Create the directory tree, the key pepper and the JWT secret (idempotent).
 

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from manager import cidr_groups, custom_config
 from manager import validation as v
+from manager.certs import checks as cert_checks
 
 if TYPE_CHECKING:
     from manager.context import Bastion
@@ -38,8 +39,19 @@ DEFAULTS: dict[str, Any] = {
     "bruteforce_block": 60,
     "bruteforce_max_block": 3600,
     "bruteforce_exempt_cidr_groups": [],
+    # certificates (docs/certificates.md); the listeners are stored now, nginx serves them with the TLS work
+    "http_listen": None,
+    "https_listen": None,
+    "acme_server": "https://acme-v02.api.letsencrypt.org/directory",
+    "acme_email": None,
+    "acme_ca_bundle": None,
+    "acme_key_type": "ecdsa",
+    "dns_propagation_seconds": 10,
+    "hsts": False,
 }
 
+
+LISTENERS = ("public_listen", "admin_listen", "http_listen", "https_listen")
 
 VALIDATORS = {
     "public_listen": v.listen,
@@ -63,6 +75,14 @@ VALIDATORS = {
     "bruteforce_window": lambda f, x: v.integer(f, x, 1, 86400),
     "bruteforce_block": lambda f, x: v.integer(f, x, 1, 86400),
     "bruteforce_max_block": lambda f, x: v.integer(f, x, 1, 30 * 86400),
+    "http_listen": cert_checks.nullable(v.listen),
+    "https_listen": cert_checks.nullable(v.listen),
+    "acme_server": cert_checks.acme_url,
+    "acme_email": cert_checks.email,
+    "acme_ca_bundle": cert_checks.nullable(v.file_path),
+    "acme_key_type": lambda f, x: v.choice(f, x, ("ecdsa", "rsa")),
+    "dns_propagation_seconds": lambda f, x: v.integer(f, x, 0, 3600),
+    "hsts": v.boolean,
 }
 
 
@@ -82,6 +102,12 @@ def validate(bastion: Bastion, values: dict[str, Any]) -> dict[str, Any]:
     if {"custom_config", "admin_listen", "public_listen"} & out.keys():  # custom servers keep off the listeners
         merged = {**bastion.settings(), **out}
         custom_config.validate("custom_config", merged["custom_config"], custom_config.listener_ports(merged))
+    if set(LISTENERS) & out.keys():  # the ACME/TLS listeners never share an address with another listener
+        merged = {**bastion.settings(), **out}
+        for i, key in enumerate(LISTENERS[2:], start=2):
+            for other in LISTENERS[:i]:
+                if merged[key] and merged[key] == merged[other]:
+                    raise v.ValidationError(key, f"{merged[key]} is already the address of {other}")
     if out.get("default_pool") and not bastion.store.table("pools").search(
             lambda p: p["name"] == out["default_pool"]):
         raise v.ValidationError("default_pool", f"unknown pool {out['default_pool']!r}")

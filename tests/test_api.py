@@ -91,10 +91,12 @@ def test_llm_proxy_setup_flow_with_curl(api: Stack) -> None:
     assert api.post("/v1/chat/completions", secret, json={"model": "api-model"}).status_code == 401
 
 
-def test_certificates_not_available_yet(api: Stack, token: str) -> None:
+def test_certificate_routes_answer_through_the_admin_listener(api: Stack, token: str) -> None:
+    """The ACME flows run against Pebble in test_certificates.py; here: the llm-proxy shapes through nginx."""
     r = call(api, "POST", "/nginx/certificates/obtain", token, json={"domains": ["a.example.com"]})
-    assert r.status_code == 501 and r.json()["success"] is False
-    assert call(api, "GET", "/nginx/certificates/renew", token).status_code == 501
+    assert r.status_code == 409 and r.json()["success"] is False and "http_listen" in r.json()["message"]
+    r = call(api, "GET", "/nginx/certificates/renew", token)
+    assert r.status_code == 200 and r.json() == {"success": True, "message": "no certificate to renew"}
 
 
 def test_config_refused_by_nginx_t_changes_nothing(api: Stack, token: str) -> None:

@@ -31,13 +31,15 @@ users.ensure_admin(bastion)
 TOKEN, _ = auth.issue(bastion, users.find(bastion, "admin"), "api")
 schema = schemathesis.openapi.from_wsgi("/api/v1/openapi.json", app)
 STATUSES: list[int] = []
+ACME_OPERATIONS = {("POST", "/nginx/certificates/obtain"), ("GET", "/nginx/certificates/renew"),
+                   ("POST", "/api/v1/certificates"), ("POST", "/api/v1/certificates/{name}/renew")}
 
 
 @schema.exclude(path_regex="^/auth/logout$").parametrize()
 @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
 def test_no_input_causes_a_server_error(case) -> None:
-    if case.path == "/nginx/certificates/obtain" or case.path == "/nginx/certificates/renew":
-        pytest.skip("501 until certificate management lands")
+    if (case.method, case.path) in ACME_OPERATIONS:
+        pytest.skip("reaches an ACME server, which this run has none of (tests/test_certificates.py uses Pebble)")
     response = case.call(headers={"Authorization": f"Bearer {TOKEN}"})
     STATUSES.append(response.status_code)
     case.validate_response(response, checks=[not_a_server_error, response_schema_conformance])

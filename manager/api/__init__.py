@@ -1,6 +1,6 @@
 """One blueprint per resource of the management API (see base.ApiBlueprint for how routes are declared)."""
 
-from manager.api import access, blocks, compat, keys, openapi, operations, pages, pools, session
+from manager.api import access, blocks, certificates, compat, keys, openapi, operations, pages, pools, session
 
 BLUEPRINTS = [
     session.bp,
@@ -16,6 +16,7 @@ BLUEPRINTS = [
     operations.audit_bp,
     operations.health_bp,
     blocks.bp,
+    certificates.bp,
     openapi.bp,
     pages.bp,
 ]

@@ -22,7 +22,10 @@ SETTINGS = obj(public_listen=STR, admin_listen=STR, server_name=NULLABLE_STR, pu
                discovery_interval=INT, health_interval=INT, health_fails=INT, custom_config=STR, ca_bundle=STR,
                usage_retention_days=INT, log_max_mb=INT,
                bruteforce_max_failures=INT, bruteforce_window=INT, bruteforce_block=INT, bruteforce_max_block=INT,
-               bruteforce_exempt_cidr_groups=STR_LIST)
+               bruteforce_exempt_cidr_groups=STR_LIST,
+               http_listen=NULLABLE_STR, https_listen=NULLABLE_STR, acme_server=STR, acme_email=NULLABLE_STR,
+               acme_ca_bundle=NULLABLE_STR, acme_key_type={"type": "string", "enum": ["ecdsa", "rsa"]},
+               dns_propagation_seconds=INT, hsts=BOOL)
 
 
 @groups_bp.op("GET", "", "List CIDR groups", response={"type": "array", "items": GROUP})

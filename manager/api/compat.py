@@ -28,6 +28,7 @@ from manager.api.base import (
     obj,
     query_param,
 )
+from manager.certs import manage as certificates
 
 bp = ApiBlueprint("compat", __name__, tag="llm-proxy")
 KEY = obj(id=STR, key=STR, username=STR, createdAt=STR)
@@ -77,16 +78,21 @@ def analytics(key_ref: str):
     return jsonify(success=True, records=records)
 
 
-@bp.op("POST", "/nginx/certificates/obtain", "Obtain certificates (not available yet)",
-       body=obj(["domains"], domains=STR_LIST), response=OK, status=501)
+@bp.op("POST", "/nginx/certificates/obtain", "Obtain a certificate through HTTP-01 (runs certbot; takes seconds)",
+       body=obj(["domains"], domains=STR_LIST), response=OK)
 def obtain_certificates():
-    return jsonify(success=False, message="certificate management is not available in this version yet"), 501
+    body = fields(json_body(), {"domains"}, {"domains"})
+    status = certificates.obtain(bastion(), body["domains"], "http-01", author())
+    return jsonify(success=True, message=f"Certificate {status['name']} obtained for {', '.join(status['domains'])}")
 
 
-@bp.op("GET", "/nginx/certificates/renew", "Renew certificates (not available yet)", response=OK, admin=True,
-       status=501)
+@bp.op("GET", "/nginx/certificates/renew", "Renew the certificates that are due (runs certbot)", response=OK,
+       admin=True)
 def renew_certificates():
-    return jsonify(success=False, message="certificate management is not available in this version yet"), 501
+    results = certificates.renew(bastion(), author())
+    message = "; ".join(f"{r['name']}: {r['message']}" for r in results) or "no certificate to renew"
+    ok = all(r["ok"] for r in results)
+    return jsonify(success=ok, message=message), 200 if ok else 502
 
 
 @bp.op("POST", "/nginx/config/write-default", "Serve a domain; admin listener limited to these networks",

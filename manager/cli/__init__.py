@@ -93,5 +93,5 @@ def with_bastion(fn=None, *, check_store: bool = True):
 
 
 # the command groups register themselves on `main`
-from manager.cli import access, operations, resources, stack  # noqa: E402, F401
+from manager.cli import access, certs, operations, resources, stack  # noqa: E402, F401
 
