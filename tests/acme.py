@@ -219,8 +219,8 @@ class Pebble:
         raise RuntimeError("pebble did not start")
 
     def root_pem(self) -> bytes:
-        """Pebble's issuing root, from its management listener (self-signed there: not verified)."""
-        r = requests.get(f"https://127.0.0.1:{self.pebble_mgmt_port}/roots/0", verify=False, timeout=5)
+        """Pebble's issuing root, from its management listener (which serves the test's listener certificate)."""
+        r = requests.get(f"https://127.0.0.1:{self.pebble_mgmt_port}/roots/0", verify=str(self.ca_bundle), timeout=5)
         r.raise_for_status()
         return r.content
 
