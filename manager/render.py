@@ -60,7 +60,8 @@ class RenderInput:
     down: frozenset[str]  # upstream URLs that failed their health checks
     worker_user: str | None  # "user group" for nginx's workers when started as root
     paths: Mapping[str, str]  # data-dir paths nginx writes or connects to
-    certificates: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)  # domain → certificate paths (TLS, to come)
+    # certificate name → {names, fullchain, key, digest} of each certificate whose files were readable
+    certificates: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: _EMPTY)
 
 
 def render(inp: RenderInput, generation: int) -> dict[str, str]:
@@ -93,6 +94,21 @@ def _context(inp: RenderInput, generation: int) -> dict[str, Any]:
         "ca_bundle": settings["ca_bundle"],
         "admin_error_pages": ADMIN_ERROR_PAGES,
         "admin_body_limit_kb": ADMIN_BODY_LIMIT_KB,
+        **_tls(settings, inp.certificates),
+    }
+
+
+def _tls(settings: Mapping[str, Any], certificates: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The HTTP listener (ACME challenges, then the redirect) and one HTTPS server per certificate: only when
+    `https_listen` is set and a certificate can be served, so nginx never starts without one."""
+    https = settings["https_listen"] if certificates else None
+    port = https.rpartition(":")[2] if https else ""
+    return {
+        "http_listen": settings["http_listen"],
+        "https_listen": https,
+        "tls_servers": [{"name": name, **cert} for name, cert in certificates.items()] if https else [],
+        "https_redirect": f"https://$host{'' if port == '443' else ':' + port}$request_uri" if https else None,
+        "hsts": bool(settings["hsts"] and https),
     }
 
 

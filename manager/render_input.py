@@ -6,8 +6,10 @@ added by the change being applied)."""
 from __future__ import annotations
 
 import grp
+import hashlib
 import ipaddress
 import json
+import logging
 import os
 import pwd
 import socket
@@ -20,10 +22,14 @@ from typing import TYPE_CHECKING, Any
 from authsvc.files import write_atomic
 from manager import custom_config, generations, health
 from manager import settings as settings_mod
+from manager.certs import manage as certs
+from manager.certs import pem
 from manager.render import RenderInput, host_port
 
 if TYPE_CHECKING:
     from manager.context import Bastion
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -34,6 +40,7 @@ class Observation:
     fallback: Mapping[str, tuple[str, ...]]  # last good answers (resolved.json), for hosts added later
     down: frozenset[str]
     worker_user: str | None
+    certificates: Mapping[str, Mapping[str, Any]]  # the certificates nginx can serve (see `servable`)
 
 
 def freeze(value: Any) -> Any:
@@ -96,7 +103,28 @@ def observe(bastion: Bastion, remember: bool = False) -> Observation:
     if remember:
         write_atomic(cache_file, json.dumps({**fallback, **resolved}, sort_keys=True).encode())
     return Observation(freeze(resolved), freeze(fallback), frozenset(health.down_urls(bastion)),
-                       worker_user(bastion.dirs.root))
+                       worker_user(bastion.dirs.root), freeze(servable(bastion)))
+
+
+def servable(bastion: Bastion) -> dict[str, dict[str, Any]]:
+    """name → {names, fullchain, key, digest} of every certificate nginx can serve now. One with a missing,
+    unreadable or broken file, or a key of another certificate, is left out (logged): nginx would refuse to
+    start on it. The digest of both files is rendered, so a renewed or replaced certificate makes a new
+    generation that `nginx -t` checks before nginx reloads."""
+    result = {}
+    for name, _ in certs.names(bastion):
+        paths = certs.files(bastion, name)
+        try:
+            if paths is None:
+                raise FileNotFoundError("no fullchain.pem")
+            chain, key = paths[0].read_bytes(), paths[1].read_bytes()
+            names = pem.served_names(chain, key)
+        except (OSError, ValueError, IndexError) as e:
+            log.error("certificate %s is not served: %s", name, e)
+            continue
+        result[name] = {"names": names, "fullchain": str(paths[0]), "key": str(paths[1]),
+                        "digest": hashlib.sha256(chain + b"\0" + key).hexdigest()[:16]}
+    return result
 
 
 def gather(bastion: Bastion, observed: Observation | None = None) -> RenderInput:
@@ -108,7 +136,8 @@ def gather(bastion: Bastion, observed: Observation | None = None) -> RenderInput
     dirs = bastion.dirs
     paths = {"pid": dirs.nginx_pid, "error_log": dirs.error_log, "access_log": dirs.access_log,
              "admin_access_log": dirs.logs / "admin-access.log", "temp": dirs.nginx_temp,
-             "gate_socket": dirs.gate_socket, "manager_socket": dirs.manager_socket}
+             "gate_socket": dirs.gate_socket, "manager_socket": dirs.manager_socket,
+             "acme_webroot": dirs.acme_webroot}
     return RenderInput(
         tables=freeze(tables),
         settings=freeze(settings),
@@ -117,4 +146,5 @@ def gather(bastion: Bastion, observed: Observation | None = None) -> RenderInput
         down=observed.down,
         worker_user=observed.worker_user,
         paths=freeze({name: str(path) for name, path in paths.items()}),
+        certificates=observed.certificates,
     )

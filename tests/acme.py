@@ -173,7 +173,8 @@ class Pebble:
     """Pebble + challtestsrv + the webroot server. `directory` is the ACME URL, `ca_bundle` the CA file that
     makes certbot trust Pebble's listener, `root_pem()` Pebble's issuing root."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, webroot_server: bool = True):
+        """`webroot_server`: serve the HTTP-01 webroot on `http_port` here (False: nginx serves it)."""
         workdir.mkdir(parents=True, exist_ok=True)
         self.dns_port, self.mgmt_port = free_port(), free_port()
         self.acme_port, self.pebble_mgmt_port, self.http_port = free_port(), free_port(), free_port()
@@ -192,7 +193,7 @@ class Pebble:
         (workdir / "pebble.json").write_text(json.dumps(config))
         self.challtestsrv = f"http://127.0.0.1:{self.mgmt_port}"
         self.directory = f"https://127.0.0.1:{self.acme_port}/dir"
-        self.webroot = WebrootServer(self.http_port)
+        self.webroot = WebrootServer(self.http_port) if webroot_server else None
         self.procs = [
             subprocess.Popen([CHALLTESTSRV, "-defaultIPv4", "127.0.0.1", "-defaultIPv6", "",
                               "-dns01", f"127.0.0.1:{self.dns_port}", "-management", f"127.0.0.1:{self.mgmt_port}",
@@ -232,4 +233,5 @@ class Pebble:
                 proc.wait(5)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        self.webroot.close()
+        if self.webroot:
+            self.webroot.close()

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 from click.testing import CliRunner
 from cryptography import x509
 
@@ -62,7 +63,7 @@ class Api:
         self.client = self.app.test_client()
         token = self.client.post("/auth/token", json={"username": "root", "password": "root-password"}).json
         self.headers = {"Authorization": f"Bearer {token['token']}"}
-        self.b.store.update_settings(http_listen="127.0.0.1:80", acme_server=pebble.directory,
+        self.b.store.update_settings(http_listen=f"127.0.0.1:{pebble.http_port}", acme_server=pebble.directory,
                                      acme_ca_bundle=str(pebble.ca_bundle), acme_email="ops@example.test",
                                      dns_propagation_seconds=0)
         pebble.webroot.root = self.dirs.acme_webroot
@@ -224,12 +225,15 @@ def test_acme_server_unreachable(api: Api) -> None:
 def test_failed_challenge_and_failed_renewal_change_nothing(api: Api, pebble: Pebble) -> None:
     assert api.call("POST", "/api/v1/certificates", json={"domains": ["good.example.test"]}).status_code == 201
     before = api.fingerprint()
-    pebble.webroot.serving = False  # the domain "points elsewhere": the challenge file is not there
+    # the domain points elsewhere: the local probe passes, the ACME server finds nobody at that address
+    requests.post(f"{pebble.challtestsrv}/add-a", json={"host": "elsewhere.example.test.",
+                                                         "addresses": ["127.0.0.2"]}, timeout=5).raise_for_status()
     r = api.call("POST", "/api/v1/certificates", json={"domains": ["elsewhere.example.test"]})
     assert r.status_code == 502, r.text
     assert "Certbot failed to authenticate some domains" in r.json["message"]
-    assert "elsewhere.example.test" in r.json["message"] and "404" in r.json["message"], r.json
+    assert "elsewhere.example.test" in r.json["message"] and "127.0.0.2" in r.json["message"], r.json
     assert api.fingerprint() == before
+    pebble.webroot.serving = False  # and the webroot is no longer served: the renewal's challenge fails
     r = api.call("POST", "/api/v1/certificates/good.example.test/renew", json={"force_renewal": True})
     assert r.status_code == 502 and "Certbot failed to authenticate" in r.json["message"], r.text
     status = api.call("GET", "/api/v1/certificates").json
@@ -371,7 +375,7 @@ def test_bad_uploads_are_400_and_store_nothing(api: Api, case: str, body: dict, 
     ("acme_email", "$(id)@example.test"), ("acme_ca_bundle", "/no/such/file.pem"), ("acme_ca_bundle", "rel.pem"),
     ("acme_ca_bundle", "/etc/hosts;id"), ("acme_key_type", "dsa"), ("dns_propagation_seconds", -1),
     ("dns_propagation_seconds", 100000), ("http_listen", "0.0.0.0:99999"), ("https_listen", "example.test:443"),
-    ("hsts", "yes"), ("http_listen", "127.0.0.1:8080"), ("https_listen", "127.0.0.1:80"),
+    ("hsts", "yes"), ("http_listen", "127.0.0.1:8080"), ("https_listen", "127.0.0.1:8081"),
 ])
 def test_bad_certificate_settings_are_400_naming_the_field(api: Api, name: str, value: object) -> None:
     before = api.b.settings()

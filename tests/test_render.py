@@ -114,8 +114,9 @@ GOLDEN = Path(__file__).parent / "golden"
 GOLDEN_ROOT = "/srv/bastion-golden"  # the data dir named in the golden files
 
 
-def golden_input() -> RenderInput:
-    """A fixed input touching every feature of the templates."""
+def golden_input(tls: bool = False) -> RenderInput:
+    """A fixed input touching every feature of the templates (`tls`: with the HTTP and HTTPS listeners, two
+    certificates and HSTS)."""
     pools_ = [
         {"name": "local", "method": "least_conn", "models": ["m1"],
          "upstreams": [{"url": "http://127.0.0.1:8000", "weight": 3},
@@ -129,6 +130,8 @@ def golden_input() -> RenderInput:
     ]
     stored = {"public_cidr_groups": ["office"], "admin_cidr_groups": ["private", "vanished"],
               "trusted_proxies": ["192.0.2.0/24"], "server_name": "llm.example.com", "read_timeout": 700}
+    if tls:
+        stored.update(http_listen="127.0.0.1:8880", https_listen="127.0.0.1:8443", hsts=True)
     tables = {"pools": pools_, "routes": [], "settings": [stored],
               "cidr_groups": [{"name": "office", "allow": ["10.1.0.0/16"], "deny": ["10.1.2.0/24"]}]}
     resolved = {"127.0.0.1:8000": ["127.0.0.1:8000"], "127.0.0.1:8001": ["127.0.0.1:8001"],
@@ -141,26 +144,49 @@ def golden_input() -> RenderInput:
         tables=freeze(tables), settings=freeze(settings_mod.effective(stored)),
         custom_config="server { listen 127.0.0.1:65001; return 204; }", resolved=freeze(resolved),
         down=frozenset({"http://127.0.0.1:8001"}), worker_user=None,
-        paths=freeze({k: f"{GOLDEN_ROOT}/{v}" for k, v in paths.items()}))
+        paths=freeze({k: f"{GOLDEN_ROOT}/{v}" for k, v in {**paths, "acme_webroot": "acme-webroot"}.items()}),
+        certificates=freeze(GOLDEN_CERTIFICATES if tls else {}))
 
 
-def test_rendering_matches_the_golden_files_byte_for_byte(tmp_path: Path) -> None:
+GOLDEN_CERTIFICATES = {
+    "api.example.com": {"names": ["api.example.com", "www.example.com"], "digest": "0123456789abcdef",
+                        "fullchain": f"{GOLDEN_ROOT}/certbot/config/live/api.example.com/fullchain.pem",
+                        "key": f"{GOLDEN_ROOT}/certbot/config/live/api.example.com/privkey.pem"},
+    "wild": {"names": ["*.example.org"], "digest": "fedcba9876543210",
+             "fullchain": f"{GOLDEN_ROOT}/certs/uploaded/wild/fullchain.pem",
+             "key": f"{GOLDEN_ROOT}/certs/uploaded/wild/privkey.pem"},
+}
+
+
+@pytest.mark.parametrize("case", ["plain", "tls"])
+def test_rendering_matches_the_golden_files_byte_for_byte(tmp_path: Path, case: str) -> None:
     """The checked-in files are what this input renders to (BASTION_UPDATE_GOLDEN=1 rewrites them after a
     deliberate template change: review the diff), and nginx accepts them."""
-    files = render(golden_input(), 42)
+    golden = GOLDEN / "tls" if case == "tls" else GOLDEN
+    files = render(golden_input(tls=case == "tls"), 42)
     if os.environ.get("BASTION_UPDATE_GOLDEN"):
+        golden.mkdir(exist_ok=True)
         for name, text in files.items():
-            (GOLDEN / name).write_text(text)
-    assert sorted(files) == sorted(p.name for p in GOLDEN.iterdir())
+            (golden / name).write_text(text)
+    assert sorted(files) == sorted(p.name for p in golden.iterdir() if p.is_file())
     for name, text in files.items():
-        assert text.encode() == (GOLDEN / name).read_bytes(), f"{name} differs from tests/golden/{name}"
-    # the golden bytes themselves pass nginx -t (moved to a real data dir)
+        assert text.encode() == (golden / name).read_bytes(), f"{name} differs from {golden}/{name}"
+    # the golden bytes themselves pass nginx -t (moved to a real data dir, with real certificate files)
     dirs = DataDir.at(tmp_path)
     dirs.ensure()
     gen = dirs.generations / "000042"
     gen.mkdir()
     for name in files:
-        (gen / name).write_text((GOLDEN / name).read_text().replace(GOLDEN_ROOT, str(tmp_path)))
+        (gen / name).write_text((golden / name).read_text().replace(GOLDEN_ROOT, str(tmp_path)))
+    if case == "tls":
+        from tests.acme import make_cert, pem
+
+        for cert in GOLDEN_CERTIFICATES.values():
+            chain = Path(cert["fullchain"].replace(GOLDEN_ROOT, str(tmp_path)))
+            chain.parent.mkdir(parents=True)
+            leaf, key = make_cert(cert["names"][0], names=cert["names"])
+            chain.write_text(pem(leaf))
+            Path(cert["key"].replace(GOLDEN_ROOT, str(tmp_path))).write_text(pem(key))
     Nginx(dirs).test(gen / "nginx.conf")
 
 

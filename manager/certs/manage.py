@@ -21,6 +21,7 @@ from manager.certs.certbot import Account, Certbot, CertbotFailed
 from manager.certs.preflight import AcmeUnavailable
 from manager.certs.state import State
 from manager.errors import Conflict, NotFound
+from manager.nginx import NginxError
 
 if TYPE_CHECKING:
     from manager.context import Bastion
@@ -51,8 +52,7 @@ def obtain(b: Bastion, domains: Any, challenge: Any, author: str, progress: Prog
     if challenge == "http-01":
         preflight.http_listener(settings)
         webroot = _webroot(b)
-        if probe_url:
-            preflight.webroot_served(webroot, probe_url)
+        preflight.webroot_served(webroot, probe_url or local_url(settings["http_listen"]))
         args = bot.webroot_args()
     else:
         preflight.cloudflare_token(b.dirs.cloudflare_credentials)
@@ -69,6 +69,8 @@ def obtain(b: Bastion, domains: Any, challenge: Any, author: str, progress: Prog
             raise
     State(b.dirs.cert_state).set(name, source="acme", challenge=challenge, obtained=time.time())
     b.audit.record(author, f"obtain certificate {name} for {', '.join(names)} ({challenge})")
+    progress("applying the nginx configuration")
+    serve(b, author, f"serve certificate {name}")
     status = describe(b, name)
     progress(f"certificate {name} from {status['issuer']}: {status['days_left']} days left")
     return status
@@ -106,21 +108,42 @@ def _renew_one(b: Bastion, bot: Certbot, name: str, force: bool, author: str) ->
                   else f"not due for renewal (valid until {expires})"}
         if renewed:
             b.audit.record(author, f"renew certificate {name}")
+            serve(b, author, f"serve renewed certificate {name}")  # the deploy hook did, unless it failed
     except CertbotFailed as e:
         result = {"ok": False, "message": str(e)}
         _failed(b, author, f"renew certificate {name}", e)
+    except NginxError as e:  # logged and audited by serve
+        result = {"ok": False, "message": f"renewed, but nginx refused the new files and serves the previous "
+                                          f"ones: {e}"}
     State(b.dirs.cert_state).set(name, last_renewal={"time": time.time(), **result})
     return {"name": name, **result}
 
 
 def deployed(b: Bastion, lineage: str, author: str = "certbot") -> str:
-    """certbot's deploy hook ran for `lineage` (RENEWED_LINEAGE): record it. (Re-applying the nginx
-    configuration so the new files are served is wired with the TLS listeners.)"""
+    """certbot's deploy hook ran for `lineage` (RENEWED_LINEAGE): re-apply the nginx configuration so the new
+    files are served (test, reload, verify; rolled back with nginx's words if refused), and record it."""
     name = checks.cert_name("RENEWED_LINEAGE", Path(lineage).name)
+    serve(b, author, f"deploy renewed certificate {name}")
     State(b.dirs.cert_state).set(name, last_deployed=time.time())
     b.audit.record(author, f"deploy renewed certificate {name}")
     log.info("certificate %s renewed and deployed", name)
     return name
+
+
+def serve(b: Bastion, author: str, action: str) -> None:
+    """Re-apply the nginx configuration after a certificate changed (the normal apply: nginx keeps what it
+    served when it refuses the new files). Raises NginxError with nginx's words, logged and audited."""
+    try:
+        b.apply(author)
+    except NginxError as e:
+        _failed(b, author, action, e)
+        raise
+
+
+def local_url(listen: str) -> str:
+    """http://HOST:PORT of a listener as this machine reaches it (a wildcard address is reached on loopback)."""
+    host, _, port = listen.rpartition(":")
+    return f"http://{ {'0.0.0.0': '127.0.0.1', '[::]': '[::1]', '': '127.0.0.1'}.get(host, host)}:{port}"
 
 
 def upload(b: Bastion, certificate: Any, private_key: Any, domains: Any, author: str,
@@ -138,7 +161,14 @@ def upload(b: Bastion, certificate: Any, private_key: Any, domains: Any, author:
     except v.ValidationError as e:
         _failed(b, author, f"upload certificate {name}", e)
         raise
-    _store_upload(b.dirs.uploaded_certs, name, fullchain, key)
+    previous = _store_upload(b.dirs.uploaded_certs, name, fullchain, key)
+    try:
+        serve(b, author, f"serve uploaded certificate {name}")
+    except NginxError:
+        _put_back(b.dirs.uploaded_certs / name, previous)
+        raise
+    if previous:
+        shutil.rmtree(previous.parent)
     State(b.dirs.cert_state).set(name, source="upload", uploaded=time.time(), last_renewal=None)
     b.audit.record(author, f"upload certificate {name} for {', '.join(names)}")
     return describe(b, name)
@@ -156,6 +186,7 @@ def remove(b: Bastion, name: Any, author: str) -> None:
         raise NotFound("certificate", name)
     State(b.dirs.cert_state).update(name, lambda _: None)
     b.audit.record(author, f"remove certificate {name}")
+    serve(b, author, f"stop serving certificate {name}")
 
 
 def set_cloudflare_token(b: Bastion, token: Any, author: str) -> bool:
@@ -180,11 +211,17 @@ def _stored_token(path: Path) -> str | None:
         return None
 
 
-def all_certificates(b: Bastion) -> list[dict[str, Any]]:
-    names = [(n, "acme") for n in Certbot(b.dirs).lineages()]
+def names(b: Bastion) -> list[tuple[str, str]]:
+    """(name, source) of every certificate: ACME ones first, then uploads, each sorted by name."""
+    found = [(n, "acme") for n in Certbot(b.dirs).lineages()]
     if b.dirs.uploaded_certs.is_dir():
-        names += [(p.name, "upload") for p in sorted(b.dirs.uploaded_certs.iterdir()) if p.is_dir()]
-    return [describe(b, n, source) for n, source in names]
+        found += [(p.name, "upload") for p in sorted(b.dirs.uploaded_certs.iterdir())
+                  if p.is_dir() and not p.name.startswith(".")]
+    return found
+
+
+def all_certificates(b: Bastion) -> list[dict[str, Any]]:
+    return [describe(b, n, source) for n, source in names(b)]
 
 
 def files(b: Bastion, name: str) -> tuple[Path, Path] | None:
@@ -232,21 +269,29 @@ def _webroot(b: Bastion) -> Path:
     return webroot
 
 
-def _store_upload(root: Path, name: str, fullchain: bytes, key: bytes) -> None:
-    """Write both files into a new dir, then swap it in: a reader never sees a key without its chain."""
+def _store_upload(root: Path, name: str, fullchain: bytes, key: bytes) -> Path | None:
+    """Write both files into a new dir, then swap it in: a reader never sees a key without its chain. Returns
+    where the previous files of `name` were moved (kept until nginx serves the new ones), None if new."""
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
     staged = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
     _write_private(staged / "fullchain.pem", fullchain)
     _write_private(staged / "privkey.pem", key)
     target = root / name
+    previous = None
     if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{name}.old.", dir=root))
-        os.replace(target, old / name)
-        os.replace(staged, target)
-        shutil.rmtree(old)
-    else:
-        os.replace(staged, target)
+        previous = Path(tempfile.mkdtemp(prefix=f".{name}.old.", dir=root)) / name
+        os.replace(target, previous)
+    os.replace(staged, target)
     target.chmod(0o700)
+    return previous
+
+
+def _put_back(target: Path, previous: Path | None) -> None:
+    """Undo `_store_upload`: the previous files of the certificate (if any) take their place again."""
+    shutil.rmtree(target)
+    if previous:
+        os.replace(previous, target)
+        previous.parent.rmdir()
 
 
 def _write_private(path: Path, data: bytes) -> None:

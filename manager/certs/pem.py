@@ -79,6 +79,21 @@ def covers(names: list[str], domain: str) -> bool:
     return bool(rest) and not head.startswith("*") and f"*.{rest}" in names
 
 
+def served_names(chain_pem: bytes, key_pem: bytes) -> list[str]:
+    """The names of a certificate nginx can serve as it is on disk: the chain parses, the key is unencrypted and
+    belongs to its first certificate. Raises ValueError saying what is wrong."""
+    chain = x509.load_pem_x509_certificates(chain_pem)
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except TypeError:
+        raise ValueError("the private key is encrypted") from None
+    if _spki(key.public_key()) != _spki(chain[0].public_key()):
+        raise ValueError("the private key does not belong to the certificate")
+    if not (names := names_of(chain[0])):
+        raise ValueError("the certificate names no domain")
+    return names
+
+
 def summary(cert: x509.Certificate) -> Summary:
     return Summary(names_of(cert), cert.issuer.rfc4514_string(), cert.not_valid_before_utc.timestamp(),
                    cert.not_valid_after_utc.timestamp(), format(cert.serial_number, "x"))

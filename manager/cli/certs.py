@@ -128,6 +128,6 @@ def certs_cloudflare_token(b: Bastion, remove: bool) -> None:
 @click.option("--lineage", envvar="RENEWED_LINEAGE", required=True, help="certbot sets RENEWED_LINEAGE.")
 @with_bastion
 def certs_deployed(b: Bastion, lineage: str) -> None:
-    """certbot's deploy hook after a renewal (records it; nginx picks the new files up on its next apply)."""
+    """certbot's deploy hook after a renewal: re-applies the nginx configuration (serving the new files)."""
     name = manage.deployed(b, os.path.basename(lineage))
     click.echo(f"certificate {name} deployed")
