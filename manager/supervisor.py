@@ -28,6 +28,7 @@ import requests
 from manager import generations, health, pools, snapshot
 from manager import settings as settings_mod
 from manager.apply import healthz_url, recover
+from manager.certs import manage as cert_manage
 from manager.context import Bastion
 from manager.store import StoreCorrupt
 
@@ -284,6 +285,9 @@ class Supervisor:
             Periodic("health checks", health_interval, lambda: health.check(self.bastion), self.stopping),
             Periodic("log upkeep", lambda: 1.0, self._log_upkeep, self.stopping),
             Periodic("snapshot repair", lambda: 2.0, self._repair_snapshot, self.stopping),
+            # looks every minute, renews at most twice a day (manage.RENEWAL_CHECK_EVERY), failures recorded
+            Periodic("certificate renewal", lambda: 60.0, lambda: cert_manage.scheduled_renewal(self.bastion),
+                     self.stopping),
         ]
 
     def _log_upkeep(self) -> None:

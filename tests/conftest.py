@@ -48,12 +48,13 @@ class Stack:
             assert result.exit_code == 0, result.output
         return result.output
 
-    def start(self) -> None:
+    def start(self, *up_args: str) -> None:
+        """`bastion up` with the public and admin listeners, plus `up_args` (e.g. --http, --https)."""
         env = {**os.environ, "BASTION_DATA_DIR": str(self.data_dir), "BASTION_ADMIN_PASSWORD": ADMIN_PASSWORD}
         with self.output.open("wb") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "manager.cli", "up", "--public", f"127.0.0.1:{self.public_port}",
-                 "--admin", f"127.0.0.1:{self.admin_port}"],
+                 "--admin", f"127.0.0.1:{self.admin_port}", *up_args],
                 stdout=out, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
+RENEW_BEFORE_DAYS = 30  # certbot's own default (renew_before_expiry)
+RENEWAL_CHECK_EVERY = 12 * 3600.0  # the scheduled renewal looks twice a day, as Let's Encrypt recommends
 AcmeFailed = (CertbotFailed, AcmeUnavailable)  # the ACME side failed: the API answers 502
 
 
@@ -93,6 +95,33 @@ def renew(b: Bastion, author: str, name: str | None = None, force: bool = False)
             results.append(_renew_one(b, bot, lineage, force, author))
     if name and not results[0]["ok"]:
         raise CertbotFailed(results[0]["message"])
+    return results
+
+
+def scheduled_renewal(b: Bastion, author: str = "scheduler", now: float | None = None) -> list[dict[str, Any]] | None:
+    """The renewal `bastion up` runs every minute: at most once per RENEWAL_CHECK_EVERY (across restarts: the
+    time of the last check is kept in DATA/certs/renewal-check), renew the ACME certificates that expire
+    within RENEW_BEFORE_DAYS. Returns their results, None when it was not time yet. Failures are recorded in
+    each certificate's status, logged and audited; only a busy lock (409) is raised (retried a minute later)."""
+    now = time.time() if now is None else now
+    stamp = b.dirs.certs / "renewal-check"
+    try:
+        if now - stamp.stat().st_mtime < RENEWAL_CHECK_EVERY:
+            return None
+    except FileNotFoundError:
+        pass
+    bot = Certbot(b.dirs)
+    due = [n for n in bot.lineages()
+           if (s := _summary(b, n, "acme")) is None or s.days_left(now) < RENEW_BEFORE_DAYS]
+    results = []
+    if due:
+        with bot.lock():
+            results = [_renew_one(b, bot, n, False, author) for n in due]
+    stamp.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    stamp.touch()
+    os.utime(stamp, (now, now))
+    for r in results:
+        log.log(logging.INFO if r["ok"] else logging.WARNING, "scheduled renewal of %s: %s", r["name"], r["message"])
     return results
 
 

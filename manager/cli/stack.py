@@ -38,11 +38,14 @@ def announce_admin(b: Bastion) -> None:
 @main.command()
 @click.option("--public", help="Public listener HOST:PORT (saved; default 127.0.0.1:8080).")
 @click.option("--admin", help="Admin listener HOST:PORT (saved; default 127.0.0.1:8081).")
+@click.option("--http", help="HTTP listener HOST:PORT: ACME challenges, redirect to HTTPS (saved; default off).")
+@click.option("--https", help="HTTPS listener HOST:PORT, serving once a certificate exists (saved; default off).")
 @click.option("--nginx", "nginx_path", help="Path of the nginx binary (same as the global --nginx).")
 @click.option("--log-level", type=click.Choice(logconfig.LEVELS, case_sensitive=False), envvar=logconfig.ENV,
               default="INFO", show_default=True, help="Detail of the log lines of every process (stderr and logs/).")
 @with_bastion(check_store=False)
-def up(b: Bastion, public: str | None, admin: str | None, nginx_path: str | None, log_level: str) -> None:
+def up(b: Bastion, public: str | None, admin: str | None, http: str | None, https: str | None,
+       nginx_path: str | None, log_level: str) -> None:
     """Run nginx, the gate and the manager in the foreground until Ctrl-C."""
     from manager.supervisor import Supervisor
 
@@ -62,7 +65,8 @@ def up(b: Bastion, public: str | None, admin: str | None, nginx_path: str | None
         log.error("starting on the last good configuration (generation %d); listener options and admin set-up "
                   "wait until the store is repaired", generations.live(b.dirs))
     else:
-        changes = {k: x for k, x in (("public_listen", public), ("admin_listen", admin)) if x}
+        changes = {k: x for k, x in (("public_listen", public), ("admin_listen", admin), ("http_listen", http),
+                                     ("https_listen", https)) if x}
         if changes:
             settings_mod.update(b, changes, "up")
         announce_admin(b)
