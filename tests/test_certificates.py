@@ -16,6 +16,7 @@ import socket
 import ssl
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -220,6 +221,23 @@ def test_acme_server_unreachable(api: Api) -> None:
     out = api.cli("certs", "obtain", "www.example.test", ok=False)
     assert "nothing was changed: the ACME server" in out
     assert not api.certbot_ran() and api.fingerprint() == {}
+
+
+def test_scheduled_renewal_asks_only_for_due_certificates_at_most_twice_a_day(api: Api) -> None:
+    from manager.certs import manage
+
+    assert api.call("POST", "/api/v1/certificates", json={"domains": ["sched.example.test"]}).status_code == 201
+    log_size = (api.dirs.certbot_logs / "letsencrypt.log").stat().st_size
+    now = time.time()
+    assert manage.scheduled_renewal(api.b, now=now) == []  # valid for years: certbot is not even started
+    assert (api.dirs.certbot_logs / "letsencrypt.log").stat().st_size == log_size
+    assert api.call("GET", "/api/v1/certificates").json[0]["last_renewal"] is None
+    assert manage.scheduled_renewal(api.b, now=now + 11 * 3600) is None  # looked less than 12 h ago
+    # within 30 days of its end the certificate is handed to certbot (which decides by its own clock)
+    not_after = api.call("GET", "/api/v1/certificates").json[0]["not_after"]
+    results = manage.scheduled_renewal(api.b, now=not_after - 10 * 86400)
+    assert [r["name"] for r in results] == ["sched.example.test"] and results[0]["ok"], results
+    assert api.call("GET", "/api/v1/certificates").json[0]["last_renewal"]["ok"] is True
 
 
 def test_failed_challenge_and_failed_renewal_change_nothing(api: Api, pebble: Pebble) -> None:

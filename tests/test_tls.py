@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import socket
 import ssl
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -200,6 +201,15 @@ def test_uploaded_certificates_and_what_nginx_cannot_serve(obtained: Tls, tmp_pa
     assert serial(tls.served_certificate(UPLOADED, tmp_path / "ca.pem")) == format(leaf.serial_number, "x")
     acme_serial = serial(tls.served_certificate(NAME))
     uploaded = tls.stack.data_dir / "certs" / "uploaded" / UPLOADED
+    stored = {p.name: p.read_bytes() for p in uploaded.iterdir()}
+
+    # a successor nginx refuses (its signature uses SHA-1): 422 with nginx's words, the previous files back
+    chain, weak_key = sha1_signed(tmp_path, UPLOADED)
+    r = tls.admin("POST", "/api/v1/certificates/upload",
+                  json={"certificate": chain, "private_key": weak_key, "domains": [UPLOADED]})
+    assert r.status_code == 422 and "ca md too weak" in r.text, r.text
+    assert {p.name: p.read_bytes() for p in uploaded.iterdir()} == stored
+    assert serial(tls.served_certificate(UPLOADED, tmp_path / "ca.pem")) == format(leaf.serial_number, "x")
     generation = generations.live(_dirs(tls))
 
     # its key file goes missing: the next apply leaves its server out (logged), nginx keeps serving the rest
@@ -228,6 +238,21 @@ def test_uploaded_certificates_and_what_nginx_cannot_serve(obtained: Tls, tmp_pa
     assert UPLOADED not in (tls.stack.data_dir / "nginx" / "live" / "nginx.conf").read_text()
     with pytest.raises(ssl.SSLCertVerificationError):
         tls.served_certificate(UPLOADED, tmp_path / "ca.pem")
+
+
+def sha1_signed(tmp: Path, name: str) -> tuple[str, str]:
+    """A leaf certificate signed with SHA-1 (cryptography refuses to make one; OpenSSL's CLI still does),
+    without its issuer: it passes Bastion's upload checks, OpenSSL's security level makes nginx refuse it."""
+    def run(*argv: str) -> None:
+        subprocess.run(["openssl", *argv], check=True, capture_output=True, cwd=tmp)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    run("req", "-x509", *ec, "-keyout", "weak-ca.key", "-out", "weak-ca.pem", "-days", "3", "-subj", "/CN=weak CA")
+    run("req", "-new", *ec, "-keyout", "weak.key", "-out", "weak.csr", "-subj", f"/CN={name}")
+    (tmp / "weak.ext").write_text(f"subjectAltName=DNS:{name}\n")
+    run("x509", "-req", "-in", "weak.csr", "-CA", "weak-ca.pem", "-CAkey", "weak-ca.key", "-CAcreateserial",
+        "-sha1", "-days", "2", "-extfile", "weak.ext", "-out", "weak.pem")
+    return (tmp / "weak.pem").read_text(), (tmp / "weak.key").read_text()
 
 
 def _dirs(tls: Tls):
