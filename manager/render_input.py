@@ -109,8 +109,9 @@ def observe(bastion: Bastion, remember: bool = False) -> Observation:
 def servable(bastion: Bastion) -> dict[str, dict[str, Any]]:
     """name → {names, fullchain, key, digest} of every certificate nginx can serve now. One with a missing,
     unreadable or broken file, or a key of another certificate, is left out (logged): nginx would refuse to
-    start on it. The digest of both files is rendered, so a renewed or replaced certificate makes a new
-    generation that `nginx -t` checks before nginx reloads."""
+    start on it. A digest of the chain is rendered (the key must match it, so it changes with it), so a
+    renewed or replaced certificate makes a new generation that `nginx -t` checks before nginx reloads;
+    nothing derived from the key is rendered."""
     result = {}
     for name, _ in certs.names(bastion):
         paths = certs.files(bastion, name)
@@ -123,7 +124,7 @@ def servable(bastion: Bastion) -> dict[str, dict[str, Any]]:
             log.error("certificate %s is not served: %s", name, e)
             continue
         result[name] = {"names": names, "fullchain": str(paths[0]), "key": str(paths[1]),
-                        "digest": hashlib.sha256(chain + b"\0" + key).hexdigest()[:16]}
+                        "digest": hashlib.sha256(chain).hexdigest()[:16]}
     return result
 
 
