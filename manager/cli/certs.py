@@ -37,7 +37,7 @@ def certs() -> None:
 @click.option("--challenge", type=click.Choice(["http-01", "dns-01"]), default="http-01", show_default=True,
               help="http-01: the HTTP listener answers; dns-01: a TXT record through the Cloudflare API.")
 @click.option("--name", help="Certificate name (default: the first domain).")
-@click.option("--probe-url", help="Also check that this base URL serves the challenge directory first.")
+@click.option("--probe-url", help="Check the challenge directory through this base URL instead of the HTTP listener.")
 @with_bastion
 @acme_errors
 def certs_obtain(b: Bastion, domains: tuple[str, ...], challenge: str, name: str | None,
