@@ -220,3 +220,30 @@ def test_render_is_a_pure_function_of_its_input(bastion: Bastion, monkeypatch: p
     assert render(inp, 3) == first  # ...the gathered input does not
     with pytest.raises(TypeError):
         inp.tables["pools"][0]["name"] = "changed"  # type: ignore[index]
+
+
+def test_only_certificates_nginx_can_load_are_rendered(bastion: Bastion, caplog: pytest.LogCaptureFixture) -> None:
+    """A certificate whose key belongs to another one, or whose key file is missing, is left out (logged);
+    nginx gets the rest and still passes `nginx -t`."""
+    from tests.acme import make_cert, pem
+
+    settings_mod.update(bastion, {"http_listen": "127.0.0.1:8880", "https_listen": "127.0.0.1:8443"})
+    good = make_cert("a.example.test", names=["a.example.test"])
+    other = make_cert("b.example.test", names=["b.example.test"])
+    for name, cert, key in (("a.example.test", *good), ("b.example.test", other[0], good[1]),
+                            ("c.example.test", *other)):
+        folder = bastion.dirs.uploaded_certs / name
+        folder.mkdir(parents=True)
+        (folder / "fullchain.pem").write_text(pem(cert))
+        if name != "c.example.test":
+            (folder / "privkey.pem").write_text(pem(key))
+    inp = gather(bastion)
+    assert list(inp.certificates) == ["a.example.test"]
+    assert "certificate b.example.test is not served: the private key does not belong" in caplog.text
+    assert "certificate c.example.test is not served" in caplog.text
+    text = render(inp, 5)["nginx.conf"]
+    assert "listen 127.0.0.1:8443 ssl default_server;\n        server_name a.example.test;" in text
+    assert "b.example.test" not in text and "c.example.test" not in text
+    assert "return 301 https://$host:8443$request_uri;" in text
+    bastion.apply("test")
+    assert "server_name a.example.test;" in live_text(bastion)

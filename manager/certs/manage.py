@@ -193,7 +193,7 @@ def upload(b: Bastion, certificate: Any, private_key: Any, domains: Any, author:
     previous = _store_upload(b.dirs.uploaded_certs, name, fullchain, key)
     try:
         serve(b, author, f"serve uploaded certificate {name}")
-    except NginxError:
+    except Exception:  # nginx refused it (or the apply could not run): the previous files take their place
         _put_back(b.dirs.uploaded_certs / name, previous)
         raise
     if previous:
