@@ -259,3 +259,27 @@ def _dirs(tls: Tls):
     from manager.datadir import DataDir
 
     return DataDir.at(tls.stack.data_dir)
+
+
+def test_failed_obtains_leave_nginx_serving_what_it_served(obtained: Tls) -> None:
+    """The domain points elsewhere (the challenge fails), the ACME server is unreachable, the domain is hostile:
+    clear errors, and nginx keeps the same generation and the same certificate."""
+    tls = obtained
+    generation = tls.stack.get("/healthz").json()["generation"]
+    before = serial(tls.served_certificate(NAME))
+    requests.post(f"{tls.pebble.challtestsrv}/add-a", json={"host": "elsewhere.example.test.",
+                                                             "addresses": ["127.0.0.2"]}, timeout=5).raise_for_status()
+    r = tls.admin("POST", "/api/v1/certificates", json={"domains": ["elsewhere.example.test"]})
+    assert r.status_code == 502 and "failed to authenticate" in r.json()["message"], r.text
+    r = tls.admin("POST", "/api/v1/certificates", json={"domains": ["x.example.test;reboot"]})
+    assert r.status_code == 400 and r.json()["error"]["field"] == "domains[0]", r.text
+    directory = json.loads(tls.stack.cli("settings", "show"))["acme_server"]
+    tls.stack.cli("settings", "set", "acme_server", f"https://127.0.0.1:{free_port()}/dir")
+    try:
+        r = tls.admin("POST", "/api/v1/certificates", json={"domains": ["new.example.test"]})
+        assert r.status_code == 502 and "refused" in r.json()["message"], r.text
+    finally:
+        tls.stack.cli("settings", "set", "acme_server", directory)
+    assert tls.stack.get("/healthz").json()["generation"] == generation
+    assert serial(tls.served_certificate(NAME)) == before
+    assert requests.get(tls.url(NAME), verify=str(tls.root), timeout=5).status_code == 200
