@@ -463,3 +463,18 @@ def test_domain_names_are_normalised_to_ascii() -> None:
         "xn--bcher-kva.example.test", "www.example.test"]
     assert checks.domains("domains", ["*.example.test"], wildcard=True) == ["*.example.test"]
     assert checks.default_name(["*.example.test", "example.test"]) == "example.test"
+
+
+def test_certificate_names_never_reach_nginx_syntax_unchecked(api: Api) -> None:
+    """A certificate may name any string: an uploaded one with a name that is not a DNS name is refused, and one
+    put on disk by hand is served only under its plain DNS names."""
+    from manager.certs import pem as pem_mod
+
+    hostile = "b.example.test; location /x/ { alias /; autoindex on; } server_tokens off"
+    cert, key = make_cert("a.example.test", names=["a.example.test", hostile])
+    before = api.fingerprint()
+    r = api.call("POST", "/api/v1/certificates/upload",
+                 json={"certificate": pem(cert), "private_key": pem(key), "domains": ["a.example.test"]})
+    assert r.status_code == 400 and r.json["error"]["field"] == "certificate" and "DNS name" in r.json["message"]
+    assert api.fingerprint() == before
+    assert pem_mod.served_names(pem(cert).encode(), pem(key).encode()) == ["a.example.test"]

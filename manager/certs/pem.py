@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtensionOID
 
+from manager.certs import checks
 from manager.validation import ValidationError
 
 DAY = 86400
@@ -89,9 +90,18 @@ def served_names(chain_pem: bytes, key_pem: bytes) -> list[str]:
         raise ValueError("the private key is encrypted") from None
     if _spki(key.public_key()) != _spki(chain[0].public_key()):
         raise ValueError("the private key does not belong to the certificate")
-    if not (names := names_of(chain[0])):
-        raise ValueError("the certificate names no domain")
+    names = [n for n in names_of(chain[0]) if _servable_name(n)]  # they go into nginx's server_name
+    if not names:
+        raise ValueError("the certificate names no DNS name nginx could serve")
     return names
+
+
+def _servable_name(name: str) -> bool:
+    """A certificate's name may be any string; only a plain DNS name (or *.name) ever reaches nginx syntax."""
+    try:
+        return checks.domain("name", name, wildcard=True) == name.lower()
+    except ValidationError:
+        return False
 
 
 def summary(cert: x509.Certificate) -> Summary:
@@ -126,6 +136,9 @@ def check_pair(cert_text: str, key_text: str, domains: list[str], now: float | N
         if cert.not_valid_before_utc.timestamp() > now:
             raise ValidationError("certificate", f"{which} is not valid before {_date(cert.not_valid_before_utc)}")
     names = names_of(leaf)
+    odd = [n for n in names if not _servable_name(n)]
+    if odd:
+        raise ValidationError("certificate", f"names {odd[0]!r}, which is not a DNS name Bastion can serve")
     missing = [d for d in domains if not covers(names, d)]
     if missing:
         raise ValidationError("domains", f"the certificate does not cover {', '.join(missing)} "
