@@ -264,6 +264,10 @@ def end(dirs: DataDir) -> None:
 
 
 def unswitched(dirs: DataDir) -> list[int]:
-    """Generations written after the live one but never switched to (left by an apply that did not finish)."""
+    """Generations written after the live one but never switched to (left by an apply that did not finish).
+    Nothing when `live` is there but not a link Bastion made (e.g. a copy restored from a backup): then which
+    generations were switched to cannot be told, and nothing is discarded."""
     current = live(dirs)
+    if not current and (dirs.live.exists() or dirs.live.is_symlink()):
+        return []
     return [g for g in numbers(dirs) if g > current]

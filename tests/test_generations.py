@@ -216,3 +216,18 @@ def test_recovery_keeps_a_good_switch_when_nginx_is_not_running(tmp_path: Path) 
     assert generations.pending(bastion.dirs) is None and generations.live(bastion.dirs) == first + 1
     assert applier.recover(bastion) is None  # nothing left to recover
     assert os.path.isdir(second)
+
+
+def test_recovery_discards_nothing_when_live_is_not_bastions_link(tmp_path: Path) -> None:
+    """A backup that followed the `live` symlink restores it as a directory: which generations were switched to
+    can no longer be told, so none of them (history, rollback states) may be deleted."""
+    dirs = DataDir.at(tmp_path / "data")
+    dirs.ensure()
+    for g in (1, 2, 3):
+        generations.directory(dirs, g).mkdir()
+    generations.switch(dirs, 2)
+    target = dirs.live.resolve()
+    dirs.live.unlink()
+    shutil.copytree(target, dirs.live)
+    assert generations.unswitched(dirs) == []
+    assert generations.numbers(dirs) == [1, 2, 3]
