@@ -406,7 +406,8 @@ def validate(field_name: str, value: object, reserved: Mapping[str, int] | None 
 
 def listener_ports(settings: Mapping[str, object]) -> dict[str, int]:
     """The ports of Bastion's own listeners, which a custom config must keep off."""
-    return {name: int(str(settings[f"{name}_listen"]).rpartition(":")[2]) for name in ("admin", "public")}
+    return {name: int(str(settings[f"{name}_listen"]).rpartition(":")[2])
+            for name in ("admin", "public", "http", "https") if settings.get(f"{name}_listen")}
 
 
 def renderable(text: str, settings: Mapping[str, object]) -> str:

@@ -99,7 +99,8 @@ def validate(bastion: Bastion, values: dict[str, Any]) -> dict[str, Any]:
             out[key] = VALIDATORS[key](key, value)
         else:
             raise v.ValidationError(key, "is not a known setting")
-    if {"custom_config", "admin_listen", "public_listen"} & out.keys():  # custom servers keep off the listeners
+    # custom servers keep off Bastion's listeners: checked when either side changes
+    if {"custom_config", "admin_listen", "public_listen", "http_listen", "https_listen"} & out.keys():
         merged = {**bastion.settings(), **out}
         custom_config.validate("custom_config", merged["custom_config"], custom_config.listener_ports(merged))
     if set(LISTENERS) & out.keys():  # the ACME/TLS listeners never share an address with another listener

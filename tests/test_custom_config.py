@@ -229,6 +229,18 @@ def test_custom_servers_keep_off_bastions_listeners(stack: Stack, admin: str, te
     assert snapshot(stack) == before
 
 
+def test_custom_servers_keep_off_the_http_and_https_listeners(stack: Stack, admin: str) -> None:
+    port = free_port()
+    assert call(stack, "PATCH", "/api/v1/settings", admin,
+                json={"https_listen": f"127.0.0.1:{port}"}).status_code == 200
+    try:
+        text = f"server {{ listen 127.0.0.1:{port}; return 200; }}"
+        r = call(stack, "POST", "/nginx/config/update", admin, json={"config": text})
+        assert r.status_code == 400 and "https listener's" in r.json()["message"], r.text
+    finally:
+        assert call(stack, "PATCH", "/api/v1/settings", admin, json={"https_listen": None}).status_code == 200
+
+
 def test_listeners_cannot_move_onto_a_custom_servers_port(stack: Stack, admin: str) -> None:
     port = free_port()
     text = f"server {{ listen 127.0.0.1:{port}; return 200 'custom'; }}"
