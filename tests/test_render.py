@@ -244,6 +244,6 @@ def test_only_certificates_nginx_can_load_are_rendered(bastion: Bastion, caplog:
     text = render(inp, 5)["nginx.conf"]
     assert "listen 127.0.0.1:8443 ssl default_server;\n        server_name a.example.test;" in text
     assert "b.example.test" not in text and "c.example.test" not in text
-    assert "return 301 https://$host:8443$request_uri;" in text
+    assert "return 308 https://$host:8443$request_uri;" in text
     bastion.apply("test")
     assert "server_name a.example.test;" in live_text(bastion)
