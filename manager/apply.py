@@ -179,8 +179,9 @@ def _reload_and_verify(bastion: Bastion, master: int, generation: int) -> None:
         time.sleep(0.05)
         errors = _emerg_since(log, mark)
         if errors:
+            _settle(log)
             raise ReloadFailed("nginx rejected the new configuration at reload; the previous one was restored",
-                               errors)
+                               _emerg_since(log, mark))
         if not nginx.worker_pids(master) - old_workers:
             continue
         try:
@@ -190,6 +191,20 @@ def _reload_and_verify(bastion: Bastion, master: int, generation: int) -> None:
             pass
     raise ReloadFailed("nginx did not confirm the new configuration in time; the previous one was restored",
                        _emerg_since(log, mark))
+
+
+def _settle(log: Path, quiet: float = 0.7, limit: float = 4.0) -> None:
+    """Wait until nginx stops writing its error log (at most `limit` s). A refused bind() is retried for 2.5 s
+    in the same reconfiguration: restoring before that ends would let its late [emerg] lines be taken for the
+    verdict of the next reload."""
+    deadline = time.monotonic() + limit
+    size = -1
+    while time.monotonic() < deadline:
+        current = _log_mark(log)[1]
+        if current == size:
+            return
+        size = current
+        time.sleep(quiet)
 
 
 def _log_mark(log: Path) -> tuple[int, int]:

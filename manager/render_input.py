@@ -6,7 +6,6 @@ added by the change being applied)."""
 from __future__ import annotations
 
 import grp
-import hashlib
 import ipaddress
 import json
 import logging
@@ -113,6 +112,7 @@ def servable(bastion: Bastion) -> dict[str, dict[str, Any]]:
     renewed or replaced certificate makes a new generation that `nginx -t` checks before nginx reloads;
     nothing derived from the key is rendered."""
     result = {}
+    refused = certs.refused(bastion)
     for name, _ in certs.names(bastion):
         paths = certs.files(bastion, name)
         try:
@@ -120,11 +120,13 @@ def servable(bastion: Bastion) -> dict[str, dict[str, Any]]:
                 raise FileNotFoundError("no fullchain.pem")
             chain, key = paths[0].read_bytes(), paths[1].read_bytes()
             names = pem.served_names(chain, key)
+            digest = pem.chain_digest(chain)
+            if digest in refused.get(name, ()):
+                raise ValueError("nginx refused these files; obtain, renew or upload it again, or remove it")
         except (OSError, ValueError, IndexError) as e:
             log.error("certificate %s is not served: %s", name, e)
             continue
-        result[name] = {"names": names, "fullchain": str(paths[0]), "key": str(paths[1]),
-                        "digest": hashlib.sha256(chain).hexdigest()[:16]}
+        result[name] = {"names": names, "fullchain": str(paths[0]), "key": str(paths[1]), "digest": digest}
     return result
 
 

@@ -283,3 +283,20 @@ def test_failed_obtains_leave_nginx_serving_what_it_served(obtained: Tls) -> Non
     assert tls.stack.get("/healthz").json()["generation"] == generation
     assert serial(tls.served_certificate(NAME)) == before
     assert requests.get(tls.url(NAME), verify=str(tls.root), timeout=5).status_code == 200
+
+
+def test_a_certificate_nginx_refuses_does_not_block_later_changes(obtained: Tls) -> None:
+    """An obtained certificate nginx cannot serve (here: another program holds the HTTPS port) is set aside
+    with nginx's reason; every later change still applies, and the certificate is served once it can be."""
+    tls = obtained
+    for cert in tls.admin("GET", "/api/v1/certificates").json():  # no certificate: nothing listens for HTTPS
+        assert tls.admin("DELETE", f"/api/v1/certificates/{cert['name']}").status_code == 200
+    with socket.create_server(("127.0.0.1", tls.https_port)):  # another program holds the port
+        r = tls.admin("POST", "/api/v1/certificates", json={"domains": [NAME]})
+        assert r.status_code == 422 and "Address already in use" in r.text, r.text
+        # an unrelated change still applies: the refused certificate is not rendered again
+        assert tls.admin("PATCH", "/api/v1/settings", json={"read_timeout": 601}).status_code == 200
+        assert tls.stack.post("/v1/models").status_code == 401  # the plain listener serves all along
+    r = tls.admin("POST", f"/api/v1/certificates/{NAME}/renew", json={"force_renewal": True})
+    assert r.status_code == 200 and r.json()["ok"], r.text
+    assert requests.get(tls.url(NAME), verify=str(tls.root), timeout=5).status_code == 200

@@ -12,6 +12,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -72,7 +73,7 @@ def obtain(b: Bastion, domains: Any, challenge: Any, author: str, progress: Prog
     State(b.dirs.cert_state).set(name, source="acme", challenge=challenge, obtained=time.time())
     b.audit.record(author, f"obtain certificate {name} for {', '.join(names)} ({challenge})")
     progress("applying the nginx configuration")
-    serve(b, author, f"serve certificate {name}")
+    serve(b, author, f"serve certificate {name}", name)
     status = describe(b, name)
     progress(f"certificate {name} from {status['issuer']}: {status['days_left']} days left")
     return status
@@ -137,7 +138,7 @@ def _renew_one(b: Bastion, bot: Certbot, name: str, force: bool, author: str) ->
                   else f"not due for renewal (valid until {expires})"}
         if renewed:
             b.audit.record(author, f"renew certificate {name}")
-            serve(b, author, f"serve renewed certificate {name}")  # the deploy hook did, unless it failed
+            serve(b, author, f"serve renewed certificate {name}", name)  # the deploy hook did, unless it failed
     except CertbotFailed as e:
         result = {"ok": False, "message": str(e)}
         _failed(b, author, f"renew certificate {name}", e)
@@ -152,21 +153,37 @@ def deployed(b: Bastion, lineage: str, author: str = "certbot") -> str:
     """certbot's deploy hook ran for `lineage` (RENEWED_LINEAGE): re-apply the nginx configuration so the new
     files are served (test, reload, verify; rolled back with nginx's words if refused), and record it."""
     name = checks.cert_name("RENEWED_LINEAGE", Path(lineage).name)
-    serve(b, author, f"deploy renewed certificate {name}")
+    serve(b, author, f"deploy renewed certificate {name}", name)
     State(b.dirs.cert_state).set(name, last_deployed=time.time())
     b.audit.record(author, f"deploy renewed certificate {name}")
     log.info("certificate %s renewed and deployed", name)
     return name
 
 
-def serve(b: Bastion, author: str, action: str) -> None:
+def serve(b: Bastion, author: str, action: str, name: str | None = None) -> None:
     """Re-apply the nginx configuration after a certificate changed (the normal apply: nginx keeps what it
-    served when it refuses the new files). Raises NginxError with nginx's words, logged and audited."""
+    served when it refuses the new files). Raises NginxError with nginx's words, logged and audited.
+
+    When nginx refuses the files of certificate `name`, they are set aside (not rendered until they change) and
+    the configuration is applied again without them: a refused certificate must not block every later change."""
     try:
         b.apply(author)
     except NginxError as e:
         _failed(b, author, action, e)
+        paths = files(b, name) if name else None
+        if paths:
+            with suppress(OSError):
+                digest = pem.chain_digest(paths[0].read_bytes())
+                State(b.dirs.cert_state).set(name, refused={"digest": digest, "message": e.summary})
+                with suppress(NginxError):
+                    b.apply(author)
         raise
+
+
+def refused(b: Bastion) -> dict[str, set[str]]:
+    """name → digests of certificate files nginx refused (see `serve`)."""
+    return {name: {entry["refused"]["digest"]} for name, entry in State(b.dirs.cert_state).all().items()
+            if isinstance(entry.get("refused"), dict) and "digest" in entry["refused"]}
 
 
 def local_url(listen: str) -> str:

@@ -7,6 +7,7 @@ requested names. What is stored is re-encoded from the parsed objects, so no str
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import time
 from dataclasses import dataclass
@@ -94,6 +95,12 @@ def served_names(chain_pem: bytes, key_pem: bytes) -> list[str]:
     if not names:
         raise ValueError("the certificate names no DNS name nginx could serve")
     return names
+
+
+def chain_digest(chain_pem: bytes) -> str:
+    """What identifies a certificate's files on disk (rendered into nginx.conf, remembered when nginx refuses
+    them); derived from the public chain only."""
+    return hashlib.sha256(chain_pem).hexdigest()[:16]
 
 
 def _servable_name(name: str) -> bool:
