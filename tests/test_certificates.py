@@ -478,3 +478,28 @@ def test_certificate_names_never_reach_nginx_syntax_unchecked(api: Api) -> None:
     assert r.status_code == 400 and r.json["error"]["field"] == "certificate" and "DNS name" in r.json["message"]
     assert api.fingerprint() == before
     assert pem_mod.served_names(pem(cert).encode(), pem(key).encode()) == ["a.example.test"]
+
+
+def test_removal_deletes_nothing_when_nginx_cannot_stop_serving_it(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The files go only once the configuration that leaves them out is live: a restarted nginx must never
+    find its live configuration naming deleted files."""
+    from manager.nginx import NginxError
+    from tests.conftest import free_port
+
+    api.b.store.update_settings(https_listen=f"127.0.0.1:{free_port()}")  # so the certificate is rendered
+    certs, key = chain(["keep.example.test"])
+    body = {"certificate": pem(*certs), "private_key": pem(key), "domains": ["keep.example.test"]}
+    assert api.call("POST", "/api/v1/certificates/upload", json=body).status_code == 201
+    assert "keep.example.test" in (api.dirs.live / "nginx.conf").read_text()
+    before = api.fingerprint()
+
+    def refuse(conf) -> None:
+        raise NginxError("nginx -t rejected the configuration", "[emerg] something else is wrong")
+
+    monkeypatch.setattr(api.b.nginx, "test", refuse)
+    r = api.call("DELETE", "/api/v1/certificates/keep.example.test")
+    assert r.status_code in (422, 500) and "something else is wrong" in r.text, r.text
+    assert api.fingerprint() == before
+    monkeypatch.undo()
+    assert api.call("DELETE", "/api/v1/certificates/keep.example.test").status_code == 200
+    assert api.call("GET", "/api/v1/certificates").json == []

@@ -221,18 +221,31 @@ def upload(b: Bastion, certificate: Any, private_key: Any, domains: Any, author:
 
 
 def remove(b: Bastion, name: Any, author: str) -> None:
+    """Stop serving a certificate, then delete its files: the live configuration never names missing files
+    (a restarted nginx would not start). Raises NginxError, with nothing removed, when that apply fails."""
     name = checks.cert_name("name", name)
     bot = Certbot(b.dirs)
-    if name in bot.lineages():
+    acme = name in bot.lineages()
+    if not acme and not (b.dirs.uploaded_certs / name).is_dir():
+        raise NotFound("certificate", name)
+    state = State(b.dirs.cert_state)
+    kept = state.get(name)
+    paths = files(b, name)
+    if paths:  # set aside like a refused certificate, so the apply leaves it out
+        with suppress(OSError):
+            state.set(name, refused={"digest": pem.chain_digest(paths[0].read_bytes()), "message": "removing"})
+    try:
+        serve(b, author, f"stop serving certificate {name}")
+    except Exception:
+        state.update(name, lambda _: kept or None)
+        raise
+    if acme:
         with bot.lock():
             bot.run(bot.delete(name), None)
-    elif (b.dirs.uploaded_certs / name).is_dir():
-        shutil.rmtree(b.dirs.uploaded_certs / name)
     else:
-        raise NotFound("certificate", name)
-    State(b.dirs.cert_state).update(name, lambda _: None)
+        shutil.rmtree(b.dirs.uploaded_certs / name)
+    state.update(name, lambda _: None)
     b.audit.record(author, f"remove certificate {name}")
-    serve(b, author, f"stop serving certificate {name}")
 
 
 def set_cloudflare_token(b: Bastion, token: Any, author: str) -> bool:
