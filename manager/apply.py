@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import requests
 
 from manager import cidr_groups, generations, render_input
-from manager.nginx import NginxError
+from manager.nginx import NginxError, local_url
 from manager.render import MAIN, RenderInput, render
 from manager.render import access_rules as rules_of
 
@@ -55,9 +55,7 @@ def access_rules(bastion: Bastion, group_names: list[str]) -> list[tuple[str, st
 
 
 def healthz_url(listen: str) -> str:
-    host, _, port = listen.rpartition(":")
-    host = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]"}.get(host, host)
-    return f"http://{host}:{port}/healthz"
+    return local_url(listen) + "/healthz"
 
 
 def apply(bastion: Bastion, author: str = "cli", *, force_reload: bool = False) -> ApplyResult:

@@ -73,3 +73,8 @@ class Nginx:
     def reload(master: int) -> None:
         os.kill(master, signal.SIGHUP)
 
+
+def local_url(listen: str) -> str:
+    """http://HOST:PORT of a listener as this machine reaches it (a wildcard address is reached on loopback)."""
+    host, _, port = listen.rpartition(":")
+    return f"http://{ {'0.0.0.0': '127.0.0.1', '[::]': '[::1]', '': '127.0.0.1'}.get(host, host)}:{port}"

@@ -16,13 +16,14 @@ from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from authsvc.files import write_atomic
 from manager import validation as v
 from manager.certs import checks, pem, preflight
 from manager.certs.certbot import Account, Certbot, CertbotFailed
 from manager.certs.preflight import AcmeUnavailable
 from manager.certs.state import State
 from manager.errors import Conflict, NotFound
-from manager.nginx import NginxError
+from manager.nginx import NginxError, local_url
 
 if TYPE_CHECKING:
     from manager.context import Bastion
@@ -184,12 +185,6 @@ def refused(b: Bastion) -> dict[str, set[str]]:
     """name → digests of certificate files nginx refused (see `serve`)."""
     return {name: {entry["refused"]["digest"]} for name, entry in State(b.dirs.cert_state).all().items()
             if isinstance(entry.get("refused"), dict) and "digest" in entry["refused"]}
-
-
-def local_url(listen: str) -> str:
-    """http://HOST:PORT of a listener as this machine reaches it (a wildcard address is reached on loopback)."""
-    host, _, port = listen.rpartition(":")
-    return f"http://{ {'0.0.0.0': '127.0.0.1', '[::]': '[::1]', '': '127.0.0.1'}.get(host, host)}:{port}"
 
 
 def upload(b: Bastion, certificate: Any, private_key: Any, domains: Any, author: str,
@@ -355,8 +350,4 @@ def _put_back(target: Path, previous: Path | None) -> None:
 
 def _write_private(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    write_atomic(path, data)

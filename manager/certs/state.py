@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from authsvc.files import write_atomic
+
 Entry = dict[str, Any]
 
 
@@ -43,10 +45,7 @@ class State:
                 data.pop(name, None)
             else:
                 data[name] = new
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, self.path)
+            write_atomic(self.path, json.dumps(data, indent=1, sort_keys=True).encode())
 
     def set(self, name: str, **values: Any) -> None:
         self.update(name, lambda entry: {**entry, **values})
