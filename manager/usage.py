@@ -1,26 +1,26 @@
-"""Usage analytics: nginx's JSON access log, ingested into SQLite, and the questions asked of it.
+"""Usage analytics: nginx's usage log (manager/usage_log.py), ingested into SQLite, rolled up, and pruned.
 
 nginx writes the log (Python is never in the request path); `ingest()` reads from the saved offset to the
-last complete line and stores the offset in the same transaction as the rows, so each line is counted once
-even when the supervisor and a CLI command ingest at the same time, and a transaction that fails (a full disk)
-is read again at the next run.
+last complete line and stores the offset in the same transaction as the rows and their rollups, so each line
+is counted once even when the supervisor and a CLI command ingest at the same time, and a transaction that
+fails (a full disk) is read again at the next run. The manager is the only writer.
 
 Files are followed by inode, each with its own offset: after a rotation (`access.log` renamed to
 `access.log.1`, nginx told to reopen) the rest of the old file, including lines nginx wrote to it before it
 reopened, is read before and alongside the new one. A file shorter than its offset was truncated in place and is
 read from its start.
 
-nginx cannot unwrite half a record: when a write is cut short (a full disk) the next record is glued to the torn
-one on the same line. Every record starts with `{"time":` and `escape=json` writes `"` inside values as `\\"`,
-so that text occurs only where a record starts: such a line is split there, the torn part skipped and logged.
+Rollups: each ingested batch is added to per-minute, per-hour and per-day rows by (key, model, pool), with
+request, error, outcome, token and byte counts and cumulative histograms of duration and time to first byte
+(Prometheus-style `le` buckets, so percentiles and /metrics come from the same rows). Summaries over long
+ranges read rollups, never the raw records.
 
 `maintain()` is the supervisor's periodic upkeep: size-based rotation of nginx's logs and the retention of raw
-usage rows, deleted in small batches so ingestion and readers never wait long for the database.
+records and rollups, deleted in small batches so ingestion and readers never wait long for the database.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -31,121 +31,98 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from manager.usage_log import Line, parse_lines
+
 log = logging.getLogger(__name__)
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS requests (
-    id INTEGER PRIMARY KEY,
-    request_id TEXT,
-    start REAL NOT NULL,
-    end REAL NOT NULL,
-    key TEXT,
-    model TEXT,
-    pool TEXT,
-    upstream TEXT,
-    status INTEGER,
-    upstream_status INTEGER,
-    bytes_sent INTEGER,
-    request_length INTEGER,
-    ttfb REAL,
-    duration REAL,
-    method TEXT,
-    uri TEXT,
-    remote_addr TEXT
-);
+# upper bounds (seconds) of the histogram buckets; +Inf is the row's count
+DURATION_BOUNDS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+TTFB_BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+SPANS = {"minute": 60, "hour": 3600, "day": 86400}
+OUTCOMES = ("completed", "upstream_cut", "client_cut", "timeout")
+
+REQUEST_COLUMNS = (
+    "id INTEGER PRIMARY KEY", "request_id TEXT", "start REAL NOT NULL", "end REAL NOT NULL", "key TEXT",
+    "model TEXT", "pool TEXT", "upstream TEXT", "status INTEGER", "upstream_status INTEGER",
+    "bytes_sent INTEGER", "request_length INTEGER", "ttfb REAL", "duration REAL", "method TEXT", "uri TEXT",
+    "remote_addr TEXT", "outcome TEXT", "prompt_tokens INTEGER", "completion_tokens INTEGER",
+    "total_tokens INTEGER")
+# (name, SQL over a `requests` row): the sums every rollup row keeps
+ROLLUP_SUMS = (
+    ("requests", "1"),
+    ("client_errors", "status BETWEEN 400 AND 499"),
+    ("server_errors", "status >= 500"),
+    *((outcome, f"outcome = '{outcome}'") for outcome in OUTCOMES[1:]),
+    ("metered", "total_tokens IS NOT NULL"),
+    ("prompt_tokens", "prompt_tokens"),
+    ("completion_tokens", "completion_tokens"),
+    ("total_tokens", "total_tokens"),
+    ("bytes_sent", "bytes_sent"),
+    ("request_length", "request_length"),
+    ("duration_sum", "duration"),
+    ("ttfb_count", "ttfb IS NOT NULL"),
+    ("ttfb_sum", "ttfb"),
+    *((f"d{i}", f"duration <= {bound}") for i, bound in enumerate(DURATION_BOUNDS)),
+    *((f"t{i}", f"ttfb <= {bound}") for i, bound in enumerate(TTFB_BOUNDS)),
+)
+ROLLUP_NAMES = tuple(name for name, _ in ROLLUP_SUMS)
+SCHEMA_VERSION = 2
+SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS requests ({", ".join(REQUEST_COLUMNS)});
 CREATE INDEX IF NOT EXISTS requests_key_start ON requests (key, start);
 CREATE INDEX IF NOT EXISTS requests_start ON requests (start);
 CREATE TABLE IF NOT EXISTS ingest_files (
     inode INTEGER PRIMARY KEY,
     offset INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS rollups (
+    span INTEGER NOT NULL, bucket INTEGER NOT NULL, key TEXT NOT NULL, model TEXT NOT NULL, pool TEXT NOT NULL,
+    {", ".join(f"{name} {'REAL' if name.endswith('_sum') else 'INTEGER'} NOT NULL DEFAULT 0" for name in ROLLUP_NAMES)},
+    PRIMARY KEY (span, key, bucket, model, pool)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS rollups_span_bucket ON rollups (span, bucket);
 """
-COLUMNS = ("request_id", "start", "end", "key", "model", "pool", "upstream", "status", "upstream_status",
-           "bytes_sent", "request_length", "ttfb", "duration", "method", "uri", "remote_addr")
-INSERT = f"INSERT INTO requests ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+# Placeholders are numbered as usage_log.FIELDS (?1 is the marker). SQLite converts numbers written as text by the
+# columns' affinity (in C, cheaper than in Python); nginx writes "" or "-" for values it does not have.
+INSERT = """INSERT INTO requests (request_id, start, end, key, model, pool, upstream, status, upstream_status,
+    bytes_sent, request_length, ttfb, duration, method, uri, remote_addr, outcome, prompt_tokens,
+    completion_tokens, total_tokens)
+VALUES (?3, ?2 - ?11, ?2, NULLIF(?4, ''), NULLIF(?5, ''), NULLIF(?6, ''), NULLIF(?7, ''), ?8,
+    NULLIF(NULLIF(?12, ''), '-'), ?9, ?10, NULLIF(NULLIF(?13, ''), '-'), ?11, ?14, ?15, ?16, NULLIF(?17, ''),
+    NULLIF(?18, ''), NULLIF(?19, ''), NULLIF(?20, ''))"""
+# the new rows' per-minute sums (a temporary table), then added to each span's rows
+_BATCH_MINUTES = f"""INSERT INTO temp.batch
+SELECT CAST(end / 60 AS INTEGER) * 60, COALESCE(key, ''), COALESCE(model, ''), COALESCE(pool, ''),
+    {", ".join(f"TOTAL({sql})" for _, sql in ROLLUP_SUMS)}
+FROM requests WHERE id > ? GROUP BY 1, 2, 3, 4"""
+_ADD_BATCH = f"""INSERT INTO rollups (span, bucket, key, model, pool, {", ".join(ROLLUP_NAMES)})
+SELECT ?, minute / ? * ?, key, model, pool, {", ".join(f"SUM({name})" for name in ROLLUP_NAMES)}
+FROM temp.batch WHERE true GROUP BY 2, 3, 4, 5
+ON CONFLICT DO UPDATE SET {", ".join(f"{name} = {name} + excluded.{name}" for name in ROLLUP_NAMES)}"""
 BATCH_BYTES = 8 << 20
-RECORD_START = '{"time":'  # how nginx's `bastion` log_format begins every record (nginx_templates/nginx.conf.j2)
 # nginx's other logs in the same directory, rotated by size like access.log (nothing ingests them)
 OTHER_NGINX_LOGS = ("admin-access.log", "error.log")
 PRUNE_BATCH = 5000  # rows per DELETE: a few ms of write lock each
 PRUNE_PAUSE = 0.01  # seconds between batches, so ingestion and other writers get the lock
 PRUNE_INTERVAL = 300.0  # seconds between retention runs of maintain()
 
-_decode = json.JSONDecoder().raw_decode
+
+def _insert(db: sqlite3.Connection, lines: list[Line]) -> None:
+    """Insert the records and add them to the rollups."""
+    if not lines:
+        return
+    last_id = db.execute("SELECT COALESCE(MAX(id), 0) FROM requests").fetchone()[0]
+    db.executemany(INSERT, lines)
+    _roll_up(db, last_id)
 
 
-def _last(value: str) -> str:
-    """nginx lists every upstream tried ("a, b" for retries, "a : b" across an internal redirect)."""
-    return value.replace(" : ", ", ").rsplit(", ", 1)[-1].strip() if value else ""
-
-
-def _seconds(value: str) -> float | None:
-    try:
-        return float(_last(value))
-    except ValueError:
-        return None  # "-": no upstream answered
-
-
-def _row(line: str) -> tuple[Any, ...] | None:
-    """One log line as a `requests` row (values in COLUMNS order), or None unless it is exactly one record."""
-    try:
-        entry, end = _decode(line)
-        if end != len(line):
-            return None
-        get = entry.get
-        time_ = float(entry["time"])
-        duration = float(entry["request_time"])
-        proxied = bool(get("pool"))
-        upstream_status = _last(get("upstream_status", "")) if proxied else ""
-        return (get("request_id"), time_ - duration, time_, get("key") or None, get("model") or None,
-                get("pool") or None, _last(get("upstream", "")) if proxied else None, get("status"),
-                int(upstream_status) if upstream_status.isdigit() else None, get("bytes_sent"),
-                get("request_length"), _seconds(get("upstream_header_time", "")) if proxied else None, duration,
-                get("method"), get("uri"), get("remote_addr"))
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return None
-
-
-def parse_line(line: str) -> dict[str, Any] | None:
-    row = _row(line)
-    return dict(zip(COLUMNS, row, strict=True)) if row else None
-
-
-def parse_lines(text: str) -> tuple[list[tuple[Any, ...]], int]:
-    """Rows of the complete lines in `text`, and how many torn or unreadable pieces were skipped."""
-    rows, skipped = [], 0
-    for line in text.split("\n"):  # not splitlines(): U+2028 and friends may appear raw in a value
-        if row := _row(line):
-            rows.append(row)
-        elif line:
-            head, *records = line.split(RECORD_START)
-            skipped += bool(head)
-            for record in records:
-                if row := _row(RECORD_START + record):
-                    rows.append(row)
-                else:
-                    skipped += 1
-    return rows, skipped
-
-
-def _insert(db: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> int:
-    """Insert rows; returns how many were refused. Only a line nginx did not write (edited by hand) can carry a
-    value SQLite cannot store (an object, a huge number): that row is dropped instead of failing every run."""
-    db.execute("SAVEPOINT batch")
-    try:
-        db.executemany(INSERT, rows)
-        return 0
-    except (sqlite3.ProgrammingError, OverflowError):
-        db.execute("ROLLBACK TO batch")
-        refused = 0
-        for row in rows:
-            try:
-                db.execute(INSERT, row)
-            except (sqlite3.ProgrammingError, OverflowError):
-                refused += 1
-        return refused
-    finally:
-        db.execute("RELEASE batch")
+def _roll_up(db: sqlite3.Connection, after_id: int) -> None:
+    """Add the records with ids above `after_id` to the rollups of every span."""
+    db.execute(f"CREATE TEMP TABLE IF NOT EXISTS batch (minute, key, model, pool, {', '.join(ROLLUP_NAMES)})")
+    db.execute("DELETE FROM temp.batch")
+    db.execute(_BATCH_MINUTES, (after_id,))
+    for span in SPANS.values():
+        db.execute(_ADD_BATCH, (span, span, span))
 
 
 @contextmanager
@@ -180,14 +157,24 @@ class Usage:
 
     @staticmethod
     def _migrate(db: sqlite3.Connection) -> None:
-        """Databases from before per-file offsets keep one (inode, offset) row in `ingest_state`."""
-        old = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'ingest_state'"
-        if not db.execute(old).fetchone():
+        """Bring a database of an older schema up to SCHEMA_VERSION, once, whoever opens it first: version 0
+        kept one (inode, offset) row in `ingest_state`; before version 2 records had no outcome or tokens and
+        there were no rollups (built here from the records kept)."""
+        if db.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
             return
         with _transaction(db):
-            if db.execute(old).fetchone():
+            if db.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+                return
+            if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'ingest_state'").fetchone():
                 db.execute("INSERT OR IGNORE INTO ingest_files (inode, offset) SELECT inode, offset FROM ingest_state")
                 db.execute("DROP TABLE ingest_state")
+            present = {row[1] for row in db.execute("PRAGMA table_info(requests)")}
+            for column in REQUEST_COLUMNS:
+                if column.split()[0] not in present:
+                    db.execute(f"ALTER TABLE requests ADD COLUMN {column}")
+            db.execute("DELETE FROM rollups")
+            _roll_up(db, 0)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -233,10 +220,10 @@ class Usage:
             f.seek(offset)
             chunk = f.read(BATCH_BYTES)
         end = chunk.rfind(b"\n") + 1
-        rows, skipped = parse_lines(chunk[:end].decode(errors="replace"))
-        refused = _insert(db, rows)
+        lines, skipped = parse_lines(chunk[:end].decode(errors="replace"))
+        _insert(db, lines)
         db.execute("INSERT OR REPLACE INTO ingest_files (inode, offset) VALUES (?, ?)", (st.st_ino, offset + end))
-        return len(rows) - refused, skipped + refused, len(chunk) == BATCH_BYTES and end > 0
+        return len(lines), skipped, len(chunk) == BATCH_BYTES and end > 0
 
     def _forget_gone_files(self, db: sqlite3.Connection) -> None:
         """Offsets are kept for the log and its rotated copy only: a deleted file's inode number is reused."""
@@ -245,12 +232,13 @@ class Usage:
 
     def maintain(self, settings: dict[str, Any], nginx_pid: int | None) -> None:
         """Periodic upkeep (the supervisor calls it every second): rotate nginx's logs by size, and every few
-        minutes delete usage rows past their retention."""
+        minutes delete usage records and rollups past their retention."""
         if settings["log_max_mb"] and nginx_pid:
             self.rotate(settings["log_max_mb"] << 20, nginx_pid)
         if time.monotonic() >= self._next_prune:
             self._next_prune = time.monotonic() + PRUNE_INTERVAL
-            self.prune(settings["usage_retention_days"])
+            self.prune(settings["usage_retention_days"],
+                       {span: settings[f"usage_{span}_retention_days"] for span in SPANS})
 
     def rotate(self, max_bytes: int, nginx_pid: int) -> list[Path]:
         """Rename each of nginx's logs larger than `max_bytes` to NAME.1 (replacing the previous one), then have
@@ -305,24 +293,37 @@ class Usage:
             db.execute("INSERT OR IGNORE INTO ingest_files (inode, offset) VALUES (?, 0)", (current.st_ino,))
         return True
 
-    def prune(self, retention_days: int, now: float | None = None) -> int:
-        """Delete rows of requests that started more than `retention_days` ago (0 keeps everything), a small
-        batch per transaction so that nobody waits long for the database. Returns how many were deleted."""
-        if not retention_days:
-            return 0
-        cutoff = (time.time() if now is None else now) - retention_days * 86400
+    def prune(self, retention_days: int, rollup_days: dict[str, int] | None = None, now: float | None = None) -> int:
+        """Delete records of requests that started more than `retention_days` ago and rollup rows of each span
+        older than its `rollup_days` (0 keeps everything), a small batch per transaction so that nobody waits
+        long for the database. Returns how many rows were deleted."""
+        now = time.time() if now is None else now
+        deletions = [("requests", "SELECT id FROM requests WHERE start < ? LIMIT ?", "id", retention_days)]
+        for name, days in (rollup_days or {}).items():
+            deletions.append((f"{name} rollups", f"SELECT span, key, bucket, model, pool FROM rollups "
+                              f"WHERE span = {SPANS[name]} AND bucket < ? LIMIT ?", "(span, key, bucket, model, pool)",
+                              days))
         deleted = 0
         with self._connect() as db:
-            while True:
-                n = db.execute("DELETE FROM requests WHERE id IN (SELECT id FROM requests WHERE start < ? LIMIT ?)",
-                               (cutoff, PRUNE_BATCH)).rowcount
+            for what, select, row_key, days in deletions:
+                if not days:
+                    continue
+                n = self._delete_batches(db, f"DELETE FROM {what.split()[-1]} WHERE {row_key} IN ({select})",
+                                         now - days * 86400)
+                if n:
+                    log.info("deleted %d usage %s older than %d days", n, what, days)
                 deleted += n
-                if n < PRUNE_BATCH:
-                    break
-                time.sleep(PRUNE_PAUSE)
-        if deleted:
-            log.info("deleted %d usage rows older than %d days", deleted, retention_days)
         return deleted
+
+    @staticmethod
+    def _delete_batches(db: sqlite3.Connection, delete: str, cutoff: float) -> int:
+        deleted = 0
+        while True:
+            n = db.execute(delete, (cutoff, PRUNE_BATCH)).rowcount
+            deleted += n
+            if n < PRUNE_BATCH:
+                return deleted
+            time.sleep(PRUNE_PAUSE)
 
     def records(self, key: str | None = None, since: float | None = None, until: float | None = None,
                 limit: int = 1000) -> list[dict[str, Any]]:

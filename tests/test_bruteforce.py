@@ -26,6 +26,7 @@ from authsvc import bruteforce
 from authsvc import keys as keyformat
 from authsvc.bruteforce import BlockBoard, FailureGuard, Policy, client_key, parse_client
 from authsvc.gate import Gate
+from manager.usage_log import parse_line
 from tests.conftest import Stack
 from tests.test_gate import PEPPER, Call, key_entry, write_snapshot
 
@@ -338,7 +339,7 @@ def wait_for(condition, timeout: float = 10.0) -> bool:
 
 def access_lines(stack: Stack, address: str) -> list[dict]:
     lines = (stack.data_dir / "logs" / "access.log").read_text().splitlines()
-    return [json.loads(line) for line in lines if f'"remote_addr":"{address}"' in line]
+    return [parse_line(line) for line in lines if f"\t{address}\t" in line]
 
 
 def gate_cpu_seconds(stack: Stack) -> float:
@@ -390,7 +391,7 @@ def test_ten_thousand_invalid_keys_are_blocked_and_valid_traffic_keeps_flowing(s
     assert statistics.median(during) < 2 * statistics.median(control) + 0.002
 
     # the log holds the 20 failures and the first refusal, not 10,000 lines; usage rows likewise
-    assert sorted(line["status"] for line in access_lines(stack, attacker)) == [401] * 20 + [429]
+    assert sorted(int(line["status"]) for line in access_lines(stack, attacker)) == [401] * 20 + [429]
     # ...and only the gate's own answers may skip the log: an upstream sending the marker is logged all the same
     status, headers, _ = Client(stack.public_port, "127.0.0.6").request(
         "POST", "/v1/chat/completions", key, {"model": "hidden-model"})

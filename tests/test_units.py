@@ -11,7 +11,8 @@ import pytest
 
 from manager import validation as v
 from manager.store import Store, StoreCorrupt
-from manager.usage import Usage, parse_line
+from manager.usage import Usage
+from manager.usage_log import format_record, parse_line
 
 
 @pytest.mark.parametrize(("url", "expected"), [
@@ -91,22 +92,47 @@ def test_corrupt_store_refused(tmp_path: Path, content: str) -> None:
 
 
 def log_line(**fields) -> str:
-    entry = {"time": 1000.5, "request_id": "r1", "key": "k1", "model": "m", "pool": "p",
-             "upstream": "unix:/x/authsvc.sock : 10.0.0.1:8000, 10.0.0.2:8000", "status": 200, "bytes_sent": 10,
-             "request_length": 5, "request_time": 0.5, "upstream_status": "200 : 502, 200",
-             "upstream_header_time": "0.001 : 0.000, 0.120", "upstream_response_time": "0.001 : 0.4",
-             "method": "POST", "uri": "/v1/chat/completions", "remote_addr": "127.0.0.1", **fields}
-    return json.dumps(entry)
+    values = {"end": 1000.5, "request_id": "r1", "key": "k1", "model": "m", "pool": "p",
+              "upstream": "unix:/x/authsvc.sock : 10.0.0.1:8000, 10.0.0.2:8000", "status": 200, "bytes_sent": 10,
+              "request_length": 5, "duration": 0.5, "upstream_status": "200 : 502, 200",
+              "ttfb": "0.001 : 0.000, 0.120", "method": "POST", "uri": "/v1/chat/completions",
+              "remote_addr": "127.0.0.1", **fields}
+    return format_record(**values).rstrip("\n")
 
 
-def test_parse_line_takes_the_upstream_that_answered() -> None:
-    row = parse_line(log_line())
+def ingested(tmp_path: Path, *lines: str) -> list[dict]:
+    log = tmp_path / "access.log"
+    log.write_text("".join(line + "\n" for line in lines))
+    usage = Usage(tmp_path / "usage.sqlite3", log)
+    usage.ingest()
+    return sorted(usage.records(), key=lambda r: r["request_id"])
+
+
+def test_records_take_the_upstream_that_answered(tmp_path: Path) -> None:
+    row, refused, no_header, metered = ingested(
+        tmp_path, log_line(request_id="a"), log_line(request_id="b", pool="", status=401, upstream="unix:/x/a.sock"),
+        log_line(request_id="c", ttfb="0.001 : -"),
+        log_line(request_id="d", outcome="completed", prompt_tokens=3, completion_tokens=4, total_tokens=7))
     assert row["upstream"] == "10.0.0.2:8000" and row["ttfb"] == 0.12 and row["upstream_status"] == 200
-    assert row["start"] == 1000.0 and row["end"] == 1000.5
-    refused = parse_line(log_line(pool="", status=401, upstream="unix:/x/authsvc.sock"))
+    assert row["start"] == 1000.0 and row["end"] == 1000.5 and row["status"] == 200
+    assert row["outcome"] is None and row["total_tokens"] is None  # unknown, never 0
     assert refused["upstream"] is None and refused["ttfb"] is None and refused["pool"] is None
-    assert parse_line("not json") is None
-    assert parse_line(log_line(upstream_header_time="-"))["ttfb"] is None
+    assert no_header["ttfb"] is None
+    assert (metered["outcome"], metered["prompt_tokens"], metered["completion_tokens"], metered["total_tokens"]) == (
+        "completed", 3, 4, 7)
+    assert parse_line("not a record") is None
+
+
+def test_lines_of_the_json_format_before_are_still_read(tmp_path: Path) -> None:
+    """An upgrade must not lose the lines nginx wrote in the old format and nobody ingested yet."""
+    old = json.dumps({"time": 1000.5, "request_id": "old", "key": "k1", "model": "m", "pool": "p",
+                      "upstream": "unix:/x/a.sock : 10.0.0.1:8000", "status": 200, "bytes_sent": 10,
+                      "request_length": 5, "request_time": 0.5, "upstream_status": "200 : 200",
+                      "upstream_header_time": "0.001 : 0.1", "upstream_response_time": "0.001 : 0.4",
+                      "method": "POST", "uri": "/v1/chat/completions", "remote_addr": "127.0.0.1"})
+    (record,) = ingested(tmp_path, old)
+    assert (record["request_id"], record["upstream"], record["ttfb"], record["start"]) == (
+        "old", "10.0.0.1:8000", 0.1, 1000.0)
 
 
 def test_ingest_counts_each_line_once_and_follows_rotation(tmp_path: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -20,17 +19,17 @@ from manager import settings as settings_mod
 from manager import usage as usage_mod
 from manager import validation as v
 from manager.usage import Usage
+from manager.usage_log import RECORD_START, format_record
 from tests.conftest import Stack
 
 
 def record(request_id: str, t: float = 1_764_000_000.5, **fields) -> str:
-    """One line as nginx's `bastion` log_format writes it (compact JSON, `time` first, newline-terminated)."""
-    entry = {"time": t, "request_id": request_id, "key": "k1", "model": "m", "pool": "p",
-             "upstream": "10.0.0.1:8000", "status": 200, "bytes_sent": 10, "request_length": 5,
-             "request_time": 0.5, "upstream_status": "200", "upstream_header_time": "0.1",
-             "upstream_response_time": "0.4", "method": "POST", "uri": "/v1/chat/completions",
-             "remote_addr": "127.0.0.1", **fields}
-    return json.dumps(entry, separators=(",", ":"), ensure_ascii=False) + "\n"
+    """One line as nginx's `bastion` log_format writes it (newline-terminated)."""
+    values = {"end": t, "request_id": request_id, "key": "k1", "model": "m", "pool": "p",
+              "upstream": "unix:/x/authsvc.sock : 10.0.0.1:8000", "status": 200, "bytes_sent": 10,
+              "request_length": 5, "duration": 0.5, "upstream_status": "200 : 200", "ttfb": "0.001 : 0.1",
+              "method": "POST", "uri": "/v1/chat/completions", "remote_addr": "127.0.0.1", **fields}
+    return format_record(**values)
 
 
 def append(path: Path, text: str) -> None:
@@ -79,21 +78,22 @@ def test_torn_record_seen_before_the_next_record_arrives(usage: Usage) -> None:
 
 
 def test_record_start_inside_a_value_splits_nothing(usage: Usage) -> None:
-    """escape=json writes `"` inside values as `\\"`, so `{"time":` in a URI is not a record start; raw U+2028
-    (nginx escapes only bytes below 0x20) does not end a line either."""
-    uri = '/v1/x{"time":1,"request_id":"fake"}\u2028\u2029\x85y'
+    """nginx writes `"` and tabs inside values as `\\x22` and `\\x09`, so a record marker in a URI is not a record
+    start; raw U+2028 (nginx escapes them as UTF-8 bytes) does not end a line either."""
+    uri = '/v1/x"B1\t1\tfake\u2028\u2029\x85y\\'
     usage.log_path.write_text(record("a", uri=uri) + record("b"))
     assert usage.ingest() == 2
     assert {r["request_id"]: r["uri"] for r in usage.records()} == {"a": uri, "b": "/v1/chat/completions"}
     assert usage.skipped == 0
 
 
-def test_a_line_sqlite_cannot_store_does_not_stop_ingestion(usage: Usage) -> None:
-    """nginx never writes one, but a hand-edited log must not make every later ingestion fail."""
-    usage.log_path.write_text(record("a") + record("bad", status={"x": 1}) + record("huge", bytes_sent=2**70)
-                              + record("b"))
-    assert usage.ingest() == 2
-    assert ids(usage) == ["a", "b"] and usage.skipped == 2
+def test_a_line_nginx_cannot_write_does_not_stop_ingestion(usage: Usage) -> None:
+    """nginx never writes one, but a hand-edited log must not make every later ingestion fail: a line with a
+    field too few or a status that is not a number is skipped; a number too large for SQLite is stored as REAL."""
+    usage.log_path.write_text(record("a") + record("bad", status="x") + record("short").replace("\t", "", 1)
+                              + record("huge", bytes_sent=2**70) + record("b"))
+    assert usage.ingest() == 3
+    assert ids(usage) == ["a", "b", "huge"] and usage.skipped == 2
     append(usage.log_path, record("c"))
     assert usage.ingest() == 1
 
@@ -214,7 +214,7 @@ def settings(**values) -> dict:
 def test_rotation_is_triggered_by_size_and_waits_for_ingestion(usage: Usage, fake_master: subprocess.Popen) -> None:
     logs = usage.log_path.parent
     admin, errors = logs / "admin-access.log", logs / "error.log"
-    big = "".join(record(f"a{i}") for i in range(4000))
+    big = "".join(record(f"a{i}") for i in range(8000))
     assert len(big) > 1 << 20
     usage.log_path.write_text(big)
     admin.write_text("x" * (1 << 20) + "x\n")
@@ -226,17 +226,17 @@ def test_rotation_is_triggered_by_size_and_waits_for_ingestion(usage: Usage, fak
     assert fake_master.stdout.readline() == "reopen\n"
     assert usage.rotated_path.read_text() == big and (logs / "admin-access.log.1").exists()
     assert errors.read_text() == "small\n" and not (logs / "error.log.1").exists()
-    usage.log_path.write_text("".join(record(f"b{i}") for i in range(4000)))  # nginx reopened, then wrote
+    usage.log_path.write_text("".join(record(f"b{i}") for i in range(8000)))  # nginx reopened, then wrote
 
     usage.maintain(settings(log_max_mb=1), fake_master.pid)  # access.log.1 was never ingested: it stays
     assert usage.rotated_path.read_text() == big
-    assert usage.ingest() == 8000
+    assert usage.ingest() == 16000
     append(usage.log_path, record("c"))
     usage.maintain(settings(log_max_mb=1), fake_master.pid)
     assert fake_master.stdout.readline() == "reopen\n"
     assert usage.rotated_path.read_text().startswith(record("b0"))
     assert usage.ingest() == 1
-    assert usage.ingest() == 0 and len(ids(usage)) == 8001
+    assert usage.ingest() == 0 and len(ids(usage)) == 16001
 
     usage.log_path.write_text(big)
     usage.maintain(settings(log_max_mb=0), fake_master.pid)  # 0: never rotate
@@ -299,7 +299,7 @@ def test_record_start_in_a_uri_is_escaped_by_real_nginx(stack: Stack) -> None:
     """The reasoning behind splitting torn lines, checked against nginx itself; and a client cannot hide a
     request from usage with a raw line separator in its URI."""
     stack.cli("settings", "set", "bruteforce_max_failures", "0")  # keyless probes make the log lines here
-    r = requests.get(stack.base + "/v1/x%7B%22time%22:1%7D%E2%80%A8", headers={"X-Request-ID": "escape-probe"},
+    r = requests.get(stack.base + "/v1/x%22B1%091%E2%80%A8", headers={"X-Request-ID": "escape-probe"},
                      timeout=10)
     assert r.status_code in (401, 404)
     usage = Usage(stack.data_dir / "usage.sqlite3", stack.data_dir / "logs" / "access.log")
@@ -308,9 +308,9 @@ def test_record_start_in_a_uri_is_escaped_by_real_nginx(stack: Stack) -> None:
         assert time.monotonic() < deadline, "the request was not recorded"
         usage.ingest()
         time.sleep(0.2)
-    assert len(rows) == 1 and rows[0]["uri"] == '/v1/x{"time":1}\u2028'
+    assert len(rows) == 1 and rows[0]["uri"] == '/v1/x"B1\t1\u2028'
     text = (stack.data_dir / "logs" / "access.log").read_text(errors="replace")
-    assert '"uri":"/v1/x{\\"time\\":1}' in text
+    assert "\t/v1/x\\x22B1\\x091\\xE2\\x80\\xA8\t" in text
 
 
 def test_no_usage_line_lost_after_the_data_dir_was_full(tmp_path: Path, full_disk_of) -> None:
@@ -339,7 +339,7 @@ def test_no_usage_line_lost_after_the_data_dir_was_full(tmp_path: Path, full_dis
         time.sleep(1.1)  # nginx writes no log line for the rest of a second in which a write failed with ENOSPC
         send("after", 10)
         text = access_log.read_text(errors="replace")
-        assert any(line.count('{"time":') > 1 for line in text.split("\n")), "no torn record: nothing was tested"
+        assert any(line.count(RECORD_START) > 1 for line in text.split("\n")), "no torn record: nothing was tested"
 
         usage = Usage(stack.data_dir / "usage.sqlite3", access_log)
         deadline = time.monotonic() + 10
@@ -372,11 +372,11 @@ def test_retention_prunes_old_rows_in_batches_and_keeps_newer(usage: Usage, monk
         return db
 
     monkeypatch.setattr(usage_mod.sqlite3, "connect", traced)
-    assert usage.prune(0, now) == 0  # 0 keeps everything
-    assert usage.prune(30, now) == 23
+    assert usage.prune(0, now=now) == 0  # 0 keeps everything
+    assert usage.prune(30, now=now) == 23
     assert ids(usage) == sorted(f"new{i}" for i in range(5))
     assert sum(s.startswith("DELETE") for s in statements) == 5
-    assert usage.prune(30, now) == 0
+    assert usage.prune(30, now=now) == 0
 
 
 def test_maintain_applies_the_retention_setting(usage: Usage) -> None:
@@ -394,3 +394,83 @@ def test_retention_and_rotation_settings_validated(name: str, value: object) -> 
         settings_mod.VALIDATORS[name](name, value)
     assert name in str(e.value)
     assert settings_mod.DEFAULTS["usage_retention_days"] == 90 and settings_mod.DEFAULTS["log_max_mb"] == 100
+
+
+# ---- rollups --------------------------------------------------------------------------------------------------
+
+def rollup(usage: Usage, span: str, **where) -> list[dict]:
+    clauses = " AND ".join(f"{k} = ?" for k in where)
+    with usage._connect() as db:
+        rows = db.execute(f"SELECT * FROM rollups WHERE span = ? {'AND ' + clauses if where else ''} "
+                          "ORDER BY bucket, key, model, pool", (usage_mod.SPANS[span], *where.values()))
+        return [dict(r) for r in rows]
+
+
+def test_rollups_add_up_each_batch_per_minute_hour_and_day(usage: Usage, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Several batches (small BATCH_BYTES) that share minutes: every sum equals the one computed from the records."""
+    t0 = 1_764_000_000.0 - 1_764_000_000.0 % 86400  # midnight
+    lines = []
+    for i in range(300):
+        fields = {"key": f"k{i % 3}", "model": "m", "duration": 0.2 + i % 7, "ttfb": f"0.001 : {0.03 * (i % 5)}",
+                  "status": (200, 200, 200, 429, 502)[i % 5], "outcome": ("completed", "client_cut", "")[i % 3]}
+        if i % 4:
+            fields.update(prompt_tokens=10, completion_tokens=i, total_tokens=10 + i)
+        lines.append(record(f"r{i}", t0 + i * 37, **fields))  # 300 requests over about three hours
+    lines.append(record("refused", t0 + 5, key="", model="", pool="", status=401, upstream="unix:/x/a.sock"))
+    usage.log_path.write_text("".join(lines))
+    monkeypatch.setattr(usage_mod, "BATCH_BYTES", len(lines[0]) * 17 + 3)
+    assert usage.ingest() == 301
+    records = usage.records(limit=1000)
+    for span, seconds in usage_mod.SPANS.items():
+        rows = rollup(usage, span)
+        assert sum(r["requests"] for r in rows) == 301
+        assert sum(r["total_tokens"] for r in rows) == sum(r["total_tokens"] or 0 for r in records)
+        assert sum(r["metered"] for r in rows) == sum(r["total_tokens"] is not None for r in records) == 225
+        assert sum(r["server_errors"] for r in rows) == 60 and sum(r["client_errors"] for r in rows) == 61
+        assert sum(r["client_cut"] for r in rows) == 100
+        for r in rows:
+            assert r["bucket"] % seconds == 0
+            inside = [x for x in records if r["bucket"] <= x["end"] < r["bucket"] + seconds
+                      and (x["key"] or "") == r["key"] and (x["pool"] or "") == r["pool"]]
+            assert r["requests"] == len(inside) > 0
+            assert r["d2"] == sum(x["duration"] <= 0.25 for x in inside)
+            assert r["t3"] == sum(x["ttfb"] is not None and x["ttfb"] <= 0.05 for x in inside)
+            assert r["duration_sum"] == pytest.approx(sum(x["duration"] for x in inside))
+    assert len(rollup(usage, "day")) == 4  # three keys and the refused request (no key, no pool)
+    assert rollup(usage, "day", key="")[0]["client_errors"] == 1
+
+
+def test_rollups_are_built_for_a_database_of_the_schema_before(tmp_path: Path) -> None:
+    """Version 1 had no outcome, token columns or rollups: they are added and built from the records kept."""
+    db_path = tmp_path / "usage.sqlite3"
+    db = sqlite3.connect(db_path)
+    db.executescript("""CREATE TABLE requests (id INTEGER PRIMARY KEY, request_id TEXT, start REAL NOT NULL,
+        end REAL NOT NULL, key TEXT, model TEXT, pool TEXT, upstream TEXT, status INTEGER, upstream_status INTEGER,
+        bytes_sent INTEGER, request_length INTEGER, ttfb REAL, duration REAL, method TEXT, uri TEXT,
+        remote_addr TEXT);
+        CREATE TABLE ingest_state (inode INTEGER, offset INTEGER);
+        INSERT INTO ingest_state VALUES (7, 100);
+        INSERT INTO requests (request_id, start, end, key, status, duration) VALUES ('a', 100, 101, 'k', 200, 1),
+            ('b', 100, 102, 'k', 500, 2);""")
+    db.commit()
+    db.close()
+    usage = Usage(db_path, tmp_path / "access.log")
+    (day,) = rollup(usage, "day")
+    assert (day["requests"], day["server_errors"], day["duration_sum"], day["key"]) == (2, 1, 3.0, "k")
+    assert {r["request_id"]: r["total_tokens"] for r in usage.records()} == {"a": None, "b": None}
+    with usage._connect() as db:
+        assert [tuple(r) for r in db.execute("SELECT inode, offset FROM ingest_files")] == [(7, 100)]
+    Usage(db_path, tmp_path / "access.log")  # opening it again changes nothing
+    assert rollup(usage, "day")[0]["requests"] == 2
+
+
+def test_rollup_retention_per_span(usage: Usage) -> None:
+    now = 1_764_000_000.0
+    day = 86400
+    usage.log_path.write_text(record("old", now - 20 * day) + record("new", now - 60))
+    usage.ingest()
+    assert usage.prune(0, {"minute": 14, "hour": 0, "day": 0}, now=now) == 1
+    assert [r["bucket"] > now - 120 for r in rollup(usage, "minute")] == [True]
+    assert len(rollup(usage, "hour")) == len(rollup(usage, "day")) == 2
+    assert usage.prune(0, {"minute": 14, "hour": 10, "day": 30}, now=now) == 1
+    assert ids(usage) == ["new", "old"]  # raw records follow their own retention
