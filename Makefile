@@ -21,6 +21,9 @@ install: $(STAMP)
 
 $(STAMP):
 	@command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || $(MAKE) system-deps
+	@# token metering (njs): installed when missing if we can, else said (Bastion runs without it)
+	@[ -e /usr/lib/nginx/modules/ngx_http_js_module.so ] || { [ "$$(id -u)" = 0 ] && $(MAKE) system-deps \
+		PACKAGES=libnginx-mod-http-js; } || echo "note: apt-get install libnginx-mod-http-js for token metering" >&2
 	test -d $(VENV) || python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[test]'
 	rm -f $(VENV)/.installed-* && touch $@

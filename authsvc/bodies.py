@@ -106,7 +106,14 @@ def _top_level_keys(text: str) -> Iterator[tuple[str, str]]:
 
 
 def json_model(raw: bytes, ollama: bool) -> str | Any | None:
-    """The model of a JSON object body, or None when the body names none (the raw value, maybe not a string).
+    """The model of a JSON object body, or None when the body names none (the raw value, maybe not a string);
+    see `json_document`."""
+    return json_document(raw, ollama)[0]
+
+
+def json_document(raw: bytes, ollama: bool) -> tuple[str | Any | None, Any]:
+    """(model, the parsed body): the model of a JSON object body, or None when the body names none (the raw
+    value, maybe not a string).
 
     OpenAI-style endpoints: the exact key `model`, written once and without escapes; another spelling (`MODEL`:
     Ollama's /v1 reads it, pydantic does not) is refused. Ollama routes (`ollama`): `model` in any case, else
@@ -114,9 +121,9 @@ def json_model(raw: bytes, ollama: bool) -> str | Any | None:
     text = _text(raw)
     body = _parse(text)
     if not isinstance(body, dict):
-        return None
+        return None, body
     if ollama:
-        return _ollama_model(body)
+        return _ollama_model(body), body
     # Python's dict hides a repeated or escaped `model`; cheap bytes checks say when to look at the keys
     first = _MODEL_KEY.search(raw)
     if (first and _MODEL_KEY.search(raw, first.end())) or _LETTER_ESCAPE.search(raw):
@@ -128,7 +135,7 @@ def json_model(raw: bytes, ollama: bool) -> str | Any | None:
     for key in body:  # C parsers (cJSON) end a key at NUL: `model\u0000` is `model` to them
         if key != "model" and key[:5].lower() == "model" and key[5:6] in ("", "\0"):
             raise Ambiguous(f"the model key must be written `model`, not {json.dumps(key[:20])}")
-    return body.get("model")
+    return body.get("model"), body
 
 
 def _ollama_model(body: dict[str, Any]) -> Any:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from authsvc import bodies, errors
+from authsvc import bodies, errors, usage
 from authsvc import keys as keyformat
 from authsvc.bruteforce import LOG_HEADER, BlockBoard, FailureGuard
 from authsvc.ratelimit import RateLimiter
@@ -39,6 +39,7 @@ FORM_ENDPOINTS = frozenset({"/v1/audio/transcriptions", "/v1/audio/translations"
                             "/v1/images/variations"})
 MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,199}$")
 JSON_HEADERS = [("Content-Type", "application/json")]
+RAW, BODY = "bastion.body", "bastion.json"  # the request body as read and as parsed, kept in the WSGI environ
 
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]
 log = logging.getLogger(__name__)
@@ -154,8 +155,13 @@ class Gate:
         if not pools:
             raise error(404, f"The model `{model}` does not exist or you do not have access to it.",
                         "model_not_found", ollama, param="model")
-        return [("X-Accel-Redirect", f"@pool_{pools[0]}"), ("X-Bastion-Key", key.id), ("X-Bastion-Model", model),
-                *limits]
+        headers = [("X-Accel-Redirect", f"@pool_{pools[0]}"), ("X-Bastion-Key", key.id),
+                   ("X-Bastion-Model", model), *limits]
+        if path in usage.ENDPOINTS and pools[0] in snap.usage_pools:
+            insert = usage.insertion(environ.get(RAW, b""), environ.get(BODY))
+            if insert:
+                headers.append((usage.HEADER, insert))
+        return headers
 
     def identify(self, environ: dict[str, Any], snap: Snapshot) -> KeyRule | None:
         """The key whose secret the request presents, whatever its state; None for no, unknown or wrong key."""
@@ -218,12 +224,13 @@ class Gate:
                             param="model")
             return None
         raw = environ["wsgi.input"].read(length)
+        environ[RAW] = raw
         content_type = environ.get("CONTENT_TYPE", "")
         try:
             if path in FORM_ENDPOINTS and content_type.lower().startswith("multipart/form-data"):
                 found = bodies.form_model(raw, content_type)
             else:
-                found = bodies.json_model(raw, ollama)
+                found, environ[BODY] = bodies.json_document(raw, ollama)
         except ValueError as e:
             if required or restricted:
                 raise unreadable(e, required, ollama) from None

@@ -123,6 +123,7 @@ class Snapshot:
     models: tuple[tuple[str, str], ...] = ()  # (model id, owning pool) for /v1/models
     default_pool: str | None = None
     bruteforce: Policy = field(default_factory=Policy)
+    usage_pools: frozenset[str] = frozenset()  # pools asked for stream usage (authsvc/usage.py)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Snapshot:
@@ -149,6 +150,7 @@ class Snapshot:
             served={m: tuple(p) for m, p in served.items()},
             default_pool=data.get("default_pool") or (pool_names[0] if pool_names else None),
             bruteforce=Policy.from_dict(data.get("bruteforce") or {}),
+            usage_pools=frozenset(p["name"] for p in data.get("pools", []) if p.get("include_usage", True)),
         )
         # every exactly named model, owned by the pool its requests would go to
         snapshot.models = tuple(sorted((m, snapshot.pools_for(m)[0]) for m in {*served, *routes}))

@@ -73,6 +73,7 @@ def public(pool: dict[str, Any], checks: dict[str, dict[str, Any]], discoveries:
     upstream API key is never echoed back."""
     out = {k: x for k, x in pool.items() if k != "api_key"}
     out["api_key_set"] = bool(pool.get("api_key"))
+    out["include_usage"] = pool.get("include_usage", True)  # pools older than the switch have it on
     out["upstreams"] = [upstream_status(u, checks.get(u["url"]), pool["name"]) for u in pool["upstreams"]]
     found = {} if pool["models"] else discoveries.get(pool["name"], {})
     out["discovery_error"] = found.get("error")
@@ -125,7 +126,8 @@ def record_discovery(bastion: Bastion, errors: dict[str, str | None]) -> dict[st
 
 
 def add(bastion: Bastion, name: str, upstreams: list[Any], author: str = "cli", *, api_key: str | None = None,
-        models: list[str] | None = None, method: str = "round_robin", tls_verify: bool = True) -> dict[str, Any]:
+        models: list[str] | None = None, method: str = "round_robin", tls_verify: bool = True,
+        include_usage: bool = True) -> dict[str, Any]:
     """Create a pool and apply the nginx config. Models are discovered from the upstreams when not given."""
     if not isinstance(upstreams, list) or not upstreams:
         raise v.ValidationError("upstreams", "give at least one upstream URL")
@@ -136,6 +138,7 @@ def add(bastion: Bastion, name: str, upstreams: list[Any], author: str = "cli", 
         "api_key": v.secret("api_key", api_key) if api_key else None,
         "models": v.models("models", models) if models else [],
         "tls_verify": v.boolean("tls_verify", tls_verify),
+        "include_usage": v.boolean("include_usage", include_usage),
         "discovered_models": [],
         "discovered_at": None,
         "created_at": time.time(),
@@ -154,8 +157,8 @@ def add(bastion: Bastion, name: str, upstreams: list[Any], author: str = "cli", 
 
 
 def update(bastion: Bastion, name: str, author: str = "cli", **fields: Any) -> dict[str, Any]:
-    """Change method, api_key, models or the whole upstream list of a pool."""
-    unknown = set(fields) - {"method", "api_key", "models", "upstreams", "tls_verify"}
+    """Change method, api_key, models, tls_verify, include_usage or the whole upstream list of a pool."""
+    unknown = set(fields) - {"method", "api_key", "models", "upstreams", "tls_verify", "include_usage"}
     if unknown:
         raise v.ValidationError(sorted(unknown)[0], "is not a pool field")
     with bastion.change(author, f"update pool {name} ({', '.join(sorted(fields))})", nginx=True) as db:
@@ -168,6 +171,8 @@ def update(bastion: Bastion, name: str, author: str = "cli", **fields: Any) -> d
             pool["models"] = v.models("models", fields["models"] or [])
         if "tls_verify" in fields:
             pool["tls_verify"] = v.boolean("tls_verify", fields["tls_verify"])
+        if "include_usage" in fields:
+            pool["include_usage"] = v.boolean("include_usage", fields["include_usage"])
         if "upstreams" in fields:
             ups = fields["upstreams"]
             if not isinstance(ups, list) or not ups:

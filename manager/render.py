@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from manager import cidr_groups
+from manager.metering import METER_JS
 from manager.settings import ADMIN_BODY_LIMIT_KB
 from nginx_templates import TEMPLATE_DIR
 
@@ -24,6 +25,7 @@ _env = Environment(
 )
 
 MAIN = "nginx.conf"
+_METER_SOURCE = (TEMPLATE_DIR / METER_JS).read_text()  # JavaScript, not a template: read once, as it is
 FILES = {MAIN: "nginx.conf.j2", "public.conf": "public.conf.j2"}  # file of a generation → its template
 ERROR_PAGES = (
     (413, "The request body is larger than this gateway accepts."),
@@ -62,12 +64,17 @@ class RenderInput:
     paths: Mapping[str, str]  # data-dir paths nginx writes or connects to
     # certificate name → {names, fullchain, key, digest} of each certificate whose files were readable
     certificates: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: _EMPTY)
+    njs_module: str | None = None  # path of the njs module: token metering on (manager/metering.py)
 
 
 def render(inp: RenderInput, generation: int) -> dict[str, str]:
-    """The files of a generation: name (relative to the generation dir) → text."""
+    """The files of a generation: name (relative to the generation dir) → text; with token metering also
+    meter.js, which nginx.conf imports from the generation's directory (so it switches with the rest)."""
     context = _context(inp, generation)
-    return {name: _env.get_template(template).render(context) for name, template in FILES.items()}
+    files = {name: _env.get_template(template).render(context) for name, template in FILES.items()}
+    if inp.njs_module:
+        files[METER_JS] = _METER_SOURCE
+    return files
 
 
 def _context(inp: RenderInput, generation: int) -> dict[str, Any]:
@@ -75,6 +82,7 @@ def _context(inp: RenderInput, generation: int) -> dict[str, Any]:
     groups = {**cidr_groups.BUILTIN, **{g["name"]: g for g in inp.tables["cidr_groups"]}}
     return {
         "generation": generation,
+        "njs_module": inp.njs_module,
         "worker_user": inp.worker_user,
         "paths": inp.paths,
         "pools": [pool_view(p, inp.down, inp.resolved) for p in inp.tables["pools"] if p["upstreams"]],

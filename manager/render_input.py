@@ -19,7 +19,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from authsvc.files import write_atomic
-from manager import custom_config, generations, health
+from manager import custom_config, generations, health, metering
 from manager import settings as settings_mod
 from manager.certs import manage as certs
 from manager.certs import pem
@@ -40,6 +40,7 @@ class Observation:
     down: frozenset[str]
     worker_user: str | None
     certificates: Mapping[str, Mapping[str, Any]]  # the certificates nginx can serve (see `servable`)
+    njs_module: str | None = None  # the njs module to load for token metering (manager/metering.py)
 
 
 def freeze(value: Any) -> Any:
@@ -102,7 +103,8 @@ def observe(bastion: Bastion, remember: bool = False) -> Observation:
     if remember:
         write_atomic(cache_file, json.dumps({**fallback, **resolved}, sort_keys=True).encode())
     return Observation(freeze(resolved), freeze(fallback), frozenset(health.down_urls(bastion)),
-                       worker_user(bastion.dirs.root), freeze(servable(bastion)))
+                       worker_user(bastion.dirs.root), freeze(servable(bastion)),
+                       metering.detect(bastion.nginx.binary).module)
 
 
 def servable(bastion: Bastion) -> dict[str, dict[str, Any]]:
@@ -150,4 +152,5 @@ def gather(bastion: Bastion, observed: Observation | None = None) -> RenderInput
         worker_user=observed.worker_user,
         paths=freeze({name: str(path) for name, path in paths.items()}),
         certificates=observed.certificates,
+        njs_module=observed.njs_module,
     )

@@ -26,7 +26,8 @@ def pool_models(pool: dict[str, Any]) -> list[str]:
 def build(bastion: Bastion, only_pools: set[str] | None = None) -> dict[str, Any]:
     """The gate's view; `only_pools` limits pools (and routes to them) to those nginx has right now."""
     store = bastion.store
-    pools = [{"name": p["name"], "models": pool_models(p)} for p in store.table("pools").all()
+    pools = [{"name": p["name"], "models": pool_models(p), "include_usage": p.get("include_usage", True)}
+             for p in store.table("pools").all()
              if p["upstreams"] and (only_pools is None or p["name"] in only_pools)]
     names = {p["name"] for p in pools}
     routes = [{"model": r["model"], "pools": [p for p in r["pools"] if p in names]}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import jsonify
 
-from manager import configuration, generations, snapshot
+from manager import configuration, generations, metering, snapshot
 from manager import validation as v
 from manager.api.base import (
     BOOL,
@@ -115,7 +115,7 @@ def audit_log():
 
 @health_bp.op("GET", "", "Is the stack up, which generation is live, do changes reach the data plane", public=True,
               response=obj(status=STR, generation=INT, nginx_running=BOOL, store=STR,
-                           gate={"type": "array", "items": STR}))
+                           gate={"type": "array", "items": STR}, token_metering=STR))
 def health():
     b = bastion()
     try:
@@ -126,4 +126,5 @@ def health():
     # the gate keeps serving what it has; a problem here means changes (a revoked key!) do not reach it
     gate = snapshot.gate_problems(b)
     return jsonify(status="ok" if store == "ok" and not gate else "degraded", generation=generations.live(b.dirs),
-                   nginx_running=b.nginx.master_pid() is not None, store=store, gate=gate)
+                   nginx_running=b.nginx.master_pid() is not None, store=store, gate=gate,
+                   token_metering=metering.detect(b.nginx.binary).status)

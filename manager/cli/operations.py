@@ -8,7 +8,7 @@ import time
 import click
 
 from authsvc import bodies
-from manager import configuration, generations
+from manager import configuration, generations, metering
 from manager import settings as settings_mod
 from manager import validation as v
 from manager.cli import csv, fmt_time, main, print_table, with_bastion
@@ -131,11 +131,23 @@ def config_rollback(b: Bastion, generation: int) -> None:
 @config.command("status")
 @with_bastion
 def config_status(b: Bastion) -> None:
-    """Live generation, and whether the files on disk were changed by hand."""
+    """Live generation, whether the files on disk were changed by hand, token metering."""
+    print_status(b)
+
+
+@main.command("status")
+@with_bastion
+def status(b: Bastion) -> None:
+    """Live generation, nginx, drift and token metering (as `config status`)."""
+    print_status(b)
+
+
+def print_status(b: Bastion) -> None:
     changed = generations.drifted(b.dirs)
     click.echo(f"live generation {generations.live(b.dirs)}; nginx "
                f"{'running' if b.nginx.master_pid() else 'not running'}; "
                + (f"DRIFT: changed by hand: {', '.join(changed)}" if changed else "no drift"))
+    click.echo(f"token metering: {metering.detect(b.nginx.binary).status}")
 
 
 @config.command("show")

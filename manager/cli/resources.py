@@ -29,13 +29,16 @@ def pools() -> None:
 @click.option("--method", type=click.Choice(v.BALANCING_METHODS), default="round_robin", show_default=True)
 @click.option("--tls-verify/--no-tls-verify", default=True, show_default=True,
               help="Check https upstreams' certificates against the system CAs.")
+@click.option("--include-usage/--no-include-usage", default=True, show_default=True,
+              help="Ask for stream_options.include_usage on streamed OpenAI requests (token metering).")
 @with_bastion
 def pools_add(b: Bastion, name: str, urls: tuple[str, ...], backup_urls: tuple[str, ...], api_key: str | None,
-              models: str | None, weight: int, method: str, tls_verify: bool) -> None:
+              models: str | None, weight: int, method: str, tls_verify: bool, include_usage: bool) -> None:
     """Add a pool and apply the nginx configuration."""
     ups = [{"url": u, "weight": weight} for u in urls] + [{"url": u, "backup": True} for u in backup_urls]
     click.echo(f"adding pool {name} and applying nginx configuration...")
-    pool = pools_mod.add(b, name, ups, api_key=api_key, models=csv(models), method=method, tls_verify=tls_verify)
+    pool = pools_mod.add(b, name, ups, api_key=api_key, models=csv(models), method=method, tls_verify=tls_verify,
+                         include_usage=include_usage)
     served = pool["models"] or pool["discovered_models"]
     source = "configured" if pool["models"] else "discovered"
     if served:
@@ -53,11 +56,14 @@ def pools_add(b: Bastion, name: str, urls: tuple[str, ...], backup_urls: tuple[s
 @click.option("--api-key", help="New upstream API key ('' removes it).")
 @click.option("--models", help="Comma-separated models ('' = discover from the upstreams).")
 @click.option("--tls-verify/--no-tls-verify", default=None, help="Check https upstreams' certificates.")
+@click.option("--include-usage/--no-include-usage", default=None,
+              help="Ask for stream_options.include_usage on streamed OpenAI requests.")
 @with_bastion
 def pools_update(b: Bastion, name: str, method: str | None, api_key: str | None, models: str | None,
-                 tls_verify: bool | None) -> None:
+                 tls_verify: bool | None, include_usage: bool | None) -> None:
     """Change a pool and apply the nginx configuration."""
-    given = (("method", method), ("api_key", api_key), ("models", csv(models)), ("tls_verify", tls_verify))
+    given = (("method", method), ("api_key", api_key), ("models", csv(models)), ("tls_verify", tls_verify),
+             ("include_usage", include_usage))
     changes = {k: x for k, x in given if x is not None}
     if not changes:
         raise click.UsageError("nothing to change: give at least one option")
