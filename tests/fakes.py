@@ -11,7 +11,14 @@ from typing import Any
 
 class FakeUpstream:
     """An OpenAI + Ollama compatible server on a free port, answering with its `name` in every reply. With
-    `api_key` it answers 401 (OpenAI-shaped) to every request without `Authorization: Bearer <api_key>`."""
+    `api_key` it answers 401 (OpenAI-shaped) to every request without `Authorization: Bearer <api_key>`.
+
+    Streams end like real servers': OpenAI SSE with a usage event (`"choices":[]`) before `data: [DONE]` when
+    the request asks for `stream_options.include_usage` (and, with `usage_null`, `"usage":null` in every
+    other chunk, as OpenAI itself does); Ollama NDJSON with `prompt_eval_count`/`eval_count` in the last line.
+    Knobs for broken streams: `cut_after` events the connection is closed without ending the stream,
+    `stall_after` events it goes silent for `stall` seconds; `split` sends each event in two pieces, cut
+    inside the first "é" (give the text one with `suffix`)."""
 
     def __init__(self, name: str, models: list[str], chunk_delay: float = 0.0, chunks: int = 5, port: int = 0,
                  api_key: str | None = None):
@@ -20,6 +27,12 @@ class FakeUpstream:
         self.models = models
         self.chunk_delay = chunk_delay
         self.chunks = chunks
+        self.usage_null = False
+        self.suffix = ""  # added to every streamed piece of text, e.g. "é" for multibyte characters
+        self.split = False
+        self.cut_after: int | None = None
+        self.stall_after: int | None = None
+        self.stall = 0.0
         self.requests: list[dict[str, Any]] = []
         self.stream_finished = threading.Event()
         handler = type("Handler", (_Handler,), {"upstream": self})
@@ -57,18 +70,54 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def _stream(self, content_type: str, lines: list[bytes]) -> None:
+        up = self.upstream
         self.send_response(200)
         self.send_header("Content-Type", content_type)
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         for i, line in enumerate(lines):
             if i:
-                time.sleep(self.upstream.chunk_delay)
-            self.wfile.write(f"{len(line):x}\r\n".encode() + line + b"\r\n")
-            self.wfile.flush()
+                time.sleep(up.chunk_delay)
+            if i == up.cut_after:  # dies mid-stream: no terminating chunk
+                self.close_connection = True
+                return
+            if i == up.stall_after:
+                time.sleep(up.stall)
+                self.close_connection = True
+                return
+            cut = line.find("é".encode()) + 1 if up.split else 0  # inside the two bytes of "é"
+            for piece in (line[:cut], line[cut:]) if cut else (line,):
+                self.wfile.write(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+                self.wfile.flush()
+                if cut:
+                    time.sleep(0.01)
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
-        self.upstream.stream_finished.set()
+        up.stream_finished.set()
+
+    def _openai_stream(self, body: dict[str, Any], chat: bool) -> None:
+        """An OpenAI stream, as vLLM or OpenAI (`usage_null`) sends it."""
+        up = self.upstream
+        options = body.get("stream_options")
+        usage = isinstance(options, dict) and options.get("include_usage") is True
+        events = []
+        for i in range(up.chunks):
+            text = f"{up.name}-{i} {up.suffix}"
+            choice = ({"index": 0, "delta": {"content": text}, "finish_reason": None} if chat
+                      else {"index": 0, "text": text, "finish_reason": None, "logprobs": None})
+            chunk: dict[str, Any] = {"id": "c1", "object": "chat.completion.chunk" if chat else "text_completion",
+                                     "created": 0, "model": body.get("model", ""), "choices": [choice]}
+            if usage and up.usage_null:
+                chunk["usage"] = None
+            events.append(chunk)
+        if usage:
+            events.append({"id": "c1", "object": "chat.completion.chunk" if chat else "text_completion",
+                           "created": 0, "model": body.get("model", ""), "choices": [],
+                           "usage": {"prompt_tokens": 11, "completion_tokens": up.chunks * 2,
+                                     "total_tokens": 11 + up.chunks * 2}})
+        lines = [b"data: " + json.dumps(e, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+                 for e in events]
+        self._stream("text/event-stream", [*lines, b"data: [DONE]\n\n"])
 
     def _refused(self) -> bool:
         """Answer 401 when the upstream wants a key and did not get it."""
@@ -104,15 +153,8 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             body = {}
         model = body.get("model", "")
-        if self.path == "/v1/chat/completions" and body.get("stream"):
-            events = [
-                b"data: " + json.dumps({
-                    "id": "c1", "object": "chat.completion.chunk", "created": 0, "model": model,
-                    "choices": [{"index": 0, "delta": {"content": f"{up.name}-{i} "}, "finish_reason": None}],
-                }).encode() + b"\n\n"
-                for i in range(up.chunks)
-            ]
-            self._stream("text/event-stream", [*events, b"data: [DONE]\n\n"])
+        if self.path in ("/v1/chat/completions", "/v1/completions") and body.get("stream") is True:
+            self._openai_stream(body, self.path == "/v1/chat/completions")
         elif self.path == "/v1/chat/completions":
             self._json({
                 "id": "c1", "object": "chat.completion", "created": 0, "model": model,
@@ -130,10 +172,17 @@ class _Handler(BaseHTTPRequestHandler):
             self._json({"object": "list", "model": model,
                         "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}],
                         "usage": {"prompt_tokens": 1, "total_tokens": 1}})
+        elif self.path == "/api/chat" and body.get("stream") is False:
+            self._json({"model": model, "message": {"role": "assistant", "content": f"hello from {up.name}"},
+                        "done": True, "done_reason": "stop", "prompt_eval_count": 9, "eval_count": up.chunks})
         elif self.path == "/api/chat":
-            lines = [json.dumps({"model": model, "message": {"role": "assistant", "content": f"{up.name}-{i}"},
-                                 "done": False}).encode() + b"\n" for i in range(up.chunks)]
-            lines.append(json.dumps({"model": model, "done": True, "eval_count": up.chunks}).encode() + b"\n")
+            lines = [json.dumps({"model": model, "created_at": "2024-01-01T00:00:00Z",
+                                 "message": {"role": "assistant", "content": f"{up.name}-{i}{up.suffix}"},
+                                 "done": False}, ensure_ascii=False).encode() + b"\n" for i in range(up.chunks)]
+            lines.append(json.dumps({"model": model, "created_at": "2024-01-01T00:00:00Z",
+                                     "message": {"role": "assistant", "content": ""}, "done": True,
+                                     "done_reason": "stop", "total_duration": 1000, "prompt_eval_count": 9,
+                                     "eval_count": up.chunks}).encode() + b"\n")
             self._stream("application/x-ndjson", lines)
         elif self.path.startswith("/v1/fail/"):  # the upstream's own error, e.g. /v1/fail/500
             self._json({"error": {"message": f"{up.name} failed on purpose", "type": "server_error",

@@ -1,0 +1,339 @@
+"""Token metering and stream outcomes (nginx_templates/meter.js): real nginx + njs, the real gate and manager,
+fake upstreams that answer like real servers; the access log is read as the lead's tab-separated records."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+import requests
+
+from authsvc import usage
+from authsvc.gate import Gate
+from manager import metering
+from tests.conftest import NGINX, Stack
+from tests.fakes import FakeUpstream
+from tests.test_gate import Call, key_entry, write_snapshot
+
+# the `bastion` log_format's fields, in order (nginx_templates/_http.j2)
+FIELDS = ("marker", "msec", "request_id", "key", "model", "pool", "upstream_addr", "status", "bytes_sent",
+          "request_length", "request_time", "upstream_status", "upstream_header_time", "method", "uri",
+          "remote_addr", "outcome", "prompt_tokens", "completion_tokens", "total_tokens")
+READ_TIMEOUT = 2
+needs_njs = pytest.mark.skipif(metering.detect(NGINX).module is None, reason="no njs module for this nginx")
+
+
+def record(stack: Stack, request_id: str, wait: float = 10) -> dict[str, str]:
+    """The access log record of one request, as a dict of FIELDS (waits for nginx to write it)."""
+    deadline = time.monotonic() + wait
+    while True:
+        for line in (stack.data_dir / "logs" / "access.log").read_text().splitlines():
+            values = line.split("\t")
+            if len(values) == len(FIELDS) and values[2] == request_id:
+                assert values[0] == '"B1'
+                return dict(zip(FIELDS, values, strict=True))
+        assert time.monotonic() < deadline, f"no log record for {request_id}"
+        time.sleep(0.05)
+
+
+def tokens(rec: dict[str, str]) -> tuple[str, str, str]:
+    return rec["prompt_tokens"], rec["completion_tokens"], rec["total_tokens"]
+
+
+def rid() -> str:
+    return f"meter-{uuid.uuid4().hex[:12]}"
+
+
+# ---- the gate's insertion (authsvc/usage.py) ----------------------------------------------------------------
+
+def inserted(raw: bytes) -> bytes | None:
+    """The body the upstream gets (what meter.js does with the gate's header), or None when unchanged."""
+    body = json.loads(raw)
+    ask = usage.insertion(raw, body)
+    if ask is None:
+        return None
+    at, _, text = ask.partition(" ")
+    return raw[:int(at)] + text.encode() + raw[int(at):]
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"model":"m","stream":true,"messages":[]}',
+    b' \n{ "model": "m", "stream": true, "messages": [{"role":"user","content":"h\xc3\xa9"}]}',
+    b'{"model":"m","stream":true,"stream_options":{}}',
+    b'{"model":"m","stream":true,"stream_options": {"continuous_usage_stats":true}}',
+])
+def test_the_gate_asks_for_usage_without_touching_anything_else(raw: bytes) -> None:
+    changed = inserted(raw)
+    assert changed is not None
+    body, original = json.loads(changed), json.loads(raw)
+    assert body["stream_options"]["include_usage"] is True
+    body["stream_options"].pop("include_usage")
+    if "stream_options" not in original:
+        assert body.pop("stream_options") == {}
+    assert body == original
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"model":"m","messages":[]}',  # not streamed
+    b'{"model":"m","stream":false}',
+    b'{"model":"m","stream":"yes"}',
+    b'{"model":"m","stream":true,"stream_options":{"include_usage":true}}',  # the client asked itself
+    b'{"model":"m","stream":true,"stream_options":{"include_usage":false}}',  # ... or said no
+    b'{"model":"m","stream":true,"stream_options":null}',
+    # a stream_options object that cannot be told for sure from another one
+    b'{"model":"m","stream":true,"tools":[{"stream_options":{}}],"stream_options":{}}',
+    b'{"model":"m","stream":true,"stream\\u005foptions":{}}',
+    b'["not", "an", "object"]',
+])
+def test_the_gate_leaves_other_bodies_alone(raw: bytes) -> None:
+    assert inserted(raw) is None
+
+
+def test_the_gate_sends_the_insertion_only_for_pools_that_want_it(tmp_path: Path) -> None:
+    from authsvc import keys as keyformat
+
+    token = keyformat.generate()[1]
+    write_snapshot(tmp_path / "snapshot.json", [key_entry(token)],
+                   pools=[{"name": "main", "models": ["gpt-4o"]},
+                          {"name": "strict", "models": ["strict-model"], "include_usage": False}])
+    gate = Gate(tmp_path / "snapshot.json", b"test-pepper")
+    streamed = {"model": "gpt-4o", "stream": True, "messages": []}
+    assert Call(gate, "/v1/chat/completions", token, streamed).headers[usage.HEADER] == f"1 {usage.TOP_LEVEL}"
+    assert Call(gate, "/v1/completions", token, streamed).headers[usage.HEADER] == f"1 {usage.TOP_LEVEL}"
+    assert usage.HEADER not in Call(gate, "/v1/chat/completions", token, {**streamed, "stream": False}).headers
+    assert usage.HEADER not in Call(gate, "/v1/embeddings", token, streamed).headers
+    assert usage.HEADER not in Call(gate, "/v1/chat/completions", token, {**streamed, "model": "strict-model"}).headers
+
+
+# ---- end to end ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fakes() -> Iterator[dict[str, FakeUpstream]]:
+    ups = {"meter": FakeUpstream("meter", ["meter-model"], chunk_delay=0.02, chunks=4),
+           "plain": FakeUpstream("plain", ["plain-model"], chunk_delay=0.02, chunks=4)}
+    yield ups
+    for up in ups.values():
+        up.close()
+
+
+@pytest.fixture(scope="module")
+def metered(tmp_path_factory: pytest.TempPathFactory, fakes: dict[str, FakeUpstream]) -> Iterator[Stack]:
+    if not Path(NGINX).exists():
+        pytest.skip("nginx is not installed")
+    s = Stack(tmp_path_factory.mktemp("metering") / "data")
+    s.start()
+    s.cli("settings", "set", "read_timeout", str(READ_TIMEOUT))
+    s.cli("pools", "add", "meter", "--url", fakes["meter"].url, "--models", "meter-model")
+    s.cli("pools", "add", "plain", "--url", fakes["plain"].url, "--models", "plain-model", "--no-include-usage")
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def up(fakes: dict[str, FakeUpstream]) -> Iterator[FakeUpstream]:
+    """The metered pool's upstream, its knobs put back after each test."""
+    meter = fakes["meter"]
+    meter.requests.clear()
+    yield meter
+    meter.chunks, meter.chunk_delay, meter.suffix = 4, 0.02, ""
+    meter.usage_null = meter.split = False
+    meter.cut_after = meter.stall_after = None
+
+
+@pytest.fixture(scope="module")
+def key(metered: Stack) -> str:
+    return metered.key("metering")
+
+
+def sdk(stack: Stack, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=stack.base + "/v1", api_key=key, max_retries=0)
+
+
+@needs_njs
+def test_status_says_njs_meters(metered: Stack) -> None:
+    assert "token metering: njs" in metered.cli("status")
+    assert requests.get(metered.admin + "/api/v1/health", timeout=10).json()["token_metering"] == "njs"
+
+
+@needs_njs
+def test_sdk_stream_without_include_usage_gets_no_usage_but_is_metered(metered: Stack, key: str,
+                                                                       up: FakeUpstream) -> None:
+    request_id = rid()
+    stream = sdk(metered, key).chat.completions.create(
+        model="meter-model", messages=[{"role": "user", "content": "hi"}], stream=True,
+        extra_headers={"X-Request-ID": request_id})
+    chunks = list(stream)
+    assert [c.choices[0].delta.content for c in chunks] == [f"meter-{i} " for i in range(4)]
+    assert all(c.usage is None for c in chunks)
+    # the upstream was asked for usage...
+    sent = json.loads(up.requests[-1]["body"])
+    assert sent["stream_options"] == {"include_usage": True}
+    # ...and the log has its counts
+    rec = record(metered, request_id)
+    assert tokens(rec) == ("11", "8", "19")
+    assert (rec["outcome"], rec["pool"], rec["status"]) == ("completed", "meter", "200")
+
+
+@needs_njs
+def test_sdk_stream_with_include_usage_passes_untouched(metered: Stack, key: str, up: FakeUpstream) -> None:
+    request_id = rid()
+    stream = sdk(metered, key).chat.completions.create(
+        model="meter-model", messages=[{"role": "user", "content": "hi"}], stream=True,
+        stream_options={"include_usage": True}, extra_headers={"X-Request-ID": request_id})
+    chunks = list(stream)
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == 19
+    assert up.requests[-1]["body"].count(b"stream_options") == 1  # the client's own, not a second one
+    assert tokens(record(metered, request_id)) == ("11", "8", "19")
+
+
+@needs_njs
+def test_sdk_non_streamed_answers_are_metered(metered: Stack, key: str, up: FakeUpstream) -> None:
+    client = sdk(metered, key)
+    ids = [rid() for _ in range(3)]
+    client.chat.completions.create(model="meter-model", messages=[{"role": "user", "content": "hi"}],
+                                   extra_headers={"X-Request-ID": ids[0]})
+    client.completions.create(model="meter-model", prompt="hi", extra_headers={"X-Request-ID": ids[1]})
+    client.embeddings.create(model="meter-model", input="hi", extra_headers={"X-Request-ID": ids[2]})
+    assert b"stream_options" not in up.requests[0]["body"]
+    recs = [record(metered, i) for i in ids]
+    assert [tokens(r) for r in recs] == [("3", "4", "7"), ("1", "3", "4"), ("1", "", "1")]
+    assert {r["outcome"] for r in recs} == {"completed"}
+
+
+def raw_stream(url: str, body: bytes, headers: dict[str, str]) -> bytes:
+    with requests.post(url, data=body, headers={"Content-Type": "application/json", **headers}, stream=True,
+                       timeout=10) as r:
+        assert r.status_code == 200, r.text
+        return b"".join(r.iter_content(None))
+
+
+@needs_njs
+@pytest.mark.parametrize("style", ["vllm", "openai", "split"])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_stream_without_include_usage_is_byte_identical_to_the_upstreams(
+        metered: Stack, key: str, up: FakeUpstream, style: str, path: str) -> None:
+    """What the client gets through Bastion (usage asked for, then taken out again) is, byte for byte, what the
+    upstream sends a client that did not ask: multibyte characters cut across chunks and OpenAI's
+    `"usage":null` in every chunk included."""
+    up.suffix = "é ☃ "
+    up.usage_null = style == "openai"
+    up.split = style == "split"
+    body = ' {\n  "model": "meter-model", "stream": true,\n  "messages": [{"role": "user", "content": "Grüße"}]}'
+    body_bytes = body.encode()
+    direct = raw_stream(up.url + path, body_bytes, {})
+    request_id = rid()
+    through = raw_stream(metered.base + path, body_bytes,
+                         {"Authorization": f"Bearer {key}", "X-Request-ID": request_id})
+    assert through == direct
+    assert b"\xc3\xa9" in direct and b"usage" not in direct
+    # the upstream got the client's bytes with the insertion only
+    assert up.requests[-1]["body"] == body_bytes[:2] + usage.TOP_LEVEL.encode() + body_bytes[2:]
+    rec = record(metered, request_id)
+    assert tokens(rec) == ("11", "8", "19") and rec["outcome"] == "completed"
+
+
+@needs_njs
+def test_a_pool_without_include_usage_is_not_asked(metered: Stack, key: str, fakes: dict[str, FakeUpstream]) -> None:
+    plain = fakes["plain"]
+    request_id = rid()
+    list(sdk(metered, key).chat.completions.create(
+        model="plain-model", messages=[], stream=True, extra_headers={"X-Request-ID": request_id}))
+    assert b"stream_options" not in plain.requests[-1]["body"]
+    rec = record(metered, request_id)
+    assert tokens(rec) == ("", "", "") and rec["outcome"] == "completed"  # unknown, never guessed
+
+
+@needs_njs
+@pytest.mark.parametrize("stream", [True, False])
+def test_ollama_chat_is_metered(metered: Stack, key: str, up: FakeUpstream, stream: bool) -> None:
+    up.suffix, up.split = "é", stream
+    request_id = rid()
+    r = metered.post("/api/chat", key, json={"model": "meter-model", "messages": [], "stream": stream},
+                     headers={"X-Request-ID": request_id}, stream=True)
+    lines = [json.loads(line) for line in r.iter_lines() if line]
+    assert lines[-1]["done"] is True
+    rec = record(metered, request_id)
+    assert tokens(rec) == ("9", "4", "13") and rec["outcome"] == "completed"
+
+
+@needs_njs
+def test_an_upstream_that_dies_mid_stream_is_an_upstream_cut(metered: Stack, key: str, up: FakeUpstream) -> None:
+    up.cut_after = 2
+    request_id = rid()
+    with pytest.raises(openai.APIError):
+        list(sdk(metered, key).chat.completions.create(
+            model="meter-model", messages=[], stream=True, extra_headers={"X-Request-ID": request_id}))
+    rec = record(metered, request_id)
+    assert (rec["outcome"], rec["status"]) == ("upstream_cut", "200")  # nginx alone says 200
+    assert tokens(rec) == ("", "", "")
+    assert int(rec["bytes_sent"]) > 0
+
+
+@needs_njs
+def test_an_upstream_gone_silent_is_a_timeout(metered: Stack, key: str, up: FakeUpstream) -> None:
+    up.stall_after, up.stall = 2, READ_TIMEOUT + 2
+    request_id = rid()
+    with pytest.raises(openai.APIError):
+        list(sdk(metered, key).chat.completions.create(
+            model="meter-model", messages=[], stream=True, extra_headers={"X-Request-ID": request_id}))
+    rec = record(metered, request_id)
+    assert rec["outcome"] == "timeout"
+    assert float(rec["request_time"]) >= READ_TIMEOUT - 0.5
+
+
+@needs_njs
+def test_a_client_that_goes_away_is_a_client_cut(metered: Stack, key: str, up: FakeUpstream) -> None:
+    up.chunks, up.chunk_delay = 40, 0.1
+    request_id = rid()
+    body = b'{"model":"meter-model","stream":true,"messages":[]}'
+    with socket.create_connection(("127.0.0.1", metered.public_port)) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  + f"Authorization: Bearer {key}\r\nX-Request-ID: {request_id}\r\n".encode()
+                  + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        got = b""
+        while b"data:" not in got:
+            got += s.recv(4096)
+    rec = record(metered, request_id)
+    assert (rec["outcome"], rec["status"]) == ("client_cut", "200")
+    assert tokens(rec) == ("", "", "")
+
+
+@needs_njs
+def test_requests_the_gate_refuses_have_no_outcome(metered: Stack) -> None:
+    request_id = rid()
+    r = metered.post("/v1/chat/completions", "bst_000000000000_" + "x" * 40, json={"model": "meter-model"},
+                     headers={"X-Request-ID": request_id})
+    assert r.status_code == 401
+    rec = record(metered, request_id)
+    assert (rec["outcome"], *tokens(rec)) == ("", "", "", "")
+
+
+def test_without_njs_nothing_is_metered_and_all_still_works(tmp_path: Path, fakes: dict[str, FakeUpstream],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    if not Path(NGINX).exists():
+        pytest.skip("nginx is not installed")
+    monkeypatch.setenv(metering.ENV, "off")
+    s = Stack(tmp_path / "data")
+    s.start()
+    try:
+        assert "token metering: unavailable: turned off" in s.cli("status")
+        s.cli("pools", "add", "meter", "--url", fakes["meter"].url, "--models", "meter-model")
+        live = s.data_dir / "nginx" / "live"
+        assert "load_module" not in (live / "nginx.conf").read_text() and not (live / "meter.js").exists()
+        assert "js_body_filter" not in (live / "public.conf").read_text()
+        key = s.key("plain")
+        request_id = rid()
+        chunks = list(sdk(s, key).chat.completions.create(
+            model="meter-model", messages=[], stream=True, extra_headers={"X-Request-ID": request_id}))
+        assert len(chunks) == 4 and all(c.usage is None for c in chunks)
+        assert b"stream_options" not in fakes["meter"].requests[-1]["body"]
+        rec = record(s, request_id)
+        assert (rec["outcome"], *tokens(rec)) == ("", "", "", "") and rec["status"] == "200"
+    finally:
+        s.stop()
