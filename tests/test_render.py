@@ -16,8 +16,10 @@ from manager.apply import render_config
 from manager.context import Bastion
 from manager.datadir import DataDir
 from manager.nginx import Nginx
+from manager.metering import METER_JS
 from manager.render import RenderInput, render
 from manager.render_input import freeze, gather
+from nginx_templates import TEMPLATE_DIR
 from tests.conftest import needs_nginx
 
 pytestmark = needs_nginx
@@ -114,9 +116,9 @@ GOLDEN = Path(__file__).parent / "golden"
 GOLDEN_ROOT = "/srv/bastion-golden"  # the data dir named in the golden files
 
 
-def golden_input(tls: bool = False) -> RenderInput:
+def golden_input(tls: bool = False, njs: bool = False) -> RenderInput:
     """A fixed input touching every feature of the templates (`tls`: with the HTTP and HTTPS listeners, two
-    certificates and HSTS)."""
+    certificates and HSTS; `njs`: with token metering)."""
     pools_ = [
         {"name": "local", "method": "least_conn", "models": ["m1"],
          "upstreams": [{"url": "http://127.0.0.1:8000", "weight": 3},
@@ -145,7 +147,10 @@ def golden_input(tls: bool = False) -> RenderInput:
         custom_config="server { listen 127.0.0.1:65001; return 204; }", resolved=freeze(resolved),
         down=frozenset({"http://127.0.0.1:8001"}), worker_user=None,
         paths=freeze({k: f"{GOLDEN_ROOT}/{v}" for k, v in {**paths, "acme_webroot": "acme-webroot"}.items()}),
-        certificates=freeze(GOLDEN_CERTIFICATES if tls else {}))
+        certificates=freeze(GOLDEN_CERTIFICATES if tls else {}), njs_module=NJS_MODULE if njs else None)
+
+
+NJS_MODULE = "/usr/lib/nginx/modules/ngx_http_js_module.so"  # Debian's
 
 
 GOLDEN_CERTIFICATES = {
@@ -158,12 +163,18 @@ GOLDEN_CERTIFICATES = {
 }
 
 
-@pytest.mark.parametrize("case", ["plain", "tls"])
+@pytest.mark.parametrize("case", ["plain", "tls", "njs"])
 def test_rendering_matches_the_golden_files_byte_for_byte(tmp_path: Path, case: str) -> None:
     """The checked-in files are what this input renders to (BASTION_UPDATE_GOLDEN=1 rewrites them after a
-    deliberate template change: review the diff), and nginx accepts them."""
-    golden = GOLDEN / "tls" if case == "tls" else GOLDEN
-    files = render(golden_input(tls=case == "tls"), 42)
+    deliberate template change: review the diff), and nginx accepts them. With token metering the generation
+    also holds meter.js, as it is in nginx_templates (not kept twice)."""
+    if case == "njs" and not Path(NJS_MODULE).exists():
+        pytest.skip("no njs module")
+    golden = GOLDEN if case == "plain" else GOLDEN / case
+    files = render(golden_input(tls=case == "tls", njs=case == "njs"), 42)
+    if case == "njs":
+        meter = files.pop(METER_JS)
+        assert meter == (TEMPLATE_DIR / METER_JS).read_text()
     if os.environ.get("BASTION_UPDATE_GOLDEN"):
         golden.mkdir(exist_ok=True)
         for name, text in files.items():
@@ -178,6 +189,8 @@ def test_rendering_matches_the_golden_files_byte_for_byte(tmp_path: Path, case: 
     gen.mkdir()
     for name in files:
         (gen / name).write_text((golden / name).read_text().replace(GOLDEN_ROOT, str(tmp_path)))
+    if case == "njs":
+        (gen / METER_JS).write_text(meter)
     if case == "tls":
         from tests.acme import make_cert, pem
 
