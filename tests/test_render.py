@@ -15,8 +15,8 @@ from manager import settings as settings_mod
 from manager.apply import render_config
 from manager.context import Bastion
 from manager.datadir import DataDir
-from manager.nginx import Nginx
 from manager.metering import METER_JS
+from manager.nginx import Nginx
 from manager.render import RenderInput, render
 from manager.render_input import freeze, gather
 from nginx_templates import TEMPLATE_DIR
