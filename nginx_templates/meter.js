@@ -1,24 +1,33 @@
 // Bastion's token meter (njs 0.7+): header and body filters on the pool locations, and the variables the
-// access log prints. Every chunk goes on to the client as soon as it arrives, untouched, except when the gate
-// asked nginx to add stream_options.include_usage for a client that did not: then the usage event the
-// upstream adds for it (and the "usage":null it may add to every chunk) is taken out, whole events at a time,
-// so the client gets exactly the stream it would have got without Bastion. See docs/operations.md.
+// access log prints (outcome, prompt/completion/total tokens). Every chunk goes on to the client as soon as
+// it arrives, untouched, except when the gate asked nginx to add stream_options.include_usage for a client
+// that did not ask (X-Bastion-Usage, authsvc/usage.py): then the usage event the upstream adds for it, and
+// the "usage":null it may add to every chunk, are taken out again, whole events at a time, so the client gets
+// exactly the stream it would have got without Bastion. See docs/operations.md, "Token metering".
 //
-// njs gives each request its own copy of these globals: they are the request's state.
+// njs gives each request its own copy of these globals: they are the request's state. The hot path (every
+// chunk of a stream) finds line ends with single-byte searches and looks at the last bytes of each line; only
+// a line that ends like a usage event or Ollama's last line is searched, decoded and parsed.
 
 var JSON_KEEP = 1048576; // a JSON answer up to this size is parsed whole; above it only its tail is read
 var TAIL_KEEP = 65536;
-var USAGE_NULL = /, ?"usage": ?null\}$/; // applied to a line without its end (PCRE's $ also matches before \n)
+var LINE_KEEP = 1048576; // a line longer than this is not pieced together (it cannot be a usage line)
+var HOLD_KEEP = 65536; // strip mode: an unfinished event longer than this goes on as it is
+var USAGE = Buffer.from('"usage"');
+var DONE = Buffer.from("[DONE]");
+var DONE_TRUE = Buffer.from('"done":true');
+var DONE_TRUE_SPACED = Buffer.from('"done": true');
+var CLOSE = Buffer.from("}");
 
 var seen = false; // the upstream's answer reached the header filter
 var ended = false; // its last byte went on (the body filter saw the last buffer)
 var kind = ""; // "sse", "ndjson", "json" or "" (anything else: only its end is watched)
 var strip = false; // take out what the injected include_usage added
 var finished = false; // the format's own end mark: data: [DONE], "done":true, or a whole JSON body
-var needsMark = false; // this format must end with its mark (chat/completion streams)
-var rest = null; // bytes after the last newline, waiting for the rest of their line
-var held = []; // strip mode: the lines of the event being read, not yet sent
-var dropping = false; // strip mode: the event being read is the injected usage event
+var needsMark = false; // this answer must end with its mark (chat and completion streams)
+var rest = []; // bytes after the last newline (strip mode: after the last complete event), not yet read
+var restSize = 0;
+var dropping = false; // strip mode: inside the injected usage event
 var parts = []; // json: the body so far (or its tail, past JSON_KEEP)
 var size = 0;
 var whole = true;
@@ -30,6 +39,10 @@ var total = "";
 function header(r) {
     seen = true;
     lastAt = Date.now();
+    if (r.method === "HEAD" || r.status === 204 || r.status === 304) {
+        ended = true; // no body follows
+        return;
+    }
     var type = (r.headersOut["Content-Type"] || "").toLowerCase();
     if (type.indexOf("text/event-stream") === 0) {
         kind = "sse";
@@ -50,98 +63,181 @@ function body(r, data, flags) {
     if (data.length) {
         lastAt = Date.now();
     }
-    if (!strip) {
-        r.sendBuffer(data, flags); // first: the client never waits for the meter
-    }
-    if (kind === "json") {
-        keep(data);
-    } else if (kind !== "") {
-        lines(r, data, flags.last);
+    if (kind === "sse" || kind === "ndjson") {
+        stream(r, data, flags);
+    } else {
+        r.sendBuffer(data, flags);
+        if (kind === "json") {
+            keep(data);
+        }
     }
     if (flags.last) {
         ended = true;
         if (kind === "json") {
             readJson();
         }
-        if (strip) {
-            r.sendBuffer(held.length ? Buffer.concat(held) : "", flags);
-            held = [];
-        }
-    } else if (strip && flags.flush) {
-        r.sendBuffer("", flags);
     }
 }
 
-// Complete lines of `data` (with what was left of the previous chunk) go to `line`; a newline byte never
-// occurs inside a multibyte character, so a line is always whole UTF-8.
-function lines(r, data, last) {
-    var buf = rest === null ? data : Buffer.concat([rest, data]);
-    rest = null;
-    var start = 0;
-    var nl = buf.indexOf(10);
-    while (nl !== -1) {
-        line(r, buf.slice(start, nl + 1));
-        start = nl + 1;
-        nl = buf.indexOf(10, start);
-    }
-    if (start < buf.length) {
-        if (last) {
-            line(r, buf.slice(start));
-        } else {
-            rest = buf.slice(start);
-        }
-    }
-}
-
-function line(r, raw) {
-    if (kind === "ndjson") {
-        if (raw.indexOf('"done"') !== -1) {
-            ollama(parse(raw.toString()), true);
-        }
-        return;
-    }
-    var text = null;
-    if (raw[0] === 100 && raw.indexOf("data:") === 0) { // "d"
-        text = raw.toString();
-        var payload = text.slice(5).trim();
-        if (payload === "[DONE]") {
-            finished = true;
-        } else if (payload.indexOf('"usage"') !== -1) {
-            var event = parse(payload);
-            if (event && event.usage && typeof event.usage === "object") {
-                openai(event.usage);
-                if (strip && Array.isArray(event.choices) && event.choices.length === 0) {
-                    held = []; // the injected usage event: dropped with the blank line that ends it
-                    dropping = true;
-                    return;
-                }
-            }
-            if (strip) {
-                raw = withoutNullUsage(raw, text);
-            }
-        }
-    }
+// A stream: its complete lines are looked at (the bytes after them wait for the next chunk; a newline byte
+// never occurs inside a multibyte character, so a line is always whole UTF-8). Passed on at once untouched,
+// or in strip mode up to its last complete event, without what include_usage added.
+function stream(r, data, flags) {
     if (!strip) {
-        return;
+        r.sendBuffer(data, flags); // first: the client never waits for the meter
     }
-    var blank = raw.length === 1 || (raw.length === 2 && raw[0] === 13);
-    if (dropping) {
-        dropping = !blank;
-        return;
+    var buf = restSize ? held(data) : data;
+    var end = flags.last ? buf.length : boundary(buf);
+    if (strip && buf.length - end > HOLD_KEEP) {
+        end = buf.length; // no event ends: let it through rather than hold the stream back
     }
-    held.push(raw);
-    if (blank) {
-        r.sendBuffer(Buffer.concat(held), {flush: true});
-        held = [];
+    if (end < buf.length && !hold(buf.slice(end)) && strip) {
+        end = buf.length;
+    }
+    var out = scan(buf, end);
+    if (strip) {
+        var events = out === null ? buf.slice(0, end) : out.length === 1 ? out[0] : Buffer.concat(out);
+        if (events.length || flags.last) {
+            r.sendBuffer(events, flags.last ? flags : {last: false, flush: true});
+        }
     }
 }
 
-// `"usage":null` closing a chunk: what include_usage adds to every chunk (OpenAI does, vLLM does not)
-function withoutNullUsage(raw, text) {
-    var eol = text.slice(-2) === "\r\n" ? 2 : text.slice(-1) === "\n" ? 1 : 0;
-    var core = text.slice(0, text.length - eol);
-    var m = core.match(USAGE_NULL);
-    return m ? Buffer.from(core.slice(0, m.index) + "}" + text.slice(text.length - eol)) : raw;
+// Where the complete part of `buf` ends: after its last newline, in strip mode after its last blank line.
+function boundary(buf) {
+    var nl = buf.lastIndexOf(10);
+    if (!strip) {
+        return nl + 1;
+    }
+    while (nl > 0) {
+        if (buf[nl - 1] === 10 || (buf[nl - 1] === 13 && nl > 1 && buf[nl - 2] === 10)) {
+            return nl + 1;
+        }
+        nl = buf.lastIndexOf(10, nl - 1);
+    }
+    return 0;
+}
+
+function hold(buf) {
+    if (restSize + buf.length > LINE_KEEP) {
+        rest = [];
+        restSize = 0;
+        return false;
+    }
+    rest.push(buf);
+    restSize += buf.length;
+    return true;
+}
+
+function held(buf) {
+    var all = Buffer.concat(rest.concat([buf]));
+    rest = [];
+    restSize = 0;
+    return all;
+}
+
+// The lines of buf[0, end): null when all stay as they are, else the Buffers to send instead.
+function scan(buf, end) {
+    var out = null;
+    var kept = 0;
+    var start = 0;
+    while (start < end) {
+        var nl = buf.indexOf(10, start);
+        var stop = nl === -1 || nl >= end ? end : nl + 1;
+        var verdict = kind === "sse" ? sseLine(buf, start, stop) : ndjsonLine(buf, start, stop);
+        if (verdict !== true) {
+            out = out || [];
+            if (start > kept) {
+                out.push(buf.slice(kept, start));
+            }
+            if (verdict) {
+                out.push(verdict);
+            }
+            kept = stop;
+        }
+        start = stop;
+    }
+    if (out !== null && kept < end) {
+        out.push(buf.slice(kept, end));
+    }
+    return out;
+}
+
+// Where the content of the line buf[start, stop) ends (before its \n or \r\n).
+function contentEnd(buf, start, stop) {
+    if (stop > start && buf[stop - 1] === 10) {
+        stop--;
+    }
+    if (stop > start && buf[stop - 1] === 13) {
+        stop--;
+    }
+    return stop;
+}
+
+// One SSE line: true to keep it, null to drop it, or the Buffer to send instead. Only its last bytes are
+// looked at, unless they look like the end of a usage event: `}}` or `[]}` (`"choices":[]` last).
+function sseLine(buf, start, stop) {
+    var end = contentEnd(buf, start, stop);
+    if (dropping) {
+        dropping = end !== start; // the injected usage event, up to its blank line
+        return null;
+    }
+    if (end - start < 7 || buf[start] !== 100 || buf[start + 1] !== 97) { // "da(ta:)"
+        return true;
+    }
+    var last = buf[end - 1];
+    if (last === 93) { // "]": data: [DONE]
+        if (end - start <= 16 && buf.slice(start + 5, end).toString().trim() === "[DONE]") {
+            finished = true;
+        }
+        return true;
+    }
+    var before = buf[end - 2];
+    if (last !== 125 || end - start < 20) {
+        return true;
+    }
+    if (before === 108) { // "l}": maybe "usage":null
+        return strip ? withoutNullUsage(buf, start, end, stop) : true;
+    }
+    if (before !== 125 && !(before === 93 && buf[end - 3] === 91)) {
+        return true;
+    }
+    if (buf.slice(Math.max(start, end - 1024), end).indexOf(USAGE) === -1) {
+        return true;
+    }
+    var event = parse(buf.slice(start + 5, end).toString());
+    if (!event || !event.usage || typeof event.usage !== "object") {
+        return true;
+    }
+    openai(event.usage);
+    if (strip && Array.isArray(event.choices) && event.choices.length === 0) {
+        dropping = true;
+        return null;
+    }
+    return true;
+}
+
+// `"usage":null` closing a chunk: what include_usage adds to every chunk (OpenAI does, vLLM does not).
+function withoutNullUsage(buf, start, end, stop) {
+    var tail = buf.slice(Math.max(start, end - 16), end).toString();
+    var cut = tail.endsWith(',"usage":null}') ? 14 : tail.endsWith(', "usage": null}') ? 16 : 0;
+    if (!cut) {
+        return true;
+    }
+    return Buffer.concat([buf.slice(start, end - cut), CLOSE, buf.slice(end, stop)]);
+}
+
+// One NDJSON line: Ollama's last one says "done":true (its other lines end with "done":false}).
+function ndjsonLine(buf, start, stop) {
+    var end = contentEnd(buf, start, stop);
+    if (end - start < 8 || (buf[end - 2] === 101 && buf[end - 3] === 115)) { // "se}": false}
+        return true;
+    }
+    var window = buf.slice(Math.max(start, end - 1024), end);
+    if (window.indexOf(DONE_TRUE) !== -1 || window.indexOf(DONE_TRUE_SPACED) !== -1) {
+        ollama(parse(buf.slice(start, end).toString()), true);
+    }
+    return true;
 }
 
 function keep(data) {
@@ -171,8 +267,8 @@ function readJson() {
         }
         return;
     }
-    // too big to parse: the last top-level "usage" object (OpenAI puts it at the end; a string cannot hold
-    // an unescaped quote, so `"usage":{` is a key) or Ollama's counts
+    // too big to parse: the last "usage" object (OpenAI puts it at the end; a string cannot hold an
+    // unescaped quote, so `"usage":` is a key), else Ollama's counts
     var at = text.lastIndexOf('"usage":');
     if (at !== -1) {
         var u = {};
@@ -236,17 +332,17 @@ function ollama(doc, stream) {
 function outcome(r) {
     var v = r.variables;
     if (!v.bastion_pool) {
-        return "";
+        return ""; // not proxied: the gate answered
     }
-    if (!seen) { // no answer from the upstream (or nginx's own error page replaced it)
+    if (!seen) { // no answer from the upstream reached the client (nginx's own error page instead)
         var status = Number(v.status);
         return status === 504 ? "timeout" : status === 499 ? "client_cut" : status >= 500 ? "upstream_cut" : "completed";
     }
     if (ended) {
         return finished || !needsMark ? "completed" : "upstream_cut";
     }
-    // cut before its end: nginx finishes the request normally after an upstream error, but terminates it
-    // when the client went away (or timed out reading)
+    // cut before its end: nginx finishes the request normally after an upstream error, but terminates it when
+    // the client went away (or was too slow to read)
     if (v.request_completion !== "OK") {
         return "client_cut";
     }
@@ -267,17 +363,17 @@ function totalTokens() {
     return total;
 }
 
-// The request body towards the upstream: as the client sent it, or with the text the gate asked for
-// (X-Bastion-Usage: "<byte offset> <text>", see authsvc/usage.py) inserted at that offset.
+// The request body towards the upstream: as the client sent it (bytes as read), or with the text the gate
+// asked for inserted at the byte offset it named (X-Bastion-Usage: "<offset> <text>").
 function requestBody(r) {
     var text = r.requestText;
-    var ask = r.variables.bastion_usage_insert;
-    if (!ask || text === undefined) {
-        return text === undefined ? "" : text;
+    if (text === undefined) {
+        return "";
     }
-    var space = ask.indexOf(" ");
-    var at = Number(ask.slice(0, space));
-    if (space < 1 || !(at >= 0 && at <= text.length)) {
+    var ask = r.variables.bastion_usage_insert;
+    var space = ask ? ask.indexOf(" ") : -1;
+    var at = space > 0 ? Number(ask.slice(0, space)) : NaN;
+    if (!(at >= 0 && at <= text.length)) {
         return text;
     }
     return text.slice(0, at) + ask.slice(space + 1) + text.slice(at);

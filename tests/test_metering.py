@@ -46,6 +46,11 @@ def tokens(rec: dict[str, str]) -> tuple[str, str, str]:
     return rec["prompt_tokens"], rec["completion_tokens"], rec["total_tokens"]
 
 
+def sent(up: FakeUpstream, path: str = "/v1/chat/completions") -> bytes:
+    """The body of the last request to `path` the upstream got (health checks GET /v1/models meanwhile)."""
+    return [r for r in up.requests if r["path"] == path][-1]["body"]
+
+
 def rid() -> str:
     return f"meter-{uuid.uuid4().hex[:12]}"
 
@@ -172,8 +177,7 @@ def test_sdk_stream_without_include_usage_gets_no_usage_but_is_metered(metered: 
     assert [c.choices[0].delta.content for c in chunks] == [f"meter-{i} " for i in range(4)]
     assert all(c.usage is None for c in chunks)
     # the upstream was asked for usage...
-    sent = json.loads(up.requests[-1]["body"])
-    assert sent["stream_options"] == {"include_usage": True}
+    assert json.loads(sent(up))["stream_options"] == {"include_usage": True}
     # ...and the log has its counts
     rec = record(metered, request_id)
     assert tokens(rec) == ("11", "8", "19")
@@ -188,7 +192,7 @@ def test_sdk_stream_with_include_usage_passes_untouched(metered: Stack, key: str
         stream_options={"include_usage": True}, extra_headers={"X-Request-ID": request_id})
     chunks = list(stream)
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == 19
-    assert up.requests[-1]["body"].count(b"stream_options") == 1  # the client's own, not a second one
+    assert sent(up).count(b"stream_options") == 1  # the client's own, not a second one
     assert tokens(record(metered, request_id)) == ("11", "8", "19")
 
 
@@ -200,7 +204,7 @@ def test_sdk_non_streamed_answers_are_metered(metered: Stack, key: str, up: Fake
                                    extra_headers={"X-Request-ID": ids[0]})
     client.completions.create(model="meter-model", prompt="hi", extra_headers={"X-Request-ID": ids[1]})
     client.embeddings.create(model="meter-model", input="hi", extra_headers={"X-Request-ID": ids[2]})
-    assert b"stream_options" not in up.requests[0]["body"]
+    assert b"stream_options" not in sent(up)
     recs = [record(metered, i) for i in ids]
     assert [tokens(r) for r in recs] == [("3", "4", "7"), ("1", "3", "4"), ("1", "", "1")]
     assert {r["outcome"] for r in recs} == {"completed"}
@@ -216,24 +220,25 @@ def raw_stream(url: str, body: bytes, headers: dict[str, str]) -> bytes:
 @needs_njs
 @pytest.mark.parametrize("style", ["vllm", "openai", "split"])
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
-def test_stream_without_include_usage_is_byte_identical_to_the_upstreams(
-        metered: Stack, key: str, up: FakeUpstream, style: str, path: str) -> None:
-    """What the client gets through Bastion (usage asked for, then taken out again) is, byte for byte, what the
-    upstream sends a client that did not ask: multibyte characters cut across chunks and OpenAI's
-    `"usage":null` in every chunk included."""
+@pytest.mark.parametrize("asked", [False, True], ids=["not-asked", "asked"])
+def test_streams_reach_the_client_byte_for_byte_as_the_upstream_sends_them(
+        metered: Stack, key: str, up: FakeUpstream, style: str, path: str, asked: bool) -> None:
+    """What the client gets through Bastion is, byte for byte, what the upstream sends it directly: when it did
+    not ask for usage (Bastion asks, then takes the usage out again) and when it did (untouched), multibyte
+    characters cut across chunks and OpenAI's `"usage":null` in every chunk included."""
     up.suffix = "é ☃ "
     up.usage_null = style == "openai"
     up.split = style == "split"
-    body = ' {\n  "model": "meter-model", "stream": true,\n  "messages": [{"role": "user", "content": "Grüße"}]}'
-    body_bytes = body.encode()
-    direct = raw_stream(up.url + path, body_bytes, {})
+    options = ', "stream_options": {"include_usage": true}' if asked else ""
+    body = (' {\n  "model": "meter-model", "stream": true,\n  "messages": [{"role": "user", "content": "Grüße"}]'
+            + options + "}").encode()
+    direct = raw_stream(up.url + path, body, {})
     request_id = rid()
-    through = raw_stream(metered.base + path, body_bytes,
-                         {"Authorization": f"Bearer {key}", "X-Request-ID": request_id})
+    through = raw_stream(metered.base + path, body, {"Authorization": f"Bearer {key}", "X-Request-ID": request_id})
     assert through == direct
-    assert b"\xc3\xa9" in direct and b"usage" not in direct
-    # the upstream got the client's bytes with the insertion only
-    assert up.requests[-1]["body"] == body_bytes[:2] + usage.TOP_LEVEL.encode() + body_bytes[2:]
+    assert b"\xc3\xa9" in direct and (b'"usage":{' in direct) == asked
+    # the upstream got the client's bytes, with the insertion only when the client did not ask
+    assert sent(up, path) == (body if asked else body[:2] + usage.TOP_LEVEL.encode() + body[2:])
     rec = record(metered, request_id)
     assert tokens(rec) == ("11", "8", "19") and rec["outcome"] == "completed"
 
@@ -244,7 +249,7 @@ def test_a_pool_without_include_usage_is_not_asked(metered: Stack, key: str, fak
     request_id = rid()
     list(sdk(metered, key).chat.completions.create(
         model="plain-model", messages=[], stream=True, extra_headers={"X-Request-ID": request_id}))
-    assert b"stream_options" not in plain.requests[-1]["body"]
+    assert b"stream_options" not in sent(plain)
     rec = record(metered, request_id)
     assert tokens(rec) == ("", "", "") and rec["outcome"] == "completed"  # unknown, never guessed
 
@@ -332,7 +337,7 @@ def test_without_njs_nothing_is_metered_and_all_still_works(tmp_path: Path, fake
         chunks = list(sdk(s, key).chat.completions.create(
             model="meter-model", messages=[], stream=True, extra_headers={"X-Request-ID": request_id}))
         assert len(chunks) == 4 and all(c.usage is None for c in chunks)
-        assert b"stream_options" not in fakes["meter"].requests[-1]["body"]
+        assert b"stream_options" not in sent(fakes["meter"])
         rec = record(s, request_id)
         assert (rec["outcome"], *tokens(rec)) == ("", "", "", "") and rec["status"] == "200"
     finally:
