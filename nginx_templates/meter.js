@@ -46,14 +46,14 @@ function header(r) {
     var type = (r.headersOut["Content-Type"] || "").toLowerCase();
     if (type.indexOf("text/event-stream") === 0) {
         kind = "sse";
-        needsMark = /^\/v1\/(chat\/)?completions$/.test(r.uri);
+        needsMark = r.uri === "/v1/chat/completions" || r.uri === "/v1/completions"; // (a regex costs µs)
         strip = Boolean(r.variables.bastion_usage_insert) && r.status === 200;
         if (strip) {
             delete r.headersOut["Content-Length"]; // events may be taken out
         }
     } else if (type.indexOf("application/x-ndjson") === 0) {
         kind = "ndjson";
-        needsMark = /^\/api\/(chat|generate)$/.test(r.uri);
+        needsMark = r.uri === "/api/chat" || r.uri === "/api/generate";
     } else if (type.indexOf("application/json") === 0) {
         kind = "json";
     }
