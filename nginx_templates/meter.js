@@ -9,11 +9,15 @@
 // chunk of a stream) finds line ends with single-byte searches and looks at the last bytes of each line; only
 // a line that ends like a usage event or Ollama's last line is searched, decoded and parsed.
 
-var JSON_KEEP = 1048576; // a JSON answer up to this size is parsed whole; above it only its tail is read
-var TAIL_KEEP = 65536;
+var JSON_KEEP = 1048576; // of a JSON answer longer than this only the last JSON_KEEP bytes are read
 var LINE_KEEP = 1048576; // a line longer than this is not pieced together (it cannot be a usage line)
 var HOLD_KEEP = 65536; // strip mode: an unfinished event longer than this goes on as it is
 var USAGE = Buffer.from('"usage"');
+var PROMPT_TOKENS = Buffer.from('"prompt_tokens"');
+var COMPLETION_TOKENS = Buffer.from('"completion_tokens"');
+var TOTAL_TOKENS = Buffer.from('"total_tokens"');
+var PROMPT_EVAL_COUNT = Buffer.from('"prompt_eval_count"');
+var EVAL_COUNT = Buffer.from('"eval_count"');
 var DONE = Buffer.from("[DONE]");
 var DONE_TRUE = Buffer.from('"done":true');
 var DONE_TRUE_SPACED = Buffer.from('"done": true');
@@ -28,15 +32,13 @@ var needsMark = false; // this answer must end with its mark (chat and completio
 var rest = []; // bytes after the last newline (strip mode: after the last complete event), not yet read
 var restSize = 0;
 var dropping = false; // strip mode: inside the injected usage event
-var parts = []; // json: the body so far (or its tail, past JSON_KEEP)
+var parts = []; // json: the body so far (its tail past JSON_KEEP)
 var size = 0;
-var whole = true;
 var lastAt = 0; // ms: the last bytes from the upstream
-var prompt = "";
-var completion = "";
-var total = "";
+var req = null; // the request, to set the token variables (js_var) once they are known
 
 function header(r) {
+    req = r;
     seen = true;
     lastAt = Date.now();
     if (r.method === "HEAD" || r.status === 204 || r.status === 304) {
@@ -243,47 +245,66 @@ function ndjsonLine(buf, start, stop) {
 function keep(data) {
     parts.push(data);
     size += data.length;
-    if (size > JSON_KEEP) {
-        whole = false;
-        while (parts.length > 1 && size - parts[0].length >= TAIL_KEEP) {
-            size -= parts[0].length;
-            parts.shift();
-        }
+    while (size - parts[0].length >= JSON_KEEP) {
+        size -= parts[0].length;
+        parts.shift();
     }
 }
 
+// The counts of a JSON answer, read from its bytes: no decoding and no JSON.parse, which in a request's fresh
+// VM costs more than everything else the meter does. OpenAI: the last `"usage":` (a string cannot hold an
+// unescaped quote, so it is a key; answers put it at the top level, usually last) and the integers after it;
+// Ollama: its last `"prompt_eval_count"` and `"eval_count"`.
 function readJson() {
-    var text = parts.length === 1 ? parts[0].toString() : Buffer.concat(parts).toString();
+    var buf = parts.length === 1 ? parts[0] : Buffer.concat(parts);
     parts = [];
     finished = true;
-    if (whole) {
-        var doc = parse(text);
-        if (doc && typeof doc === "object") {
-            if (doc.usage && typeof doc.usage === "object") {
-                openai(doc.usage);
-            } else {
-                ollama(doc, false);
-            }
+    var at = buf.lastIndexOf(USAGE);
+    if (at !== -1) {
+        var prompt = integer(buf, PROMPT_TOKENS, at);
+        var completion = integer(buf, COMPLETION_TOKENS, at);
+        var total = integer(buf, TOTAL_TOKENS, at);
+        if (total === "" && prompt !== "" && completion !== "") {
+            total = String(Number(prompt) + Number(completion));
+        }
+        if (prompt !== "" || completion !== "" || total !== "") {
+            tokens(prompt, completion, total);
         }
         return;
     }
-    // too big to parse: the last "usage" object (OpenAI puts it at the end; a string cannot hold an
-    // unescaped quote, so `"usage":` is a key), else Ollama's counts
-    var at = text.lastIndexOf('"usage":');
-    if (at !== -1) {
-        var u = {};
-        ["prompt_tokens", "completion_tokens", "total_tokens"].forEach(function(name) {
-            var m = text.slice(at).match(new RegExp('"' + name + '": ?(\\d+)'));
-            if (m) {
-                u[name] = Number(m[1]);
-            }
-        });
-        openai(u);
-    } else {
-        var p = text.match(/"prompt_eval_count": ?(\d+)/);
-        var e = text.match(/"eval_count": ?(\d+)/);
-        ollama({prompt_eval_count: p ? Number(p[1]) : undefined, eval_count: e ? Number(e[1]) : undefined}, false);
+    var p = integer(buf, PROMPT_EVAL_COUNT, buf.lastIndexOf(PROMPT_EVAL_COUNT));
+    var c = integer(buf, EVAL_COUNT, buf.lastIndexOf(EVAL_COUNT));
+    if (p !== "" || c !== "") {
+        tokens(p || "0", c || "0", String(Number(p || "0") + Number(c || "0")));
     }
+}
+
+// The integer value of the first key `name` (a Buffer of `"name"`) at or after `from`, or "".
+function integer(buf, name, from) {
+    var i = from < 0 ? -1 : buf.indexOf(name, from);
+    if (i === -1) {
+        return "";
+    }
+    i += name.length;
+    while (buf[i] === 32) {
+        i++;
+    }
+    if (buf[i] !== 58) { // ":"
+        return "";
+    }
+    i++;
+    while (buf[i] === 32) {
+        i++;
+    }
+    var start = i;
+    while (buf[i] >= 48 && buf[i] <= 57) {
+        i++;
+    }
+    var next = buf[i];
+    if (i === start || i - start > 15 || (next !== 44 && next !== 125 && next !== 32 && next !== 10 && next !== 13)) {
+        return ""; // not a plain integer (a fraction, an exponent, a string)
+    }
+    return buf.slice(start, i).toString();
 }
 
 function parse(text) {
@@ -299,12 +320,13 @@ function count(value) {
 }
 
 function openai(usage) {
-    prompt = count(usage.prompt_tokens);
-    completion = count(usage.completion_tokens);
-    total = count(usage.total_tokens);
+    var prompt = count(usage.prompt_tokens);
+    var completion = count(usage.completion_tokens);
+    var total = count(usage.total_tokens);
     if (total === "" && prompt !== "" && completion !== "") {
         total = String(Number(prompt) + Number(completion));
     }
+    tokens(prompt, completion, total);
 }
 
 // Ollama omits a count that is zero (Go's omitempty): with either count present, a missing one is 0.
@@ -323,9 +345,7 @@ function ollama(doc, stream) {
     if (p === "" && c === "") {
         return;
     }
-    prompt = p || "0";
-    completion = c || "0";
-    total = String(Number(prompt) + Number(completion));
+    tokens(p || "0", c || "0", String(Number(p || "0") + Number(c || "0")));
 }
 
 // The outcome, read when the access log line is written.
@@ -351,16 +371,12 @@ function outcome(r) {
     return timeout > 0 && Date.now() - lastAt >= timeout - 400 ? "timeout" : "upstream_cut";
 }
 
-function promptTokens() {
-    return prompt;
-}
-
-function completionTokens() {
-    return completion;
-}
-
-function totalTokens() {
-    return total;
+// The counts go to js_var variables (set once, read by the log) rather than js_set functions called per line.
+function tokens(prompt, completion, total) {
+    var v = req.variables;
+    v.bastion_prompt_tokens = prompt;
+    v.bastion_completion_tokens = completion;
+    v.bastion_total_tokens = total;
 }
 
 // The request body towards the upstream: as the client sent it (bytes as read), or with the text the gate
@@ -379,4 +395,4 @@ function requestBody(r) {
     return text.slice(0, at) + ask.slice(space + 1) + text.slice(at);
 }
 
-export default {header, body, outcome, promptTokens, completionTokens, totalTokens, requestBody};
+export default {header, body, outcome, requestBody};
