@@ -27,7 +27,7 @@ import signal
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -177,11 +177,13 @@ class Usage:
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
+    def _connect(self, query_only: bool = False) -> Iterator[sqlite3.Connection]:
         db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
         db.row_factory = sqlite3.Row
         try:
             db.execute("PRAGMA journal_mode=WAL")
+            if query_only:
+                db.execute("PRAGMA query_only = ON")
             yield db
         finally:
             db.close()
@@ -325,43 +327,21 @@ class Usage:
                 return deleted
             time.sleep(PRUNE_PAUSE)
 
+    def reader(self) -> AbstractContextManager[sqlite3.Connection]:
+        """A connection for the queries (manager/usage_queries.py): query_only, so a reader never writes."""
+        return self._connect(query_only=True)
+
+    # kept for callers of the earlier API (tests, tools); the queries live in manager/usage_queries.py
     def records(self, key: str | None = None, since: float | None = None, until: float | None = None,
                 limit: int = 1000) -> list[dict[str, Any]]:
-        where, args = self._filter(key, since, until)
-        with self._connect() as db:
-            rows = db.execute(f"SELECT * FROM requests {where} ORDER BY start DESC LIMIT ?", (*args, limit))
-            return [dict(r) for r in rows]
+        from manager import usage_queries as q
+        return q.records(self, q.Filters(key=key, since=since, until=until), limit).records
 
     def summary(self, key: str | None = None, since: float | None = None,
                 until: float | None = None) -> list[dict[str, Any]]:
-        """Per key and model: requests, errors, bytes, mean time to first byte and duration."""
-        where, args = self._filter(key, since, until)
-        sql = f"""
-            SELECT key, model, COUNT(*) AS requests,
-                   SUM(CASE WHEN status >= 400 THEN 1 ELSE 0 END) AS errors,
-                   SUM(bytes_sent) AS bytes_sent, AVG(ttfb) AS avg_ttfb, AVG(duration) AS avg_duration,
-                   MAX(end) AS last_request
-            FROM requests {where} GROUP BY key, model ORDER BY requests DESC"""
-        with self._connect() as db:
-            return [dict(r) for r in db.execute(sql, args)]
+        from manager import usage_queries as q
+        return q.summary(self, q.Filters(key=key, since=since, until=until)).rows
 
     def last_used(self, keys: Iterable[str]) -> dict[str, float]:
-        """When each key was last used: the end of its latest request, one probe of the (key, start) index per
-        key, never a scan."""
-        with self._connect() as db:
-            found = {}
-            for key in keys:
-                row = db.execute("SELECT end FROM requests WHERE key = ? ORDER BY start DESC LIMIT 1",
-                                 (key,)).fetchone()
-                if row is not None:
-                    found[key] = row["end"]
-            return found
-
-    @staticmethod
-    def _filter(key: str | None, since: float | None, until: float | None) -> tuple[str, tuple[Any, ...]]:
-        clauses, args = [], []
-        for clause, value in (("key = ?", key), ("start >= ?", since), ("start < ?", until)):
-            if value is not None:
-                clauses.append(clause)
-                args.append(value)
-        return ("WHERE " + " AND ".join(clauses)) if clauses else "", tuple(args)
+        from manager import usage_queries as q
+        return q.last_used(self, keys)
