@@ -12,7 +12,7 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 from authsvc import keys as keyformat
-from manager import cidr_groups
+from manager import cidr_groups, usage_queries
 from manager import validation as v
 from manager.errors import NotFound
 
@@ -129,5 +129,5 @@ def public(record: dict[str, Any]) -> dict[str, Any]:
 
 def with_last_used(bastion: Bastion, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Add `last_used` from the usage analytics (the gate never writes, so this is where it is known)."""
-    last = bastion.usage.last_used([r["id"] for r in rows]) if rows else {}
+    last = usage_queries.last_used(bastion.usage, [r["id"] for r in rows]) if rows else {}
     return [{**r, "last_used": last.get(r["id"])} for r in rows]

@@ -43,6 +43,10 @@ MAX_OFFSET = 1_000_000
 MAX_SUMMARY_ROWS = 1_000_000
 DEFAULT_SUMMARY_ROWS = 100_000
 QUANTILES = (0.5, 0.95)
+RECORD_FIELDS = ("id", "request_id", "start", "end", "key", "model", "pool", "upstream", "status", "upstream_status",
+                 "bytes_sent", "request_length", "ttfb", "duration", "method", "uri", "remote_addr", "outcome",
+                 "prompt_tokens", "completion_tokens", "total_tokens")
+GROUP_COUNTS = ("requests", "errors", "metered", "prompt_tokens", "completion_tokens", "total_tokens")
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 

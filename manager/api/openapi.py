@@ -27,6 +27,8 @@ def _operation(op: Operation) -> dict[str, Any]:
                         "content": {"application/json": {"schema": ERROR}}},
         },
     }
+    if op.csv:
+        doc["responses"][str(op.status)]["content"]["text/csv"] = {"schema": {"type": "string"}}
     params = [{"name": name, "in": "path", "required": True, "schema": schema}
               for name, schema in op.path_params.items()]
     params += [{"name": name, "in": "query", "required": False, "schema": schema} for name, schema in op.query.items()]
