@@ -223,11 +223,12 @@ def last_used(usage: Usage, keys: Iterable[str]) -> dict[str, float]:
 # ---- summaries from the rollups -----------------------------------------------------------------------------
 
 def _quantile_sql(q: float, prefix: str, bounds: Sequence[float], count: str) -> str:
-    """histogram_quantile over the summed cumulative columns PREFIX0..PREFIXn (count: the +Inf bucket)."""
+    """histogram_quantile over the group's sums of the cumulative columns PREFIX0..PREFIXn (`count`: the +Inf
+    bucket): the first bucket whose count reaches the rank, interpolated linearly between its bounds."""
     rank = f"({q!r} * {count})"
     branches, lower, below = [], 0.0, "0"
     for i, upper in enumerate(bounds):
-        cum = f"{prefix}{i}"
+        cum = f"SUM({prefix}{i})"
         branches.append(f"WHEN {cum} >= {rank} THEN {lower!r} + {upper - lower!r} * ({rank} - {below}) "
                         f"/ NULLIF({cum} - {below}, 0)")
         lower, below = upper, cum
@@ -253,6 +254,7 @@ class Summary:
     bucket: str
     columns: list[str]
     rows: list[dict[str, Any]] = field(default_factory=list)
+    rows_json: str | None = None  # with as_json: the rows as one JSON array, built by SQLite
     truncated: bool = False
 
 
@@ -268,7 +270,7 @@ _SUMMED = ("requests", "client_errors", "server_errors", "upstream_cut", "client
 
 def summary(usage: Usage, filters: Filters = Filters(), group_by: Sequence[str] = ("key", "model"),
             bucket: str = "none", prices: Mapping[str, Mapping[str, float]] | None = None,
-            limit: int = DEFAULT_SUMMARY_ROWS, now: float | None = None) -> Summary:
+            limit: int = DEFAULT_SUMMARY_ROWS, now: float | None = None, as_json: bool = False) -> Summary:
     """Per group (any of key, model, pool) and per time bucket (minute, hour, day or none), from the rollups:
     request and error counts (`errors` = client + server errors + upstream cuts + timeouts), tokens with the
     number of metered requests (token sums are null when none was), cost from `prices` ({model: {"input",
@@ -276,60 +278,82 @@ def summary(usage: Usage, filters: Filters = Filters(), group_by: Sequence[str] 
     says how many tokens had none), bytes, mean and p50/p95 of duration and time to first byte.
 
     Only the key, model, pool and time filters apply (rollups keep no status or outcome). Ordered by bucket,
-    then group; at most `limit` rows (`truncated` says when there were more)."""
+    then group; at most `limit` rows (`truncated` says when there were more). `as_json` has SQLite write the
+    rows as JSON text (`rows_json`): tens of thousands of rows never become Python objects."""
     now = time.time() if now is None else now
     span = auto_span(filters.since, filters.until, now) if bucket == "none" else SPANS[bucket]
     since = None if filters.since is None else math.floor(filters.since / span) * span
     until = None if filters.until is None else math.ceil(filters.until / span) * span
-    clauses, args = ["span = ?"], [span]
-    for column in SUMMARY_GROUPS:
-        if (value := getattr(filters, column)) is not None:
-            clauses.append(f"{column} = ?")
-            args.append(value)
-    if since is not None:
-        clauses.append("bucket >= ?")
-        args.append(since)
-    if until is not None:
-        clauses.append("bucket < ?")
-        args.append(until)
+    groups = [*group_by, *(["bucket"] if bucket != "none" else [])]
+    columns = [*groups, *SUMMARY_COUNTS]
+    sql, args = _summary_sql(Filters(filters.key, filters.model, filters.pool, since=since, until=until), span,
+                             groups, prices or {})
+    result = Summary(span, since, until, tuple(group_by), bucket, columns)
+    with usage.reader() as db:
+        if as_json:
+            fields = ", ".join(f"'{c}', {c}" for c in columns)
+            wrap = f"SELECT json_group_array(json_object({fields})), COUNT(*) FROM ({sql} LIMIT ?)"
+            text, count = db.execute(wrap, (*args, limit + 1)).fetchone()
+            if count > limit:  # rare: run again without the row too many
+                text, count = db.execute(wrap, (*args, limit)).fetchone()
+                result.truncated = True
+            result.rows_json = text
+        else:
+            rows = db.execute(f"{sql} LIMIT ?", (*args, limit + 1)).fetchall()
+            result.truncated = len(rows) > limit
+            result.rows = [dict(zip(columns, row, strict=True)) for row in rows[:limit]]
+    return result
 
-    groups = list(group_by) + (["bucket"] if bucket != "none" else [])
-    priced = sorted((prices or {}).items())
-    cost_args: list[Any] = []
-    cost_sql = "NULL"
+
+def _summary_sql(filters: Filters, span: int, groups: list[str], prices: Mapping[str, Mapping[str, float]],
+                 ) -> tuple[str, list[Any]]:
+    """The summary's SELECT (columns as Summary.columns) and its arguments, without its LIMIT. One level of
+    aggregation, grouped and ordered by the bucket first: with the (span, bucket) index SQLite reads the rows
+    in that order and needs no sort (SQLite computes each distinct SUM once, however often it is named)."""
+    args: list[Any] = []
+    priced = sorted(prices.items())
+    cost = "NULL"
     if priced:
         cases = []
         for model, price in priced:
             cases.append("WHEN ? THEN prompt_tokens * ? + completion_tokens * ?")
-            cost_args += [model, float(price["input"]), float(price["output"])]
-        cost_sql = f"SUM(CASE WHEN metered > 0 THEN CASE model {' '.join(cases)} END END) / 1e6"
-    unpriced_sql = (f"SUM(CASE WHEN model IN ({', '.join('?' * len(priced))}) THEN 0 ELSE total_tokens END)"
-                    if priced else "SUM(total_tokens)")
-    cost_args += [model for model, _ in priced]
-    inner = ", ".join([*groups, *(f"SUM({name}) AS {name}" for name in _SUMMED),
-                       f"{cost_sql} AS cost", f"{unpriced_sql} AS unpriced_tokens"])
-    outer_groups = [f"NULLIF({g}, '') AS {g}" if g in SUMMARY_GROUPS else g for g in groups]
-    tokens = [f"CASE WHEN metered > 0 THEN {name} END AS {name}"
-              for name in ("prompt_tokens", "completion_tokens", "total_tokens")]
-    outer = ", ".join([
-        *outer_groups, "requests", "client_errors + server_errors + upstream_cut + timeout AS errors",
-        "client_errors", "server_errors", "upstream_cut", "client_cut", "timeout", "metered", *tokens,
-        "CASE WHEN metered > 0 THEN ROUND(cost, 6) END AS cost", "unpriced_tokens", "bytes_sent", "request_length",
-        "duration_sum / requests AS avg_duration",
-        *(f"{_quantile_sql(q, 'd', DURATION_BOUNDS, 'requests')} AS p{round(q * 100)}_duration" for q in QUANTILES),
-        "ttfb_sum / NULLIF(ttfb_count, 0) AS avg_ttfb",
-        *(f"{_quantile_sql(q, 't', TTFB_BOUNDS, 'ttfb_count')} AS p{round(q * 100)}_ttfb" for q in QUANTILES),
-    ])
-    group_sql = f"GROUP BY {', '.join(groups)}" if groups else ""
-    order = f"ORDER BY {', '.join(([groups[-1]] if bucket != 'none' else []) + list(group_by))}" if groups else ""
-    sql = (f"SELECT {outer} FROM (SELECT {inner} FROM rollups WHERE {' AND '.join(clauses)} {group_sql}) "
-           f"WHERE requests > 0 {order} LIMIT ?")
-    with usage.reader() as db:
-        cur = db.execute(sql, (*cost_args, *args, limit + 1))
-        columns = [d[0] for d in cur.description]
-        rows = [dict(zip(columns, row, strict=True)) for row in cur.fetchall()]
-    truncated = len(rows) > limit
-    return Summary(span, since, until, tuple(group_by), bucket, columns, rows[:limit], truncated)
+            args += [model, float(price["input"]), float(price["output"])]
+        cost = f"ROUND(SUM(CASE WHEN metered > 0 THEN CASE model {' '.join(cases)} END END) / 1e6, 6)"
+    unpriced = (f"SUM(CASE WHEN model IN ({', '.join('?' * len(priced))}) THEN 0 ELSE total_tokens END)"
+                if priced else "SUM(total_tokens)")
+    args += [model for model, _ in priced]
+    clauses = ["span = ?"]
+    args.append(span)
+    for column in SUMMARY_GROUPS:
+        if (value := getattr(filters, column)) is not None:
+            clauses.append(f"{column} = ?")
+            args.append(value)
+    if filters.since is not None:
+        clauses.append("bucket >= ?")
+        args.append(filters.since)
+    if filters.until is not None:
+        clauses.append("bucket < ?")
+        args.append(filters.until)
+    metered = "SUM(metered) > 0"
+    select = [
+        *(f"NULLIF({g}, '')" if g in SUMMARY_GROUPS else g for g in groups),
+        "SUM(requests)", "SUM(client_errors) + SUM(server_errors) + SUM(upstream_cut) + SUM(timeout)",
+        *(f"SUM({name})" for name in ("client_errors", "server_errors", "upstream_cut", "client_cut", "timeout",
+                                      "metered")),
+        *(f"CASE WHEN {metered} THEN SUM({name}) END" for name in ("prompt_tokens", "completion_tokens",
+                                                                  "total_tokens")),
+        f"CASE WHEN {metered} THEN {cost} END", unpriced, "SUM(bytes_sent)", "SUM(request_length)",
+        "SUM(duration_sum) / SUM(requests)",
+        *(_quantile_sql(quantile, "d", DURATION_BOUNDS, "SUM(requests)") for quantile in QUANTILES),
+        "SUM(ttfb_sum) / NULLIF(SUM(ttfb_count), 0)",
+        *(_quantile_sql(quantile, "t", TTFB_BOUNDS, "SUM(ttfb_count)") for quantile in QUANTILES),
+    ]
+    columns = ", ".join(f"{expr} AS {name}" for expr, name in zip(select, [*groups, *SUMMARY_COUNTS], strict=True))
+    # the bucket first, then the groups; qualified names are the table's columns, not the NULLIF'd outputs
+    order = ", ".join(f"rollups.{g}" for g in ([groups[-1], *groups[:-1]] if "bucket" in groups else groups))
+    grouping = f"GROUP BY {order} " if groups else ""
+    return (f"SELECT {columns} FROM rollups WHERE {' AND '.join(clauses)} {grouping}HAVING SUM(requests) > 0"
+            f"{f' ORDER BY {order}' if groups else ''}"), args
 
 
 # ---- CSV ----------------------------------------------------------------------------------------------------
