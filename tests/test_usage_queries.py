@@ -351,3 +351,25 @@ def test_cli_usage_by_key_and_hour_in_each_format(api) -> None:
                         (["--by", "colour"], "--by"), (["--model", "bad model"], "model")):
         result = run(*args)
         assert result.exit_code != 0 and f"{field}:" in result.output, (args, result.output)
+
+
+# ---- through nginx's admin listener -------------------------------------------------------------------------
+
+def test_usage_routes_through_the_real_stack(stack) -> None:
+    """Refused requests are recorded too (no key, 401): both routes see them, CSV passes nginx unchanged."""
+    import requests
+
+    for _ in range(3):
+        assert stack.get("/v1/models", "bst_aaaaaaaaaaaa_" + "x" * 40).status_code == 401
+    headers = {"Authorization": f"Bearer {stack.admin_token()}"}
+    r = requests.get(stack.admin + "/api/v1/usage", params={"status": "401", "limit": 2}, headers=headers, timeout=10)
+    assert r.status_code == 200 and len(r.json()["records"]) == 2 and r.json()["next_cursor"], r.text
+    r = requests.get(stack.admin + "/api/v1/usage", params={"cursor": r.json()["next_cursor"], "status": "4xx"},
+                     headers={**headers, "Accept": "text/csv"}, timeout=10)
+    assert r.headers["Content-Type"].startswith("text/csv") and r.text.count("\r\n") == 2, r.text
+    assert r.text.startswith("id,request_id,start,end,key,") and ",401," in r.text
+    r = requests.get(stack.admin + "/api/v1/usage/summary", params={"group_by": "none", "bucket": "minute"},
+                     headers=headers, timeout=10)
+    assert r.status_code == 200 and sum(row["client_errors"] for row in r.json()["rows"]) >= 3, r.text
+    r = requests.get(stack.admin + "/api/v1/usage/summary", params={"bucket": "weekly"}, headers=headers, timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["field"] == "bucket"
