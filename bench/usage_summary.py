@@ -101,6 +101,9 @@ def main() -> None:
                        lambda: q.summary(usage, month, ("key",), "hour", PRICES, as_json=True))
         timed("  the same as Python rows (CLI, CSV)", lambda: q.summary(usage, month, ("key",), "hour", PRICES))
         timed("  the same without prices", lambda: q.summary(usage, month, ("key",), "hour", as_json=True))
+        timed("  the same, fields=requests,errors,total_tokens,cost,p95_duration",
+              lambda: q.summary(usage, month, ("key",), "hour", PRICES, as_json=True,
+                                fields=("requests", "errors", "total_tokens", "cost", "p95_duration")))
         timed("30 days per key, totals", lambda: q.summary(usage, month, ("key",), "none", PRICES))
         timed("30 days per key and model, daily buckets",
               lambda: q.summary(usage, month, ("key", "model"), "day", PRICES))

@@ -84,10 +84,11 @@ def outcome(name: str, value: Any) -> str:
     return v.choice(name, value, (*OUTCOMES, UNKNOWN_OUTCOME))
 
 
-def names(name: str, value: Any, allowed: Sequence[str]) -> tuple[str, ...]:
-    """A comma-separated list of `allowed` names, in the order given, without repeats; "none" is the empty list."""
+def names(name: str, value: Any, allowed: Sequence[str], empty: bool = True) -> tuple[str, ...]:
+    """A comma-separated list of `allowed` names, in the order given, without repeats; "none" is the empty list
+    (when `empty`)."""
     text = v.require_str(name, value).strip()
-    if text == "none":
+    if text == "none" and empty:
         return ()
     out: list[str] = []
     for item in (part.strip() for part in text.split(",")):
@@ -270,7 +271,8 @@ _SUMMED = ("requests", "client_errors", "server_errors", "upstream_cut", "client
 
 def summary(usage: Usage, filters: Filters = Filters(), group_by: Sequence[str] = ("key", "model"),
             bucket: str = "none", prices: Mapping[str, Mapping[str, float]] | None = None,
-            limit: int = DEFAULT_SUMMARY_ROWS, now: float | None = None, as_json: bool = False) -> Summary:
+            limit: int = DEFAULT_SUMMARY_ROWS, now: float | None = None, as_json: bool = False,
+            fields: Sequence[str] = SUMMARY_COUNTS) -> Summary:
     """Per group (any of key, model, pool) and per time bucket (minute, hour, day or none), from the rollups:
     request and error counts (`errors` = client + server errors + upstream cuts + timeouts), tokens with the
     number of metered requests (token sums are null when none was), cost from `prices` ({model: {"input",
@@ -279,15 +281,17 @@ def summary(usage: Usage, filters: Filters = Filters(), group_by: Sequence[str] 
 
     Only the key, model, pool and time filters apply (rollups keep no status or outcome). Ordered by bucket,
     then group; at most `limit` rows (`truncated` says when there were more). `as_json` has SQLite write the
-    rows as JSON text (`rows_json`): tens of thousands of rows never become Python objects."""
+    rows as JSON text (`rows_json`): tens of thousands of rows never become Python objects. `fields` picks
+    the figures (all by default); SQLite then sums only the columns those need."""
     now = time.time() if now is None else now
     span = auto_span(filters.since, filters.until, now) if bucket == "none" else SPANS[bucket]
     since = None if filters.since is None else math.floor(filters.since / span) * span
     until = None if filters.until is None else math.ceil(filters.until / span) * span
     groups = [*group_by, *(["bucket"] if bucket != "none" else [])]
-    columns = [*groups, *SUMMARY_COUNTS]
+    fields = [name for name in SUMMARY_COUNTS if name in fields]  # in the SELECT's order
+    columns = [*groups, *fields]
     sql, args = _summary_sql(Filters(filters.key, filters.model, filters.pool, since=since, until=until), span,
-                             groups, prices or {})
+                             groups, prices or {}, fields)
     result = Summary(span, since, until, tuple(group_by), bucket, columns)
     with usage.reader() as db:
         if as_json:
@@ -306,14 +310,14 @@ def summary(usage: Usage, filters: Filters = Filters(), group_by: Sequence[str] 
 
 
 def _summary_sql(filters: Filters, span: int, groups: list[str], prices: Mapping[str, Mapping[str, float]],
-                 ) -> tuple[str, list[Any]]:
+                 fields: Sequence[str] = SUMMARY_COUNTS) -> tuple[str, list[Any]]:
     """The summary's SELECT (columns as Summary.columns) and its arguments, without its LIMIT. One level of
     aggregation, grouped and ordered by the bucket first: with the (span, bucket) index SQLite reads the rows
     in that order and needs no sort (SQLite computes each distinct SUM once, however often it is named)."""
     args: list[Any] = []
-    priced = sorted(prices.items())
+    priced = sorted(prices.items()) if {"cost", "unpriced_tokens"} & set(fields) else []
     cost = "NULL"
-    if priced:
+    if priced and "cost" in fields:
         cases = []
         for model, price in priced:
             cases.append("WHEN ? THEN prompt_tokens * ? + completion_tokens * ?")
@@ -321,7 +325,8 @@ def _summary_sql(filters: Filters, span: int, groups: list[str], prices: Mapping
         cost = f"ROUND(SUM(CASE WHEN metered > 0 THEN CASE model {' '.join(cases)} END END) / 1e6, 6)"
     unpriced = (f"SUM(CASE WHEN model IN ({', '.join('?' * len(priced))}) THEN 0 ELSE total_tokens END)"
                 if priced else "SUM(total_tokens)")
-    args += [model for model, _ in priced]
+    if "unpriced_tokens" in fields:
+        args += [model for model, _ in priced]
     clauses = ["span = ?"]
     args.append(span)
     for column in SUMMARY_GROUPS:
@@ -348,7 +353,9 @@ def _summary_sql(filters: Filters, span: int, groups: list[str], prices: Mapping
         "SUM(ttfb_sum) / NULLIF(SUM(ttfb_count), 0)",
         *(_quantile_sql(quantile, "t", TTFB_BOUNDS, "SUM(ttfb_count)") for quantile in QUANTILES),
     ]
-    columns = ", ".join(f"{expr} AS {name}" for expr, name in zip(select, [*groups, *SUMMARY_COUNTS], strict=True))
+    wanted = {*groups, *fields}
+    named = zip(select, [*groups, *SUMMARY_COUNTS], strict=True)
+    columns = ", ".join(f"{expr} AS {name}" for expr, name in named if name in wanted)
     # the bucket first, then the groups; qualified names are the table's columns, not the NULLIF'd outputs
     order = ", ".join(f"rollups.{g}" for g in ([groups[-1], *groups[:-1]] if "bucket" in groups else groups))
     grouping = f"GROUP BY {order} " if groups else ""

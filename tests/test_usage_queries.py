@@ -254,6 +254,8 @@ def api(tmp_path: Path):
     ("/api/v1/usage", "modle=m1", "modle"),
     ("/api/v1/usage/summary", "group_by=status", "group_by"),
     ("/api/v1/usage/summary", "bucket=week", "bucket"),
+    ("/api/v1/usage/summary", "fields=requests,colour", "fields"),
+    ("/api/v1/usage/summary", "fields=none", "fields"),
     ("/api/v1/usage/summary", "status=200", "status"),
     ("/api/v1/usage/summary", "limit=abc", "limit"),
     ("/api/v1/usage/summary", "since=1e308", "since"),
@@ -309,6 +311,9 @@ def test_api_summary_with_prices_from_the_settings(api) -> None:
     r = client.get("/api/v1/usage/summary?group_by=none&format=csv")
     table = list(csv.DictReader(io.StringIO(r.get_data(as_text=True), newline="")))
     assert len(table) == 1 and table[0]["requests"] == "50" and "p95_duration" in table[0]
+    r = client.get("/api/v1/usage/summary?group_by=key&fields=p95_duration,cost,requests")
+    assert [sorted(row) for row in r.json["rows"]] == [["cost", "key", "p95_duration", "requests"]] * 2
+    assert {row["key"]: row["requests"] for row in r.json["rows"]} == {"k0": 25, "k1": 25}
     r = client.get("/api/v1/usage/summary?limit=1&group_by=key")
     assert r.json["truncated"] is True and len(r.json["rows"]) == 1
 

@@ -108,10 +108,10 @@ SUMMARY_ROW = {"type": "object", "properties": {
        for name in q.SUMMARY_COUNTS}}}
 
 
-def _names(choices: tuple[str, ...]) -> dict:
-    """A comma-separated list of `choices`, or none."""
+def _names(choices: tuple[str, ...], empty: bool = True) -> dict:
+    """A comma-separated list of `choices` (or none)."""
     one = f"({'|'.join(choices)})"
-    return {"type": "string", "pattern": f"^(none|{one}(,{one})*)$"}
+    return {"type": "string", "pattern": f"^({'none|' if empty else ''}{one}(,{one})*)$"}
 
 
 FILTERS = {
@@ -130,7 +130,7 @@ RECORDS_QUERY = {
 SUMMARY_QUERY = {
     **FILTERS,
     "group_by": _names(q.SUMMARY_GROUPS),
-    "bucket": {"type": "string", "enum": list(q.BUCKETS)},
+    "bucket": {"type": "string", "enum": list(q.BUCKETS)}, "fields": _names(q.SUMMARY_COUNTS, empty=False),
     "limit": {"type": "integer", "minimum": 1, "maximum": q.MAX_SUMMARY_ROWS}, "format": FORMAT,
 }
 
@@ -183,11 +183,13 @@ def usage_summary():
     filters = q.parse_filters(request.args, ("key", "model", "pool", "since", "until"))
     group_by = query_param("group_by", lambda f, x: q.names(f, x, q.SUMMARY_GROUPS), ("key", "model"))
     bucket = query_param("bucket", lambda f, x: v.choice(f, x, q.BUCKETS), "none")
+    figures = query_param("fields", lambda f, x: q.names(f, x, q.SUMMARY_COUNTS, empty=False), q.SUMMARY_COUNTS)
     limit = _limit("limit", q.MAX_SUMMARY_ROWS, q.DEFAULT_SUMMARY_ROWS)
     as_csv = q.wants_csv(request.args.get("format"), request.accept_mimetypes)
     b = bastion()
     b.usage.ingest()
-    result = q.summary(b.usage, filters, group_by, bucket, b.settings()["model_prices"], limit, as_json=not as_csv)
+    result = q.summary(b.usage, filters, group_by, bucket, b.settings()["model_prices"], limit, as_json=not as_csv,
+                       fields=figures)
     if as_csv:
         return _csv(result.columns, result.rows, "usage-summary",
                     {"X-Truncated": "true"} if result.truncated else None)

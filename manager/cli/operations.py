@@ -88,7 +88,8 @@ def usage(b: Bastion, by: str, since: str, until: str | None, key_id: str | None
         raise v.ValidationError("--by", f"at most one time bucket ({', '.join(buckets)} given)")
     group_by = tuple(p for p in parts if p in q.SUMMARY_GROUPS)
     result = q.summary(b.usage, filters, group_by, buckets[0] if buckets else "none",
-                       b.settings()["model_prices"], now=now)
+                       b.settings()["model_prices"], now=now,
+                       fields=SUMMARY_TABLE if fmt == "table" else q.SUMMARY_COUNTS)
     table = [{**r, "bucket": fmt_time(r.get("bucket")), **{g: r[g] or "-" for g in group_by},
               **{c: _count(r[c]) for c in ("requests", "errors", "metered", "total_tokens")},
               "cost": "-" if r["cost"] is None else f"${r['cost']:.4f}",
