@@ -348,10 +348,11 @@ def _summary_sql(filters: Filters, span: int, groups: list[str], prices: Mapping
         *(f"CASE WHEN {metered} THEN SUM({name}) END" for name in ("prompt_tokens", "completion_tokens",
                                                                   "total_tokens")),
         f"CASE WHEN {metered} THEN {cost} END", unpriced, "SUM(bytes_sent)", "SUM(request_length)",
-        "SUM(duration_sum) / SUM(requests)",
-        *(_quantile_sql(quantile, "d", DURATION_BOUNDS, "SUM(requests)") for quantile in QUANTILES),
-        "SUM(ttfb_sum) / NULLIF(SUM(ttfb_count), 0)",
-        *(_quantile_sql(quantile, "t", TTFB_BOUNDS, "SUM(ttfb_count)") for quantile in QUANTILES),
+        *(f"ROUND({expr}, 6)" for expr in (  # seconds: to the microsecond
+            "SUM(duration_sum) / SUM(requests)",
+            *(_quantile_sql(quantile, "d", DURATION_BOUNDS, "SUM(requests)") for quantile in QUANTILES),
+            "SUM(ttfb_sum) / NULLIF(SUM(ttfb_count), 0)",
+            *(_quantile_sql(quantile, "t", TTFB_BOUNDS, "SUM(ttfb_count)") for quantile in QUANTILES))),
     ]
     wanted = {*groups, *fields}
     named = zip(select, [*groups, *SUMMARY_COUNTS], strict=True)

@@ -131,7 +131,7 @@ def test_summary_matches_the_records(mixed: Usage) -> None:
         assert s["errors"] == s["client_errors"] + s["server_errors"] + s["upstream_cut"] + s["timeout"]
         assert s["metered"] == len(metered)
         assert s["prompt_tokens"] == sum(r["prompt_tokens"] for r in metered)
-        assert math.isclose(s["avg_duration"], sum(r["duration"] for r in members) / len(members))
+        assert s["avg_duration"] == pytest.approx(sum(r["duration"] for r in members) / len(members), abs=1e-6)
 
 
 def test_summary_buckets_by_end_time_and_widens_the_range_to_whole_buckets(tmp_path: Path) -> None:
