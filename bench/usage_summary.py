@@ -57,8 +57,7 @@ def rows(n: int, rng: random.Random):
 def build(usage: Usage, n: int) -> float:
     start = time.perf_counter()
     columns = [c.split()[0] for c in usage_mod.REQUEST_COLUMNS[1:]]
-    with usage.reader() as db:
-        db.execute("PRAGMA query_only = OFF")
+    with usage._connect() as db:
         db.execute("BEGIN")
         db.executemany(f"INSERT INTO requests ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
                        rows(n, random.Random(1)))
