@@ -290,10 +290,15 @@ def summary(usage: Usage, filters: Filters = Filters(), group_by: Sequence[str] 
     groups = [*group_by, *(["bucket"] if bucket != "none" else [])]
     fields = [name for name in SUMMARY_COUNTS if name in fields]  # in the SELECT's order
     columns = [*groups, *fields]
-    sql, args = _summary_sql(Filters(filters.key, filters.model, filters.pool, since=since, until=until), span,
-                             groups, prices or {}, fields)
     result = Summary(span, since, until, tuple(group_by), bucket, columns)
     with usage.reader() as db:
+        if prices and {"cost", "unpriced_tokens"} & set(fields):  # the models of the range only: a short CASE
+            present = {row[0] for row in db.execute(
+                "SELECT DISTINCT model FROM rollups WHERE span = ? AND bucket >= ? AND bucket < ?",
+                (span, -1 if since is None else since, 2**62 if until is None else until))}
+            prices = {model: price for model, price in prices.items() if model in present}
+        sql, args = _summary_sql(Filters(filters.key, filters.model, filters.pool, since=since, until=until), span,
+                                 groups, prices or {}, fields)
         if as_json:
             fields = ", ".join(f"'{c}', {c}" for c in columns)
             wrap = f"SELECT json_group_array(json_object({fields})), COUNT(*) FROM ({sql} LIMIT ?)"

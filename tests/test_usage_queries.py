@@ -199,6 +199,8 @@ def test_costs_from_prices_per_model(tmp_path: Path) -> None:
     by_model = {r["model"]: r for r in q.summary(usage, group_by=("model",), prices=prices).rows}
     assert by_model["priced"]["cost"] == pytest.approx(6.0) and by_model["priced"]["unpriced_tokens"] == 0
     assert q.summary(usage, group_by=("key",)).rows[0]["cost"] is None  # no prices at all
+    many = {**prices, **{f"other-{i}": {"input": 1.0, "output": 1.0} for i in range(999)}}  # as many as allowed
+    assert q.summary(usage, group_by=("key",), prices=many).rows == list(rows.values())
 
 
 # ---- CSV ----------------------------------------------------------------------------------------------------
