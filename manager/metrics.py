@@ -95,14 +95,15 @@ class Exposition:
         return "\n".join(self.lines) + "\n"
 
 
-def render(bastion: Bastion) -> str:
+def render(bastion: Bastion, own_requests: int = OWN_REQUESTS) -> str:
     """The whole exposition. A source that cannot be read leaves its samples out (nginx's shows as
-    bastion_nginx_up 0); the others are still served."""
+    bastion_nginx_up 0); the others are still served. `own_requests`: how many requests nginx is handling for
+    this scrape itself (1 when not asked through nginx, as by the CLI)."""
     out = Exposition()
     _usage(out, bastion)
     _gate(out, bastion)
     _upstreams(out, bastion)
-    _nginx(out, bastion)
+    _nginx(out, bastion, own_requests)
     _info(out, bastion)
     return out.text()
 
@@ -212,16 +213,16 @@ def nginx_status(admin_listen: str) -> dict[str, int] | None:
             "reading": reading, "writing": writing, "waiting": waiting}
 
 
-def _nginx(out: Exposition, bastion: Bastion) -> None:
+def _nginx(out: Exposition, bastion: Bastion, own_requests: int) -> None:
     status = nginx_status(bastion.settings()["admin_listen"])
     out.family("bastion_nginx_up", "gauge", "1 when nginx answered this scrape's status request.")
     out.sample("bastion_nginx_up", {}, 0 if status is None else 1)
     if status is None:
         return
     out.family("bastion_requests_in_flight", "gauge",
-               "Requests nginx is processing now on all its listeners, this scrape excepted (stub_status Writing "
-               "minus 2): proxied requests and open streams, requests at the gate, admin requests.")
-    out.sample("bastion_requests_in_flight", {}, max(0, status["writing"] - OWN_REQUESTS))
+               "Requests nginx is processing now on all its listeners, this scrape's own excepted (stub_status "
+               "Writing): proxied requests and open streams, requests at the gate, admin requests.")
+    out.sample("bastion_requests_in_flight", {}, max(0, status["writing"] - own_requests))
     out.family("bastion_nginx_connections", "gauge",
                "Client connections nginx holds, by state: reading a request header, writing (processing a request), "
                "waiting (idle keepalive).")

@@ -190,14 +190,17 @@ def test_metrics_cidr_groups(app) -> None:
 
 
 @pytest.fixture(scope="module")
-def pools(stack: Stack, upstreams: dict[str, FakeUpstream]) -> dict[str, str]:
-    """alpha (slow streams), beta with a dead upstream first; active health checks every second."""
+def pools(stack: Stack, upstreams: dict[str, FakeUpstream]) -> Iterator[dict[str, str]]:
+    """alpha, beta with a dead upstream first, slow (3 s streams); active health checks every second."""
+    slow = FakeUpstream("slow", ["slow-model"], chunk_delay=0.5, chunks=6)
     stack.cli("settings", "set", "bruteforce_max_failures", "0")
     stack.cli("pools", "add", "alpha", "--url", upstreams["alpha"].url, "--api-key", "sk-upstream-alpha")
     dead = f"http://127.0.0.1:{free_port()}"
     stack.cli("pools", "add", "beta", "--url", dead, "--url", upstreams["beta"].url, "--models", "beta-model")
+    stack.cli("pools", "add", "slow", "--url", slow.url, "--models", "slow-model")
     stack.cli("settings", "set", "health_interval", "1")
-    return {"dead": dead, "beta": upstreams["beta"].url}
+    yield {"dead": dead, "beta": upstreams["beta"].url}
+    slow.close()
 
 
 @pytest.fixture(scope="module")
@@ -297,10 +300,10 @@ def test_requests_in_flight(stack: Stack, keys: dict[str, str]) -> None:
     until(lambda: in_flight() == 0, 5)  # this scrape's own requests are not counted
     done = threading.Event()
 
-    def stream() -> None:  # alpha streams 5 chunks 0.2 s apart
+    def stream() -> None:  # 6 chunks 0.5 s apart
         with requests.post(stack.base + "/v1/chat/completions", stream=True, timeout=10,
                            headers={"Authorization": f"Bearer {keys['one']}"},
-                           json={"model": "alpha-model", "stream": True, "messages": []}) as r:
+                           json={"model": "slow-model", "stream": True, "messages": []}) as r:
             for _ in r.iter_content(None):
                 pass
         done.set()
@@ -308,8 +311,10 @@ def test_requests_in_flight(stack: Stack, keys: dict[str, str]) -> None:
     threads = [threading.Thread(target=stream) for _ in range(2)]
     for t in threads:
         t.start()
-    time.sleep(0.4)
+    time.sleep(0.5)
     assert in_flight() == 2
+    # the CLI asks nginx directly (one request of its own, not two)
+    assert prom_text.parse(stack.cli("metrics", "show"))["bastion_requests_in_flight"].value() == 2
     for t in threads:
         t.join()
     assert done.is_set()

@@ -27,7 +27,7 @@ def metrics_group() -> None:
 def metrics_show(b: Bastion) -> None:
     """Print what /metrics serves now (after ingesting the usage log)."""
     b.usage.ingest()
-    click.echo(metrics_mod.render(b), nl=False)
+    click.echo(metrics_mod.render(b, own_requests=1), nl=False)  # only the status request is nginx's
 
 
 @metrics_group.command("token")
