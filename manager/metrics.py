@@ -198,7 +198,7 @@ def nginx_status(admin_listen: str) -> dict[str, int] | None:
         text = resp.read(4096).decode("ascii", errors="replace")
         if resp.status != 200:
             return None
-    except OSError:
+    except (OSError, http.client.HTTPException):  # refused, timed out, or not HTTP: nginx is not answering
         return None
     finally:
         conn.close()
