@@ -312,17 +312,25 @@ class SnapshotSource:
 
 class StatusBoard(threading.Thread):
     """Publishes `SnapshotSource.status()` to `run/gate-status.json` when it changes (checked every second, off
-    the request path), so the manager can raise the alarm when changes stop reaching the gate."""
+    the request path), so the manager can raise the alarm when changes stop reaching the gate; with it the
+    gate's decision counts since it started (`decisions`, for /metrics)."""
 
-    def __init__(self, source: SnapshotSource, run_dir: Path):
+    def __init__(self, source: SnapshotSource, run_dir: Path, decisions: Mapping[str, int] | None = None):
         super().__init__(name="gate-status", daemon=True)
         self.source = source
         self.path = run_dir / STATUS_FILE
+        self.decisions = decisions
         self._published: bytes | None = None
+
+    def status(self) -> dict[str, Any]:
+        status = self.source.status()
+        if self.decisions is not None:
+            status["decisions"] = dict(self.decisions)  # a copy made in C: the request thread goes on counting
+        return status
 
     def run(self) -> None:
         while True:
-            data = json.dumps(self.source.status(), sort_keys=True).encode()
+            data = json.dumps(self.status(), sort_keys=True).encode()
             if data != self._published:
                 try:
                     write_atomic(self.path, data, durable=False)
