@@ -112,12 +112,14 @@ def _get(args: Mapping[str, Any], name: str, convert: Any, default: Any = None) 
     return default if raw in (None, "") else convert(name, raw)
 
 
-def check_known(args: Iterable[str], known: Iterable[str]) -> None:
-    """A misspelt filter would silently be no filter: refuse parameters nobody reads."""
+def check_known(args: Mapping[str, Any], known: Iterable[str]) -> None:
+    """A misspelt filter would silently be no filter, a repeated one half a filter: refuse both."""
     known = set(known)
     for name in args:
         if name not in known:
             raise v.ValidationError(name, f"is not a known parameter (known: {', '.join(sorted(known))})")
+        if len(getattr(args, "getlist", lambda _: [None])(name)) > 1:
+            raise v.ValidationError(name, "is given more than once (one value per parameter)")
 
 
 def parse_filters(args: Mapping[str, Any], allowed: Iterable[str] = Filters.__dataclass_fields__) -> Filters:

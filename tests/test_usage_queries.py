@@ -254,6 +254,7 @@ def api(tmp_path: Path):
     ("/api/v1/usage", "group_by=key,colour", "group_by"),
     ("/api/v1/usage", "format=xml", "format"),
     ("/api/v1/usage", "modle=m1", "modle"),
+    ("/api/v1/usage", "key=k1&key=k2", "key"),
     ("/api/v1/usage/summary", "group_by=status", "group_by"),
     ("/api/v1/usage/summary", "bucket=week", "bucket"),
     ("/api/v1/usage/summary", "fields=requests,colour", "fields"),
