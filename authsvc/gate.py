@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from authsvc import bodies, errors
+from authsvc import bodies, errors, quotas
 from authsvc import keys as keyformat
 from authsvc.bruteforce import LOG_HEADER, BlockBoard, FailureGuard
 from authsvc.ratelimit import RateLimiter
@@ -58,8 +58,8 @@ STATUS_TEXT = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidd
 
 
 def error(status: int, message: str, code: str | None, ollama: bool, param: str | None = None,
-          headers: Iterable[tuple[str, str]] = ()) -> Reply:
-    return Reply(status, errors.body(status, message, code, ollama=ollama, param=param), headers)
+          headers: Iterable[tuple[str, str]] = (), kind: str | None = None) -> Reply:
+    return Reply(status, errors.body(status, message, code, ollama=ollama, param=param, kind=kind), headers)
 
 
 class Gate:
@@ -69,10 +69,13 @@ class Gate:
         self.limiter = RateLimiter()
         self.clock = clock
         self.guard = FailureGuard(clock)
+        self.quotas = quotas.QuotaFile(snapshot_path.with_name("run") / quotas.QUOTAS_FILE)
+        self.quotas.load()
 
     @classmethod
     def from_data_dir(cls, data_dir: Path) -> Gate:
         gate = cls(data_dir / "snapshot.json", (data_dir / "pepper").read_bytes().strip())
+        quotas.QuotaBoard(gate.quotas).start()
         BlockBoard(gate.guard, data_dir / "run").start()
         StatusBoard(gate.source, data_dir / "run").start()
         return gate
@@ -136,13 +139,13 @@ class Gate:
         """Checks that need the key, then the pool for the request's model."""
         if not key.allows_endpoint(path):
             raise error(403, f"This API key may not use {path}", "endpoint_not_allowed", ollama)
-        limits: list[tuple[str, str]] = []
+        limits = self.check_quotas(key, ollama) if key.quotas else []
         if key.rpm:
             decision = self.limiter.hit(key.id, key.rpm)
             if not decision.allowed:
                 raise error(429, f"Rate limit of {key.rpm} requests per minute reached for this API key",
                             "rate_limit_exceeded", ollama, headers=decision.headers())
-            limits = decision.headers()  # the pool location copies them into the answer
+            limits += decision.headers()  # the pool location copies them into the answer
         if environ.get("REQUEST_METHOD") == "GET":
             self.serve_model_lists(path, snap, key, ollama, limits)
         model = self.requested_model(environ, path, ollama, restricted=bool(key.models))
@@ -156,6 +159,32 @@ class Gate:
                         "model_not_found", ollama, param="model")
         return [("X-Accel-Redirect", f"@pool_{pools[0]}"), ("X-Bastion-Key", key.id), ("X-Bastion-Model", model),
                 *limits]
+
+    def check_quotas(self, key: KeyRule, ollama: bool) -> list[tuple[str, str]]:
+        """Refuse a key whose day or month quota is used up (429 `insufficient_quota`, which clients should not
+        retry) or whose sliding minute holds `tpm` tokens (429 `rate_limit_exceeded`, with Retry-After). Returns
+        the x-ratelimit-*-tokens headers of a key with a tpm. The figures are the manager's, a few seconds old."""
+        now = self.clock()
+        used = self.quotas.figures.get(key.id, quotas.NOTHING)
+        for limit, count, unit in ((key.tokens_per_day, used.tokens_today, "tokens per UTC day"),
+                                   (key.requests_per_day, used.requests_today, "requests per UTC day"),
+                                   (key.tokens_per_month, used.tokens_this_month, "tokens per UTC month")):
+            if limit is not None and count(now) >= limit:
+                resets = quotas.month_bounds(now)[1] if unit.endswith("month") else quotas.day_start(now) + quotas.DAY
+                raise error(429, f"This API key has used up its quota of {limit} {unit}; it resets at "
+                            f"{quotas.iso(resets)}.", "insufficient_quota", ollama, kind="insufficient_quota",
+                            headers=[("x-should-retry", "false")])
+        if key.tpm is None:
+            return []
+        tokens = used.minute_tokens(now)
+        headers = [("x-ratelimit-limit-tokens", str(key.tpm)),
+                   ("x-ratelimit-remaining-tokens", str(max(0, key.tpm - math.ceil(tokens)))),
+                   ("x-ratelimit-reset-tokens", f"{used.minute_reset(now):.3f}s")]
+        if tokens >= key.tpm:
+            retry = max(1, math.ceil(used.tpm_wait(key.tpm, now)))
+            raise error(429, f"Rate limit of {key.tpm} tokens per minute reached for this API key; try again in "
+                        f"{retry} s.", "rate_limit_exceeded", ollama, headers=[*headers, ("Retry-After", str(retry))])
+        return headers
 
     def identify(self, environ: dict[str, Any], snap: Snapshot) -> KeyRule | None:
         """The key whose secret the request presents, whatever its state; None for no, unknown or wrong key."""

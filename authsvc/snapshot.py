@@ -27,6 +27,7 @@ from typing import Any
 from authsvc.bruteforce import Policy
 from authsvc.files import write_atomic
 from authsvc.networks import Network, admits
+from authsvc.quotas import FIELDS as QUOTA_FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,12 @@ class KeyRule:
     denied: tuple[Any, ...] = ()
     cidrs: tuple[Network, ...] = ()  # the key's own networks; `networks` adds its groups' allow lists
     cidr_groups: tuple[str, ...] = ()
+    # quotas (None: unlimited), enforced with the manager's consumption figures (authsvc/quotas.py)
+    tpm: int | None = None
+    tokens_per_day: int | None = None
+    tokens_per_month: int | None = None
+    requests_per_day: int | None = None
+    quotas: bool = False  # any of them: the only test a key without quotas costs per request
     _model_cache: dict[str, bool] = field(default_factory=dict)
 
     @classmethod
@@ -81,6 +88,11 @@ class KeyRule:
             cidrs=tuple(ipaddress.ip_network(c) for c in json.loads(row["cidrs"])),
             cidr_groups=tuple(json.loads(row["cidr_groups"])),
         )
+        columns = row.keys()  # a key store not yet migrated by the manager has no quota columns
+        for name in QUOTA_FIELDS:
+            if name in columns and row[name] is not None:
+                setattr(rule, name, int(row[name]))
+                rule.quotas = True
         rule.resolve_groups(groups)
         return rule
 
@@ -209,9 +221,12 @@ class KeyFeed:
             rows = self._db.execute("SELECT * FROM keys WHERE version > ? ORDER BY version",
                                     (self.version,)).fetchall()
         except FileNotFoundError:  # no key created yet (or the file was moved away)
+            self._inode = 0  # a file created later may get the same inode number: it is another file
             self._fail(NO_KEY_STORE, logging.INFO)
             return None
         except (OSError, sqlite3.Error) as e:
+            if isinstance(e, sqlite3.DatabaseError) and not isinstance(e, sqlite3.OperationalError):
+                self._inode = 0  # not a key store at all (e.g. overwritten): whatever comes next is read whole
             self._fail(f"{type(e).__name__}: {e}", logging.WARNING)
             return None
         self._data_version = data_version
