@@ -71,6 +71,7 @@ class Gate:
         self.guard = FailureGuard(clock)
         self.quotas = quotas.QuotaFile(snapshot_path.with_name("run") / quotas.QUOTAS_FILE)
         self.quotas.load()
+        self.passed: dict[str, tuple[int, int]] = {}  # key -> (UTC day, requests let through), request quotas only
 
     @classmethod
     def from_data_dir(cls, data_dir: Path) -> Gate:
@@ -117,10 +118,13 @@ class Gate:
                 self.guard.failed(address, snap.bruteforce)
             raise
         try:
-            return self.route(environ, path, snap, key, ollama)
+            headers = self.route(environ, path, snap, key, ollama)
         except Reply as reply:  # nginx logs which key was refused (the header is hidden from the client)
             reply.headers.append(("X-Bastion-Key", key.id))
             raise
+        if key.requests_per_day is not None:
+            self.count_request(key.id)
+        return headers
 
     def refuse_blocked(self, address: str, snap: Snapshot, ollama: bool) -> None:
         """Checked before anything else: a blocked client learns nothing, not even whether its key is good."""
@@ -167,7 +171,8 @@ class Gate:
         now = self.clock()
         used = self.quotas.figures.get(key.id, quotas.NOTHING)
         for limit, count, unit in ((key.tokens_per_day, used.tokens_today, "tokens per UTC day"),
-                                   (key.requests_per_day, used.requests_today, "requests per UTC day"),
+                                   (key.requests_per_day, lambda t: self.requests_today(key.id, used, t),
+                                    "requests per UTC day"),
                                    (key.tokens_per_month, used.tokens_this_month, "tokens per UTC month")):
             if limit is not None and count(now) >= limit:
                 resets = quotas.month_bounds(now)[1] if unit.endswith("month") else quotas.day_start(now) + quotas.DAY
@@ -185,6 +190,22 @@ class Gate:
             raise error(429, f"Rate limit of {key.tpm} tokens per minute reached for this API key; try again in "
                         f"{retry} s.", "rate_limit_exceeded", ollama, headers=[*headers, ("Retry-After", str(retry))])
         return headers
+
+    def requests_today(self, key_id: str, used: quotas.Consumption, now: float) -> int:
+        """Requests the key sent to a pool today: the manager's figure, or the gate's own count when higher (it
+        has no lag: the figure comes from the access log, written when a request ends)."""
+        mine = self.passed.get(key_id)
+        return max(used.requests_today(now), mine[1] if mine and mine[0] == quotas.day_start(now) else 0)
+
+    def count_request(self, key_id: str) -> None:
+        """One more request of a key with a request quota let through to a pool. The count starts, each UTC day
+        and in each gate process, from the manager's figure: it never counts a request twice."""
+        now = self.clock()
+        day = quotas.day_start(now)
+        mine = self.passed.get(key_id)
+        if mine is None or mine[0] != day:
+            mine = (day, self.quotas.figures.get(key_id, quotas.NOTHING).requests_today(now))
+        self.passed[key_id] = (day, mine[1] + 1)
 
     def identify(self, environ: dict[str, Any], snap: Snapshot) -> KeyRule | None:
         """The key whose secret the request presents, whatever its state; None for no, unknown or wrong key."""
