@@ -63,6 +63,10 @@ class Publisher:
         """Bring the figures up to date and publish them if they changed; returns how many keys were computed."""
         now = time.time() if now is None else now
         wanted = set(self.bastion.keystore.with_quotas())
+        if not wanted:  # nothing to look at: no database read (and the next quota key starts a full run)
+            self.figures, self.last_id = {}, None
+            self._write(q.render({}))
+            return 0
         with self.bastion.usage.connect() as db:
             db.execute("BEGIN")  # one read snapshot: records added meanwhile are picked up next time
             try:
@@ -82,11 +86,13 @@ class Publisher:
             finally:
                 db.execute("COMMIT")
         self.figures, self.last_id = figures, top
-        data = q.render(figures)
+        self._write(q.render(figures))
+        return len(todo)
+
+    def _write(self, data: bytes) -> None:
         if data != self._published:
             write_atomic(self.path, data, durable=False)  # rebuilt from the usage store at every start
             self._published = data
-        return len(todo)
 
 
 def details(bastion: Bastion, record: dict[str, Any], now: float | None = None) -> dict[str, Any]:

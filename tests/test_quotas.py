@@ -135,10 +135,11 @@ def test_consumption_counts_each_window_at_its_boundaries(bastion: Bastion) -> N
 
 def test_publisher_recomputes_only_quota_keys_with_new_records(bastion: Bastion) -> None:
     now = time.time()
-    limited, _ = keys_mod.create(bastion, "limited", tokens_per_day=100)
-    free, _ = keys_mod.create(bastion, "free")
     publisher = quotas.Publisher(bastion)
     path = bastion.dirs.run / q.QUOTAS_FILE
+    free, _ = keys_mod.create(bastion, "free")
+    assert publisher.run() == 0 and q.parse(path.read_bytes()) == {}  # no quota key: nothing read
+    limited, _ = keys_mod.create(bastion, "limited", tokens_per_day=100)
     assert publisher.run() == 1 and q.parse(path.read_bytes()) == {}  # a quota key that used nothing
     append(bastion.dirs.access_log, usage_line(free["id"], now, 50))
     bastion.usage.ingest()
