@@ -83,8 +83,8 @@ CREATE TABLE IF NOT EXISTS rollups (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS rollups_span_bucket ON rollups (span, bucket);
 """
-# Placeholders are numbered as usage_log.FIELDS (?1 is the marker). SQLite converts numbers written as text by the
-# columns' affinity (in C, cheaper than in Python); nginx writes "" or "-" for values it does not have.
+# Placeholders are numbered as usage_log.FIELDS (?1 is the marker). SQL converts (in C, cheaper than Python):
+# numbers written as text take the columns' affinity; nginx writes "" or "-" for values it does not have.
 INSERT = """INSERT INTO requests (request_id, start, end, key, model, pool, upstream, status, upstream_status,
     bytes_sent, request_length, ttfb, duration, method, uri, remote_addr, outcome, prompt_tokens,
     completion_tokens, total_tokens)
