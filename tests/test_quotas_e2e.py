@@ -104,6 +104,11 @@ def test_over_daily_token_quota_is_insufficient_quota_for_the_sdk(ready: Stack) 
     assert e.value.code == "insufficient_quota" and e.value.type == "insufficient_quota"
     assert e.value.status_code == 429 and e.value.response.headers["x-should-retry"] == "false"
     assert "1000 tokens per UTC day" in e.value.message
+    # x-should-retry: false: the SDK with its default retries gives up at once (a retry waits at least 0.375 s)
+    started = time.monotonic()
+    with pytest.raises(openai.RateLimitError):
+        openai.OpenAI(base_url=ready.base + "/v1", api_key=over).chat.completions.create(model=MODEL, messages=[])
+    assert time.monotonic() - started < 0.35
     # the key under its quota, and a key without quotas however much it used, pass
     assert client(ready, under).chat.completions.create(model=MODEL, messages=[]).choices
     answer = client(ready, free).chat.completions.with_raw_response.create(model=MODEL, messages=[])
