@@ -170,15 +170,12 @@ class Gate:
         the x-ratelimit-*-tokens headers of a key with a tpm. The figures are the manager's, a few seconds old."""
         now = self.clock()
         used = self.quotas.figures.get(key.id, quotas.NOTHING)
-        for limit, count, unit in ((key.tokens_per_day, used.tokens_today, "tokens per UTC day"),
-                                   (key.requests_per_day, lambda t: self.requests_today(key.id, used, t),
-                                    "requests per UTC day"),
-                                   (key.tokens_per_month, used.tokens_this_month, "tokens per UTC month")):
-            if limit is not None and count(now) >= limit:
-                resets = quotas.month_bounds(now)[1] if unit.endswith("month") else quotas.day_start(now) + quotas.DAY
-                raise error(429, f"This API key has used up its quota of {limit} {unit}; it resets at "
-                            f"{quotas.iso(resets)}.", "insufficient_quota", ollama, kind="insufficient_quota",
-                            headers=[("x-should-retry", "false")])
+        if key.tokens_per_day is not None and used.tokens_today(now) >= key.tokens_per_day:
+            raise exhausted(key.tokens_per_day, "tokens per UTC day", quotas.day_start(now) + quotas.DAY, ollama)
+        if key.requests_per_day is not None and self.requests_today(key.id, used, now) >= key.requests_per_day:
+            raise exhausted(key.requests_per_day, "requests per UTC day", quotas.day_start(now) + quotas.DAY, ollama)
+        if key.tokens_per_month is not None and used.tokens_this_month(now) >= key.tokens_per_month:
+            raise exhausted(key.tokens_per_month, "tokens per UTC month", quotas.month_bounds(now)[1], ollama)
         if key.tpm is None:
             return []
         tokens = used.minute_tokens(now)
@@ -283,6 +280,12 @@ class Gate:
         if not isinstance(found, str) or not found:
             raise error(400, "The request body needs a `model` string.", "missing_model", ollama, param="model")
         return checked_model(found, ollama)
+
+
+def exhausted(limit: int, unit: str, resets: float, ollama: bool) -> Reply:
+    """The 429 for a used-up day or month quota: OpenAI's `insufficient_quota`, which its SDKs must not retry."""
+    return error(429, f"This API key has used up its quota of {limit} {unit}; it resets at {quotas.iso(resets)}.",
+                 "insufficient_quota", ollama, kind="insufficient_quota", headers=[("x-should-retry", "false")])
 
 
 def unreadable(e: ValueError, required: bool, ollama: bool) -> Reply:
