@@ -78,7 +78,7 @@ class Gate:
         gate = cls(data_dir / "snapshot.json", (data_dir / "pepper").read_bytes().strip())
         quotas.QuotaBoard(gate.quotas).start()
         BlockBoard(gate.guard, data_dir / "run").start()
-        StatusBoard(gate.source, data_dir / "run").start()
+        StatusBoard(gate.source, data_dir / "run", lambda: {"quotas_problem": gate.quotas.problem or None}).start()
         return gate
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:

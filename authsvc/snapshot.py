@@ -18,7 +18,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -329,15 +329,17 @@ class StatusBoard(threading.Thread):
     """Publishes `SnapshotSource.status()` to `run/gate-status.json` when it changes (checked every second, off
     the request path), so the manager can raise the alarm when changes stop reaching the gate."""
 
-    def __init__(self, source: SnapshotSource, run_dir: Path):
+    def __init__(self, source: SnapshotSource, run_dir: Path,
+                 more: Callable[[], dict[str, Any]] = dict):
         super().__init__(name="gate-status", daemon=True)
         self.source = source
+        self.more = more  # other parts' status (the quota figures)
         self.path = run_dir / STATUS_FILE
         self._published: bytes | None = None
 
     def run(self) -> None:
         while True:
-            data = json.dumps(self.source.status(), sort_keys=True).encode()
+            data = json.dumps({**self.source.status(), **self.more()}, sort_keys=True).encode()
             if data != self._published:
                 try:
                     write_atomic(self.path, data, durable=False)

@@ -17,6 +17,7 @@ import logging
 import math
 import sqlite3
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from authsvc import quotas as q
@@ -58,6 +59,7 @@ class Publisher:
         self.last_id: int | None = None  # the highest usage record id already reflected in the figures
         self._next_full = 0.0
         self._published: bytes | None = None
+        self._stamp: tuple[int, int, int] | None = None
 
     def run(self, now: float | None = None) -> int:
         """Bring the figures up to date and publish them if they changed; returns how many keys were computed."""
@@ -90,9 +92,18 @@ class Publisher:
         return len(todo)
 
     def _write(self, data: bytes) -> None:
-        if data != self._published:
+        """Write when the figures changed, or when the file is not the one written last (removed, damaged)."""
+        if data != self._published or self._stamp != _stamp(self.path):
             write_atomic(self.path, data, durable=False)  # rebuilt from the usage store at every start
-            self._published = data
+            self._published, self._stamp = data, _stamp(self.path)
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def details(bastion: Bastion, record: dict[str, Any], now: float | None = None) -> dict[str, Any]:

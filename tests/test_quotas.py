@@ -150,6 +150,9 @@ def test_publisher_recomputes_only_quota_keys_with_new_records(bastion: Bastion)
     assert q.parse(path.read_bytes())[limited["id"]].tokens_today(now) == 40
     stamp = path.stat().st_mtime_ns
     assert publisher.run() == 0 and path.stat().st_mtime_ns == stamp  # nothing new: not rewritten
+    path.write_bytes(b"damaged")
+    publisher.run()  # a file that is not the one written last is written again
+    assert q.parse(path.read_bytes())[limited["id"]].tokens_today(now) == 40
     keys_mod.update(bastion, free["id"], tpm=1000)  # a new quota key is computed at once, old usage included
     assert publisher.run() == 1
     assert q.parse(path.read_bytes())[free["id"]].tokens_today(now) == 50
@@ -339,3 +342,20 @@ def test_gate_counts_the_requests_it_lets_through(tmp_path: Path) -> None:
         day=q.day_start(clock[0]), day_requests=2)}))
     gate = Gate(tmp_path / "snapshot.json", PEPPER, clock=lambda: clock[0])
     assert [Call(gate, "/v1/chat/completions", token, CHAT).status for _ in range(2)] == [200, 429]
+
+
+def test_unreadable_figures_are_reported_in_the_health_check(tmp_path: Path, bastion: Bastion) -> None:
+    from manager.snapshot import gate_problems
+
+    write_snapshot(tmp_path / "snapshot.json", [])
+    (tmp_path / "pepper").write_bytes(PEPPER)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / q.QUOTAS_FILE).write_bytes(b"{damaged")
+    Gate.from_data_dir(tmp_path)  # its status board writes run/gate-status.json within a second
+    status = tmp_path / "run" / "gate-status.json"
+    deadline = time.monotonic() + 5
+    while not (status.exists() and json.loads(status.read_bytes()).get("quotas_problem")):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    (bastion.dirs.run / "gate-status.json").write_bytes(status.read_bytes())
+    assert [p for p in gate_problems(bastion) if p.startswith("quota figures unreadable: ")]
