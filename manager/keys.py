@@ -32,7 +32,7 @@ def quota(field: str, value: Any) -> int | None:
     try:
         return v.integer(field, value, 1, QUOTA_MAX)
     except v.ValidationError:
-        raise v.ValidationError(field, f"must be a positive integer (at most {QUOTA_MAX}), or null for unlimited"
+        raise v.ValidationError(field, f"must be a positive integer (at most {QUOTA_MAX}), or null (none) for unlimited"
                                 ) from None
 
 

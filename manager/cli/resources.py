@@ -232,7 +232,9 @@ def keys_show(b: Bastion, key_id: str, as_json: bool) -> None:
         return
     for name in ("id", "name", "key", "status", "models", "endpoints", "rpm", "cidrs", "cidr_groups"):
         value = record[name]
-        click.echo(f"{name + ':':13} {(','.join(value) or '*') if isinstance(value, list) else value}")
+        if isinstance(value, list):  # an empty list allows everything, except for groups: none
+            value = ",".join(value) or ("-" if name == "cidr_groups" else "*")
+        click.echo(f"{name + ':':13} {value}")
     for name in ("expires", "created_at", "last_used"):
         click.echo(f"{name + ':':13} {fmt_time(record[name])}")
     if not state:
