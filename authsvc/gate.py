@@ -78,8 +78,12 @@ class Gate:
         gate = cls(data_dir / "snapshot.json", (data_dir / "pepper").read_bytes().strip())
         quotas.QuotaBoard(gate.quotas).start()
         BlockBoard(gate.guard, data_dir / "run").start()
-        StatusBoard(gate.source, data_dir / "run", lambda: {"quotas_problem": gate.quotas.problem or None}).start()
+        StatusBoard(gate.source, data_dir / "run", gate.status).start()
         return gate
+
+    def status(self) -> dict[str, Any]:
+        """For the manager's health check, beside the snapshot's (`StatusBoard`)."""
+        return {"quotas_problem": self.quotas.problem or None}
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
         try:

@@ -339,11 +339,14 @@ class StatusBoard(threading.Thread):
 
     def run(self) -> None:
         while True:
-            data = json.dumps({**self.source.status(), **self.more()}, sort_keys=True).encode()
-            if data != self._published:
-                try:
-                    write_atomic(self.path, data, durable=False)
-                    self._published = data
-                except OSError as e:  # a full disk: try again in a second
-                    log.debug("gate status not written: %s", e)
+            self.publish()
             time.sleep(1.0)
+
+    def publish(self) -> None:
+        data = json.dumps({**self.source.status(), **self.more()}, sort_keys=True).encode()
+        if data != self._published:
+            try:
+                write_atomic(self.path, data, durable=False)
+                self._published = data
+            except OSError as e:  # a full disk: try again in a second
+                log.debug("gate status not written: %s", e)
