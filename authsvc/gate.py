@@ -12,6 +12,7 @@ import logging
 import math
 import re
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -45,12 +46,13 @@ log = logging.getLogger(__name__)
 
 
 class Reply(Exception):
-    """A finished answer from the gate (an error, or a list it serves itself)."""
+    """A finished answer from the gate (an error, or a list it serves itself); `reason`: an error's code."""
 
-    def __init__(self, status: int, body: bytes, headers: Iterable[tuple[str, str]] = ()):
+    def __init__(self, status: int, body: bytes, headers: Iterable[tuple[str, str]] = (), reason: str = ""):
         self.status = status
         self.body = body
         self.headers = [*JSON_HEADERS, *headers]
+        self.reason = reason
 
 
 STATUS_TEXT = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
@@ -59,7 +61,8 @@ STATUS_TEXT = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidd
 
 def error(status: int, message: str, code: str | None, ollama: bool, param: str | None = None,
           headers: Iterable[tuple[str, str]] = (), kind: str | None = None) -> Reply:
-    return Reply(status, errors.body(status, message, code, ollama=ollama, param=param, kind=kind), headers)
+    return Reply(status, errors.body(status, message, code, ollama=ollama, param=param, kind=kind), headers,
+                 code or str(status))
 
 
 class Gate:
@@ -72,13 +75,16 @@ class Gate:
         self.quotas = quotas.QuotaFile(snapshot_path.with_name("run") / quotas.QUOTAS_FILE)
         self.quotas.load()
         self.passed: dict[str, tuple[int, int]] = {}  # key -> (UTC day, requests let through), request quotas only
+        # decisions by "allow", "answer" (served here), "refuse:<code>", "error:<code>": one increment a request,
+        # published by StatusBoard for /metrics (granian runs the gate in one thread)
+        self.decisions: Counter[str] = Counter()
 
     @classmethod
     def from_data_dir(cls, data_dir: Path) -> Gate:
         gate = cls(data_dir / "snapshot.json", (data_dir / "pepper").read_bytes().strip())
         quotas.QuotaBoard(gate.quotas).start()
         BlockBoard(gate.guard, data_dir / "run").start()
-        StatusBoard(gate.source, data_dir / "run", gate.status).start()
+        StatusBoard(gate.source, data_dir / "run", gate.decisions, gate.status).start()
         return gate
 
     def status(self) -> dict[str, Any]:
@@ -88,9 +94,11 @@ class Gate:
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
         try:
             headers = self.decide(environ)
+            self.decisions["allow"] += 1
             start_response("200 OK", headers)
             return [b""]
         except Reply as reply:
+            self.decisions[f"refuse:{reply.reason}" if reply.status >= 400 else "answer"] += 1
             start_response(f"{reply.status} {STATUS_TEXT.get(reply.status, 'Error')}", reply.headers)
             return [reply.body]
         except Exception:  # a bug must still answer JSON (the server's own 500 is empty)
@@ -98,6 +106,7 @@ class Gate:
                           environ.get("PATH_INFO"), environ.get("HTTP_X_REQUEST_ID", "-"))
             reply = error(500, "The gateway could not handle the request.", "internal_error",
                           str(environ.get("PATH_INFO", "")).startswith("/api/"))
+            self.decisions[f"error:{reply.reason}"] += 1
             start_response("500 Internal Server Error", reply.headers)
             return [reply.body]
 

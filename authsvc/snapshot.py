@@ -327,15 +327,23 @@ class SnapshotSource:
 
 class StatusBoard(threading.Thread):
     """Publishes `SnapshotSource.status()` to `run/gate-status.json` when it changes (checked every second, off
-    the request path), so the manager can raise the alarm when changes stop reaching the gate."""
+    the request path), so the manager can raise the alarm when changes stop reaching the gate; with it the
+    gate's decision counts since it started (`decisions`, for /metrics)."""
 
-    def __init__(self, source: SnapshotSource, run_dir: Path,
+    def __init__(self, source: SnapshotSource, run_dir: Path, decisions: Mapping[str, int] | None = None,
                  more: Callable[[], dict[str, Any]] = dict):
         super().__init__(name="gate-status", daemon=True)
         self.source = source
         self.more = more  # other parts' status (the quota figures)
         self.path = run_dir / STATUS_FILE
+        self.decisions = decisions
         self._published: bytes | None = None
+
+    def status(self) -> dict[str, Any]:
+        status = {**self.source.status(), **self.more()}
+        if self.decisions is not None:
+            status["decisions"] = dict(self.decisions)  # a copy made in C: the request thread goes on counting
+        return status
 
     def run(self) -> None:
         while True:
@@ -343,7 +351,7 @@ class StatusBoard(threading.Thread):
             time.sleep(1.0)
 
     def publish(self) -> None:
-        data = json.dumps({**self.source.status(), **self.more()}, sort_keys=True).encode()
+        data = json.dumps(self.status(), sort_keys=True).encode()
         if data != self._published:
             try:
                 write_atomic(self.path, data, durable=False)

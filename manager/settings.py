@@ -20,6 +20,7 @@ DEFAULTS: dict[str, Any] = {
     "server_name": None,
     "public_cidr_groups": [],
     "admin_cidr_groups": ["private"],
+    "metrics_cidr_groups": ["private"],  # who may read /metrics without a sign-in or the metrics token
     "trusted_proxies": [],
     "body_limit_mb": 16,
     "read_timeout": 600,

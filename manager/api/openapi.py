@@ -22,7 +22,7 @@ def _operation(op: Operation) -> dict[str, Any]:
         "tags": [op.tag],
         "operationId": f"{op.method}_{op.path}".replace("/", "_").replace("{", "").replace("}", "").replace("-", "_"),
         "responses": {
-            str(op.status): {"description": "success", "content": {"application/json": {"schema": op.response}}},
+            str(op.status): {"description": "success", "content": {op.media: {"schema": op.response}}},
             "default": {"description": "error (4xx with the field named)",
                         "content": {"application/json": {"schema": ERROR}}},
         },

@@ -9,10 +9,41 @@ import click
 
 from authsvc import bodies
 from manager import configuration, generations
+from manager import metrics as metrics_mod
 from manager import settings as settings_mod
 from manager import validation as v
 from manager.cli import csv, fmt_time, main, print_table, with_bastion
 from manager.context import Bastion
+
+# ---- metrics ---------------------------------------------------------------------------------------------
+
+@main.group("metrics")
+def metrics_group() -> None:
+    """Prometheus /metrics on the admin listener: print it, manage its token."""
+
+
+@metrics_group.command("show")
+@with_bastion
+def metrics_show(b: Bastion) -> None:
+    """Print what /metrics serves now (after ingesting the usage log)."""
+    b.usage.ingest()
+    click.echo(metrics_mod.render(b, own_requests=1), nl=False)  # only the status request is nginx's
+
+
+@metrics_group.command("token")
+@with_bastion
+def metrics_token(b: Bastion) -> None:
+    """Create the metrics token (replaces the previous one) and print it once: Prometheus sends it as a bearer
+    token."""
+    click.echo(metrics_mod.create_token(b))
+
+
+@metrics_group.command("revoke-token")
+@with_bastion
+def metrics_revoke_token(b: Bastion) -> None:
+    """Revoke the metrics token."""
+    click.echo("metrics token revoked" if metrics_mod.revoke_token(b) else "no metrics token was set")
+
 
 # ---- usage and config ---------------------------------------------------------------------------------
 
