@@ -352,9 +352,9 @@ def test_unreadable_figures_are_reported_in_the_health_check(tmp_path: Path, bas
     gate = quota_gate(tmp_path, token, None, tpm=10)
     (tmp_path / "run" / q.QUOTAS_FILE).write_bytes(b"{damaged")
     gate.quotas.load()
-    StatusBoard(gate.source, bastion.dirs.run, gate.status).publish()  # what the gate's status thread writes
+    StatusBoard(gate.source, bastion.dirs.run, more=gate.status).publish()  # what the gate's status thread writes
     assert [p for p in gate_problems(bastion) if p.startswith("quota figures unreadable: ")]
     (tmp_path / "run" / q.QUOTAS_FILE).write_bytes(q.render({}))
     gate.quotas.load()
-    StatusBoard(gate.source, bastion.dirs.run, gate.status).publish()
+    StatusBoard(gate.source, bastion.dirs.run, more=gate.status).publish()
     assert gate_problems(bastion) == []
