@@ -23,6 +23,7 @@ records and rollups, deleted in small batches so ingestion and readers never wai
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -201,6 +202,10 @@ class Usage:
             yield db
         finally:
             db.close()
+
+    def connect(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        """A connection of its own (readers: quota figures)."""
+        return self._connect()
 
     def ingest(self) -> int:
         """Read new complete lines of the access log, the rotated one first, into the store; returns how many
