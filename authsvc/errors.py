@@ -16,8 +16,12 @@ OPENAI_TYPES = {
 }
 
 
-def body(status: int, message: str, code: str | None, *, ollama: bool, param: str | None = None) -> bytes:
+def body(status: int, message: str, code: str | None, *, ollama: bool, param: str | None = None,
+         kind: str | None = None) -> bytes:
+    """`kind` overrides the OpenAI error type of the status (OpenAI answers an exhausted quota with the type
+    `insufficient_quota`, other 429s with `requests`)."""
     if ollama:
         return json.dumps({"error": message}).encode()
-    error = {"message": message, "type": OPENAI_TYPES.get(status, "server_error"), "param": param, "code": code}
+    error = {"message": message, "type": kind or OPENAI_TYPES.get(status, "server_error"), "param": param,
+             "code": code}
     return json.dumps({"error": error}).encode()

@@ -12,11 +12,12 @@ import logging
 import math
 import re
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from authsvc import bodies, errors, usage
+from authsvc import bodies, errors, quotas, usage
 from authsvc import keys as keyformat
 from authsvc.bruteforce import LOG_HEADER, BlockBoard, FailureGuard
 from authsvc.ratelimit import RateLimiter
@@ -46,12 +47,13 @@ log = logging.getLogger(__name__)
 
 
 class Reply(Exception):
-    """A finished answer from the gate (an error, or a list it serves itself)."""
+    """A finished answer from the gate (an error, or a list it serves itself); `reason`: an error's code."""
 
-    def __init__(self, status: int, body: bytes, headers: Iterable[tuple[str, str]] = ()):
+    def __init__(self, status: int, body: bytes, headers: Iterable[tuple[str, str]] = (), reason: str = ""):
         self.status = status
         self.body = body
         self.headers = [*JSON_HEADERS, *headers]
+        self.reason = reason
 
 
 STATUS_TEXT = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
@@ -59,8 +61,9 @@ STATUS_TEXT = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidd
 
 
 def error(status: int, message: str, code: str | None, ollama: bool, param: str | None = None,
-          headers: Iterable[tuple[str, str]] = ()) -> Reply:
-    return Reply(status, errors.body(status, message, code, ollama=ollama, param=param), headers)
+          headers: Iterable[tuple[str, str]] = (), kind: str | None = None) -> Reply:
+    return Reply(status, errors.body(status, message, code, ollama=ollama, param=param, kind=kind), headers,
+                 code or str(status))
 
 
 class Gate:
@@ -70,20 +73,33 @@ class Gate:
         self.limiter = RateLimiter()
         self.clock = clock
         self.guard = FailureGuard(clock)
+        self.quotas = quotas.QuotaFile(snapshot_path.with_name("run") / quotas.QUOTAS_FILE)
+        self.quotas.load()
+        self.passed: dict[str, tuple[int, int]] = {}  # key -> (UTC day, requests let through), request quotas only
+        # decisions by "allow", "answer" (served here), "refuse:<code>", "error:<code>": one increment a request,
+        # published by StatusBoard for /metrics (granian runs the gate in one thread)
+        self.decisions: Counter[str] = Counter()
 
     @classmethod
     def from_data_dir(cls, data_dir: Path) -> Gate:
         gate = cls(data_dir / "snapshot.json", (data_dir / "pepper").read_bytes().strip())
+        quotas.QuotaBoard(gate.quotas).start()
         BlockBoard(gate.guard, data_dir / "run").start()
-        StatusBoard(gate.source, data_dir / "run").start()
+        StatusBoard(gate.source, data_dir / "run", gate.decisions, gate.status).start()
         return gate
+
+    def status(self) -> dict[str, Any]:
+        """For the manager's health check, beside the snapshot's (`StatusBoard`)."""
+        return {"quotas_problem": self.quotas.problem or None}
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
         try:
             headers = self.decide(environ)
+            self.decisions["allow"] += 1
             start_response("200 OK", headers)
             return [b""]
         except Reply as reply:
+            self.decisions[f"refuse:{reply.reason}" if reply.status >= 400 else "answer"] += 1
             start_response(f"{reply.status} {STATUS_TEXT.get(reply.status, 'Error')}", reply.headers)
             return [reply.body]
         except Exception:  # a bug must still answer JSON (the server's own 500 is empty)
@@ -91,6 +107,7 @@ class Gate:
                           environ.get("PATH_INFO"), environ.get("HTTP_X_REQUEST_ID", "-"))
             reply = error(500, "The gateway could not handle the request.", "internal_error",
                           str(environ.get("PATH_INFO", "")).startswith("/api/"))
+            self.decisions[f"error:{reply.reason}"] += 1
             start_response("500 Internal Server Error", reply.headers)
             return [reply.body]
 
@@ -115,10 +132,13 @@ class Gate:
                 self.guard.failed(address, snap.bruteforce)
             raise
         try:
-            return self.route(environ, path, snap, key, ollama)
+            headers = self.route(environ, path, snap, key, ollama)
         except Reply as reply:  # nginx logs which key was refused (the header is hidden from the client)
             reply.headers.append(("X-Bastion-Key", key.id))
             raise
+        if key.requests_per_day is not None:
+            self.count_request(key.id)
+        return headers
 
     def refuse_blocked(self, address: str, snap: Snapshot, ollama: bool) -> None:
         """Checked before anything else: a blocked client learns nothing, not even whether its key is good."""
@@ -137,13 +157,13 @@ class Gate:
         """Checks that need the key, then the pool for the request's model."""
         if not key.allows_endpoint(path):
             raise error(403, f"This API key may not use {path}", "endpoint_not_allowed", ollama)
-        limits: list[tuple[str, str]] = []
+        limits = self.check_quotas(key, ollama) if key.quotas else []
         if key.rpm:
             decision = self.limiter.hit(key.id, key.rpm)
             if not decision.allowed:
                 raise error(429, f"Rate limit of {key.rpm} requests per minute reached for this API key",
                             "rate_limit_exceeded", ollama, headers=decision.headers())
-            limits = decision.headers()  # the pool location copies them into the answer
+            limits += decision.headers()  # the pool location copies them into the answer
         if environ.get("REQUEST_METHOD") == "GET":
             self.serve_model_lists(path, snap, key, ollama, limits)
         model = self.requested_model(environ, path, ollama, restricted=bool(key.models))
@@ -162,6 +182,46 @@ class Gate:
             if insert:
                 headers.append((usage.HEADER, insert))
         return headers
+
+    def check_quotas(self, key: KeyRule, ollama: bool) -> list[tuple[str, str]]:
+        """Refuse a key whose day or month quota is used up (429 `insufficient_quota`, which clients should not
+        retry) or whose sliding minute holds `tpm` tokens (429 `rate_limit_exceeded`, with Retry-After). Returns
+        the x-ratelimit-*-tokens headers of a key with a tpm. The figures are the manager's, a few seconds old."""
+        now = self.clock()
+        used = self.quotas.figures.get(key.id, quotas.NOTHING)
+        if key.tokens_per_day is not None and used.tokens_today(now) >= key.tokens_per_day:
+            raise exhausted(key.tokens_per_day, "tokens per UTC day", quotas.day_start(now) + quotas.DAY, ollama)
+        if key.requests_per_day is not None and self.requests_today(key.id, used, now) >= key.requests_per_day:
+            raise exhausted(key.requests_per_day, "requests per UTC day", quotas.day_start(now) + quotas.DAY, ollama)
+        if key.tokens_per_month is not None and used.tokens_this_month(now) >= key.tokens_per_month:
+            raise exhausted(key.tokens_per_month, "tokens per UTC month", quotas.month_bounds(now)[1], ollama)
+        if key.tpm is None:
+            return []
+        tokens = used.minute_tokens(now)
+        headers = [("x-ratelimit-limit-tokens", str(key.tpm)),
+                   ("x-ratelimit-remaining-tokens", str(max(0, key.tpm - math.ceil(tokens)))),
+                   ("x-ratelimit-reset-tokens", f"{used.minute_reset(now):.3f}s")]
+        if tokens >= key.tpm:
+            retry = max(1, math.ceil(used.tpm_wait(key.tpm, now)))
+            raise error(429, f"Rate limit of {key.tpm} tokens per minute reached for this API key; try again in "
+                        f"{retry} s.", "rate_limit_exceeded", ollama, headers=[*headers, ("Retry-After", str(retry))])
+        return headers
+
+    def requests_today(self, key_id: str, used: quotas.Consumption, now: float) -> int:
+        """Requests the key sent to a pool today: the manager's figure, or the gate's own count when higher (it
+        has no lag: the figure comes from the access log, written when a request ends)."""
+        mine = self.passed.get(key_id)
+        return max(used.requests_today(now), mine[1] if mine and mine[0] == quotas.day_start(now) else 0)
+
+    def count_request(self, key_id: str) -> None:
+        """One more request of a key with a request quota let through to a pool. The count starts, each UTC day
+        and in each gate process, from the manager's figure: it never counts a request twice."""
+        now = self.clock()
+        day = quotas.day_start(now)
+        mine = self.passed.get(key_id)
+        if mine is None or mine[0] != day:
+            mine = (day, self.quotas.figures.get(key_id, quotas.NOTHING).requests_today(now))
+        self.passed[key_id] = (day, mine[1] + 1)
 
     def identify(self, environ: dict[str, Any], snap: Snapshot) -> KeyRule | None:
         """The key whose secret the request presents, whatever its state; None for no, unknown or wrong key."""
@@ -240,6 +300,12 @@ class Gate:
         if not isinstance(found, str) or not found:
             raise error(400, "The request body needs a `model` string.", "missing_model", ollama, param="model")
         return checked_model(found, ollama)
+
+
+def exhausted(limit: int, unit: str, resets: float, ollama: bool) -> Reply:
+    """The 429 for a used-up day or month quota: OpenAI's `insufficient_quota`, which its SDKs must not retry."""
+    return error(429, f"This API key has used up its quota of {limit} {unit}; it resets at {quotas.iso(resets)}.",
+                 "insufficient_quota", ollama, kind="insufficient_quota", headers=[("x-should-retry", "false")])
 
 
 def unreadable(e: ValueError, required: bool, ollama: bool) -> Reply:

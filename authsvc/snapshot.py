@@ -18,7 +18,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -27,6 +27,7 @@ from typing import Any
 from authsvc.bruteforce import Policy
 from authsvc.files import write_atomic
 from authsvc.networks import Network, admits
+from authsvc.quotas import FIELDS as QUOTA_FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,12 @@ class KeyRule:
     denied: tuple[Any, ...] = ()
     cidrs: tuple[Network, ...] = ()  # the key's own networks; `networks` adds its groups' allow lists
     cidr_groups: tuple[str, ...] = ()
+    # quotas (None: unlimited), enforced with the manager's consumption figures (authsvc/quotas.py)
+    tpm: int | None = None
+    tokens_per_day: int | None = None
+    tokens_per_month: int | None = None
+    requests_per_day: int | None = None
+    quotas: bool = False  # any of them: the only test a key without quotas costs per request
     _model_cache: dict[str, bool] = field(default_factory=dict)
 
     @classmethod
@@ -81,6 +88,11 @@ class KeyRule:
             cidrs=tuple(ipaddress.ip_network(c) for c in json.loads(row["cidrs"])),
             cidr_groups=tuple(json.loads(row["cidr_groups"])),
         )
+        columns = row.keys()  # a key store not yet migrated by the manager has no quota columns
+        for name in QUOTA_FIELDS:
+            if name in columns and row[name] is not None:
+                setattr(rule, name, int(row[name]))
+                rule.quotas = True
         rule.resolve_groups(groups)
         return rule
 
@@ -211,9 +223,12 @@ class KeyFeed:
             rows = self._db.execute("SELECT * FROM keys WHERE version > ? ORDER BY version",
                                     (self.version,)).fetchall()
         except FileNotFoundError:  # no key created yet (or the file was moved away)
+            self._inode = 0  # a file created later may get the same inode number: it is another file
             self._fail(NO_KEY_STORE, logging.INFO)
             return None
         except (OSError, sqlite3.Error) as e:
+            if isinstance(e, sqlite3.DatabaseError) and not isinstance(e, sqlite3.OperationalError):
+                self._inode = 0  # not a key store at all (e.g. overwritten): whatever comes next is read whole
             self._fail(f"{type(e).__name__}: {e}", logging.WARNING)
             return None
         self._data_version = data_version
@@ -314,21 +329,34 @@ class SnapshotSource:
 
 class StatusBoard(threading.Thread):
     """Publishes `SnapshotSource.status()` to `run/gate-status.json` when it changes (checked every second, off
-    the request path), so the manager can raise the alarm when changes stop reaching the gate."""
+    the request path), so the manager can raise the alarm when changes stop reaching the gate; with it the
+    gate's decision counts since it started (`decisions`, for /metrics)."""
 
-    def __init__(self, source: SnapshotSource, run_dir: Path):
+    def __init__(self, source: SnapshotSource, run_dir: Path, decisions: Mapping[str, int] | None = None,
+                 more: Callable[[], dict[str, Any]] = dict):
         super().__init__(name="gate-status", daemon=True)
         self.source = source
+        self.more = more  # other parts' status (the quota figures)
         self.path = run_dir / STATUS_FILE
+        self.decisions = decisions
         self._published: bytes | None = None
+
+    def status(self) -> dict[str, Any]:
+        status = {**self.source.status(), **self.more()}
+        if self.decisions is not None:
+            status["decisions"] = dict(self.decisions)  # a copy made in C: the request thread goes on counting
+        return status
 
     def run(self) -> None:
         while True:
-            data = json.dumps(self.source.status(), sort_keys=True).encode()
-            if data != self._published:
-                try:
-                    write_atomic(self.path, data, durable=False)
-                    self._published = data
-                except OSError as e:  # a full disk: try again in a second
-                    log.debug("gate status not written: %s", e)
+            self.publish()
             time.sleep(1.0)
+
+    def publish(self) -> None:
+        data = json.dumps(self.status(), sort_keys=True).encode()
+        if data != self._published:
+            try:
+                write_atomic(self.path, data, durable=False)
+                self._published = data
+            except OSError as e:  # a full disk: try again in a second
+                log.debug("gate status not written: %s", e)

@@ -28,7 +28,8 @@ BUILTIN: dict[str, dict[str, Any]] = {
         "builtin": True,
     },
 }
-ATTACH_SETTINGS = ("public_cidr_groups", "admin_cidr_groups", "bruteforce_exempt_cidr_groups")
+ATTACH_SETTINGS = ("public_cidr_groups", "admin_cidr_groups", "bruteforce_exempt_cidr_groups",
+                   "metrics_cidr_groups")
 
 
 def all_groups(bastion: Bastion) -> list[dict[str, Any]]:

@@ -12,12 +12,28 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 from authsvc import keys as keyformat
-from manager import cidr_groups
+from manager import cidr_groups, usage_queries
 from manager import validation as v
 from manager.errors import NotFound
+from manager.keystore import QUOTA_FIELDS
 
 if TYPE_CHECKING:
     from manager.context import Bastion
+
+QUOTA_MAX = 10**15  # tokens or requests; a bound only so that nothing overflows
+
+
+def quota(field: str, value: Any) -> int | None:
+    """A quota: a positive integer, or None (null) for unlimited."""
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip().lower() in ("none", "null", "unlimited"):
+        return None
+    try:
+        return v.integer(field, value, 1, QUOTA_MAX)
+    except v.ValidationError:
+        raise v.ValidationError(field, f"must be a positive integer (at most {QUOTA_MAX}), or null (none) for unlimited"
+                                ) from None
 
 
 def _rules(bastion: Bastion, values: dict[str, Any]) -> dict[str, Any]:
@@ -31,6 +47,7 @@ def _rules(bastion: Bastion, values: dict[str, Any]) -> dict[str, Any]:
         "expires": v.expiry,
         "cidrs": v.cidrs,
         "enabled": v.boolean,
+        **dict.fromkeys(QUOTA_FIELDS, quota),
     }
     unknown = set(values) - set(checks)
     if unknown:
@@ -61,6 +78,7 @@ def create(bastion: Bastion, name: str, author: str = "cli", **fields: Any) -> t
             "rpm": values.get("rpm", 0),
             "cidrs": values.get("cidrs", []),
             "cidr_groups": values.get("cidr_groups", []),
+            **{f: values.get(f) for f in QUOTA_FIELDS},
             "created_at": time.time(),
             "created_by": author,
             "revoked_at": None,
@@ -129,5 +147,5 @@ def public(record: dict[str, Any]) -> dict[str, Any]:
 
 def with_last_used(bastion: Bastion, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Add `last_used` from the usage analytics (the gate never writes, so this is where it is known)."""
-    last = bastion.usage.last_used([r["id"] for r in rows]) if rows else {}
+    last = usage_queries.last_used(bastion.usage, [r["id"] for r in rows]) if rows else {}
     return [{**r, "last_used": last.get(r["id"])} for r in rows]

@@ -24,10 +24,12 @@ from manager.store import Store, StoreCorrupt
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+QUOTA_FIELDS = ("tpm", "tokens_per_day", "tokens_per_month", "requests_per_day")  # NULL: unlimited
 LIST_FIELDS = ("models", "endpoints", "cidrs", "cidr_groups")
 COLUMNS = ("id", "digest", "name", "enabled", "expires", "models", "endpoints", "rpm", "cidrs", "cidr_groups",
-           "created_at", "created_by", "revoked_at")
+           "created_at", "created_by", "revoked_at", *QUOTA_FIELDS)
+# every file is created at schema 1 and brought up to date by MIGRATIONS, so new and old files end up alike
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
     id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -53,10 +55,16 @@ CREATE TABLE IF NOT EXISTS keys (
 );
 CREATE INDEX IF NOT EXISTS keys_version ON keys (version);
 """
-# schema version -> statements that bring a file of the previous version to it (none yet beyond 1)
-MIGRATIONS: dict[int, list[str]] = {}
+_HAS_QUOTA = " OR ".join(f"{f} IS NOT NULL" for f in QUOTA_FIELDS)
+# schema version -> statements that bring a file of the previous version to it
+MIGRATIONS: dict[int, list[str]] = {
+    # quotas (NULL for existing keys: unlimited); the partial index finds the keys with one without a scan
+    2: [*(f"ALTER TABLE keys ADD COLUMN {f} INTEGER" for f in QUOTA_FIELDS),
+        f"CREATE INDEX keys_quotas ON keys (id) WHERE {_HAS_QUOTA}"],
+}
 DEFAULTS: dict[str, Any] = {"enabled": True, "expires": None, "models": [], "endpoints": [], "rpm": 0, "cidrs": [],
-                            "cidr_groups": [], "created_at": 0.0, "created_by": "unknown", "revoked_at": None}
+                            "cidr_groups": [], "created_at": 0.0, "created_by": "unknown", "revoked_at": None,
+                            **dict.fromkeys(QUOTA_FIELDS)}
 
 
 def to_row(record: dict[str, Any]) -> tuple[Any, ...]:
@@ -180,6 +188,11 @@ class KeyStore:
             "SELECT id FROM keys WHERE revoked_at IS NULL"
             " AND EXISTS (SELECT 1 FROM json_each(keys.cidr_groups) WHERE value = ?) ORDER BY created_at, id",
             (name,))
+        return [r[0] for r in rows]
+
+    def with_quotas(self) -> list[str]:
+        """Ids of the unrevoked keys with any quota: a read of the partial index, O(keys with quotas)."""
+        rows = self._db().execute(f"SELECT id FROM keys WHERE ({_HAS_QUOTA}) AND revoked_at IS NULL")
         return [r[0] for r in rows]
 
     def count(self) -> int:

@@ -16,6 +16,9 @@ from manager.metering import METER_JS
 from manager.settings import ADMIN_BODY_LIMIT_KB
 from nginx_templates import TEMPLATE_DIR
 
+# nginx's stub_status on the admin listener (read by manager/metrics.py; nginx answers it, the manager never sees it)
+NGINX_STATUS_PATH = "/_bastion/nginx-status"
+
 _env = Environment(
     loader=FileSystemLoader(TEMPLATE_DIR),
     undefined=StrictUndefined,
@@ -92,6 +95,8 @@ def _context(inp: RenderInput, generation: int) -> dict[str, Any]:
         "trusted_proxies": settings["trusted_proxies"],
         "public_access": access_rules(groups, settings["public_cidr_groups"]),
         "admin_access": access_rules(groups, settings["admin_cidr_groups"]),
+        "status_readers": status_readers(settings["admin_listen"]),
+        "nginx_status_path": NGINX_STATUS_PATH,
         "custom_config": inp.custom_config,
         "body_limit_mb": settings["body_limit_mb"],
         "read_timeout": settings["read_timeout"],
@@ -124,6 +129,13 @@ def access_rules(groups: Mapping[str, Mapping[str, Any]], names: list[str]) -> l
     """nginx allow/deny lines for a listener: denies first, then allows, then `deny all` if anything is allowed."""
     allow, deny = cidr_groups.rules_in(groups, names)
     return [("deny", c) for c in deny] + [("allow", c) for c in allow] + ([("deny", "all")] if allow else [])
+
+
+def status_readers(admin_listen: str) -> list[str]:
+    """Who may read nginx's connection counts (stub_status) on the admin listener: the manager only, which
+    connects to nginx.local_url(admin_listen), so from loopback or from the listener's own address."""
+    host = admin_listen.rpartition(":")[0].strip("[]")
+    return ["127.0.0.1", "::1"] + ([host] if host not in ("0.0.0.0", "::", "127.0.0.1", "::1") else [])
 
 
 def host_port(url: str) -> str:

@@ -20,6 +20,7 @@ DEFAULTS: dict[str, Any] = {
     "server_name": None,
     "public_cidr_groups": [],
     "admin_cidr_groups": ["private"],
+    "metrics_cidr_groups": ["private"],  # who may read /metrics without a sign-in or the metrics token
     "trusted_proxies": [],
     "body_limit_mb": 16,
     "read_timeout": 600,
@@ -51,7 +52,36 @@ DEFAULTS: dict[str, Any] = {
     "acme_key_type": "ecdsa",
     "dns_propagation_seconds": 10,
     "hsts": False,
+    # {model: {"input": USD per 1M prompt tokens, "output": USD per 1M completion tokens}}: costs in summaries
+    "model_prices": {},
 }
+
+
+MAX_PRICED_MODELS = 1000
+MAX_PRICE = 1_000_000.0  # USD per 1M tokens
+
+
+def model_prices(field: str, value: Any) -> dict[str, dict[str, float]]:
+    """{model: {"input": price, "output": price}}, prices in USD per 1M tokens (0 to 1,000,000), exact model
+    names as the usage records hold them; both prices required so that no cost is silently half counted."""
+    if not isinstance(value, dict):
+        raise v.ValidationError(field, 'must be an object like {"llama3.1:8b": {"input": 0.1, "output": 0.2}}')
+    if len(value) > MAX_PRICED_MODELS:
+        raise v.ValidationError(field, f"at most {MAX_PRICED_MODELS} models")
+    out = {}
+    for model, price in value.items():
+        v.model(field, model)
+        name = f"{field}.{model}"
+        if not isinstance(price, dict):
+            raise v.ValidationError(name, 'must be an object {"input": USD per 1M tokens, "output": USD per 1M tokens}')
+        for part in price:
+            if part not in ("input", "output"):
+                raise v.ValidationError(f"{name}.{part}", "is not a known field (input, output)")
+        for part in ("input", "output"):
+            if part not in price:
+                raise v.ValidationError(f"{name}.{part}", "is required (USD per 1M tokens)")
+        out[model] = {part: v.number(f"{name}.{part}", price[part], 0, MAX_PRICE) for part in ("input", "output")}
+    return out
 
 
 LISTENERS = ("public_listen", "admin_listen", "http_listen", "https_listen")
@@ -89,7 +119,9 @@ VALIDATORS = {
     "acme_key_type": lambda f, x: v.choice(f, x, ("ecdsa", "rsa")),
     "dns_propagation_seconds": lambda f, x: v.integer(f, x, 0, 3600),
     "hsts": v.boolean,
+    "model_prices": model_prices,
 }
+
 
 
 def effective(stored: dict[str, Any]) -> dict[str, Any]:

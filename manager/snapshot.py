@@ -69,5 +69,6 @@ def gate_problems(bastion: Bastion) -> list[str]:
     except (OSError, ValueError):
         return []
     return [f"{what}: {status[field]}" for field, what in (("snapshot_problem", SNAPSHOT_UNREADABLE),
-                                                            ("keys_problem", "key store unreadable"))
+                                                            ("keys_problem", "key store unreadable"),
+                                                            ("quotas_problem", "quota figures unreadable"))
             if isinstance(status, dict) and status.get(field)]

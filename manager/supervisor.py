@@ -25,7 +25,7 @@ from typing import Any
 
 import requests
 
-from manager import generations, health, pools, snapshot
+from manager import generations, health, pools, quotas, snapshot
 from manager import settings as settings_mod
 from manager.apply import healthz_url, recover
 from manager.certs import manage as cert_manage
@@ -201,6 +201,7 @@ class Supervisor:
         )
         self.nginx = Child("nginx", bastion.nginx.run_argv(), dirs.logs / "nginx.log", self._nginx_ready)
         self.children = (self.nginx, self.gate, self.manager)
+        self.quotas = quotas.Publisher(bastion)
 
     def settings(self) -> dict[str, Any]:
         """The store's settings; while the store is unreadable, the last good ones (or the live generation's)."""
@@ -279,7 +280,7 @@ class Supervisor:
             return self.settings()["health_interval"]
 
         return [
-            Periodic("usage ingestion", lambda: 1.0, lambda: self.bastion.usage.ingest(), self.stopping),
+            Periodic("usage ingestion", lambda: 1.0, self._ingest, self.stopping),
             Periodic("model discovery and DNS", lambda: self.settings()["discovery_interval"], self._refresh,
                      self.stopping),
             Periodic("health checks", health_interval, lambda: health.check(self.bastion), self.stopping),
@@ -289,6 +290,11 @@ class Supervisor:
             Periodic("certificate renewal", lambda: 60.0, lambda: cert_manage.scheduled_renewal(self.bastion),
                      self.stopping),
         ]
+
+    def _ingest(self) -> None:
+        """Read the access log into the usage store, then hand the gate its quota figures."""
+        self.bastion.usage.ingest()
+        self.quotas.run()
 
     def _log_upkeep(self) -> None:
         """Rotate nginx's logs (without losing a usage line) and the children's own logs; prune usage rows."""

@@ -13,7 +13,9 @@ read from its start.
 Rollups: each ingested batch is added to per-minute, per-hour and per-day rows by (key, model, pool), with
 request, error, outcome, token and byte counts and cumulative histograms of duration and time to first byte
 (Prometheus-style `le` buckets, so percentiles and /metrics come from the same rows). Summaries over long
-ranges read rollups, never the raw records.
+ranges read rollups, never the raw records. One more row per (key, model, pool), span `TOTAL_SPAN`, holds the
+all-time sums: never pruned, so /metrics reads monotonic counters from a few thousand rows, however many days of
+rollups are kept (docs/decisions.md, decision 27).
 
 `maintain()` is the supervisor's periodic upkeep: size-based rotation of nginx's logs and the retention of raw
 records and rollups, deleted in small batches so ingestion and readers never wait long for the database.
@@ -21,13 +23,14 @@ records and rollups, deleted in small batches so ingestion and readers never wai
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +42,7 @@ log = logging.getLogger(__name__)
 DURATION_BOUNDS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 TTFB_BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 SPANS = {"minute": 60, "hour": 3600, "day": 86400}
+TOTAL_SPAN = 0  # all-time rows (bucket 0): the counters of /metrics, never pruned
 OUTCOMES = ("completed", "upstream_cut", "client_cut", "timeout")
 
 REQUEST_COLUMNS = (
@@ -66,7 +70,7 @@ ROLLUP_SUMS = (
     *((f"t{i}", f"ttfb <= {bound}") for i, bound in enumerate(TTFB_BOUNDS)),
 )
 ROLLUP_NAMES = tuple(name for name, _ in ROLLUP_SUMS)
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS requests ({", ".join(REQUEST_COLUMNS)});
 CREATE INDEX IF NOT EXISTS requests_key_start ON requests (key, start);
@@ -82,8 +86,8 @@ CREATE TABLE IF NOT EXISTS rollups (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS rollups_span_bucket ON rollups (span, bucket);
 """
-# Placeholders are numbered as usage_log.FIELDS (?1 is the marker). SQLite converts numbers written as text by the
-# columns' affinity (in C, cheaper than in Python); nginx writes "" or "-" for values it does not have.
+# Placeholders are numbered as usage_log.FIELDS (?1 is the marker). SQL converts (in C, cheaper than Python):
+# numbers written as text take the columns' affinity; nginx writes "" or "-" for values it does not have.
 INSERT = """INSERT INTO requests (request_id, start, end, key, model, pool, upstream, status, upstream_status,
     bytes_sent, request_length, ttfb, duration, method, uri, remote_addr, outcome, prompt_tokens,
     completion_tokens, total_tokens)
@@ -95,10 +99,14 @@ _BATCH_MINUTES = f"""INSERT INTO temp.batch
 SELECT CAST(end / 60 AS INTEGER) * 60, COALESCE(key, ''), COALESCE(model, ''), COALESCE(pool, ''),
     {", ".join(f"TOTAL({sql})" for _, sql in ROLLUP_SUMS)}
 FROM requests WHERE id > ? GROUP BY 1, 2, 3, 4"""
-_ADD_BATCH = f"""INSERT INTO rollups (span, bucket, key, model, pool, {", ".join(ROLLUP_NAMES)})
-SELECT ?, minute / ? * ?, key, model, pool, {", ".join(f"SUM({name})" for name in ROLLUP_NAMES)}
-FROM temp.batch WHERE true GROUP BY 2, 3, 4, 5
+_ADD_ROWS = f"""INSERT INTO rollups (span, bucket, key, model, pool, {", ".join(ROLLUP_NAMES)})
+SELECT ?1, {{bucket}}, key, model, pool, {", ".join(f"SUM({name})" for name in ROLLUP_NAMES)}
+FROM {{source}} WHERE {{where}} GROUP BY 2, 3, 4, 5
 ON CONFLICT DO UPDATE SET {", ".join(f"{name} = {name} + excluded.{name}" for name in ROLLUP_NAMES)}"""
+_ADD_BATCH = _ADD_ROWS.format(bucket="minute / ?1 * ?1", source="temp.batch", where="true")
+_ADD_TOTAL = _ADD_ROWS.format(bucket="0", source="temp.batch", where="true")
+# schema 2 to 3: the all-time rows from the day rows kept (all of them unless day rollups were pruned)
+_TOTAL_FROM_DAYS = _ADD_ROWS.format(bucket="0", source="rollups", where=f"span = {SPANS['day']}")
 BATCH_BYTES = 8 << 20
 # nginx's other logs in the same directory, rotated by size like access.log (nothing ingests them)
 OTHER_NGINX_LOGS = ("admin-access.log", "error.log")
@@ -122,7 +130,8 @@ def _roll_up(db: sqlite3.Connection, after_id: int) -> None:
     db.execute("DELETE FROM temp.batch")
     db.execute(_BATCH_MINUTES, (after_id,))
     for span in SPANS.values():
-        db.execute(_ADD_BATCH, (span, span, span))
+        db.execute(_ADD_BATCH, (span,))
+    db.execute(_ADD_TOTAL, (TOTAL_SPAN,))
 
 
 @contextmanager
@@ -159,11 +168,17 @@ class Usage:
     def _migrate(db: sqlite3.Connection) -> None:
         """Bring a database of an older schema up to SCHEMA_VERSION, once, whoever opens it first: version 0
         kept one (inode, offset) row in `ingest_state`; before version 2 records had no outcome or tokens and
-        there were no rollups (built here from the records kept)."""
+        there were no rollups (built here from the records kept); version 2 had no all-time rows (added up from
+        the day rows: the records may be pruned already, the day rows are kept longest)."""
         if db.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
             return
         with _transaction(db):
-            if db.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version >= SCHEMA_VERSION:
+                return
+            if version == 2:
+                db.execute(_TOTAL_FROM_DAYS, (TOTAL_SPAN,))
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 return
             if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'ingest_state'").fetchone():
                 db.execute("INSERT OR IGNORE INTO ingest_files (inode, offset) SELECT inode, offset FROM ingest_state")
@@ -177,14 +192,20 @@ class Usage:
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
+    def _connect(self, query_only: bool = False) -> Iterator[sqlite3.Connection]:
         db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
         db.row_factory = sqlite3.Row
         try:
             db.execute("PRAGMA journal_mode=WAL")
+            if query_only:
+                db.execute("PRAGMA query_only = ON")
             yield db
         finally:
             db.close()
+
+    def connect(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        """A connection of its own (readers: quota figures)."""
+        return self._connect()
 
     def ingest(self) -> int:
         """Read new complete lines of the access log, the rotated one first, into the store; returns how many
@@ -325,43 +346,50 @@ class Usage:
                 return deleted
             time.sleep(PRUNE_PAUSE)
 
+    def reader(self) -> AbstractContextManager[sqlite3.Connection]:
+        """A connection for the queries (manager/usage_queries.py): query_only, so a reader never writes."""
+        return self._connect(query_only=True)
+
+    # kept for callers of the earlier API (tests, tools); the queries live in manager/usage_queries.py
     def records(self, key: str | None = None, since: float | None = None, until: float | None = None,
                 limit: int = 1000) -> list[dict[str, Any]]:
-        where, args = self._filter(key, since, until)
-        with self._connect() as db:
-            rows = db.execute(f"SELECT * FROM requests {where} ORDER BY start DESC LIMIT ?", (*args, limit))
-            return [dict(r) for r in rows]
+        from manager import usage_queries as q
+        return q.records(self, q.Filters(key=key, since=since, until=until), limit).records
 
     def summary(self, key: str | None = None, since: float | None = None,
                 until: float | None = None) -> list[dict[str, Any]]:
-        """Per key and model: requests, errors, bytes, mean time to first byte and duration."""
-        where, args = self._filter(key, since, until)
-        sql = f"""
-            SELECT key, model, COUNT(*) AS requests,
-                   SUM(CASE WHEN status >= 400 THEN 1 ELSE 0 END) AS errors,
-                   SUM(bytes_sent) AS bytes_sent, AVG(ttfb) AS avg_ttfb, AVG(duration) AS avg_duration,
-                   MAX(end) AS last_request
-            FROM requests {where} GROUP BY key, model ORDER BY requests DESC"""
-        with self._connect() as db:
-            return [dict(r) for r in db.execute(sql, args)]
+        from manager import usage_queries as q
+        return q.summary(self, q.Filters(key=key, since=since, until=until)).rows
 
     def last_used(self, keys: Iterable[str]) -> dict[str, float]:
-        """When each key was last used: the end of its latest request, one probe of the (key, start) index per
-        key, never a scan."""
-        with self._connect() as db:
-            found = {}
-            for key in keys:
-                row = db.execute("SELECT end FROM requests WHERE key = ? ORDER BY start DESC LIMIT 1",
-                                 (key,)).fetchone()
-                if row is not None:
-                    found[key] = row["end"]
-            return found
+        from manager import usage_queries as q
+        return q.last_used(self, keys)
 
-    @staticmethod
-    def _filter(key: str | None, since: float | None, until: float | None) -> tuple[str, tuple[Any, ...]]:
-        clauses, args = [], []
-        for clause, value in (("key = ?", key), ("start >= ?", since), ("start < ?", until)):
-            if value is not None:
-                clauses.append(clause)
-                args.append(value)
-        return ("WHERE " + " AND ".join(clauses)) if clauses else "", tuple(args)
+    def totals(self) -> tuple[list[sqlite3.Row], list[sqlite3.Row]]:
+        """The all-time sums for /metrics, read in one snapshot of the database: per (key, model, pool) the
+        counts /metrics labels by key, and per (model, pool) every column, histograms included."""
+        per_key = "key, model, pool, requests, client_errors, server_errors, metered, prompt_tokens, completion_tokens"
+        sums = ", ".join(f"SUM({name}) AS {name}" for name in ROLLUP_NAMES)
+        with self._connect() as db:
+            db.execute("BEGIN")  # one read snapshot: the two lists always agree
+            try:
+                keys = db.execute(f"SELECT {per_key} FROM rollups WHERE span = ?", (TOTAL_SPAN,)).fetchall()
+                models = db.execute(f"SELECT model, pool, {sums} FROM rollups WHERE span = ? GROUP BY model, pool",
+                                    (TOTAL_SPAN,)).fetchall()
+            finally:
+                db.execute("ROLLBACK")
+        return keys, models
+
+    def backlog(self) -> int:
+        """Bytes of the access log (and its rotated copy) not ingested yet: a stat and a small read."""
+        with self._connect() as db:
+            offsets = dict(db.execute("SELECT inode, offset FROM ingest_files").fetchall())
+        waiting = 0
+        for path in (self.rotated_path, self.log_path):
+            if st := _stat(path):
+                known = offsets.get(st.st_ino)
+                if known is None and path == self.rotated_path:
+                    continue  # not a file ingestion follows: never read
+                # as ingest() reads: a new file, or one truncated below its offset, from its start
+                waiting += st.st_size - (known if known is not None and known <= st.st_size else 0)
+        return waiting

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +23,7 @@ from manager import validation as v
 from manager.usage import Usage
 from manager.usage_log import RECORD_START, format_record
 from tests.conftest import Stack
+from tests.fakes import FakeUpstream
 
 
 def record(request_id: str, t: float = 1_764_000_000.5, **fields) -> str:
@@ -474,3 +477,88 @@ def test_rollup_retention_per_span(usage: Usage) -> None:
     assert len(rollup(usage, "hour")) == len(rollup(usage, "day")) == 2
     assert usage.prune(0, {"minute": 14, "hour": 10, "day": 30}, now=now) == 1
     assert ids(usage) == ["new", "old"]  # raw records follow their own retention
+
+
+# ---- restarts and crashes -------------------------------------------------------------------------------------
+
+def test_restarting_bastion_during_traffic_loses_and_doubles_no_record(tmp_path: Path) -> None:
+    """Two clients keep sending chat completions through a pool while `bastion up` is stopped and started again
+    and the log is reopened by hand: every request that got an answer is recorded exactly once."""
+    upstream = FakeUpstream("restart", ["m"])
+    stack = Stack(tmp_path / "data")
+    stack.start()
+    try:
+        stack.cli("pools", "add", "main", "--url", upstream.url, "--models", "m")
+        key = stack.key("k")
+        time.sleep(0.6)  # the gate picks the key up within 0.25 s
+        answered: list[str] = []
+        stop = threading.Event()
+
+        def client(name: str) -> None:
+            with requests.Session() as s:
+                for i in itertools.count():
+                    if stop.is_set():
+                        return
+                    rid = f"{name}-{i}"
+                    try:
+                        r = s.post(stack.base + "/v1/chat/completions", timeout=10,
+                                   headers={"Authorization": f"Bearer {key}", "X-Request-ID": rid},
+                                   json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+                    except requests.ConnectionError:
+                        time.sleep(0.05)  # nginx is down for a moment: this request never reached it
+                        continue
+                    assert r.headers["X-Request-ID"] == rid
+                    answered.append(rid)
+
+        clients = [threading.Thread(target=client, args=(name,)) for name in ("a", "b")]
+        for t in clients:
+            t.start()
+        time.sleep(1.5)
+        stack.stop()
+        stack.start()
+        time.sleep(1.0)
+        logs = stack.data_dir / "logs"
+        (logs / "access.log").rename(logs / "access.log.1")
+        os.kill(int((stack.data_dir / "nginx" / "nginx.pid").read_text()), signal.SIGUSR1)  # nginx -s reopen
+        time.sleep(1.0)
+        stop.set()
+        for t in clients:
+            t.join()
+        usage = Usage(stack.data_dir / "usage.sqlite3", logs / "access.log")
+        deadline = time.monotonic() + 15
+        while not set(answered) <= set(ids(usage)):
+            assert time.monotonic() < deadline, f"{len(set(answered) - set(ids(usage)))} answered requests missing"
+            time.sleep(0.3)
+        recorded = [rid for rid in ids(usage) if rid[:2] in ("a-", "b-")]
+        assert len(answered) > 100 and sorted(answered) == recorded  # all of them, none twice
+    finally:
+        stack.stop()
+        upstream.close()
+
+
+INGEST_FOREVER = """import sys; from pathlib import Path; from manager import usage
+usage.BATCH_BYTES = 2000
+u = usage.Usage(Path(sys.argv[1]), Path(sys.argv[2]))
+while True: u.ingest()
+"""
+
+
+def test_ingestion_killed_at_any_moment_loses_and_doubles_nothing(tmp_path: Path) -> None:
+    """A process ingesting in small transactions is killed with SIGKILL again and again while the log grows;
+    the next one carries on from the last committed offset."""
+    log = tmp_path / "access.log"
+    db = tmp_path / "usage.sqlite3"
+    written = 0
+    for round_ in range(8):
+        proc = subprocess.Popen([sys.executable, "-c", INGEST_FOREVER, str(db), str(log)],
+                                cwd=Path(__file__).parent.parent)
+        append(log, "".join(record(f"r{round_}-{i}") for i in range(300)))
+        written += 300
+        time.sleep(0.2 + round_ * 0.05)
+        proc.kill()
+        proc.wait()
+    usage = Usage(db, log)
+    usage.ingest()
+    assert ids(usage) == sorted(f"r{r}-{i}" for r in range(8) for i in range(300))
+    with usage._connect() as conn:  # the rollups count each record once too
+        assert conn.execute("SELECT SUM(requests) FROM rollups WHERE span = 60").fetchone()[0] == written

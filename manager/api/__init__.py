@@ -1,6 +1,18 @@
 """One blueprint per resource of the management API (see base.ApiBlueprint for how routes are declared)."""
 
-from manager.api import access, blocks, certificates, compat, keys, openapi, operations, pages, pools, session
+from manager.api import (
+    access,
+    blocks,
+    certificates,
+    compat,
+    keys,
+    metrics,
+    openapi,
+    operations,
+    pages,
+    pools,
+    session,
+)
 
 BLUEPRINTS = [
     session.bp,
@@ -17,6 +29,8 @@ BLUEPRINTS = [
     operations.health_bp,
     blocks.bp,
     certificates.bp,
+    metrics.bp,
+    metrics.token_bp,
     openapi.bp,
     pages.bp,
 ]

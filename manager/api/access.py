@@ -16,6 +16,9 @@ GROUP = obj(name=STR, allow=STR_LIST, deny=STR_LIST, builtin=BOOL)
 GROUP["additionalProperties"] = True
 USER = obj(username=STR, role=STR, created_at=NUM)
 NULLABLE_STR = {"type": ["string", "null"]}
+PRICE = {"type": "number", "minimum": 0, "maximum": settings_mod.MAX_PRICE}
+MODEL_PRICES = {"type": "object", "maxProperties": settings_mod.MAX_PRICED_MODELS,
+                "additionalProperties": obj(["input", "output"], input=PRICE, output=PRICE)}
 SETTINGS = obj(public_listen=STR, admin_listen=STR, server_name=NULLABLE_STR, public_cidr_groups=STR_LIST,
                admin_cidr_groups=STR_LIST, trusted_proxies=STR_LIST, body_limit_mb=INT, read_timeout=INT,
                connect_timeout=INT, max_fails=INT, fail_timeout=INT, default_pool=NULLABLE_STR,
@@ -23,10 +26,10 @@ SETTINGS = obj(public_listen=STR, admin_listen=STR, server_name=NULLABLE_STR, pu
                usage_retention_days=INT, usage_minute_retention_days=INT,
                usage_hour_retention_days=INT, usage_day_retention_days=INT, log_max_mb=INT,
                bruteforce_max_failures=INT, bruteforce_window=INT, bruteforce_block=INT, bruteforce_max_block=INT,
-               bruteforce_exempt_cidr_groups=STR_LIST,
+               bruteforce_exempt_cidr_groups=STR_LIST, metrics_cidr_groups=STR_LIST,
                http_listen=NULLABLE_STR, https_listen=NULLABLE_STR, acme_server=STR, acme_email=NULLABLE_STR,
                acme_ca_bundle=NULLABLE_STR, acme_key_type={"type": "string", "enum": ["ecdsa", "rsa"]},
-               dns_propagation_seconds=INT, hsts=BOOL)
+               dns_propagation_seconds=INT, hsts=BOOL, model_prices=MODEL_PRICES)
 
 
 @groups_bp.op("GET", "", "List CIDR groups", response={"type": "array", "items": GROUP})

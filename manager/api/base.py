@@ -36,6 +36,8 @@ class Operation:
     status: int
     public: bool
     needs_admin: bool
+    media: str = "application/json"  # the success response's content type
+    csv: bool = False  # also answers text/csv (?format=csv or Accept: text/csv)
 
 
 class ApiBlueprint(Blueprint):
@@ -49,7 +51,8 @@ class ApiBlueprint(Blueprint):
 
     def op(self, method: str, rule: str, summary: str, *, body: Schema | None = None,
            query: dict[str, Schema] | None = None, response: Schema | None = None, status: int = 200,
-           public: bool = False, admin: bool | None = None) -> Callable:
+           public: bool = False, admin: bool | None = None, media: str = "application/json",
+           csv: bool = False) -> Callable:
         """Declare an operation. `public` skips sign-in; `admin` defaults to True for methods that change things
         (False e.g. for logout, True for a GET that acts, like /nginx/reload)."""
         needs_admin = (method not in ("GET", "HEAD")) if admin is None else admin
@@ -62,7 +65,7 @@ class ApiBlueprint(Blueprint):
             params = {name: INT if conv == "int" else STR for conv, name in re.findall(r"<(?:(\w+):)?(\w+)>", rule)}
             self.operations.append(Operation(
                 method.lower(), path, params, summary, self.tag, body, query or {}, response or {"type": "object"},
-                status, public, needs_admin))
+                status, public, needs_admin, media, csv))
             return fn
         return register
 

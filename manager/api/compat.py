@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from flask import jsonify
 
 from authsvc import keys as keyformat
-from manager import configuration, generations
+from manager import configuration, generations, usage_queries
 from manager import keys as keys_mod
 from manager import validation as v
 from manager.api.base import (
@@ -72,7 +72,8 @@ def analytics(key_ref: str):
     start = query_param("startDate", lambda f, x: v.integer(f, x, 0, 10**14), end - WEEK_MS)
     usage = bastion().usage
     usage.ingest()
-    rows = usage.records(key_id, since=start / 1000, until=end / 1000, limit=100_000)
+    rows = usage_queries.records(usage, usage_queries.Filters(key=key_id, since=start / 1000, until=end / 1000),
+                                 limit=100_000).records
     records = [{"startTime": int(r["start"] * 1000),
                 "endTime": int(r["end"] * 1000) if r["status"] < 400 else None} for r in reversed(rows)]
     return jsonify(success=True, records=records)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from flask import jsonify, request
 
 from manager import keys as keys_mod
+from manager import quotas
 from manager.api.base import (
     BOOL,
     INT,
@@ -22,9 +23,11 @@ from manager.api.base import (
 )
 
 bp = ApiBlueprint("keys", __name__, url_prefix="/api/v1/keys")
+QUOTA = {"type": ["integer", "null"], "minimum": 1, "maximum": keys_mod.QUOTA_MAX}
 KEY_FIELDS = {"name": STR, "models": STR_LIST, "endpoints": STR_LIST, "rpm": INT,
               "expires": {"type": ["string", "number", "null"]}, "cidrs": STR_LIST, "cidr_groups": STR_LIST,
-              "enabled": BOOL}
+              "enabled": BOOL, "tpm": QUOTA, "tokens_per_day": QUOTA, "tokens_per_month": QUOTA,
+              "requests_per_day": QUOTA}
 EDITABLE = set(KEY_FIELDS)
 KEY = obj(id=STR, key=STR, status=STR, created_at=NUM, created_by=STR, revoked_at=NULLABLE_NUM,
           last_used=NULLABLE_NUM, **{**KEY_FIELDS, "expires": NULLABLE_NUM})
@@ -46,9 +49,14 @@ def create_key():
     return jsonify({**record, "secret": token}), 201
 
 
-@bp.op("GET", "/<key_id>", "One key (masked)", response=KEY)
+QUOTA_STATE = obj(limit=INT, used=INT, remaining=INT, resets_at=NUM, window=STR)
+KEY_DETAILS = extend(KEY, quotas={"type": "object", "additionalProperties": QUOTA_STATE})
+
+
+@bp.op("GET", "/<key_id>", "One key (masked), with the state of each of its quotas", response=KEY_DETAILS)
 def get_key(key_id: str):
-    return jsonify(keys_mod.with_last_used(bastion(), [keys_mod.get(bastion(), key_id)])[0])
+    record = keys_mod.with_last_used(bastion(), [keys_mod.get(bastion(), key_id)])[0]
+    return jsonify({**record, "quotas": quotas.details(bastion(), record)})
 
 
 @bp.op("PATCH", "/<key_id>", "Change a key's rules; takes effect within a second", body=obj(**KEY_FIELDS),

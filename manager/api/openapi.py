@@ -22,11 +22,13 @@ def _operation(op: Operation) -> dict[str, Any]:
         "tags": [op.tag],
         "operationId": f"{op.method}_{op.path}".replace("/", "_").replace("{", "").replace("}", "").replace("-", "_"),
         "responses": {
-            str(op.status): {"description": "success", "content": {"application/json": {"schema": op.response}}},
+            str(op.status): {"description": "success", "content": {op.media: {"schema": op.response}}},
             "default": {"description": "error (4xx with the field named)",
                         "content": {"application/json": {"schema": ERROR}}},
         },
     }
+    if op.csv:
+        doc["responses"][str(op.status)]["content"]["text/csv"] = {"schema": {"type": "string"}}
     params = [{"name": name, "in": "path", "required": True, "schema": schema}
               for name, schema in op.path_params.items()]
     params += [{"name": name, "in": "query", "required": False, "schema": schema} for name, schema in op.query.items()]

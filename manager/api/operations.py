@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from flask import jsonify
+import json
+
+from flask import Response, jsonify, request, stream_with_context
 
 from manager import configuration, generations, metering, snapshot
+from manager import usage as usage_mod
+from manager import usage_queries as q
 from manager import validation as v
 from manager.api.base import (
     BOOL,
@@ -12,6 +16,7 @@ from manager.api.base import (
     NULLABLE_NUM,
     NUM,
     STR,
+    STR_LIST,
     ApiBlueprint,
     author,
     bastion,
@@ -33,6 +38,8 @@ GENERATION = obj(generation=INT, author=STR, time=NUM, sha256=STR, live=BOOL,
                  files={"type": "object", "additionalProperties": STR})  # file name → sha256
 APPLIED = obj(generation=INT, changed=BOOL, reloaded=BOOL)
 EPOCH = {"type": "number", "minimum": 0}
+NULLABLE_STR = {"type": ["string", "null"]}
+NULLABLE_INT = {"type": ["integer", "null"]}
 
 
 def _applied(result) -> dict:
@@ -85,25 +92,122 @@ def config_rollback():
     return jsonify(_applied(configuration.rollback(bastion(), body["generation"], author())))
 
 
-@usage_bp.op("GET", "", "Requests per key and model", query={"key": STR, "since": EPOCH, "until": EPOCH},
-             response={"type": "array", "items": obj(key=STR, model=STR, requests=INT, errors=INT, bytes_sent=INT,
-                                                     avg_ttfb=NULLABLE_NUM, avg_duration=NUM, last_request=NUM)})
+RECORD = {"type": "object", "properties": {
+    "id": INT, "request_id": NULLABLE_STR, "start": NUM, "end": NUM, "key": NULLABLE_STR, "model": NULLABLE_STR,
+    "pool": NULLABLE_STR, "upstream": NULLABLE_STR, "status": INT, "upstream_status": NULLABLE_INT,
+    "bytes_sent": NULLABLE_INT, "request_length": NULLABLE_INT, "ttfb": NULLABLE_NUM, "duration": NULLABLE_NUM,
+    "method": NULLABLE_STR, "uri": NULLABLE_STR, "remote_addr": NULLABLE_STR, "outcome": NULLABLE_STR,
+    "prompt_tokens": NULLABLE_INT, "completion_tokens": NULLABLE_INT, "total_tokens": NULLABLE_INT}}
+GROUP_COUNT = {"type": "object", "properties": {
+    "key": NULLABLE_STR, "model": NULLABLE_STR, "pool": NULLABLE_STR, "status": NULLABLE_INT,
+    "outcome": NULLABLE_STR, "requests": INT, "errors": INT, "metered": INT, "prompt_tokens": NULLABLE_INT,
+    "completion_tokens": NULLABLE_INT, "total_tokens": NULLABLE_INT}}
+SUMMARY_ROW = {"type": "object", "properties": {
+    "key": NULLABLE_STR, "model": NULLABLE_STR, "pool": NULLABLE_STR, "bucket": INT,
+    **{name: NULLABLE_NUM if name == "cost" or "duration" in name or "ttfb" in name else NULLABLE_INT
+       for name in q.SUMMARY_COUNTS}}}
+
+
+def _names(choices: tuple[str, ...], empty: bool = True) -> dict:
+    """A comma-separated list of `choices` (or none)."""
+    one = f"({'|'.join(choices)})"
+    return {"type": "string", "pattern": f"^({'none|' if empty else ''}{one}(,{one})*)$"}
+
+
+FILTERS = {
+    "key": {"type": "string", "pattern": q.KEY_ID_RE.pattern}, "model": STR, "pool": STR,
+    "since": EPOCH, "until": EPOCH,
+}
+FORMAT = {"type": "string", "enum": list(q.FORMATS)}
+RECORDS_QUERY = {
+    **FILTERS, "status": {"type": "string", "pattern": r"^([1-5]xx|[1-5][0-9][0-9])$"},
+    "outcome": {"type": "string", "enum": [*usage_mod.OUTCOMES, q.UNKNOWN_OUTCOME]},
+    "group_by": _names(q.RECORD_GROUPS),
+    "limit": {"type": "integer", "minimum": 1, "maximum": q.MAX_LIMIT},
+    "offset": {"type": "integer", "minimum": 0, "maximum": q.MAX_OFFSET},
+    "cursor": {"type": "string", "pattern": q.CURSOR_RE.pattern}, "format": FORMAT,
+}
+SUMMARY_QUERY = {
+    **FILTERS,
+    "group_by": _names(q.SUMMARY_GROUPS),
+    "bucket": {"type": "string", "enum": list(q.BUCKETS)}, "fields": _names(q.SUMMARY_COUNTS, empty=False),
+    "limit": {"type": "integer", "minimum": 1, "maximum": q.MAX_SUMMARY_ROWS}, "format": FORMAT,
+}
+
+
+def _limit(name: str, hi: int, default: int):
+    return query_param(name, lambda f, x: v.integer(f, x, 1, hi), default)
+
+
+def _csv(columns: list[str], rows: list[dict], name: str, headers: dict | None = None) -> Response:
+    return Response(stream_with_context(q.to_csv(columns, rows)), mimetype="text/csv",
+                    headers={"Content-Disposition": f'attachment; filename="{name}.csv"', **(headers or {})})
+
+
+@usage_bp.op("GET", "", "Single requests (newest first, paged), or their counts per group", csv=True,
+             query=RECORDS_QUERY,
+             response=obj(records={"type": "array", "items": RECORD}, next_cursor=NULLABLE_STR,
+                           group_by=STR_LIST, groups={"type": "array", "items": GROUP_COUNT}))
+def usage_records_page():
+    """Records from the raw table: filters, keyset (`cursor`) or `offset` paging, `group_by` for counts."""
+    q.check_known(request.args, RECORDS_QUERY)
+    filters = q.parse_filters(request.args)
+    group_by = query_param("group_by", lambda f, x: q.names(f, x, q.RECORD_GROUPS), ())
+    limit = _limit("limit", q.MAX_LIMIT, 100)
+    offset = query_param("offset", lambda f, x: v.integer(f, x, 0, q.MAX_OFFSET), 0)
+    after = query_param("cursor", q.cursor)
+    if after is not None and (offset or group_by):
+        raise v.ValidationError("cursor", "cannot be combined with offset or group_by (use one way of paging)")
+    as_csv = q.wants_csv(request.args.get("format"), request.accept_mimetypes)
+    usage = bastion().usage
+    usage.ingest()
+    if group_by:
+        groups = q.group_counts(usage, filters, group_by, limit, offset)
+        if as_csv:
+            return _csv([*group_by, *q.GROUP_COUNTS], groups, "usage-groups")
+        return jsonify(group_by=list(group_by), groups=groups)
+    page = q.records(usage, filters, limit, after, offset)
+    if as_csv:
+        return _csv(list(page.records[0]) if page.records else list(q.RECORD_FIELDS), page.records, "usage-records",
+                    {"X-Next-Cursor": page.next_cursor} if page.next_cursor else None)
+    return jsonify(records=page.records, next_cursor=page.next_cursor)
+
+
+@usage_bp.op("GET", "/summary", "Requests, errors, tokens, cost and p50/p95 latency per group and time bucket",
+             csv=True, query=SUMMARY_QUERY,
+             response=obj(span=INT, since=NULLABLE_NUM, until=NULLABLE_NUM, bucket=STR, group_by=STR_LIST,
+                          truncated=BOOL, rows={"type": "array", "items": SUMMARY_ROW}))
 def usage_summary():
-    usage = bastion().usage
-    usage.ingest()
-    return jsonify(usage.summary(query_param("key", lambda f, x: x), query_param("since", v.epoch),
-                                 query_param("until", v.epoch)))
+    """From the rollups (never the raw records); costs from the `model_prices` setting."""
+    q.check_known(request.args, SUMMARY_QUERY)
+    filters = q.parse_filters(request.args, ("key", "model", "pool", "since", "until"))
+    group_by = query_param("group_by", lambda f, x: q.names(f, x, q.SUMMARY_GROUPS), ("key", "model"))
+    bucket = query_param("bucket", lambda f, x: v.choice(f, x, q.BUCKETS), "none")
+    figures = query_param("fields", lambda f, x: q.names(f, x, q.SUMMARY_COUNTS, empty=False), q.SUMMARY_COUNTS)
+    limit = _limit("limit", q.MAX_SUMMARY_ROWS, q.DEFAULT_SUMMARY_ROWS)
+    as_csv = q.wants_csv(request.args.get("format"), request.accept_mimetypes)
+    b = bastion()
+    b.usage.ingest()
+    result = q.summary(b.usage, filters, group_by, bucket, b.settings()["model_prices"], limit, as_json=not as_csv,
+                       fields=figures)
+    if as_csv:
+        return _csv(result.columns, result.rows, "usage-summary",
+                    {"X-Truncated": "true"} if result.truncated else None)
+    # the rows are JSON text from SQLite already (tens of thousands of rows never become Python objects)
+    head = json.dumps({"span": result.span, "since": result.since, "until": result.until, "bucket": result.bucket,
+                       "group_by": list(result.group_by), "truncated": result.truncated})
+    return Response(f'{head[:-1]}, "rows": {result.rows_json}}}', mimetype="application/json")
 
 
-@usage_bp.op("GET", "/records", "Single requests, newest first",
+@usage_bp.op("GET", "/records", "Single requests, newest first (the array of GET /api/v1/usage's records)",
              query={"key": STR, "since": EPOCH, "until": EPOCH, "limit": INT},
-             response={"type": "array", "items": {"type": "object"}})
+             response={"type": "array", "items": RECORD})
 def usage_records():
+    filters = q.parse_filters(request.args, ("key", "since", "until"))
+    limit = _limit("limit", q.MAX_LIMIT, 1000)
     usage = bastion().usage
     usage.ingest()
-    return jsonify(usage.records(query_param("key", lambda f, x: x), query_param("since", v.epoch),
-                                 query_param("until", v.epoch),
-                                 query_param("limit", lambda f, x: v.integer(f, x, 1, 10000), 1000)))
+    return jsonify(q.records(usage, filters, limit).records)
 
 
 @audit_bp.op("GET", "", "Who changed what, newest first", query={"since": EPOCH, "limit": INT},

@@ -9,41 +9,138 @@ import click
 
 from authsvc import bodies
 from manager import configuration, generations, metering
+from manager import metrics as metrics_mod
 from manager import settings as settings_mod
+from manager import usage_queries as q
 from manager import validation as v
 from manager.cli import csv, fmt_time, main, print_table, with_bastion
 from manager.context import Bastion
 
+# ---- metrics ---------------------------------------------------------------------------------------------
+
+@main.group("metrics")
+def metrics_group() -> None:
+    """Prometheus /metrics on the admin listener: print it, manage its token."""
+
+
+@metrics_group.command("show")
+@with_bastion
+def metrics_show(b: Bastion) -> None:
+    """Print what /metrics serves now (after ingesting the usage log)."""
+    b.usage.ingest()
+    click.echo(metrics_mod.render(b, own_requests=1), nl=False)  # only the status request is nginx's
+
+
+@metrics_group.command("token")
+@with_bastion
+def metrics_token(b: Bastion) -> None:
+    """Create the metrics token (replaces the previous one) and print it once: Prometheus sends it as a bearer
+    token."""
+    click.echo(metrics_mod.create_token(b))
+
+
+@metrics_group.command("revoke-token")
+@with_bastion
+def metrics_revoke_token(b: Bastion) -> None:
+    """Revoke the metrics token."""
+    click.echo("metrics token revoked" if metrics_mod.revoke_token(b) else "no metrics token was set")
+
+
 # ---- usage and config ---------------------------------------------------------------------------------
 
+def _when(name: str, text: str | None, now: float) -> float | None:
+    """A duration back from now (30m, 24h, 7d), an ISO date/time, or epoch seconds."""
+    if text in (None, ""):
+        return None
+    if m := v.DURATION_RE.fullmatch(text.strip()):
+        return now - int(m.group(1)) * v.DURATION_UNITS[m.group(2)]
+    try:
+        return v.epoch(name, text) if text.strip().replace(".", "", 1).isdigit() else v.iso_timestamp(text)
+    except ValueError:
+        raise v.ValidationError(name, "must be a duration like 24h or 7d, an ISO date, or epoch seconds") from None
+
+
+def _num(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _count(value: int | None) -> str:
+    return "-" if value is None else f"{value:,}"
+
+
+SUMMARY_TABLE = ["requests", "errors", "metered", "total_tokens", "cost", "p50_duration", "p95_duration",
+                 "p50_ttfb", "p95_ttfb"]
+RECORDS_TABLE = ["start", "key", "model", "pool", "upstream", "status", "outcome", "total_tokens", "bytes_sent",
+                 "ttfb", "duration"]
+
+
 @main.command()
+@click.option("--by", "by", default="key,model", show_default=True,
+              help="Comma-separated: key, model, pool (groups) and at most one of minute, hour, day (time buckets).")
+@click.option("--since", default="24h", show_default=True, help="Duration back (30m, 24h, 7d), ISO date or epoch.")
+@click.option("--until", default=None, help="End of the range (same forms; default now).")
 @click.option("--key", "key_id", help="Only this key id.")
-@click.option("--since", default="24h", show_default=True, help="Duration back (24h, 7d) or ISO date.")
-@click.option("--records", is_flag=True, help="List single requests instead of the summary.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--model", help="Only this model.")
+@click.option("--pool", help="Only this pool.")
+@click.option("--status", help="Records only: a status (200) or class (5xx).")
+@click.option("--outcome", help="Records only: completed, upstream_cut, client_cut, timeout or unknown.")
+@click.option("--records", is_flag=True, help="List single requests, newest first, instead of the summary.")
+@click.option("--limit", type=click.IntRange(1, q.MAX_LIMIT), default=1000, show_default=True,
+              help="Records only: at most this many.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
 @with_bastion
-def usage(b: Bastion, key_id: str | None, since: str, records: bool, as_json: bool) -> None:
-    """Requests per key and model, from nginx's access log."""
-    m = v.DURATION_RE.fullmatch(since)
-    start = time.time() - int(m.group(1)) * v.DURATION_UNITS[m.group(2)] if m else None
-    if start is None:
-        try:
-            start = v.iso_timestamp(since)
-        except ValueError:
-            raise v.ValidationError("since", "must be a duration like 24h or an ISO date") from None
+def usage(b: Bastion, by: str, since: str, until: str | None, key_id: str | None, model: str | None,
+          pool: str | None, status: str | None, outcome: str | None, records: bool, limit: int, fmt: str,
+          as_json: bool) -> None:
+    """Usage from the analytics store: a summary per key, model, pool and/or time bucket (requests, errors,
+    tokens, cost, p50/p95 of duration and time to first byte), or single requests with --records."""
+    now = time.time()
+    args = {"key": key_id, "model": model, "pool": pool, "since": _when("since", since, now),
+            "until": _when("until", until, now)}
+    if records:
+        args.update(status=status, outcome=outcome)
+    elif status or outcome:
+        raise v.ValidationError("--status" if status else "--outcome", "applies to --records only (rollups keep "
+                                "no status or outcome; use the API's GET /api/v1/usage?group_by=status)")
+    filters = q.parse_filters({name: value for name, value in args.items() if value is not None})
+    fmt = "json" if as_json else fmt
     b.usage.ingest()
-    rows = b.usage.records(key_id, start) if records else b.usage.summary(key_id, start)
-    if as_json:
+    if records:
+        rows = q.records(b.usage, filters, limit).records
+        columns = list(rows[0]) if rows else list(q.RECORD_FIELDS)
+        table = [{**r, "start": fmt_time(r["start"]), "ttfb": _num(r["ttfb"]), "duration": _num(r["duration"]),
+                  "outcome": r["outcome"] or "-", "total_tokens": _count(r["total_tokens"])} for r in rows]
+        _output(fmt, rows, columns, table, RECORDS_TABLE)
+        return
+    parts = q.names("--by", by, (*q.SUMMARY_GROUPS, "minute", "hour", "day"))
+    buckets = [p for p in parts if p not in q.SUMMARY_GROUPS]
+    if len(buckets) > 1:
+        raise v.ValidationError("--by", f"at most one time bucket ({', '.join(buckets)} given)")
+    group_by = tuple(p for p in parts if p in q.SUMMARY_GROUPS)
+    result = q.summary(b.usage, filters, group_by, buckets[0] if buckets else "none",
+                       b.settings()["model_prices"], now=now,
+                       fields=SUMMARY_TABLE if fmt == "table" else q.SUMMARY_COUNTS)
+    table = [{**r, "bucket": fmt_time(r.get("bucket")), **{g: r[g] or "-" for g in group_by},
+              **{c: _count(r[c]) for c in ("requests", "errors", "metered", "total_tokens")},
+              "cost": "-" if r["cost"] is None else f"${r['cost']:.4f}",
+              **{c: _num(r[c]) for c in SUMMARY_TABLE[5:]}} for r in result.rows]
+    _output(fmt, result.rows, result.columns, table, [*(["bucket"] if buckets else []), *group_by, *SUMMARY_TABLE])
+    if fmt == "table":
+        span = {60: "minute", 3600: "hour", 86400: "day"}[result.span]
+        click.echo(f"(from the per-{span} rollups, {fmt_time(result.since) if result.since else 'the start'} to "
+                   f"{fmt_time(result.until) if result.until else 'now'}; durations and TTFB in seconds, "
+                   f"percentiles estimated from histograms)")
+
+
+def _output(fmt: str, rows: list[dict], columns: list[str], table: list[dict], table_columns: list[str]) -> None:
+    if fmt == "json":
         click.echo(json.dumps(rows, indent=2))
-    elif records:
-        print_table([{**r, "start": fmt_time(r["start"]), "ttfb": f"{r['ttfb']:.3f}" if r["ttfb"] is not None else "-",
-                      "duration": f"{r['duration']:.3f}"} for r in rows],
-                    ["start", "key", "model", "pool", "upstream", "status", "bytes_sent", "ttfb", "duration"])
+    elif fmt == "csv":
+        for chunk in q.to_csv(columns, rows):
+            click.echo(chunk, nl=False)
     else:
-        print_table([{**r, "avg_ttfb": f"{r['avg_ttfb']:.3f}" if r["avg_ttfb"] is not None else "-",
-                      "avg_duration": f"{r['avg_duration']:.3f}", "last_request": fmt_time(r["last_request"])}
-                     for r in rows],
-                    ["key", "model", "requests", "errors", "bytes_sent", "avg_ttfb", "avg_duration", "last_request"])
+        print_table(table, table_columns)
 
 
 @main.command()

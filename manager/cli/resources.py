@@ -6,8 +6,10 @@ import json
 
 import click
 
+from authsvc.quotas import iso as quotas_iso
 from manager import keys as keys_mod
 from manager import pools as pools_mod
+from manager import quotas as quotas_mod
 from manager import validation as v
 from manager.cli import csv, fmt_time, main, print_table, with_bastion
 from manager.context import Bastion
@@ -181,16 +183,21 @@ def key_rule_options(fn):
         click.option("--expires", help="Duration (30d, 12h), ISO date, or never."),
         click.option("--cidrs", help="Comma-separated client networks allowed to use the key."),
         click.option("--cidr-groups", help="Comma-separated CIDR groups applied to the key."),
+        click.option("--tpm", help="Tokens per minute (sliding minute), or none (unlimited, the default)."),
+        click.option("--tokens-per-day", help="Tokens per UTC day, or none."),
+        click.option("--tokens-per-month", help="Tokens per UTC month, or none."),
+        click.option("--requests-per-day", help="Requests per UTC day, or none."),
     ]
     for option in reversed(options):
         fn = option(fn)
     return fn
 
 
-def key_rules(models, endpoints, rpm, expires, cidrs, cidr_groups) -> dict:
+def key_rules(models, endpoints, rpm, expires, cidrs, cidr_groups, **quotas) -> dict:
+    """The options given; a quota given as `none` stays in, as None (unlimited), and is validated by keys.py."""
     given = {"models": csv(models), "endpoints": csv(endpoints), "rpm": rpm, "expires": expires,
              "cidrs": csv(cidrs), "cidr_groups": csv(cidr_groups)}
-    return {k: x for k, x in given.items() if x is not None}
+    return {k: x for k, x in given.items() if x is not None} | {k: x for k, x in quotas.items() if x is not None}
 
 
 @keys.command("create")
@@ -216,6 +223,33 @@ def keys_update(b: Bastion, key_id: str, name: str | None, **rules) -> None:
         raise click.UsageError("nothing to change: give at least one option")
     record = keys_mod.update(b, key_id, **changes)
     click.echo(json.dumps(record, indent=2))
+
+
+@keys.command("show")
+@click.argument("key_id")
+@click.option("--json", "as_json", is_flag=True)
+@with_bastion
+def keys_show(b: Bastion, key_id: str, as_json: bool) -> None:
+    """One key's rules and, per quota, its limit, use, what remains and when it resets."""
+    record = keys_mod.with_last_used(b, [keys_mod.get(b, key_id)])[0]
+    state = quotas_mod.details(b, record)
+    if as_json:
+        click.echo(json.dumps({**record, "quotas": state}, indent=2))
+        return
+    for name in ("id", "name", "key", "status", "models", "endpoints", "rpm", "cidrs", "cidr_groups"):
+        value = record[name]
+        if isinstance(value, list):  # an empty list allows everything, except for groups: none
+            value = ",".join(value) or ("-" if name == "cidr_groups" else "*")
+        click.echo(f"{name + ':':13} {value}")
+    for name in ("expires", "created_at", "last_used"):
+        click.echo(f"{name + ':':13} {fmt_time(record[name])}")
+    if not state:
+        click.echo("quotas:       none")
+        return
+    click.echo("")
+    print_table([{"quota": name, "limit": s["limit"], "used": s["used"], "remaining": s["remaining"],
+                  "resets": quotas_iso(s["resets_at"]), "window": s["window"]} for name, s in state.items()],
+                ["quota", "limit", "used", "remaining", "resets", "window"])
 
 
 @keys.command("list")
