@@ -342,3 +342,15 @@ def test_without_njs_nothing_is_metered_and_all_still_works(tmp_path: Path, fake
         assert (rec["outcome"], *tokens(rec)) == ("", "", "", "") and rec["status"] == "200"
     finally:
         s.stop()
+
+
+def test_the_pool_switch_is_validated_and_shown(metered: Stack) -> None:
+    headers = {"Authorization": f"Bearer {metered.admin_token()}"}
+    r = requests.patch(metered.admin + "/api/v1/pools/plain", json={"include_usage": "yes"}, headers=headers,
+                       timeout=10)
+    assert r.status_code == 400 and "include_usage" in r.text
+    pools = {p["name"]: p for p in requests.get(metered.admin + "/api/v1/pools", headers=headers, timeout=10).json()}
+    assert (pools["meter"]["include_usage"], pools["plain"]["include_usage"]) == (True, False)  # unchanged
+    assert metered.cli("pools", "update", "plain", "--include-usage")
+    assert requests.get(metered.admin + "/api/v1/pools/plain", headers=headers, timeout=10).json()["include_usage"]
+    metered.cli("pools", "update", "plain", "--no-include-usage")
