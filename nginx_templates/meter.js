@@ -12,16 +12,16 @@
 var JSON_KEEP = 1048576; // of a JSON answer longer than this only the last JSON_KEEP bytes are read
 var LINE_KEEP = 1048576; // a line longer than this is not pieced together (it cannot be a usage line)
 var HOLD_KEEP = 65536; // strip mode: an unfinished event longer than this goes on as it is
-var USAGE = Buffer.from('"usage"');
-var PROMPT_TOKENS = Buffer.from('"prompt_tokens"');
-var COMPLETION_TOKENS = Buffer.from('"completion_tokens"');
-var TOTAL_TOKENS = Buffer.from('"total_tokens"');
-var PROMPT_EVAL_COUNT = Buffer.from('"prompt_eval_count"');
-var EVAL_COUNT = Buffer.from('"eval_count"');
-var DONE = Buffer.from("[DONE]");
-var DONE_TRUE = Buffer.from('"done":true');
-var DONE_TRUE_SPACED = Buffer.from('"done": true');
-var CLOSE = Buffer.from("}");
+// Needles are strings, not Buffers: njs runs this top-level code again for every request (njs_vm_start).
+var USAGE = '"usage"';
+var PROMPT_TOKENS = '"prompt_tokens"';
+var COMPLETION_TOKENS = '"completion_tokens"';
+var TOTAL_TOKENS = '"total_tokens"';
+var PROMPT_EVAL_COUNT = '"prompt_eval_count"';
+var EVAL_COUNT = '"eval_count"';
+var DONE = "[DONE]";
+var DONE_TRUE = '"done":true';
+var DONE_TRUE_SPACED = '"done": true';
 
 var seen = false; // the upstream's answer reached the header filter
 var ended = false; // its last byte went on (the body filter saw the last buffer)
@@ -226,7 +226,7 @@ function withoutNullUsage(buf, start, end, stop) {
     if (!cut) {
         return true;
     }
-    return Buffer.concat([buf.slice(start, end - cut), CLOSE, buf.slice(end, stop)]);
+    return Buffer.concat([buf.slice(start, end - cut), Buffer.from("}"), buf.slice(end, stop)]);
 }
 
 // One NDJSON line: Ollama's last one says "done":true (its other lines end with "done":false}).
