@@ -28,6 +28,7 @@ class FakeUpstream:
         self.chunk_delay = chunk_delay
         self.chunks = chunks
         self.usage_null = False
+        self.chat_usage = True  # False: non-streamed chat answers without `usage` (nothing for the meter to count)
         self.suffix = ""  # added to every streamed piece of text, e.g. "é" for multibyte characters
         self.split = False
         self.cut_after: int | None = None
@@ -156,13 +157,16 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path in ("/v1/chat/completions", "/v1/completions") and body.get("stream") is True:
             self._openai_stream(body, self.path == "/v1/chat/completions")
         elif self.path == "/v1/chat/completions":
-            self._json({
+            answer = {
                 "id": "c1", "object": "chat.completion", "created": 0, "model": model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": f"hello from {up.name}"},
                              "finish_reason": "stop"}],
                 "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7},
                 "received_bytes": len(entry["body"]),
-            })
+            }
+            if not up.chat_usage:
+                del answer["usage"]
+            self._json(answer)
         elif self.path == "/v1/completions":
             self._json({"id": "t1", "object": "text_completion", "created": 0, "model": model,
                         "choices": [{"index": 0, "text": f"text from {up.name}", "finish_reason": "stop",

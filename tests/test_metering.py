@@ -148,6 +148,7 @@ def up(fakes: dict[str, FakeUpstream]) -> Iterator[FakeUpstream]:
     yield meter
     meter.chunks, meter.chunk_delay, meter.suffix = 4, 0.02, ""
     meter.usage_null = meter.split = False
+    meter.chat_usage = True
     meter.cut_after = meter.stall_after = None
 
 
@@ -354,3 +355,22 @@ def test_the_pool_switch_is_validated_and_shown(metered: Stack) -> None:
     assert metered.cli("pools", "update", "plain", "--include-usage")
     assert requests.get(metered.admin + "/api/v1/pools/plain", headers=headers, timeout=10).json()["include_usage"]
     metered.cli("pools", "update", "plain", "--no-include-usage")
+
+
+@needs_njs
+def test_metered_tokens_count_against_a_daily_quota(metered: Stack, up: FakeUpstream) -> None:
+    """The counts nginx reads from a stream the client did not ask usage for reach the key's quota: the next
+    request is refused the OpenAI way."""
+    up.chat_usage = False  # only the stream counts
+    token = metered.key("quota", "--tokens-per-day", "15")
+    stream = sdk(metered, token).chat.completions.create(model="meter-model", messages=[], stream=True)
+    assert all(c.usage is None for c in stream)  # 19 tokens, metered from the injected usage event
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            sdk(metered, token).chat.completions.create(model="meter-model", messages=[])
+        except openai.RateLimitError as e:
+            assert e.code == "insufficient_quota"
+            break
+        assert time.monotonic() < deadline, "the quota was never enforced"
+        time.sleep(0.2)

@@ -28,6 +28,7 @@ SETTLE = 8.0  # ingestion every second + publication + the gate's 0.25 s check: 
 @pytest.fixture(scope="module")
 def upstream() -> FakeUpstream:
     up = FakeUpstream("q", [MODEL])
+    up.chat_usage = False  # with njs metering, real answers would add their tokens to the synthetic ones
     yield up
     up.close()
 
