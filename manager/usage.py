@@ -57,6 +57,8 @@ ROLLUP_SUMS = (
     ("client_errors", "status BETWEEN 400 AND 499"),
     ("server_errors", "status >= 500"),
     *((outcome, f"outcome = '{outcome}'") for outcome in OUTCOMES[1:]),
+    # an error status or a stream the upstream broke (a 504 is also a timeout: counted once here)
+    ("failed", "status >= 400 OR outcome IN ('upstream_cut', 'timeout')"),
     ("metered", "total_tokens IS NOT NULL"),
     ("prompt_tokens", "prompt_tokens"),
     ("completion_tokens", "completion_tokens"),
@@ -70,7 +72,7 @@ ROLLUP_SUMS = (
     *((f"t{i}", f"ttfb <= {bound}") for i, bound in enumerate(TTFB_BOUNDS)),
 )
 ROLLUP_NAMES = tuple(name for name, _ in ROLLUP_SUMS)
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS requests ({", ".join(REQUEST_COLUMNS)});
 CREATE INDEX IF NOT EXISTS requests_key_start ON requests (key, start);
@@ -169,15 +171,20 @@ class Usage:
         """Bring a database of an older schema up to SCHEMA_VERSION, once, whoever opens it first: version 0
         kept one (inode, offset) row in `ingest_state`; before version 2 records had no outcome or tokens and
         there were no rollups (built here from the records kept); version 2 had no all-time rows (added up from
-        the day rows: the records may be pruned already, the day rows are kept longest)."""
+        the day rows: the records may be pruned already, the day rows are kept longest); before version 4
+        rollups had no `failed` count (no record had an outcome yet, so it is the sum of the error counts)."""
         if db.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
             return
         with _transaction(db):
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version >= SCHEMA_VERSION:
                 return
-            if version == 2:
-                db.execute(_TOTAL_FROM_DAYS, (TOTAL_SPAN,))
+            if version >= 2:
+                if "failed" not in {row[1] for row in db.execute("PRAGMA table_info(rollups)")}:
+                    db.execute("ALTER TABLE rollups ADD COLUMN failed INTEGER NOT NULL DEFAULT 0")
+                    db.execute("UPDATE rollups SET failed = client_errors + server_errors")
+                if version == 2:
+                    db.execute(_TOTAL_FROM_DAYS, (TOTAL_SPAN,))
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 return
             if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'ingest_state'").fetchone():

@@ -265,10 +265,6 @@ SUMMARY_COUNTS = ("requests", "errors", "client_errors", "server_errors", "upstr
                   "metered", "prompt_tokens", "completion_tokens", "total_tokens", "cost", "unpriced_tokens",
                   "bytes_sent", "request_length", "avg_duration", "p50_duration", "p95_duration", "avg_ttfb",
                   "p50_ttfb", "p95_ttfb")
-_SUMMED = ("requests", "client_errors", "server_errors", "upstream_cut", "client_cut", "timeout", "metered",
-           "prompt_tokens", "completion_tokens", "total_tokens", "bytes_sent", "request_length", "duration_sum",
-           "ttfb_count", "ttfb_sum", *(f"d{i}" for i in range(len(DURATION_BOUNDS))),
-           *(f"t{i}" for i in range(len(TTFB_BOUNDS))))
 
 
 def summary(usage: Usage, filters: Filters = Filters(), group_by: Sequence[str] = ("key", "model"),
@@ -276,8 +272,9 @@ def summary(usage: Usage, filters: Filters = Filters(), group_by: Sequence[str] 
             limit: int = DEFAULT_SUMMARY_ROWS, now: float | None = None, as_json: bool = False,
             fields: Sequence[str] = SUMMARY_COUNTS) -> Summary:
     """Per group (any of key, model, pool) and per time bucket (minute, hour, day or none), from the rollups:
-    request and error counts (`errors` = client + server errors + upstream cuts + timeouts), tokens with the
-    number of metered requests (token sums are null when none was), cost from `prices` ({model: {"input",
+    request and error counts (`errors`: an error status, or a stream the upstream cut or that timed out; each
+    request once), tokens with the number of metered requests (token sums are null when none was), cost from
+    `prices` ({model: {"input",
     "output"}} in USD per 1M tokens; null when no metered request of the group has a price, `unpriced_tokens`
     says how many tokens had none), bytes, mean and p50/p95 of duration and time to first byte.
 
@@ -349,7 +346,7 @@ def _summary_sql(filters: Filters, span: int, groups: list[str], prices: Mapping
     metered = "SUM(metered) > 0"
     select = [
         *(f"NULLIF({g}, '')" if g in SUMMARY_GROUPS else g for g in groups),
-        "SUM(requests)", "SUM(client_errors) + SUM(server_errors) + SUM(upstream_cut) + SUM(timeout)",
+        "SUM(requests)", "SUM(failed)",
         *(f"SUM({name})" for name in ("client_errors", "server_errors", "upstream_cut", "client_cut", "timeout",
                                       "metered")),
         *(f"CASE WHEN {metered} THEN SUM({name}) END" for name in ("prompt_tokens", "completion_tokens",

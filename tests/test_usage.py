@@ -562,3 +562,18 @@ def test_ingestion_killed_at_any_moment_loses_and_doubles_nothing(tmp_path: Path
     assert ids(usage) == sorted(f"r{r}-{i}" for r in range(8) for i in range(300))
     with usage._connect() as conn:  # the rollups count each record once too
         assert conn.execute("SELECT SUM(requests) FROM rollups WHERE span = 60").fetchone()[0] == written
+
+
+def test_a_version_3_database_gets_its_failed_counts(tmp_path: Path) -> None:
+    """Version 3 rollups had no `failed` column: it is added, as the error counts (no outcome was recorded)."""
+    usage = Usage(tmp_path / "usage.sqlite3", tmp_path / "access.log")
+    usage.log_path.write_text(record("a") + record("b", status=502) + record("c", status=404))
+    usage.ingest()
+    with usage._connect() as db:
+        db.execute("ALTER TABLE rollups DROP COLUMN failed")
+        db.execute("PRAGMA user_version = 3")
+    usage = Usage(tmp_path / "usage.sqlite3", tmp_path / "access.log")
+    assert {r["failed"] for r in rollup(usage, "day")} == {2}
+    append(usage.log_path, record("d", status=200, outcome="upstream_cut") + record("e", status=504, outcome="timeout"))
+    usage.ingest()
+    assert {r["failed"] for r in rollup(usage, "day")} == {4}
