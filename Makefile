@@ -16,6 +16,7 @@ bench: install
 	@command -v wrk >/dev/null || $(MAKE) system-deps PACKAGES=wrk
 	$(PY) bench/bench.py
 	$(PY) bench/keys.py
+	$(PY) bench/usage_ingest.py
 	$(PY) bench/usage_summary.py
 
 install: $(STAMP)

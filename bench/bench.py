@@ -5,7 +5,8 @@ One run starts, on free ports and in a temporary directory:
 * a fake upstream: a private nginx answering every request with a fixed chat completion (never the bottleneck);
 * bare nginx: a private nginx proxying everything to the fake upstream, with the proxy settings Bastion uses
   for pools (keepalive 32, HTTP/1.1, no buffering);
-* Bastion: `bastion up` (via the tests' `Stack` helper) with one pool on the fake upstream and one key;
+* Bastion: `bastion up` (via the tests' `Stack` helper) with one pool on the fake upstream and one key, with
+  token metering (njs) and, as "no metering", without (BASTION_NJS_MODULE=off), one after the other;
 * gate only: a private nginx proxying to Bastion's gate socket with X-Accel-Redirect ignored, which shows what
   nginx + gate cost without the second hop to the pool.
 
@@ -13,7 +14,7 @@ wrk sends `POST /v1/chat/completions` (bench/post.lua) to each target: a warm-up
 connections and a latency run at 4 connections. During the throughput run the CPU time of every process is
 counted ("other" is whatever else the machine did: interrupts, and other programs, which make a run unreliable);
 after the load the RSS is sampled. A table is printed, with whether the targets are met (>= 0.3x bare throughput
-at 32 connections, <= 1 ms added p50 latency at 4 connections).
+at 32 connections, <= 1 ms added p50 latency at 4 connections, metering costing <= 10 % of throughput).
 
 Environment: BENCH_SECONDS (length of each measured run, default 10), BENCH_WARMUP (default 2).
 Exit status: 0 after a measurement whatever the numbers, 1 when something failed to start or answer.
@@ -58,6 +59,7 @@ THROUGHPUT_CONNECTIONS = 32
 LATENCY_CONNECTIONS = 4
 TARGET_RATIO = 0.3
 TARGET_ADDED_P50_MS = 1.0
+TARGET_METERING = 0.9  # issue 9: token metering may cost at most 10 % of throughput
 
 MODEL = "bench-model"
 API_PATH = "/v1/chat/completions"
@@ -290,14 +292,23 @@ def wait_for_completion(name: str, base: str, key: str, timeout: float = 15) -> 
 
 
 @contextmanager
-def bastion_stack(root: Path, upstream_url: str) -> Iterator[tuple[Stack, str]]:
-    """`bastion up` with one pool on the fake upstream; yields the stack and a key."""
+def bastion_stack(root: Path, upstream_url: str, metering: bool = True) -> Iterator[tuple[Stack, str]]:
+    """`bastion up` with one pool on the fake upstream (with token metering, when nginx has njs, or without);
+    yields the stack and a key."""
     stack = Stack(root / "data")
+    saved = os.environ.get("BASTION_NJS_MODULE")
     try:
         try:
+            if not metering:
+                os.environ["BASTION_NJS_MODULE"] = "off"
             stack.start()
         except RuntimeError as e:
             raise BenchError(str(e)) from e
+        finally:
+            if saved is None:
+                os.environ.pop("BASTION_NJS_MODULE", None)
+            else:
+                os.environ["BASTION_NJS_MODULE"] = saved
         stack.cli("pools", "add", "bench", "--url", upstream_url, "--models", MODEL)
         key = stack.key("bench")
         time.sleep(0.5)  # the gate looks at the snapshot at most every 0.25 s
@@ -440,17 +451,25 @@ def print_rss(rss: dict[str, dict[str, int]]) -> None:
         print(f"  {name:<12} total {sum(roles.values()) / 1024:6.1f}   ({detail})")
 
 
-def print_targets(bare: Measurement, bastion: Measurement) -> None:
+def print_targets(bare: Measurement, bastion: Measurement, unmetered: Measurement) -> None:
     ratio = bastion.throughput.rps / bare.throughput.rps if bare.throughput.rps else 0.0
+    metering = bastion.throughput.rps / unmetered.throughput.rps if unmetered.throughput.rps else 0.0
+    requests = bastion.throughput.rps * SECONDS
+    supervisor_us = bastion.cpu.get("supervisor", 0.0) / 100 * SECONDS / requests * 1e6 if requests else 0.0
     added_p50 = (bastion.latency.p50_ms or 0.0) - (bare.latency.p50_ms or 0.0)
     added_p99 = (bastion.latency.p99_ms or 0.0) - (bare.latency.p99_ms or 0.0)
     print(f"\nthroughput ratio Bastion/bare: {ratio:.3f}")
     print(f"added latency at {LATENCY_CONNECTIONS} connections: p50 {added_p50:.3f} ms, p99 {added_p99:.3f} ms")
+    print(f"throughput ratio with token metering / without: {metering:.3f}")
+    print(f"supervisor CPU per request (usage ingestion of its log line, and the rest of its work): "
+          f"{supervisor_us:.1f} us")
     print("\ntargets")
     print(f"  throughput >= {TARGET_RATIO}x bare nginx at {THROUGHPUT_CONNECTIONS} connections: "
           f"{'MET' if ratio >= TARGET_RATIO else 'NOT MET'} ({ratio:.3f}x)")
     print(f"  added p50 <= {TARGET_ADDED_P50_MS} ms at {LATENCY_CONNECTIONS} connections: "
           f"{'MET' if added_p50 <= TARGET_ADDED_P50_MS else 'NOT MET'} ({added_p50:.3f} ms)")
+    print(f"  token metering costs <= {1 - TARGET_METERING:.0%} of throughput: "
+          f"{'MET' if metering >= TARGET_METERING else 'NOT MET'} ({metering:.3f}x)")
 
 
 def print_machine() -> None:
@@ -480,24 +499,24 @@ def run(tmp: Path) -> None:
         bare = start_nginx(cleanup, "bare nginx", tmp / "bare",
                            lambda port: proxy_body(port, f"127.0.0.1:{upstream.port}"))
         bare.wait_ready("none")
+        upstream_group = {"upstream": upstream.pids()}
+        print("measuring...", flush=True)
+        results = {"bare nginx": measure("bare nginx", bare.url, "none", {"nginx": bare.pids(), **upstream_group})}
+        with bastion_stack(tmp / "plain", upstream.url, metering=False) as (plain, key):
+            results["no metering"] = measure("Bastion without token metering", plain.base, key,
+                                             {**bastion_groups(plain), **upstream_group})
         print("starting Bastion...", flush=True)
         stack, key = cleanup.enter_context(bastion_stack(tmp, upstream.url))
         gate = start_nginx(cleanup, "gate-only nginx", tmp / "gate", lambda port: proxy_body(
             port, f"unix:{gate_socket(stack)}", "\n            proxy_ignore_headers X-Accel-Redirect;"))
         gate.wait_ready(key)
-
-        print("measuring...", flush=True)
         stack_groups = bastion_groups(stack)
-        upstream_group = {"upstream": upstream.pids()}
-        results = {
-            "bare nginx": measure("bare nginx", bare.url, key, {"nginx": bare.pids(), **upstream_group}),
-            "Bastion": measure("Bastion", stack.base, key, {**stack_groups, **upstream_group}),
-            "gate only": measure("gate only", gate.url, key,
-                                 {"nginx": gate.pids(), "granian": stack_groups.get("granian", [])}),
-        }
+        results["Bastion"] = measure("Bastion", stack.base, key, {**stack_groups, **upstream_group})
+        results["gate only"] = measure("gate only", gate.url, key,
+                                       {"nginx": gate.pids(), "granian": stack_groups.get("granian", [])})
         print_results(results)
         print_rss({"bare nginx": rss_by_role({"nginx": bare.pids()}), "Bastion": rss_by_role(bastion_groups(stack))})
-        print_targets(results["bare nginx"], results["Bastion"])
+        print_targets(results["bare nginx"], results["Bastion"], results["no metering"])
 
 
 def main() -> int:
