@@ -295,6 +295,7 @@ def wait_for_completion(name: str, base: str, key: str, timeout: float = 15) -> 
 def bastion_stack(root: Path, upstream_url: str, metering: bool = True) -> Iterator[tuple[Stack, str]]:
     """`bastion up` with one pool on the fake upstream (with token metering, when nginx has njs, or without);
     yields the stack and a key."""
+    root.mkdir(exist_ok=True)
     stack = Stack(root / "data")
     saved = os.environ.get("BASTION_NJS_MODULE")
     try:
