@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 
 from authsvc.files import write_atomic
 from authsvc.snapshot import STATUS_FILE
-from manager import cidr_groups, generations, health
+from manager import cidr_groups, generations, health, usage_queries
 from manager.nginx import local_url
 from manager.render import NGINX_STATUS_PATH
 from manager.usage import DURATION_BOUNDS, TTFB_BOUNDS
@@ -109,7 +109,7 @@ def render(bastion: Bastion, own_requests: int = OWN_REQUESTS) -> str:
 
 
 def _usage(out: Exposition, bastion: Bastion) -> None:
-    keys, models = bastion.usage.totals()
+    keys, models = usage_queries.totals(bastion.usage)
     out.family("bastion_requests_total", "counter",
                "Requests logged by nginx on the public listener, by API key id, model, pool and status class "
                "(2xx: every status below 400).")

@@ -29,7 +29,7 @@ import os
 import signal
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
@@ -356,36 +356,6 @@ class Usage:
     def reader(self) -> AbstractContextManager[sqlite3.Connection]:
         """A connection for the queries (manager/usage_queries.py): query_only, so a reader never writes."""
         return self._connect(query_only=True)
-
-    # kept for callers of the earlier API (tests, tools); the queries live in manager/usage_queries.py
-    def records(self, key: str | None = None, since: float | None = None, until: float | None = None,
-                limit: int = 1000) -> list[dict[str, Any]]:
-        from manager import usage_queries as q
-        return q.records(self, q.Filters(key=key, since=since, until=until), limit).records
-
-    def summary(self, key: str | None = None, since: float | None = None,
-                until: float | None = None) -> list[dict[str, Any]]:
-        from manager import usage_queries as q
-        return q.summary(self, q.Filters(key=key, since=since, until=until)).rows
-
-    def last_used(self, keys: Iterable[str]) -> dict[str, float]:
-        from manager import usage_queries as q
-        return q.last_used(self, keys)
-
-    def totals(self) -> tuple[list[sqlite3.Row], list[sqlite3.Row]]:
-        """The all-time sums for /metrics, read in one snapshot of the database: per (key, model, pool) the
-        counts /metrics labels by key, and per (model, pool) every column, histograms included."""
-        per_key = "key, model, pool, requests, client_errors, server_errors, metered, prompt_tokens, completion_tokens"
-        sums = ", ".join(f"SUM({name}) AS {name}" for name in ROLLUP_NAMES)
-        with self._connect() as db:
-            db.execute("BEGIN")  # one read snapshot: the two lists always agree
-            try:
-                keys = db.execute(f"SELECT {per_key} FROM rollups WHERE span = ?", (TOTAL_SPAN,)).fetchall()
-                models = db.execute(f"SELECT model, pool, {sums} FROM rollups WHERE span = ? GROUP BY model, pool",
-                                    (TOTAL_SPAN,)).fetchall()
-            finally:
-                db.execute("ROLLBACK")
-        return keys, models
 
     def backlog(self) -> int:
         """Bytes of the access log (and its rotated copy) not ingested yet: a stat and a small read."""

@@ -19,13 +19,14 @@ import csv
 import io
 import math
 import re
+import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from manager import validation as v
-from manager.usage import DURATION_BOUNDS, OUTCOMES, SPANS, TTFB_BOUNDS
+from manager.usage import DURATION_BOUNDS, OUTCOMES, ROLLUP_NAMES, SPANS, TOTAL_SPAN, TTFB_BOUNDS
 
 if TYPE_CHECKING:
     from manager.usage import Usage
@@ -393,3 +394,19 @@ def to_csv(columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> Iterato
             buffer.seek(0)
             buffer.truncate()
     yield buffer.getvalue()
+
+
+def totals(usage: Usage) -> tuple[list[sqlite3.Row], list[sqlite3.Row]]:
+    """The all-time sums for /metrics, read in one snapshot of the database: per (key, model, pool) the
+    counts /metrics labels by key, and per (model, pool) every column, histograms included."""
+    per_key = "key, model, pool, requests, client_errors, server_errors, metered, prompt_tokens, completion_tokens"
+    sums = ", ".join(f"SUM({name}) AS {name}" for name in ROLLUP_NAMES)
+    with usage.reader() as db:
+        db.execute("BEGIN")  # one read snapshot: the two lists always agree
+        try:
+            keys = db.execute(f"SELECT {per_key} FROM rollups WHERE span = ?", (TOTAL_SPAN,)).fetchall()
+            models = db.execute(f"SELECT model, pool, {sums} FROM rollups WHERE span = ? GROUP BY model, pool",
+                                (TOTAL_SPAN,)).fetchall()
+        finally:
+            db.execute("ROLLBACK")
+    return keys, models

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from manager import usage_queries as q
 from manager import validation as v
 from manager.store import Store, StoreCorrupt
 from manager.usage import Usage
@@ -105,7 +106,7 @@ def ingested(tmp_path: Path, *lines: str) -> list[dict]:
     log.write_text("".join(line + "\n" for line in lines))
     usage = Usage(tmp_path / "usage.sqlite3", log)
     usage.ingest()
-    return sorted(usage.records(), key=lambda r: r["request_id"])
+    return sorted(q.records(usage, limit=1000).records, key=lambda r: r["request_id"])
 
 
 def test_records_take_the_upstream_that_answered(tmp_path: Path) -> None:
@@ -148,9 +149,9 @@ def test_ingest_counts_each_line_once_and_follows_rotation(tmp_path: Path) -> No
     log.rename(tmp_path / "access.log.1")
     log.write_text(log_line(request_id="d") + "\n")
     assert usage.ingest() == 1
-    assert sorted(r["request_id"] for r in usage.records()) == ["a", "b", "c", "d"]
-    assert usage.summary()[0]["requests"] == 4
-    assert usage.last_used(["k1", "unknown"]) == {"k1": 1000.5}
+    assert sorted(r["request_id"] for r in q.records(usage, limit=1000).records) == ["a", "b", "c", "d"]
+    assert q.summary(usage).rows[0]["requests"] == 4
+    assert q.last_used(usage, ["k1", "unknown"]) == {"k1": 1000.5}
 
 
 @pytest.mark.parametrize(("check", "value"), [

@@ -19,6 +19,7 @@ import requests
 
 from manager import settings as settings_mod
 from manager import usage as usage_mod
+from manager import usage_queries as q
 from manager import validation as v
 from manager.usage import Usage
 from manager.usage_log import RECORD_START, format_record
@@ -41,7 +42,11 @@ def append(path: Path, text: str) -> None:
 
 
 def ids(usage: Usage) -> list[str]:
-    return sorted(r["request_id"] for r in usage.records(limit=1_000_000))
+    return sorted(r["request_id"] for r in records_of(usage))
+
+
+def records_of(usage: Usage) -> list[dict]:
+    return q.records(usage, limit=1_000_000).records
 
 
 @pytest.fixture
@@ -86,7 +91,7 @@ def test_record_start_inside_a_value_splits_nothing(usage: Usage) -> None:
     uri = '/v1/x"B1\t1\tfake\u2028\u2029\x85y\\'
     usage.log_path.write_text(record("a", uri=uri) + record("b"))
     assert usage.ingest() == 2
-    assert {r["request_id"]: r["uri"] for r in usage.records()} == {"a": uri, "b": "/v1/chat/completions"}
+    assert {r["request_id"]: r["uri"] for r in records_of(usage)} == {"a": uri, "b": "/v1/chat/completions"}
     assert usage.skipped == 0
 
 
@@ -307,7 +312,7 @@ def test_record_start_in_a_uri_is_escaped_by_real_nginx(stack: Stack) -> None:
     assert r.status_code in (401, 404)
     usage = Usage(stack.data_dir / "usage.sqlite3", stack.data_dir / "logs" / "access.log")
     deadline = time.monotonic() + 10
-    while not (rows := [r for r in usage.records(limit=100_000) if r["request_id"] == "escape-probe"]):
+    while not (rows := [r for r in records_of(usage) if r["request_id"] == "escape-probe"]):
         assert time.monotonic() < deadline, "the request was not recorded"
         usage.ingest()
         time.sleep(0.2)
@@ -423,7 +428,7 @@ def test_rollups_add_up_each_batch_per_minute_hour_and_day(usage: Usage, monkeyp
     usage.log_path.write_text("".join(lines))
     monkeypatch.setattr(usage_mod, "BATCH_BYTES", len(lines[0]) * 17 + 3)
     assert usage.ingest() == 301
-    records = usage.records(limit=1000)
+    records = records_of(usage)
     for span, seconds in usage_mod.SPANS.items():
         rows = rollup(usage, span)
         assert sum(r["requests"] for r in rows) == 301
@@ -460,7 +465,7 @@ def test_rollups_are_built_for_a_database_of_the_schema_before(tmp_path: Path) -
     usage = Usage(db_path, tmp_path / "access.log")
     (day,) = rollup(usage, "day")
     assert (day["requests"], day["server_errors"], day["duration_sum"], day["key"]) == (2, 1, 3.0, "k")
-    assert {r["request_id"]: r["total_tokens"] for r in usage.records()} == {"a": None, "b": None}
+    assert {r["request_id"]: r["total_tokens"] for r in records_of(usage)} == {"a": None, "b": None}
     with usage._connect() as db:
         assert [tuple(r) for r in db.execute("SELECT inode, offset FROM ingest_files")] == [(7, 100)]
     Usage(db_path, tmp_path / "access.log")  # opening it again changes nothing
