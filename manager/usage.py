@@ -254,8 +254,10 @@ class Usage:
         return len(lines), skipped, len(chunk) == BATCH_BYTES and end > 0
 
     def _forget_gone_files(self, db: sqlite3.Connection) -> None:
-        """Offsets are kept for the log and its rotated copy only: a deleted file's inode number is reused."""
-        live = [st.st_ino for path in (self.rotated_path, self.log_path) if (st := _stat(path))]
+        """Offsets are kept for the log and its rotated copy only: a deleted file's inode number is reused.
+        The log is looked at first: a rotation renames it to the rotated path, so a rotation between the two
+        looks finds the moved file under its new name (the other order would miss it and lose its unread end)."""
+        live = [st.st_ino for path in (self.log_path, self.rotated_path) if (st := _stat(path))]
         db.execute(f"DELETE FROM ingest_files WHERE inode NOT IN ({', '.join('?' * len(live))})", live)
 
     def maintain(self, settings: dict[str, Any], nginx_pid: int | None) -> None:

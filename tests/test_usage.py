@@ -582,3 +582,28 @@ def test_a_version_3_database_gets_its_failed_counts(tmp_path: Path) -> None:
     append(usage.log_path, record("d", status=200, outcome="upstream_cut") + record("e", status=504, outcome="timeout"))
     usage.ingest()
     assert {r["failed"] for r in rollup(usage, "day")} == {4}
+
+
+def test_a_rotation_while_ingestion_looks_at_the_files_loses_nothing(usage: Usage,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The supervisor rotates in one thread while another (or the API) ingests: the rename may fall between the
+    two looks at the files that decide which offsets to keep."""
+    usage.log_path.write_text("".join(record(f"a{i}") for i in range(5)))
+    assert usage.ingest() == 5
+    append(usage.log_path, "".join(record(f"b{i}") for i in range(3)))  # not read yet
+    real_stat, looks = usage_mod._stat, []
+
+    def stat_then_rotate(path: Path):
+        result = real_stat(path)
+        looks.append(path)
+        if len(looks) == 1:  # nginx has not reopened yet: no access.log for a moment
+            os.replace(usage.log_path, usage.rotated_path)
+        return result
+
+    monkeypatch.setattr(usage_mod, "_stat", stat_then_rotate)
+    with usage._connect() as db, usage_mod._transaction(db):
+        usage._forget_gone_files(db)
+    monkeypatch.setattr(usage_mod, "_stat", real_stat)
+    usage.log_path.write_text(record("c0"))  # nginx reopened
+    usage.ingest()
+    assert ids(usage) == sorted([*(f"a{i}" for i in range(5)), "b0", "b1", "b2", "c0"])
