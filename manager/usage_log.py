@@ -45,7 +45,10 @@ def _fields(line: str) -> Line | None:
     f = line.split("\t")
     if len(f) != len(FIELDS) or f[0] != MARKER or not f[_STATUS].isdigit():
         return None
-    return _answered([_unescape(value) for value in f] if "\\" in line else f)
+    try:
+        return _answered([_unescape(value) for value in f] if "\\" in line else f)
+    except ValueError:  # a broken escape: nginx writes none, a hand edit or a damaged file may
+        return None
 
 
 def _answered(f: Line) -> Line:
@@ -67,13 +70,18 @@ def _legacy(line: str) -> Line | None:
         if end != len(line):
             return None
         get = entry.get
-        pool = get("pool") or ""
+
+        def text(name: str) -> str:  # nginx wrote strings; anything else (an object, say) was not nginx
+            value = get(name) or ""
+            if not isinstance(value, str):
+                raise TypeError(name)
+            return value
+
         return _answered([
-                MARKER, str(float(entry["time"])), get("request_id"), get("key") or "", get("model") or "", pool,
-                get("upstream", ""), str(int(entry["status"])), str(int(get("bytes_sent") or 0)),
-                str(int(get("request_length") or 0)), str(float(entry["request_time"])),
-                get("upstream_status", ""), get("upstream_header_time", ""), get("method") or "",
-                get("uri") or "", get("remote_addr") or "", "", "", "", ""])
+                MARKER, str(float(entry["time"])), text("request_id"), text("key"), text("model"), text("pool"),
+                text("upstream"), str(int(entry["status"])), str(int(get("bytes_sent") or 0)),
+                str(int(get("request_length") or 0)), str(float(entry["request_time"])), text("upstream_status"),
+                text("upstream_header_time"), text("method"), text("uri"), text("remote_addr"), "", "", "", ""])
     except (ValueError, KeyError, TypeError, AttributeError):
         return None
 
