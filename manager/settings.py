@@ -86,6 +86,14 @@ def model_prices(field: str, value: Any) -> dict[str, dict[str, float]]:
 
 LISTENERS = ("public_listen", "admin_listen", "http_listen", "https_listen")
 
+def _day_retention(field: str, days: int) -> int:
+    """Month quotas add up the day rollups of the calendar month so far: they must be kept that long."""
+    if 0 < days < 31:
+        raise v.ValidationError(field, "must be 0 (keep) or at least 31: month quotas read the day rollups of "
+                                       "the whole month")
+    return days
+
+
 VALIDATORS = {
     "public_listen": v.listen,
     "admin_listen": v.listen,
@@ -105,7 +113,7 @@ VALIDATORS = {
     "usage_retention_days": lambda f, x: v.integer(f, x, 0, 36500),
     "usage_minute_retention_days": lambda f, x: v.integer(f, x, 0, 36500),
     "usage_hour_retention_days": lambda f, x: v.integer(f, x, 0, 36500),
-    "usage_day_retention_days": lambda f, x: v.integer(f, x, 0, 36500),
+    "usage_day_retention_days": lambda f, x: _day_retention(f, v.integer(f, x, 0, 36500)),
     "log_max_mb": lambda f, x: v.integer(f, x, 0, 100_000),
     "bruteforce_max_failures": lambda f, x: v.integer(f, x, 0, 1_000_000),
     "bruteforce_window": lambda f, x: v.integer(f, x, 1, 86400),

@@ -400,7 +400,8 @@ def test_maintain_applies_the_retention_setting(usage: Usage) -> None:
 
 @pytest.mark.parametrize(("name", "value"), [("usage_retention_days", -1), ("usage_retention_days", 36501),
                                              ("usage_retention_days", "ninety"), ("log_max_mb", -1),
-                                             ("log_max_mb", True), ("log_max_mb", 100_001)])
+                                             ("log_max_mb", True), ("log_max_mb", 100_001),
+                                             ("usage_day_retention_days", 30), ("usage_minute_retention_days", -1)])
 def test_retention_and_rotation_settings_validated(name: str, value: object) -> None:
     with pytest.raises(v.ValidationError) as e:
         settings_mod.VALIDATORS[name](name, value)
@@ -611,3 +612,10 @@ def test_a_rotation_while_ingestion_looks_at_the_files_loses_nothing(usage: Usag
     usage.log_path.write_text(record("c0"))  # nginx reopened
     usage.ingest()
     assert ids(usage) == sorted([*(f"a{i}" for i in range(5)), "b0", "b1", "b2", "c0"])
+
+
+def test_day_rollups_are_kept_for_month_quotas() -> None:
+    check = settings_mod.VALIDATORS["usage_day_retention_days"]
+    assert [check("usage_day_retention_days", days) for days in (0, 31, 400)] == [0, 31, 400]
+    with pytest.raises(v.ValidationError, match=r"usage_day_retention_days.*at least 31"):
+        check("usage_day_retention_days", 7)
