@@ -73,6 +73,14 @@ ROLLUP_SUMS = (
 )
 ROLLUP_NAMES = tuple(name for name, _ in ROLLUP_SUMS)
 SCHEMA_VERSION = 4
+ROLLUPS_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS rollups (
+    span INTEGER NOT NULL, bucket INTEGER NOT NULL, key TEXT NOT NULL, model TEXT NOT NULL, pool TEXT NOT NULL,
+    {", ".join(f"{name} {'REAL' if name.endswith('_sum') else 'INTEGER'} NOT NULL DEFAULT 0" for name in ROLLUP_NAMES)},
+    PRIMARY KEY (span, key, bucket, model, pool)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS rollups_span_bucket ON rollups (span, bucket);
+"""
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS requests ({", ".join(REQUEST_COLUMNS)});
 CREATE INDEX IF NOT EXISTS requests_key_start ON requests (key, start);
@@ -81,13 +89,9 @@ CREATE TABLE IF NOT EXISTS ingest_files (
     inode INTEGER PRIMARY KEY,
     offset INTEGER NOT NULL
 );
-CREATE TABLE IF NOT EXISTS rollups (
-    span INTEGER NOT NULL, bucket INTEGER NOT NULL, key TEXT NOT NULL, model TEXT NOT NULL, pool TEXT NOT NULL,
-    {", ".join(f"{name} {'REAL' if name.endswith('_sum') else 'INTEGER'} NOT NULL DEFAULT 0" for name in ROLLUP_NAMES)},
-    PRIMARY KEY (span, key, bucket, model, pool)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS rollups_span_bucket ON rollups (span, bucket);
-"""
+-- records kept from before the rollups (or their last change) that backfill() has yet to add to them
+CREATE TABLE IF NOT EXISTS rollup_backfill (next_id INTEGER NOT NULL, last_id INTEGER NOT NULL);
+{ROLLUPS_SCHEMA}"""
 # Placeholders are numbered as usage_log.FIELDS (?1 is the marker). SQL converts (in C, cheaper than Python):
 # numbers written as text take the columns' affinity; nginx writes "" or "-" for values it does not have.
 INSERT = """INSERT INTO requests (request_id, start, end, key, model, pool, upstream, status, upstream_status,
@@ -100,21 +104,21 @@ VALUES (?3, ?2 - ?11, ?2, NULLIF(?4, ''), NULLIF(?5, ''), NULLIF(?6, ''), NULLIF
 _BATCH_MINUTES = f"""INSERT INTO temp.batch
 SELECT CAST(end / 60 AS INTEGER) * 60, COALESCE(key, ''), COALESCE(model, ''), COALESCE(pool, ''),
     {", ".join(f"TOTAL({sql})" for _, sql in ROLLUP_SUMS)}
-FROM requests WHERE id > ? GROUP BY 1, 2, 3, 4"""
+FROM requests WHERE id > ? AND id <= ? GROUP BY 1, 2, 3, 4"""
 _ADD_ROWS = f"""INSERT INTO rollups (span, bucket, key, model, pool, {", ".join(ROLLUP_NAMES)})
 SELECT ?1, {{bucket}}, key, model, pool, {", ".join(f"SUM({name})" for name in ROLLUP_NAMES)}
 FROM {{source}} WHERE {{where}} GROUP BY 2, 3, 4, 5
 ON CONFLICT DO UPDATE SET {", ".join(f"{name} = {name} + excluded.{name}" for name in ROLLUP_NAMES)}"""
 _ADD_BATCH = _ADD_ROWS.format(bucket="minute / ?1 * ?1", source="temp.batch", where="true")
 _ADD_TOTAL = _ADD_ROWS.format(bucket="0", source="temp.batch", where="true")
-# schema 2 to 3: the all-time rows from the day rows kept (all of them unless day rollups were pruned)
-_TOTAL_FROM_DAYS = _ADD_ROWS.format(bucket="0", source="rollups", where=f"span = {SPANS['day']}")
 BATCH_BYTES = 8 << 20
 # nginx's other logs in the same directory, rotated by size like access.log (nothing ingests them)
 OTHER_NGINX_LOGS = ("admin-access.log", "error.log")
 PRUNE_BATCH = 5000  # rows per DELETE: a few ms of write lock each
 PRUNE_PAUSE = 0.01  # seconds between batches, so ingestion and other writers get the lock
 PRUNE_INTERVAL = 300.0  # seconds between retention runs of maintain()
+BACKFILL_BATCH = 20_000  # records rolled up per transaction by backfill(): about 0.1 s of write lock
+BACKFILL_BUDGET = 0.5  # seconds of backfill per maintain() call
 
 
 def _insert(db: sqlite3.Connection, lines: list[Line]) -> None:
@@ -126,11 +130,11 @@ def _insert(db: sqlite3.Connection, lines: list[Line]) -> None:
     _roll_up(db, last_id)
 
 
-def _roll_up(db: sqlite3.Connection, after_id: int) -> None:
-    """Add the records with ids above `after_id` to the rollups of every span."""
+def _roll_up(db: sqlite3.Connection, after_id: int, up_to: int = 2**63 - 1) -> None:
+    """Add the records with ids above `after_id` (and at most `up_to`) to the rollups of every span."""
     db.execute(f"CREATE TEMP TABLE IF NOT EXISTS batch (minute, key, model, pool, {', '.join(ROLLUP_NAMES)})")
     db.execute("DELETE FROM temp.batch")
-    db.execute(_BATCH_MINUTES, (after_id,))
+    db.execute(_BATCH_MINUTES, (after_id, up_to))
     for span in SPANS.values():
         db.execute(_ADD_BATCH, (span,))
     db.execute(_ADD_TOTAL, (TOTAL_SPAN,))
@@ -162,30 +166,22 @@ class Usage:
         self.rotated_path = log_path.with_name(log_path.name + ".1")
         self.skipped = 0  # torn or unreadable lines this instance has stepped over
         self._next_prune = 0.0
+        self._backfilled = False
         with self._connect() as db:
             db.executescript(SCHEMA)
             self._migrate(db)
 
     @staticmethod
     def _migrate(db: sqlite3.Connection) -> None:
-        """Bring a database of an older schema up to SCHEMA_VERSION, once, whoever opens it first: version 0
-        kept one (inode, offset) row in `ingest_state`; before version 2 records had no outcome or tokens and
-        there were no rollups (built here from the records kept); version 2 had no all-time rows (added up from
-        the day rows: the records may be pruned already, the day rows are kept longest); before version 4
-        rollups had no `failed` count (no record had an outcome yet, so it is the sum of the error counts)."""
+        """Bring a database of an older schema up to SCHEMA_VERSION, once, whoever opens it first, in one short
+        transaction: version 0 kept one (inode, offset) row in `ingest_state`; before version 4 records had no
+        outcome or tokens and rollups were missing or had other columns. The rollups are made anew, empty, and
+        `backfill()` adds the records kept to them in small transactions (a big database takes minutes, which
+        must not lock out the manager, the CLI or ingestion)."""
         if db.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
             return
         with _transaction(db):
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version >= SCHEMA_VERSION:
-                return
-            if version >= 2:
-                if "failed" not in {row[1] for row in db.execute("PRAGMA table_info(rollups)")}:
-                    db.execute("ALTER TABLE rollups ADD COLUMN failed INTEGER NOT NULL DEFAULT 0")
-                    db.execute("UPDATE rollups SET failed = client_errors + server_errors")
-                if version == 2:
-                    db.execute(_TOTAL_FROM_DAYS, (TOTAL_SPAN,))
-                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            if db.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
                 return
             if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'ingest_state'").fetchone():
                 db.execute("INSERT OR IGNORE INTO ingest_files (inode, offset) SELECT inode, offset FROM ingest_state")
@@ -194,9 +190,34 @@ class Usage:
             for column in REQUEST_COLUMNS:
                 if column.split()[0] not in present:
                     db.execute(f"ALTER TABLE requests ADD COLUMN {column}")
-            db.execute("DELETE FROM rollups")
-            _roll_up(db, 0)
+            db.execute("DROP TABLE rollups")
+            for statement in filter(str.strip, ROLLUPS_SCHEMA.split(";")):
+                db.execute(statement)
+            db.execute("DELETE FROM rollup_backfill")
+            db.execute("INSERT INTO rollup_backfill SELECT 0, MAX(id) FROM requests HAVING MAX(id) IS NOT NULL")
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def backfill(self, budget: float = BACKFILL_BUDGET) -> bool:
+        """Add records kept from before the rollups to them, BACKFILL_BATCH per transaction, for at most about
+        `budget` seconds (the supervisor calls it every second). Returns True once nothing is left."""
+        deadline = time.monotonic() + budget
+        with self._connect() as db:
+            while True:
+                with _transaction(db):
+                    marker = db.execute("SELECT next_id, last_id FROM rollup_backfill").fetchone()
+                    if marker is None:
+                        return True
+                    up_to = min(marker["next_id"] + BACKFILL_BATCH, marker["last_id"])
+                    _roll_up(db, marker["next_id"], up_to)
+                    if up_to >= marker["last_id"]:
+                        db.execute("DELETE FROM rollup_backfill")
+                        log.info("usage rollups: the records kept from before are all added")
+                        return True
+                    db.execute("UPDATE rollup_backfill SET next_id = ?", (up_to,))
+                if time.monotonic() >= deadline:
+                    log.info("usage rollups: adding the records kept from before (%d of %d ids done)",
+                             up_to, marker["last_id"])
+                    return False
 
     @contextmanager
     def _connect(self, query_only: bool = False) -> Iterator[sqlite3.Connection]:
@@ -261,10 +282,13 @@ class Usage:
         db.execute(f"DELETE FROM ingest_files WHERE inode NOT IN ({', '.join('?' * len(live))})", live)
 
     def maintain(self, settings: dict[str, Any], nginx_pid: int | None) -> None:
-        """Periodic upkeep (the supervisor calls it every second): rotate nginx's logs by size, and every few
-        minutes delete usage records and rollups past their retention."""
+        """Periodic upkeep (the supervisor calls it every second): rotate nginx's logs by size, add records kept
+        from before the rollups to them (after an upgrade), and every few minutes delete usage records and
+        rollups past their retention."""
         if settings["log_max_mb"] and nginx_pid:
             self.rotate(settings["log_max_mb"] << 20, nginx_pid)
+        if not self._backfilled:
+            self._backfilled = self.backfill()
         if time.monotonic() >= self._next_prune:
             self._next_prune = time.monotonic() + PRUNE_INTERVAL
             self.prune(settings["usage_retention_days"],

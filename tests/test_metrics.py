@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from manager import auth, cidr_groups, settings, usage_queries, users
+from manager import auth, cidr_groups, settings, users
 from manager import metrics as metrics_mod
-from manager import usage as usage_mod
 from manager.app import create_app
 from manager.usage import DURATION_BOUNDS, Usage
 from manager.usage_log import format_record
@@ -113,23 +112,6 @@ def test_counters_come_from_all_time_rows_that_pruning_keeps(app) -> None:
     later = prom_text.parse(scrape(app.test_client()).get_data(as_text=True))
     assert later["bastion_requests_total"].total() == 20
     assert later["bastion_tokens_total"].total(type="prompt") == 18
-
-
-def test_all_time_rows_are_built_from_day_rows_for_a_database_of_schema_2(tmp_path: Path) -> None:
-    usage = Usage(tmp_path / "usage.sqlite3", tmp_path / "access.log")
-    usage.log_path.write_text(records() + records(T0 + 3 * DAY))
-    assert usage.ingest() == 20
-    with usage._connect() as db:  # as schema 2 left it: no all-time rows
-        db.execute("DELETE FROM rollups WHERE span = ?", (usage_mod.TOTAL_SPAN,))
-        db.execute("PRAGMA user_version = 2")
-    usage.prune(0, {"day": 2}, now=T0 + 4 * DAY)  # only the later day's rows are left to build from
-    reopened = Usage(usage.db_path, usage.log_path)
-    keys, _ = usage_queries.totals(reopened)
-    assert sum(r["requests"] for r in keys) == 10 and sum(r["prompt_tokens"] for r in keys) == 9
-    with reopened._connect() as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == usage_mod.SCHEMA_VERSION
-    Usage(usage.db_path, usage.log_path)  # opening it again adds nothing
-    assert sum(r["requests"] for r in usage_queries.totals(reopened)[0]) == 10
 
 
 def test_backlog_is_what_ingestion_has_not_read(tmp_path: Path) -> None:

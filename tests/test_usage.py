@@ -413,9 +413,10 @@ def test_retention_and_rotation_settings_validated(name: str, value: object) -> 
 
 def rollup(usage: Usage, span: str, **where) -> list[dict]:
     clauses = " AND ".join(f"{k} = ?" for k in where)
+    seconds = usage_mod.TOTAL_SPAN if span == "total" else usage_mod.SPANS[span]
     with usage._connect() as db:
         rows = db.execute(f"SELECT * FROM rollups WHERE span = ? {'AND ' + clauses if where else ''} "
-                          "ORDER BY bucket, key, model, pool", (usage_mod.SPANS[span], *where.values()))
+                          "ORDER BY bucket, key, model, pool", (seconds, *where.values()))
         return [dict(r) for r in rows]
 
 
@@ -468,12 +469,14 @@ def test_rollups_are_built_for_a_database_of_the_schema_before(tmp_path: Path) -
     db.commit()
     db.close()
     usage = Usage(db_path, tmp_path / "access.log")
+    assert rollup(usage, "day") == []  # built by backfill(), in small steps (the supervisor's upkeep)
+    assert usage.backfill()
     (day,) = rollup(usage, "day")
     assert (day["requests"], day["server_errors"], day["duration_sum"], day["key"]) == (2, 1, 3.0, "k")
     assert {r["request_id"]: r["total_tokens"] for r in records_of(usage)} == {"a": None, "b": None}
     with usage._connect() as db:
         assert [tuple(r) for r in db.execute("SELECT inode, offset FROM ingest_files")] == [(7, 100)]
-    Usage(db_path, tmp_path / "access.log")  # opening it again changes nothing
+    assert Usage(db_path, tmp_path / "access.log").backfill()  # opening it again changes nothing
     assert rollup(usage, "day")[0]["requests"] == 2
 
 
@@ -574,44 +577,46 @@ def test_ingestion_killed_at_any_moment_loses_and_doubles_nothing(tmp_path: Path
         assert conn.execute("SELECT SUM(requests) FROM rollups WHERE span = 60").fetchone()[0] == written
 
 
-def test_a_version_3_database_gets_its_failed_counts(tmp_path: Path) -> None:
-    """Version 3 rollups had no `failed` column: it is added, as the error counts (no outcome was recorded)."""
+@pytest.mark.parametrize("version", [2, 3])
+def test_rollups_of_an_earlier_schema_are_made_anew_from_the_records(tmp_path: Path, version: int) -> None:
+    """Schemas 2 and 3 had other rollup columns (no `failed`; no all-time rows): the rollups are built again."""
+    fresh = Usage(tmp_path / "fresh.sqlite3", tmp_path / "access.log")
+    fresh.log_path.write_text(record("a") + record("b", status=502) + record("c", status=200, outcome="upstream_cut")
+                              + record("d", status=504, outcome="timeout"))
+    fresh.ingest()
+    old = Usage(tmp_path / "old.sqlite3", fresh.log_path)
+    old.ingest()
+    with old._connect() as db:
+        db.execute("ALTER TABLE rollups DROP COLUMN failed")
+        db.execute("DELETE FROM rollups WHERE span = 0 OR span = 60")
+        db.execute(f"PRAGMA user_version = {version}")
+    old = Usage(old.db_path, old.log_path)
+    assert rollup(old, "day") == [] and old.backfill()
+    for span in (*usage_mod.SPANS, "total"):
+        assert rollup(old, span) == rollup(fresh, span)
+    assert {r["failed"] for r in rollup(old, "day")} == {3}
+
+
+def test_backfill_after_an_upgrade_is_done_in_small_steps_while_ingestion_goes_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An upgrade must not hold the database for minutes: the records kept are added to the new rollups a batch
+    per transaction, and lines ingested meanwhile are counted once."""
     usage = Usage(tmp_path / "usage.sqlite3", tmp_path / "access.log")
-    usage.log_path.write_text(record("a") + record("b", status=502) + record("c", status=404))
+    usage.log_path.write_text("".join(record(f"old{i}", 1_764_000_000.0 + i) for i in range(100)))
     usage.ingest()
     with usage._connect() as db:
-        db.execute("ALTER TABLE rollups DROP COLUMN failed")
-        db.execute("PRAGMA user_version = 3")
-    usage = Usage(tmp_path / "usage.sqlite3", tmp_path / "access.log")
-    assert {r["failed"] for r in rollup(usage, "day")} == {2}
-    append(usage.log_path, record("d", status=200, outcome="upstream_cut") + record("e", status=504, outcome="timeout"))
-    usage.ingest()
-    assert {r["failed"] for r in rollup(usage, "day")} == {4}
-
-
-def test_a_rotation_while_ingestion_looks_at_the_files_loses_nothing(usage: Usage,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """The supervisor rotates in one thread while another (or the API) ingests: the rename may fall between the
-    two looks at the files that decide which offsets to keep."""
-    usage.log_path.write_text("".join(record(f"a{i}") for i in range(5)))
-    assert usage.ingest() == 5
-    append(usage.log_path, "".join(record(f"b{i}") for i in range(3)))  # not read yet
-    real_stat, looks = usage_mod._stat, []
-
-    def stat_then_rotate(path: Path):
-        result = real_stat(path)
-        looks.append(path)
-        if len(looks) == 1:  # nginx has not reopened yet: no access.log for a moment
-            os.replace(usage.log_path, usage.rotated_path)
-        return result
-
-    monkeypatch.setattr(usage_mod, "_stat", stat_then_rotate)
-    with usage._connect() as db, usage_mod._transaction(db):
-        usage._forget_gone_files(db)
-    monkeypatch.setattr(usage_mod, "_stat", real_stat)
-    usage.log_path.write_text(record("c0"))  # nginx reopened
-    usage.ingest()
-    assert ids(usage) == sorted([*(f"a{i}" for i in range(5)), "b0", "b1", "b2", "c0"])
+        db.execute("PRAGMA user_version = 1")
+    monkeypatch.setattr(usage_mod, "BACKFILL_BATCH", 30)
+    usage = Usage(usage.db_path, usage.log_path)
+    steps = 0
+    while not usage.backfill(budget=0):
+        steps += 1
+        append(usage.log_path, record(f"new{steps}", 1_764_000_000.0 + 50))
+        usage.ingest()
+    assert steps == 3  # 30 + 30 + 30 + 10
+    assert sum(r["requests"] for r in rollup(usage, "minute")) == 103
+    assert sum(r["requests"] for r in rollup(usage, "total")) == 103
+    assert usage.backfill()  # nothing left
 
 
 def test_day_rollups_are_kept_for_month_quotas() -> None:
