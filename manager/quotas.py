@@ -69,7 +69,7 @@ class Publisher:
             self.figures, self.last_id = {}, None
             self._write(q.render({}))
             return 0
-        with self.bastion.usage.connect() as db:
+        with self.bastion.usage.reader() as db:
             db.execute("BEGIN")  # one read snapshot: records added meanwhile are picked up next time
             try:
                 top = db.execute("SELECT COALESCE(MAX(id), 0) FROM requests").fetchone()[0]
@@ -113,7 +113,7 @@ def details(bastion: Bastion, record: dict[str, Any], now: float | None = None) 
     if not limits:
         return {}
     now = time.time() if now is None else now
-    with bastion.usage.connect() as db:
+    with bastion.usage.reader() as db:
         c = consumption(db, record["id"], now)
     tomorrow = q.day_start(now) + q.DAY
     windows = {

@@ -23,7 +23,6 @@ records and rollups, deleted in small batches so ingestion and readers never wai
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
@@ -51,14 +50,16 @@ REQUEST_COLUMNS = (
     "bytes_sent INTEGER", "request_length INTEGER", "ttfb REAL", "duration REAL", "method TEXT", "uri TEXT",
     "remote_addr TEXT", "outcome TEXT", "prompt_tokens INTEGER", "completion_tokens INTEGER",
     "total_tokens INTEGER")
+# an error status or a stream the upstream broke: what summaries call an error (a 504 that is also a timeout is
+# one error)
+FAILED = "status >= 400 OR outcome IN ('upstream_cut', 'timeout')"
 # (name, SQL over a `requests` row): the sums every rollup row keeps
 ROLLUP_SUMS = (
     ("requests", "1"),
     ("client_errors", "status BETWEEN 400 AND 499"),
     ("server_errors", "status >= 500"),
     *((outcome, f"outcome = '{outcome}'") for outcome in OUTCOMES[1:]),
-    # an error status or a stream the upstream broke (a 504 is also a timeout: counted once here)
-    ("failed", "status >= 400 OR outcome IN ('upstream_cut', 'timeout')"),
+    ("failed", FAILED),
     ("metered", "total_tokens IS NOT NULL"),
     ("prompt_tokens", "prompt_tokens"),
     ("completion_tokens", "completion_tokens"),
@@ -152,6 +153,11 @@ def _transaction(db: sqlite3.Connection) -> Iterator[None]:
         raise
 
 
+def _resume_at(offset: int | None, size: int) -> int:
+    """Where ingestion goes on in a file: at its offset, or at its start when it is new or was truncated below."""
+    return offset if offset is not None and offset <= size else 0
+
+
 def _stat(path: Path) -> os.stat_result | None:
     try:
         return path.stat()
@@ -231,10 +237,6 @@ class Usage:
         finally:
             db.close()
 
-    def connect(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
-        """A connection of its own (readers: quota figures)."""
-        return self._connect()
-
     def ingest(self) -> int:
         """Read new complete lines of the access log, the rotated one first, into the store; returns how many
         rows were added."""
@@ -263,7 +265,7 @@ class Usage:
             known = db.execute("SELECT offset FROM ingest_files WHERE inode = ?", (st.st_ino,)).fetchone()
             if known is None and path == self.rotated_path:
                 return 0, 0, False  # not a file we followed: read before it was moved there, or moved by hand
-            offset = known[0] if known and known[0] <= st.st_size else 0
+            offset = _resume_at(known and known[0], st.st_size)
             if known and offset == st.st_size:
                 return 0, 0, False  # (a new file gets its row at once, even empty: it may be renamed any time)
             f.seek(offset)
@@ -393,6 +395,5 @@ class Usage:
                 known = offsets.get(st.st_ino)
                 if known is None and path == self.rotated_path:
                     continue  # not a file ingestion follows: never read
-                # as ingest() reads: a new file, or one truncated below its offset, from its start
-                waiting += st.st_size - (known if known is not None and known <= st.st_size else 0)
+                waiting += st.st_size - _resume_at(known, st.st_size)
         return waiting

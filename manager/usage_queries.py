@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from manager import validation as v
-from manager.usage import DURATION_BOUNDS, OUTCOMES, ROLLUP_NAMES, SPANS, TOTAL_SPAN, TTFB_BOUNDS
+from manager.usage import DURATION_BOUNDS, FAILED, OUTCOMES, ROLLUP_NAMES, SPANS, TOTAL_SPAN, TTFB_BOUNDS
 
 if TYPE_CHECKING:
     from manager.usage import Usage
@@ -144,13 +144,23 @@ def wants_csv(format_param: str | None, accept: Any = None) -> bool:
 
 # ---- records ------------------------------------------------------------------------------------------------
 
-def _where(filters: Filters) -> tuple[list[str], list[Any]]:
+def _matching(filters: Filters, time_column: str) -> tuple[list[str], list[Any]]:
+    """The WHERE clauses and arguments of the key, model, pool and time filters (records and rollups alike)."""
     clauses: list[str] = []
     args: list[Any] = []
-    for column in ("key", "model", "pool"):
+    for column in SUMMARY_GROUPS:
         if (value := getattr(filters, column)) is not None:
             clauses.append(f"{column} = ?")
             args.append(value)
+    for bound, op in ((filters.since, ">="), (filters.until, "<")):
+        if bound is not None:
+            clauses.append(f"{time_column} {op} ?")
+            args.append(bound)
+    return clauses, args
+
+
+def _where(filters: Filters) -> tuple[list[str], list[Any]]:
+    clauses, args = _matching(filters, "start")
     if filters.status is not None:
         if filters.status.endswith("xx"):
             lo = int(filters.status[0]) * 100
@@ -164,12 +174,6 @@ def _where(filters: Filters) -> tuple[list[str], list[Any]]:
     elif filters.outcome is not None:
         clauses.append("outcome = ?")
         args.append(filters.outcome)
-    if filters.since is not None:
-        clauses.append("start >= ?")
-        args.append(filters.since)
-    if filters.until is not None:
-        clauses.append("start < ?")
-        args.append(filters.until)
     return clauses, args
 
 
@@ -199,12 +203,12 @@ def records(usage: Usage, filters: Filters = Filters(), limit: int = 1000, after
 
 def group_counts(usage: Usage, filters: Filters, group_by: Sequence[str], limit: int = 1000,
                  offset: int = 0) -> list[dict[str, Any]]:
-    """Per group of the matching records (exact, from the raw records): requests, errors (status >= 400),
+    """Per group of the matching records (exact, from the raw records): requests, errors (as summaries count them),
     metered requests and token sums (null when none was metered). Most requests first."""
     clauses, args = _where(filters)
     where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
     columns = ", ".join(group_by)
-    sql = f"""SELECT {columns}, COUNT(*) AS requests, COUNT(CASE WHEN status >= 400 THEN 1 END) AS errors,
+    sql = f"""SELECT {columns}, COUNT(*) AS requests, COUNT(CASE WHEN {FAILED} THEN 1 END) AS errors,
         COUNT(total_tokens) AS metered, SUM(prompt_tokens) AS prompt_tokens,
         SUM(completion_tokens) AS completion_tokens, SUM(total_tokens) AS total_tokens
         FROM requests {where} GROUP BY {columns} ORDER BY requests DESC, {columns} LIMIT ? OFFSET ?"""
@@ -332,18 +336,9 @@ def _summary_sql(filters: Filters, span: int, groups: list[str], prices: Mapping
                 if priced else "SUM(total_tokens)")
     if "unpriced_tokens" in fields:
         args += [model for model, _ in priced]
-    clauses = ["span = ?"]
-    args.append(span)
-    for column in SUMMARY_GROUPS:
-        if (value := getattr(filters, column)) is not None:
-            clauses.append(f"{column} = ?")
-            args.append(value)
-    if filters.since is not None:
-        clauses.append("bucket >= ?")
-        args.append(filters.since)
-    if filters.until is not None:
-        clauses.append("bucket < ?")
-        args.append(filters.until)
+    matching, matching_args = _matching(filters, "bucket")
+    clauses = ["span = ?", *matching]
+    args += [span, *matching_args]
     metered = "SUM(metered) > 0"
     select = [
         *(f"NULLIF({g}, '')" if g in SUMMARY_GROUPS else g for g in groups),

@@ -117,7 +117,7 @@ def test_consumption_counts_each_window_at_its_boundaries(bastion: Bastion) -> N
         usage_line("other", m + 8, 5000),
     ]))
     bastion.usage.ingest()
-    with bastion.usage.connect() as db:
+    with bastion.usage.reader() as db:
         c = quotas.consumption(db, "k", m + 20)
     assert c.minutes == ((m - 60, 100), (m, 10))
     assert c.minute_tokens(m + 20) == pytest.approx(10 + 100 * 40 / 60)
@@ -127,7 +127,7 @@ def test_consumption_counts_each_window_at_its_boundaries(bastion: Bastion) -> N
     later = ts("2026-03-15T08:00:00")
     append(bastion.dirs.access_log, usage_line("k", later - 1, 7))
     bastion.usage.ingest()
-    with bastion.usage.connect() as db:
+    with bastion.usage.reader() as db:
         c = quotas.consumption(db, "k", later)
     assert (c.day_tokens, c.day_requests, c.month_tokens) == (7, 1, 17)
     assert c.minutes == ((q.minute_start(later - 1), 7),)

@@ -108,7 +108,8 @@ def test_group_counts_are_exact(mixed: Usage) -> None:
     for g in groups:
         members = [r for r in rows if r["key"] == g["key"] and r["outcome"] == g["outcome"] and r["status"] < 300]
         metered = [r for r in members if r["total_tokens"] is not None]
-        assert g["requests"] == len(members) and g["metered"] == len(metered) and g["errors"] == 0
+        assert g["requests"] == len(members) and g["metered"] == len(metered)
+        assert g["errors"] == (len(members) if g["outcome"] in ("upstream_cut", "timeout") else 0)  # cut 200s
         assert g["total_tokens"] == (sum(r["total_tokens"] for r in metered) if metered else None)
     assert sum(g["requests"] for g in groups) == sum(r["status"] < 300 for r in rows)
     assert [g["requests"] for g in groups] == sorted((g["requests"] for g in groups), reverse=True)
