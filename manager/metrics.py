@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 
 from authsvc.files import write_atomic
 from authsvc.snapshot import STATUS_FILE
-from manager import cidr_groups, generations, health, usage_queries
+from manager import cidr_groups, generations, health, pools, usage_queries
 from manager.nginx import local_url
 from manager.render import NGINX_STATUS_PATH
 from manager.usage import DURATION_BOUNDS, TTFB_BOUNDS
@@ -108,8 +108,39 @@ def render(bastion: Bastion, own_requests: int = OWN_REQUESTS) -> str:
     return out.text()
 
 
+OTHER_MODEL = "other"
+
+
+def known_models(bastion: Bastion) -> set[str]:
+    """Model names an operator configured or the upstreams reported: the only ones /metrics labels by name."""
+    names = {route["model"] for route in pools.all_routes(bastion) if not any(c in route["model"] for c in "*?[")}
+    for pool in pools.all_pools(bastion):
+        names.update(pool.get("models") or [], pool.get("discovered_models") or [])
+    return names
+
+
+def fold_models(rows: Iterable[Mapping[str, Any]], known: set[str]) -> list[dict[str, Any]]:
+    """Rows with a model no pool lists (a name a client made up for a glob route) added up under "other", so that
+    clients cannot grow the number of series."""
+    folded: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for row in rows:
+        row = dict(row)
+        if row["model"] and row["model"] not in known:
+            row["model"] = OTHER_MODEL
+        group = (row.get("key"), row["model"], row["pool"])
+        if (into := folded.get(group)) is None:
+            folded[group] = row
+        else:
+            for name, value in row.items():
+                if name not in ("key", "model", "pool"):
+                    into[name] += value
+    return list(folded.values())
+
+
 def _usage(out: Exposition, bastion: Bastion) -> None:
     keys, models = usage_queries.totals(bastion.usage)
+    known = known_models(bastion)
+    keys, models = fold_models(keys, known), fold_models(models, known)
     out.family("bastion_requests_total", "counter",
                "Requests logged by nginx on the public listener, by API key id, model, pool and status class "
                "(2xx: every status below 400).")

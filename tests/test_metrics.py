@@ -47,7 +47,8 @@ def records(t: float = T0 + 100) -> str:
 
 
 @pytest.fixture
-def app(tmp_path: Path):
+def app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(metrics_mod, "known_models", lambda bastion: {"m1", WEIRD_MODEL})  # as if pools listed them
     app = create_app({"DATA_DIR": str(tmp_path / "data")})
     b = app.extensions["bastion"]
     b.dirs.access_log.write_text(records())
@@ -383,3 +384,14 @@ def test_the_parser_is_strict(bad: str) -> None:
     assert prom_text.parse(GOOD)["h"].value("h_count") == 2
     with pytest.raises(ValueError):
         prom_text.parse(bad)
+
+
+def test_models_no_pool_lists_are_counted_under_other() -> None:
+    """A glob route lets clients name any model: those names must not each become a series of their own."""
+    rows = [{"key": "k1", "model": "llama", "pool": "p", "requests": 2, "prompt_tokens": 5},
+            {"key": "k1", "model": "made-up-1", "pool": "p", "requests": 1, "prompt_tokens": 1},
+            {"key": "k1", "model": "made-up-2", "pool": "p", "requests": 3, "prompt_tokens": 2},
+            {"key": "k2", "model": "made-up-1", "pool": "p", "requests": 4, "prompt_tokens": 0},
+            {"key": "k2", "model": "", "pool": "", "requests": 7, "prompt_tokens": 0}]
+    folded = {(r["key"], r["model"]): r["requests"] for r in metrics_mod.fold_models(rows, {"llama"})}
+    assert folded == {("k1", "llama"): 2, ("k1", "other"): 4, ("k2", "other"): 4, ("k2", ""): 7}
