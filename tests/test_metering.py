@@ -154,7 +154,14 @@ def up(fakes: dict[str, FakeUpstream]) -> Iterator[FakeUpstream]:
 
 @pytest.fixture(scope="module")
 def key(metered: Stack) -> str:
-    return metered.key("metering")
+    """A key the gate has loaded (it looks every 0.25 s; longer on a busy machine)."""
+    metered.cli("settings", "set", "bruteforce_max_failures", "0")  # the polls below are no brute force
+    key = metered.key("metering")
+    deadline = time.monotonic() + 10
+    while metered.get("/v1/models", key).status_code != 200:
+        assert time.monotonic() < deadline, "the gate did not load the key"
+        time.sleep(0.05)
+    return key
 
 
 def sdk(stack: Stack, key: str) -> openai.OpenAI:
