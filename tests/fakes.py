@@ -51,6 +51,9 @@ class FakeUpstream:
 class _Handler(BaseHTTPRequestHandler):
     upstream: FakeUpstream
     protocol_version = "HTTP/1.1"
+    # TCP_NODELAY, as uvicorn, vLLM and other real servers set it: http.server writes an answer's head and its
+    # body separately, and with Nagle the body waits for nginx's delayed ACK, 40 ms on every reused connection.
+    disable_nagle_algorithm = True
 
     def log_message(self, *args: Any) -> None:
         pass
@@ -58,7 +61,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _record(self) -> dict[str, Any]:
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
-        entry = {"path": self.path, "method": self.command, "headers": dict(self.headers), "body": raw}
+        entry = {"path": self.path, "method": self.command, "headers": dict(self.headers), "body": raw,
+                 "peer": self.client_address}
         self.upstream.requests.append(entry)
         return entry
 
