@@ -4,7 +4,10 @@ Starts `bastion up` twice (the tests' `Stack`), once with metering and once with
 with one pool on a fake upstream, and sends from one client loop: non-streamed chat completions, streamed
 ones of EVENTS events (the client does not ask for usage: Bastion injects include_usage and takes the usage
 event out again) and Ollama /api/chat streams. nginx's workers' CPU time is read from /proc/<pid>/schedstat
-(nanoseconds) around each batch, so the gate, the manager and the client do not count.
+(nanoseconds) around each batch, so the gate, the manager and the client do not count. The CPU per request
+depends on the pace: requests with idle gaps between them each cost several times more (cold caches), njs's
+most, so the client's wall time per request is printed too (it was 44 ms before the fake upstream set
+TCP_NODELAY, and metering then seemed to cost 110-130 µs per request: docs/benchmarks.md, "Token metering").
 
 Environment: METER_REQUESTS (per batch, default 400), METER_EVENTS (events per stream, default 50).
 """
@@ -69,12 +72,13 @@ def measure(njs: bool, up: FakeUpstream) -> dict[str, float]:
             stack.cli("pools", "add", "bench", "--url", up.url, "--models", "bench-model")
             key = stack.key("bench")
             chat = {"model": "bench-model", "messages": [{"role": "user", "content": "hi"}]}
-            plain, _ = batch(stack, key, "/v1/chat/completions", chat, False)
+            plain, plain_s = batch(stack, key, "/v1/chat/completions", chat, False)
             sse, sse_s = batch(stack, key, "/v1/chat/completions", {**chat, "stream": True}, True)
             ndjson, _ = batch(stack, key, "/api/chat", chat, True)
         finally:
             stack.stop()
-    return {"plain": plain, "sse": sse, "ndjson": ndjson, "sse_rps": REQUESTS / sse_s}
+    return {"plain": plain, "plain_ms": plain_s / REQUESTS * 1000, "sse": sse, "ndjson": ndjson,
+            "sse_rps": REQUESTS / sse_s}
 
 
 def main() -> None:
@@ -90,6 +94,7 @@ def main() -> None:
     for name, label in (("plain", "chat completion (JSON)"), ("sse", "chat stream (SSE), injected"),
                         ("ndjson", "Ollama /api/chat (NDJSON)")):
         print(f"{label:32}{off[name]:>12.1f}{on[name]:>12.1f}{on[name] - off[name]:>10.1f}")
+    print(f"{'client wall ms per JSON request':32}{off['plain_ms']:>12.2f}{on['plain_ms']:>12.2f}")
     for name in ("sse", "ndjson"):
         per_event = (on[name] - off[name] - (on["plain"] - off["plain"])) / (EVENTS + 1)
         print(f"added per {name.upper()} event (beyond the per-request cost): {per_event:.1f} µs")

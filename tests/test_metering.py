@@ -397,3 +397,23 @@ def test_the_body_towards_the_upstream_keeps_its_framing(metered: Stack, key: st
     got = [r for r in up.requests if r["path"] == "/v1/chat/completions"][-1]
     assert got["body"] == body[:1] + usage.TOP_LEVEL.encode() + body[1:]
     assert got["headers"]["Content-Length"] == str(len(got["body"]))
+
+
+@needs_njs
+def test_metered_requests_reuse_the_upstream_connection_and_wait_for_nothing(metered: Stack, key: str,
+                                                                           up: FakeUpstream) -> None:
+    """proxy_set_body and the filters keep nginx's keepalive to the pool, and no answer is held back (a Python
+    upstream with Nagle on, as http.server has it by default, held each one 40 ms: docs/benchmarks.md)."""
+    session = requests.Session()
+    body = {"model": "meter-model", "messages": [{"role": "user", "content": "hi"}]}
+    times = []
+    for _ in range(12):
+        start = time.monotonic()
+        r = session.post(metered.base + "/v1/chat/completions", json=body, timeout=10,
+                         headers={"Authorization": f"Bearer {key}"})
+        times.append(time.monotonic() - start)
+        assert r.status_code == 200 and r.json()["usage"]["total_tokens"]
+    peers = {r["peer"] for r in up.requests if r["path"] == "/v1/chat/completions"}
+    assert len(peers) <= 2, f"{len(peers)} upstream connections for 12 requests (nginx has 2 workers at most)"
+    times.sort()
+    assert times[6] < 0.025, f"median {times[6] * 1000:.0f} ms per request"
