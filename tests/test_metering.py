@@ -14,7 +14,7 @@ import openai
 import pytest
 import requests
 
-from authsvc import usage
+from authsvc import include_usage
 from authsvc.gate import Gate
 from manager import metering
 from tests.conftest import NGINX, Stack
@@ -55,12 +55,12 @@ def rid() -> str:
     return f"meter-{uuid.uuid4().hex[:12]}"
 
 
-# ---- the gate's insertion (authsvc/usage.py) ----------------------------------------------------------------
+# ---- the gate's insertion (authsvc/include_usage.py) ----------------------------------------------------------------
 
 def inserted(raw: bytes) -> bytes | None:
     """The body the upstream gets (what meter.js does with the gate's header), or None when unchanged."""
     body = json.loads(raw)
-    ask = usage.insertion(raw, body)
+    ask = include_usage.insertion(raw, body)
     if ask is None:
         return None
     at, _, text = ask.partition(" ")
@@ -109,11 +109,11 @@ def test_the_gate_sends_the_insertion_only_for_pools_that_want_it(tmp_path: Path
                           {"name": "strict", "models": ["strict-model"], "include_usage": False}])
     gate = Gate(tmp_path / "snapshot.json", b"test-pepper")
     streamed = {"model": "gpt-4o", "stream": True, "messages": []}
-    assert Call(gate, "/v1/chat/completions", token, streamed).headers[usage.HEADER] == f"1 {usage.TOP_LEVEL}"
-    assert Call(gate, "/v1/completions", token, streamed).headers[usage.HEADER] == f"1 {usage.TOP_LEVEL}"
-    assert usage.HEADER not in Call(gate, "/v1/chat/completions", token, {**streamed, "stream": False}).headers
-    assert usage.HEADER not in Call(gate, "/v1/embeddings", token, streamed).headers
-    assert usage.HEADER not in Call(gate, "/v1/chat/completions", token, {**streamed, "model": "strict-model"}).headers
+    assert Call(gate, "/v1/chat/completions", token, streamed).headers[include_usage.HEADER] == f"1 {include_usage.TOP_LEVEL}"
+    assert Call(gate, "/v1/completions", token, streamed).headers[include_usage.HEADER] == f"1 {include_usage.TOP_LEVEL}"
+    assert include_usage.HEADER not in Call(gate, "/v1/chat/completions", token, {**streamed, "stream": False}).headers
+    assert include_usage.HEADER not in Call(gate, "/v1/embeddings", token, streamed).headers
+    assert include_usage.HEADER not in Call(gate, "/v1/chat/completions", token, {**streamed, "model": "strict-model"}).headers
 
 
 # ---- end to end ------------------------------------------------------------------------------------------------
@@ -239,7 +239,7 @@ def test_streams_reach_the_client_byte_for_byte_as_the_upstream_sends_them(
     assert through == direct
     assert b"\xc3\xa9" in direct and (b'"usage":{' in direct) == asked
     # the upstream got the client's bytes, with the insertion only when the client did not ask
-    assert sent(up, path) == (body if asked else body[:2] + usage.TOP_LEVEL.encode() + body[2:])
+    assert sent(up, path) == (body if asked else body[:2] + include_usage.TOP_LEVEL.encode() + body[2:])
     rec = record(metered, request_id)
     assert tokens(rec) == ("11", "8", "19") and rec["outcome"] == "completed"
 
@@ -388,5 +388,5 @@ def test_the_body_towards_the_upstream_keeps_its_framing(metered: Stack, key: st
                      headers={"Content-Type": "application/json"})
     assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n")
     got = [r for r in up.requests if r["path"] == "/v1/chat/completions"][-1]
-    assert got["body"] == body[:1] + usage.TOP_LEVEL.encode() + body[1:]
+    assert got["body"] == body[:1] + include_usage.TOP_LEVEL.encode() + body[1:]
     assert got["headers"]["Content-Length"] == str(len(got["body"]))
