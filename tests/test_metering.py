@@ -517,6 +517,10 @@ def test_a_quota_key_cannot_stream_without_usage_through_nginx(metered: Stack, k
     """Through real nginx with the OpenAI SDK: a key with a token quota that turns usage off gets a 400 naming
     stream_options and nothing reaches the upstream; a key without one streams as it asked, untouched."""
     quota = metered.key("quota-no-opt-out", "--tpm", "100000")
+    deadline = time.monotonic() + 10  # the gate loads a new key within 0.25 s
+    while metered.get("/v1/models", quota).status_code != 200:
+        assert time.monotonic() < deadline, "the new key never reached the gate"
+        time.sleep(0.05)
     messages = [{"role": "user", "content": "hi"}]
     for options in ({"include_usage": False}, None):
         with pytest.raises(openai.BadRequestError) as e:
