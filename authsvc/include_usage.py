@@ -102,6 +102,10 @@ def metered_insertion(raw: bytes, body: dict[str, Any], pool_asks: bool) -> str 
                           "must set `stream_options.include_usage` to true.")
     if not isinstance(options, dict):
         raise Unmeterable(f"{quota}: `stream_options` must be an object.")
+    for key in options:
+        if key != "include_usage" and key.lower().split("\0")[0] == "include_usage":
+            raise Unmeterable(f"The request body is ambiguous: the key `include_usage` must be written "
+                              f"'include_usage', not {key[:20]!r}.")
     if "include_usage" in options:
         if options["include_usage"] is True and raw.count(b'"include_usage"') == 1:
             return None  # the client asked itself (once, plainly): metered, its stream passes untouched

@@ -141,6 +141,9 @@ def test_the_gate_sends_the_insertion_only_for_pools_that_want_it(tmp_path: Path
     # Ollama's /v1 (Go) matches keys in any case; C parsers end a key at NUL
     (b'{"model":"m","stream":true,"Stream_Options":{"include_usage":false}}', "stream_options"),
     (b'{"model":"m","stream":false,"STREAM":true}', "stream"),
+    (b'{"model":"m","stream":true,"stream_options":{"Include_Usage":false}}', "stream_options"),
+    (b'{"model":"m","stream":true,"stream_options":{"include_usage":true,"INCLUDE_USAGE":false}}',
+     "stream_options"),
     (b'{"model":"m","stream":true,"stream_options\\u0000":{"include_usage":false}}', "stream_options"),
     # `stream` twice or escaped: parsers keeping the first one stream, the gate (last one) would not
     (b'{"model":"m","stream":true,"stream":false}', "stream"),
