@@ -86,11 +86,11 @@ def metered_insertion(raw: bytes, body: dict[str, Any], pool_asks: bool) -> str 
         if key not in _KEYS and meant in _KEYS:
             raise Unmeterable(f"The request body is ambiguous: the key `{meant}` must be written {meant!r}, "
                               f"not {key[:20]!r}.", param=meant)
-    for name in _KEYS:
-        try:
-            bodies.check_plain_keys(raw, (name,))
-        except bodies.Ambiguous as e:
-            raise Unmeterable(f"The request body is ambiguous: {e}.", param=name) from None
+    try:
+        bodies.check_plain_keys(raw, _KEYS)
+    except bodies.Ambiguous as e:
+        raise Unmeterable(f"The request body is ambiguous: {e}.",
+                          param="stream" if "`stream`" in str(e) else "stream_options") from None
     if body.get("stream") is not True:
         return None
     quota = "This API key has a token quota, so usage reporting cannot be turned off"
