@@ -105,6 +105,23 @@ def _top_level_keys(text: str) -> Iterator[tuple[str, str]]:
         i += 1  # past ","
 
 
+def check_plain_keys(raw: bytes, names: tuple[str, ...]) -> None:
+    """Raise Ambiguous when one of `names` is a top-level key of the JSON object `raw` given more than once or
+    written with escapes (parsers keep different ones of repeated keys). Two cheap bytes checks first: only a
+    body that may have such a key has its keys read."""
+    if not _LETTER_ESCAPE.search(raw) and all(raw.count(f'"{name}"'.encode()) <= 1 for name in names):
+        return
+    written: dict[str, list[str]] = {}
+    for spelled, key in _top_level_keys(_text(raw)):
+        if key in names:
+            written.setdefault(key, []).append(spelled)
+    for key, spellings in written.items():
+        if len(spellings) > 1:
+            raise Ambiguous(f"the key `{key}` is given more than once")
+        if spellings[0] != f'"{key}"':
+            raise Ambiguous(f"the key `{key}` is written with escapes")
+
+
 def json_model(raw: bytes, ollama: bool) -> str | Any | None:
     """The model of a JSON object body, or None when the body names none (the raw value, maybe not a string);
     see `json_document`."""

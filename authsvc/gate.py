@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from authsvc import bodies, errors, quotas, usage
+from authsvc import bodies, errors, include_usage, quotas
 from authsvc import keys as keyformat
 from authsvc.bruteforce import LOG_HEADER, BlockBoard, FailureGuard
 from authsvc.ratelimit import RateLimiter
@@ -167,6 +167,10 @@ class Gate:
         if environ.get("REQUEST_METHOD") == "GET":
             self.serve_model_lists(path, snap, key, ollama, limits)
         model = self.requested_model(environ, path, ollama, restricted=bool(key.models))
+        if path in include_usage.STREAM_ENDPOINTS:
+            wrong = include_usage.stream_type_error(environ.get(BODY))
+            if wrong:
+                raise error(400, wrong, "invalid_type", ollama, param="stream")
         if model is None:
             if snap.default_pool is None:
                 raise error(503, "No upstream pool is configured", "no_pool", ollama)
@@ -177,11 +181,23 @@ class Gate:
                         "model_not_found", ollama, param="model")
         headers = [("X-Accel-Redirect", f"@pool_{pools[0]}"), ("X-Bastion-Key", key.id),
                    ("X-Bastion-Model", model), *limits]
-        if path in usage.ENDPOINTS and pools[0] in snap.usage_pools:
-            insert = usage.insertion(environ.get(RAW, b""), environ.get(BODY))
+        if path in include_usage.ENDPOINTS:
+            insert = self.usage_insertion(environ, key, pools[0] in snap.usage_pools, ollama)
             if insert:
-                headers.append((usage.HEADER, insert))
+                headers.append((include_usage.HEADER, insert))
         return headers
+
+    @staticmethod
+    def usage_insertion(environ: dict[str, Any], key: KeyRule, pool_asks: bool, ollama: bool) -> str | None:
+        """The X-Bastion-Usage value for a streamed OpenAI request. A key with a token quota must be metered:
+        a stream that would carry no usage is refused (400 naming the field) rather than left uncounted."""
+        raw, body = environ.get(RAW, b""), environ.get(BODY)
+        if not key.token_quota:
+            return include_usage.insertion(raw, body) if pool_asks else None
+        try:
+            return include_usage.metered_insertion(raw, body, pool_asks)
+        except include_usage.Unmeterable as e:
+            raise error(400, str(e), "usage_required", ollama, param=e.param) from None
 
     def check_quotas(self, key: KeyRule, ollama: bool) -> list[tuple[str, str]]:
         """Refuse a key whose day or month quota is used up (429 `insufficient_quota`, which clients should not

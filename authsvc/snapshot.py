@@ -72,6 +72,12 @@ class KeyRule:
     quotas: bool = False  # any of them: the only test a key without quotas costs per request
     _model_cache: dict[str, bool] = field(default_factory=dict)
 
+    @property
+    def token_quota(self) -> bool:
+        """A quota that counts tokens: its streams must report usage (authsvc/include_usage.py)."""
+        return self.quotas and (self.tpm is not None or self.tokens_per_day is not None
+                                or self.tokens_per_month is not None)
+
     @classmethod
     def from_row(cls, row: Mapping[str, Any], groups: Groups) -> KeyRule:
         """A key as the key store holds it (lists as JSON text), its groups resolved with `groups`."""
@@ -135,7 +141,7 @@ class Snapshot:
     models: tuple[tuple[str, str], ...] = ()  # (model id, owning pool) for /v1/models
     default_pool: str | None = None
     bruteforce: Policy = field(default_factory=Policy)
-    usage_pools: frozenset[str] = frozenset()  # pools asked for stream usage (authsvc/usage.py)
+    usage_pools: frozenset[str] = frozenset()  # pools asked for stream usage (authsvc/include_usage.py)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Snapshot:

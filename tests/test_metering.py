@@ -14,7 +14,7 @@ import openai
 import pytest
 import requests
 
-from authsvc import usage
+from authsvc import include_usage
 from authsvc.gate import Gate
 from manager import metering
 from tests.conftest import NGINX, Stack
@@ -55,12 +55,12 @@ def rid() -> str:
     return f"meter-{uuid.uuid4().hex[:12]}"
 
 
-# ---- the gate's insertion (authsvc/usage.py) ----------------------------------------------------------------
+# ---- the gate's insertion (authsvc/include_usage.py) ---------------------------------------------------------
 
 def inserted(raw: bytes) -> bytes | None:
     """The body the upstream gets (what meter.js does with the gate's header), or None when unchanged."""
     body = json.loads(raw)
-    ask = usage.insertion(raw, body)
+    ask = include_usage.insertion(raw, body)
     if ask is None:
         return None
     at, _, text = ask.partition(" ")
@@ -109,11 +109,133 @@ def test_the_gate_sends_the_insertion_only_for_pools_that_want_it(tmp_path: Path
                           {"name": "strict", "models": ["strict-model"], "include_usage": False}])
     gate = Gate(tmp_path / "snapshot.json", b"test-pepper")
     streamed = {"model": "gpt-4o", "stream": True, "messages": []}
-    assert Call(gate, "/v1/chat/completions", token, streamed).headers[usage.HEADER] == f"1 {usage.TOP_LEVEL}"
-    assert Call(gate, "/v1/completions", token, streamed).headers[usage.HEADER] == f"1 {usage.TOP_LEVEL}"
-    assert usage.HEADER not in Call(gate, "/v1/chat/completions", token, {**streamed, "stream": False}).headers
-    assert usage.HEADER not in Call(gate, "/v1/embeddings", token, streamed).headers
-    assert usage.HEADER not in Call(gate, "/v1/chat/completions", token, {**streamed, "model": "strict-model"}).headers
+    top = f"1 {include_usage.TOP_LEVEL}"
+    assert Call(gate, "/v1/chat/completions", token, streamed).headers[include_usage.HEADER] == top
+    assert Call(gate, "/v1/completions", token, streamed).headers[include_usage.HEADER] == top
+    unstreamed = {**streamed, "stream": False}
+    assert include_usage.HEADER not in Call(gate, "/v1/chat/completions", token, unstreamed).headers
+    assert include_usage.HEADER not in Call(gate, "/v1/embeddings", token, streamed).headers
+    assert include_usage.HEADER not in Call(gate, "/v1/chat/completions", token,
+                                            {**streamed, "model": "strict-model"}).headers
+
+
+# ---- keys with a token quota must be metered ---------------------------------------------------------------
+
+@pytest.mark.parametrize(("raw", "param"), [
+    (b'{"model":"m","stream":true,"stream_options":{"include_usage":false}}', "stream_options"),
+    (b'{"model":"m","stream":true,"stream_options":{"include_usage":null}}', "stream_options"),
+    (b'{"model":"m","stream":true,"stream_options":{"include_usage":1}}', "stream_options"),
+    (b'{"model":"m","stream":true,"stream_options":null}', "stream_options"),
+    (b'{"model":"m","stream":true,"stream_options":[]}', "stream_options"),
+    (b'{"model":"m","stream":true,"stream_options":"x"}', "stream_options"),
+    # include_usage given twice: parsers keeping the first one read false
+    (b'{"model":"m","stream":true,"stream_options":{"include_usage":false,"include_usage":true}}',
+     "stream_options"),
+    # a second stream_options: the top-level one, nested ones, escaped ones
+    (b'{"model":"m","stream":true,"stream_options":{"include_usage":false},"stream_options":{}}',
+     "stream_options"),
+    (b'{"model":"m","stream":true,"tools":[{"stream_options":{}}],"stream_options":{}}', "stream_options"),
+    (b'{"model":"m","stream":true,"stream\\u005foptions":{}}', "stream_options"),
+    (b'{"model":"m","stream":true,"stream_options":{},"stream\\u005foptions":{"include_usage":false}}',
+     "stream_options"),
+    # Ollama's /v1 (Go) matches keys in any case; C parsers end a key at NUL
+    (b'{"model":"m","stream":true,"Stream_Options":{"include_usage":false}}', "stream_options"),
+    (b'{"model":"m","stream":false,"STREAM":true}', "stream"),
+    (b'{"model":"m","stream":true,"stream_options":{"Include_Usage":false}}', "stream_options"),
+    (b'{"model":"m","stream":true,"stream_options":{"include_usage":true,"INCLUDE_USAGE":false}}',
+     "stream_options"),
+    (b'{"model":"m","stream":true,"stream_options\\u0000":{"include_usage":false}}', "stream_options"),
+    # `stream` twice or escaped: parsers keeping the first one stream, the gate (last one) would not
+    (b'{"model":"m","stream":true,"stream":false}', "stream"),
+    (b'{"model":"m","str\\u0065am":true}', "stream"),
+])
+def test_a_token_quota_key_cannot_turn_usage_off(raw: bytes, param: str) -> None:
+    with pytest.raises(include_usage.Unmeterable) as e:
+        include_usage.metered_insertion(raw, json.loads(raw), pool_asks=True)
+    assert e.value.param == param
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    (b'{"model":"m","stream":true}', f"1 {include_usage.TOP_LEVEL}"),
+    (b'{"model":"m","stream":true,"stream_options":{}}', '45 "include_usage":true'),
+    (b'{"model":"m","stream":true,"stream_options":{"include_usage":true}}', None),  # metered as it is
+    (b'{"model":"m","stream":false,"stream_options":{"include_usage":false}}', None),  # not streamed
+    (b'{"model":"m","stream":null}', None),
+    (b'{"model":"m","messages":[{"role":"user","content":"stream"}]}', None),
+])
+def test_a_token_quota_key_is_metered(raw: bytes, expected: str | None) -> None:
+    assert include_usage.metered_insertion(raw, json.loads(raw), pool_asks=True) == expected
+
+
+def test_a_token_quota_key_on_a_pool_without_include_usage_must_ask_itself() -> None:
+    asked = b'{"model":"m","stream":true,"stream_options":{"include_usage":true}}'
+    assert include_usage.metered_insertion(asked, json.loads(asked), pool_asks=False) is None
+    for raw in (b'{"model":"m","stream":true}', b'{"model":"m","stream":true,"stream_options":{}}'):
+        with pytest.raises(include_usage.Unmeterable, match="does not ask for usage"):
+            include_usage.metered_insertion(raw, json.loads(raw), pool_asks=False)
+
+
+@pytest.fixture
+def quota_gate(tmp_path: Path) -> tuple[Gate, dict[str, str]]:
+    from authsvc import keys as keyformat
+
+    tokens = {name: keyformat.generate()[1] for name in ("plain", "tpm", "day", "month", "requests")}
+    entries = [key_entry(tokens["plain"]), key_entry(tokens["tpm"], tpm=100_000),
+               key_entry(tokens["day"], tokens_per_day=100_000), key_entry(tokens["month"], tokens_per_month=100_000),
+               key_entry(tokens["requests"], requests_per_day=1000)]
+    write_snapshot(tmp_path / "snapshot.json", entries,
+                   pools=[{"name": "main", "models": ["gpt-4o"]},
+                          {"name": "strict", "models": ["strict-model"], "include_usage": False}])
+    return Gate(tmp_path / "snapshot.json", b"test-pepper"), tokens
+
+
+def test_the_gate_refuses_unmetered_streams_of_token_quota_keys_only(quota_gate: tuple[Gate, dict[str, str]]
+                                                                     ) -> None:
+    gate, tokens = quota_gate
+    off = {"model": "gpt-4o", "stream": True, "messages": [], "stream_options": {"include_usage": False}}
+    for name in ("tpm", "day", "month"):
+        call = Call(gate, "/v1/chat/completions", tokens[name], off)
+        assert call.status == 400, name
+        error = call.json()["error"]
+        assert (error["param"], error["code"], error["type"]) == ("stream_options", "usage_required",
+                                                                   "invalid_request_error")
+        assert "token quota" in error["message"] and "cannot be turned off" in error["message"]
+        assert Call(gate, "/v1/completions", tokens[name], off).status == 400
+        assert Call(gate, "/v1/chat/completions", tokens[name], {**off, "stream_options": None}).status == 400
+        # a pool that does not ask: only a client that asks itself streams
+        strict = {**off, "model": "strict-model", "stream_options": {}}
+        assert Call(gate, "/v1/chat/completions", tokens[name], strict).json()["error"]["param"] == "stream_options"
+        asked = Call(gate, "/v1/chat/completions", tokens[name], {**strict, "stream_options": {"include_usage": True}})
+        assert asked.status == 200 and include_usage.HEADER not in asked.headers
+        # metered the usual way
+        plain = Call(gate, "/v1/chat/completions", tokens[name], {**off, "stream_options": {}})
+        at = json.dumps({**off, "stream_options": {}}).index('"stream_options": {') + len('"stream_options": {')
+        assert plain.status == 200 and plain.headers[include_usage.HEADER] == f'{at} "include_usage":true'
+        assert Call(gate, "/v1/chat/completions", tokens[name], {**off, "stream": False}).status == 200
+        assert Call(gate, "/v1/embeddings", tokens[name], off).status == 200
+    # keys without a token quota: today's behaviour, the client's stream untouched when it opted out
+    for name in ("plain", "requests"):
+        call = Call(gate, "/v1/chat/completions", tokens[name], off)
+        assert call.status == 200 and include_usage.HEADER not in call.headers
+        strict = Call(gate, "/v1/chat/completions", tokens[name], {**off, "model": "strict-model",
+                                                                    "stream_options": {}})
+        assert strict.status == 200 and include_usage.HEADER not in strict.headers
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/responses"])
+@pytest.mark.parametrize("stream", [1, 0, "true", "false", [], {}])
+def test_stream_must_be_a_boolean_for_every_key(quota_gate: tuple[Gate, dict[str, str]], path: str,
+                                                stream: object) -> None:
+    gate, tokens = quota_gate
+    for name in ("plain", "day"):
+        call = Call(gate, path, tokens[name], {"model": "gpt-4o", "stream": stream, "messages": []})
+        assert call.status == 400
+        error = call.json()["error"]
+        assert (error["param"], error["code"], error["type"]) == ("stream", "invalid_type", "invalid_request_error")
+        assert "'stream'" in error["message"] and "boolean" in error["message"]
+    for fine in (True, False, None):
+        call = Call(gate, path, tokens["plain"], {"model": "gpt-4o", "stream": fine, "messages": []})
+        assert call.status == 200
 
 
 # ---- end to end ------------------------------------------------------------------------------------------------
@@ -246,7 +368,7 @@ def test_streams_reach_the_client_byte_for_byte_as_the_upstream_sends_them(
     assert through == direct
     assert b"\xc3\xa9" in direct and (b'"usage":{' in direct) == asked
     # the upstream got the client's bytes, with the insertion only when the client did not ask
-    assert sent(up, path) == (body if asked else body[:2] + usage.TOP_LEVEL.encode() + body[2:])
+    assert sent(up, path) == (body if asked else body[:2] + include_usage.TOP_LEVEL.encode() + body[2:])
     rec = record(metered, request_id)
     assert tokens(rec) == ("11", "8", "19") and rec["outcome"] == "completed"
 
@@ -395,7 +517,7 @@ def test_the_body_towards_the_upstream_keeps_its_framing(metered: Stack, key: st
                      headers={"Content-Type": "application/json"})
     assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n")
     got = [r for r in up.requests if r["path"] == "/v1/chat/completions"][-1]
-    assert got["body"] == body[:1] + usage.TOP_LEVEL.encode() + body[1:]
+    assert got["body"] == body[:1] + include_usage.TOP_LEVEL.encode() + body[1:]
     assert got["headers"]["Content-Length"] == str(len(got["body"]))
 
 
@@ -417,3 +539,54 @@ def test_metered_requests_reuse_the_upstream_connection_and_wait_for_nothing(met
     assert len(peers) <= 2, f"{len(peers)} upstream connections for 12 requests (nginx has 2 workers at most)"
     times.sort()
     assert times[6] < 0.025, f"median {times[6] * 1000:.0f} ms per request"
+
+
+@needs_njs
+def test_a_quota_key_cannot_stream_without_usage_through_nginx(metered: Stack, key: str, up: FakeUpstream,
+                                                               fakes: dict[str, FakeUpstream]) -> None:
+    """Through real nginx with the OpenAI SDK: a key with a token quota that turns usage off gets a 400 naming
+    stream_options and nothing reaches the upstream; a key without one streams as it asked, untouched."""
+    quota = metered.key("quota-no-opt-out", "--tpm", "100000")
+    deadline = time.monotonic() + 10  # the gate loads a new key within 0.25 s
+    while metered.get("/v1/models", quota).status_code != 200:
+        assert time.monotonic() < deadline, "the new key never reached the gate"
+        time.sleep(0.05)
+    messages = [{"role": "user", "content": "hi"}]
+    for options in ({"include_usage": False}, None):
+        with pytest.raises(openai.BadRequestError) as e:
+            sdk(metered, quota).chat.completions.create(model="meter-model", messages=messages, stream=True,
+                                                        extra_body={"stream_options": options})
+        assert (e.value.param, e.value.code) == ("stream_options", "usage_required")
+        assert "token quota" in e.value.message and "cannot be turned off" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        sdk(metered, quota).chat.completions.create(model="plain-model", messages=messages, stream=True)
+    assert e.value.param == "stream_options" and "does not ask for usage" in e.value.message
+    assert not [r for r in up.requests if r["path"] == "/v1/chat/completions"]
+
+    # the same request of a key without a quota streams normally, its opt-out passed on as sent
+    request_id = rid()
+    chunks = list(sdk(metered, key).chat.completions.create(
+        model="meter-model", messages=messages, stream=True, stream_options={"include_usage": False},
+        extra_headers={"X-Request-ID": request_id}))
+    assert [c.choices[0].delta.content for c in chunks] == [f"meter-{i} " for i in range(4)]
+    assert json.loads(sent(up))["stream_options"] == {"include_usage": False}
+    assert record(metered, request_id)["outcome"] == "completed"
+
+    # the quota key streams when it leaves usage on, and is metered; on the pool without include_usage it asks
+    request_id = rid()
+    chunks = list(sdk(metered, quota).chat.completions.create(
+        model="meter-model", messages=messages, stream=True, extra_headers={"X-Request-ID": request_id}))
+    assert all(c.usage is None for c in chunks) and len(chunks) == 4
+    assert tokens(record(metered, request_id)) == ("11", "8", "19")
+    chunks = list(sdk(metered, quota).chat.completions.create(
+        model="plain-model", messages=messages, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage is not None
+
+
+def test_a_stream_that_is_not_a_boolean_is_refused_through_nginx(metered: Stack, key: str,
+                                                                 up: FakeUpstream) -> None:
+    for stream in ("true", 1):
+        r = metered.post("/v1/chat/completions", key, json={"model": "meter-model", "messages": [], "stream": stream})
+        assert r.status_code == 400
+        assert (r.json()["error"]["param"], r.json()["error"]["code"]) == ("stream", "invalid_type")
+    assert not [r for r in up.requests if r["path"] == "/v1/chat/completions"]
