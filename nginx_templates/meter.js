@@ -204,16 +204,17 @@ function sseLine(buf, start, stop) {
         return true;
     }
     if (nextUsage < start) {
-        nextUsage = buf.indexOf(USAGE, start);
-        if (nextUsage === -1) {
-            nextUsage = buf.length; // none in the rest of this chunk
-        }
+        nextUsage = found(buf, start);
     }
     if (nextUsage >= end) {
         return true;
     }
     // the event's own usage is its last "usage" key (model text is in JSON strings, where quotes are escaped)
-    var at = buf.slice(nextUsage, end).lastIndexOf(USAGE) + nextUsage;
+    var at;
+    do {
+        at = nextUsage;
+        nextUsage = found(buf, at + USAGE.length);
+    } while (nextUsage < end);
     var value = valueAt(buf, at + USAGE.length, end);
     if (value === -1) {
         return true;
@@ -234,6 +235,12 @@ function sseLine(buf, start, stop) {
         return null;
     }
     return true;
+}
+
+// The next "usage" in buf from `from` on, or buf.length.
+function found(buf, from) {
+    var i = buf.indexOf(USAGE, from);
+    return i === -1 ? buf.length : i;
 }
 
 // Where the value of the key ending just before `i` starts (after `:` and spaces), or -1 when `i` is not a key.
@@ -350,25 +357,27 @@ function flatUntil(buf, from, close) {
     return tail.indexOf(125) === -1 && tail.indexOf(93) === -1 ? from : -1;
 }
 
-// The index of the `}` closing the object opened at `open` (strings skipped), or -1.
+// The index of the `}` closing the object opened at `open`, or -1. Strings are not skipped: this is an object
+// the server wrote (see readJson), holding keys and numbers.
 function objectEnd(buf, open) {
-    var depth = 0;
-    for (var i = open; i < buf.length; i++) {
-        var b = buf[i];
-        if (b === 34) {
-            i = stringEnd(buf, i);
-            if (i === -1) {
-                return -1;
-            }
-        } else if (b === 123 || b === 91) {
+    var depth = 1;
+    var i = open + 1;
+    var nextOpen = buf.indexOf(123, i);
+    for (;;) {
+        var close = buf.indexOf(125, i);
+        if (close === -1) {
+            return -1;
+        }
+        if (nextOpen !== -1 && nextOpen < close) {
             depth++;
-        } else if (b === 125 || b === 93) {
-            if (--depth === 0) {
-                return i;
-            }
+            i = nextOpen + 1;
+            nextOpen = buf.indexOf(123, i);
+        } else if (--depth === 0) {
+            return close;
+        } else {
+            i = close + 1;
         }
     }
-    return -1;
 }
 
 // The index of the quote closing the string opened at `i`, or -1.
@@ -391,6 +400,10 @@ function stringEnd(buf, i) {
 // Whether what follows a value at `from` closes the body's top-level object: true, false (it closes a nested
 // one first), or null when the tail is longer than TAIL_SCAN (not scanned: byte loops cost in njs).
 function closesBody(buf, from) {
+    var close = buf.lastIndexOf(125);
+    if (flatUntil(buf, from, close) === from && blank(buf, close + 1)) {
+        return true; // the usual tail: a few keys with strings or numbers (no brackets at all), then the end
+    }
     if (buf.length - from > TAIL_SCAN) {
         return null;
     }
@@ -406,11 +419,19 @@ function closesBody(buf, from) {
             depth++;
         } else if (b === 125 || b === 93) {
             if (--depth < 0) {
-                return b === 125 && buf.slice(i + 1).toString().trim() === "";
+                return b === 125 && blank(buf, i + 1);
             }
         }
     }
     return false;
+}
+
+// Whether buf holds only whitespace from `i` on.
+function blank(buf, i) {
+    while (i < buf.length && (buf[i] === 32 || buf[i] === 10 || buf[i] === 13 || buf[i] === 9)) {
+        i++;
+    }
+    return i === buf.length;
 }
 
 // [prompt, completion, total] of the usage object buf[open, shut], or null when it has none.

@@ -35,6 +35,7 @@ class FakeUpstream:
         self.obfuscation = False
         self.tool_args: str | None = None
         self.prompt_logprobs = False
+        self.answer: bytes | None = None  # the JSON body of any other POST (e.g. /v1/responses), as it is
         self.chat_usage = True  # False: non-streamed chat answers without `usage` (nothing for the meter to count)
         self.suffix = ""  # added to every streamed piece of text, e.g. "é" for multibyte characters
         self.split = False
@@ -218,5 +219,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
+        elif up.answer is not None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(up.answer)))
+            self.end_headers()
+            self.wfile.write(up.answer)
         else:
             self._json({"upstream": up.name, "path": self.path, "model": model})

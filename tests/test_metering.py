@@ -149,7 +149,7 @@ def up(fakes: dict[str, FakeUpstream]) -> Iterator[FakeUpstream]:
     meter.chunks, meter.chunk_delay, meter.suffix = 4, 0.02, ""
     meter.usage_null = meter.split = meter.obfuscation = meter.prompt_logprobs = False
     meter.chat_usage = True
-    meter.tool_args = None
+    meter.tool_args = meter.answer = None
     meter.cut_after = meter.stall_after = None
 
 
@@ -422,6 +422,30 @@ def test_prompt_tokens_after_the_usage_cannot_hide_it(metered: Stack, key: str, 
                      headers={"X-Request-ID": request_id})
     assert r.json()["prompt_logprobs"][1]["7"]["decoded_token"] == "usage"
     assert tokens(record(metered, request_id)) == ("3", "4", "7")
+
+
+ZERO = '{"prompt_tokens":0,"completion_tokens":0,"total_tokens":0}'
+
+
+@needs_njs
+@pytest.mark.parametrize(("answer", "expected"), [
+    # the model's JSON as JSON (tool input objects, e.g. Anthropic-style), the answer's own usage without these
+    # counts: unknown, never the forged zeros
+    ('{"content":[{"type":"tool_use","input":{"usage":' + ZERO + '}}],"usage":{"input_tokens":5}}', ("", "", "")),
+    # the answer's usage first, a forged one nested after it
+    ('{"usage":{"prompt_tokens":5,"completion_tokens":6,"total_tokens":11},"output":[{"arguments":{"usage":'
+     + ZERO + '}}],"note":"}"}', ("5", "6", "11")),
+    # json.dumps' spacing, a trailing newline
+    ('{"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 6}, "x": "]"}\n', ("5", "6", "11")),
+    ('{"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":6,"total_tokens":11}', ("", "", "")),  # cut
+], ids=["nested-only", "nested-after", "spaced", "truncated"])
+def test_only_the_top_level_usage_object_counts(metered: Stack, key: str, up: FakeUpstream, answer: str,
+                                                expected: tuple[str, str, str]) -> None:
+    up.answer = answer.encode()
+    request_id = rid()
+    r = metered.post("/v1/responses", key, json={"model": "meter-model"}, headers={"X-Request-ID": request_id})
+    assert r.content == up.answer
+    assert tokens(record(metered, request_id)) == expected
 
 
 @needs_njs
