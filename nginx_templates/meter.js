@@ -6,8 +6,9 @@
 // exactly the stream it would have got without Bastion. See docs/operations.md, "Token metering".
 //
 // njs gives each request its own copy of these globals: they are the request's state. The hot path (every
-// chunk of a stream) finds line ends with single-byte searches and looks at the last bytes of each line; only
-// a line that ends like a usage event or Ollama's last line is searched, decoded and parsed.
+// chunk of a stream) finds line ends with single-byte searches, looks at the last bytes of each line and
+// searches each chunk once for "usage"; only a line holding a usage object or Ollama's last line is decoded
+// and parsed.
 
 var JSON_KEEP = 1048576; // of a JSON answer longer than this only the last JSON_KEEP bytes are read
 var LINE_KEEP = 1048576; // a line longer than this is not pieced together (it cannot be a usage line)
@@ -209,13 +210,18 @@ function sseLine(buf, start, stop) {
     if (nextUsage >= end) {
         return true;
     }
-    // the event's own usage is its last "usage" key (model text is in JSON strings, where quotes are escaped)
-    var at;
+    // the event's own usage is its last "usage" key (model text is in JSON strings, where quotes are escaped;
+    // a "usage" not followed by `:` is a string value, e.g. a logprob's token)
+    var at = -1;
+    var value = -1;
     do {
-        at = nextUsage;
-        nextUsage = found(buf, at + USAGE.length);
+        var v = valueAt(buf, nextUsage + USAGE.length, end);
+        if (v !== -1) {
+            at = nextUsage;
+            value = v;
+        }
+        nextUsage = found(buf, nextUsage + USAGE.length);
     } while (nextUsage < end);
-    var value = valueAt(buf, at + USAGE.length, end);
     if (value === -1) {
         return true;
     }

@@ -125,9 +125,10 @@ class _Handler(BaseHTTPRequestHandler):
                            "usage": {"prompt_tokens": 11, "completion_tokens": up.chunks * 2,
                                      "total_tokens": 11 + up.chunks * 2,
                                      "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0}}})
-        if up.obfuscation:  # random padding of varying length in OpenAI's; fixed here so runs can be compared
-            for i, event in enumerate(events):
-                event["obfuscation"] = "aZ0-_xQ9"[: 1 + i % 8] * (1 + i % 3)
+        if up.obfuscation:  # random padding of varying length in OpenAI's; fixed here so runs can be compared,
+            for i, event in enumerate(events):  # and sometimes "usage" (a string, after the usage key)
+                event["obfuscation"] = "usage" if i % 2 else "aZ0-_xQ9"[: 1 + i % 8] * (1 + i % 3)
+            events[-1]["obfuscation"] = "usage"
         lines = [b"data: " + json.dumps(e, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
                  for e in events]
         self._stream("text/event-stream", [*lines, b"data: [DONE]\n\n"])
