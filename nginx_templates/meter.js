@@ -13,7 +13,8 @@
 var JSON_KEEP = 1048576; // of a JSON answer longer than this only the last JSON_KEEP bytes are read
 var LINE_KEEP = 1048576; // a line longer than this is not pieced together (it cannot be a usage line)
 var HOLD_KEEP = 65536; // strip mode: an unfinished event longer than this goes on as it is
-var TAIL_SCAN = 65536; // json: the bytes after a usage object that are scanned to see that it is top-level
+var TAIL_SCAN = 16384; // json: the bytes after a usage object that are scanned to see that it is top-level
+var USAGE_TRIES = 4; // json: usage objects looked at, from the end (each may cost a TAIL_SCAN byte loop)
 // Needles are strings, not Buffers: njs runs this top-level code again for every request (njs_vm_start).
 var USAGE = '"usage"';
 var PROMPT_TOKENS = '"prompt_tokens"';
@@ -321,14 +322,18 @@ function readJson() {
     // JSON strings there (content and tool-call arguments alike), where a quote is written \" ; a `"usage"`
     // followed by `:` and `{` is therefore a key the server wrote (a quote preceded by a letter cannot be an
     // escaped one, and a string followed by `:` is a key). Servers write it after the choices, and only some
-    // (vLLM's prompt_logprobs) write more after it: the last one whose object closes the body's own is taken,
-    // else (a long or nested tail) the last one whose object has counts.
+    // (vLLM's prompt_logprobs) write more after it: the last one whose object closes the body's own is taken;
+    // past TAIL_SCAN bytes of tail that cannot be checked, and then only the body's last usage object counts.
     var at = buf.length;
     var fallback = null;
+    var tries = USAGE_TRIES;
     while ((at = at > 0 ? buf.lastIndexOf(USAGE, at - 1) : -1) !== -1) {
         var open = valueAt(buf, at + USAGE.length, buf.length);
         if (open === -1 || buf[open] !== 123) {
             continue; // "usage" as a value (a token's text) or not an object
+        }
+        if (!tries--) {
+            break;
         }
         var shut = objectEnd(buf, open);
         if (shut === -1) {
@@ -345,8 +350,8 @@ function readJson() {
             }
             return;
         }
-        if (counts && !fallback) {
-            fallback = counts;
+        if (tries === USAGE_TRIES - 1) {
+            fallback = counts; // only the last usage object in the body may count without that proof
         }
     }
     if (fallback) {
