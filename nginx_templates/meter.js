@@ -6,12 +6,15 @@
 // exactly the stream it would have got without Bastion. See docs/operations.md, "Token metering".
 //
 // njs gives each request its own copy of these globals: they are the request's state. The hot path (every
-// chunk of a stream) finds line ends with single-byte searches and looks at the last bytes of each line; only
-// a line that ends like a usage event or Ollama's last line is searched, decoded and parsed.
+// chunk of a stream) finds line ends with single-byte searches, looks at the last bytes of each line and
+// searches each chunk once for "usage"; only a line holding a usage object or Ollama's last line is decoded
+// and parsed.
 
 var JSON_KEEP = 1048576; // of a JSON answer longer than this only the last JSON_KEEP bytes are read
 var LINE_KEEP = 1048576; // a line longer than this is not pieced together (it cannot be a usage line)
 var HOLD_KEEP = 65536; // strip mode: an unfinished event longer than this goes on as it is
+var TAIL_SCAN = 16384; // json: the bytes after a usage object that are scanned to see that it is top-level
+var USAGE_TRIES = 4; // json: usage objects looked at, from the end (each may cost a TAIL_SCAN byte loop)
 // Needles are strings, not Buffers: njs runs this top-level code again for every request (njs_vm_start).
 var USAGE = '"usage"';
 var PROMPT_TOKENS = '"prompt_tokens"';
@@ -26,12 +29,14 @@ var DONE_TRUE_SPACED = '"done": true';
 var seen = false; // the upstream's answer reached the header filter
 var ended = false; // its last byte went on (the body filter saw the last buffer)
 var kind = ""; // "sse", "ndjson", "json" or "" (anything else: only its end is watched)
+var ollamaApi = false; // Ollama's own API (/api/...): its counts, never a "usage" object
 var strip = false; // take out what the injected include_usage added
 var finished = false; // the format's own end mark: data: [DONE], "done":true, or a whole JSON body
 var needsMark = false; // this answer must end with its mark (chat and completion streams)
 var rest = []; // bytes after the last newline (strip mode: after the last complete event), not yet read
 var restSize = 0;
 var dropping = false; // strip mode: inside the injected usage event
+var nextUsage = -1; // the next "usage" in the Buffer being scanned (its length: none), -1: not searched yet
 var parts = []; // json: the body so far (its tail past JSON_KEEP)
 var size = 0;
 var lastAt = 0; // ms: the last bytes from the upstream
@@ -58,6 +63,7 @@ function header(r) {
         needsMark = r.uri === "/api/chat" || r.uri === "/api/generate";
     } else if (type.indexOf("application/json") === 0) {
         kind = "json";
+        ollamaApi = r.uri.indexOf("/api/") === 0;
     }
 }
 
@@ -142,6 +148,7 @@ function held(buf) {
 function scan(buf, end) {
     var out = null;
     var kept = 0;
+    nextUsage = -1;
     var start = 0;
     while (start < end) {
         var nl = buf.indexOf(10, start);
@@ -176,8 +183,9 @@ function contentEnd(buf, start, stop) {
     return stop;
 }
 
-// One SSE line: true to keep it, null to drop it, or the Buffer to send instead. Only its last bytes are
-// looked at, unless they look like the end of a usage event: `}}` or `[]}` (`"choices":[]` last).
+// One SSE line: true to keep it, null to drop it, or the Buffer to send instead. A `data:` line ending in `}`
+// is looked at only when it holds a `"usage"` (found for the whole chunk at once: `nextUsage`), wherever that
+// key is: OpenAI writes `"obfuscation":"<padding>"` after it in every chunk since 2025.
 function sseLine(buf, start, stop) {
     var end = contentEnd(buf, start, stop);
     if (dropping) {
@@ -194,20 +202,37 @@ function sseLine(buf, start, stop) {
         }
         return true;
     }
-    var before = buf[end - 2];
     if (last !== 125 || end - start < 20) {
         return true;
     }
-    if (before === 108) { // "l}": maybe "usage":null
-        return strip ? withoutNullUsage(buf, start, end, stop) : true;
+    if (nextUsage < start) {
+        nextUsage = found(buf, start);
     }
-    if (before !== 125 && !(before === 93 && buf[end - 3] === 91)) {
+    if (nextUsage >= end) {
         return true;
     }
-    if (buf.slice(Math.max(start, end - 1024), end).indexOf(USAGE) === -1) {
+    // the event's own usage is its last "usage" key (model text is in JSON strings, where quotes are escaped;
+    // a "usage" not followed by `:` is a string value, e.g. a logprob's token)
+    var at = -1;
+    var value = -1;
+    do {
+        var v = valueAt(buf, nextUsage + USAGE.length, end);
+        if (v !== -1) {
+            at = nextUsage;
+            value = v;
+        }
+        nextUsage = found(buf, nextUsage + USAGE.length);
+    } while (nextUsage < end);
+    if (value === -1) {
         return true;
     }
-    var event = parse(buf.slice(start + 5, end).toString());
+    if (buf[value] === 110) { // "n": "usage":null, what include_usage adds to every chunk
+        return strip && buf[value + 3] === 108 ? withoutNullUsage(buf, start, at, value + 4, end, stop) : true;
+    }
+    if (buf[value] !== 123) { // "{"
+        return true;
+    }
+    var event = parse(buf.slice(start + 5, end).toString()); // one event a stream (vLLM's continuous stats: each)
     if (!event || !event.usage || typeof event.usage !== "object") {
         return true;
     }
@@ -219,14 +244,37 @@ function sseLine(buf, start, stop) {
     return true;
 }
 
-// `"usage":null` closing a chunk: what include_usage adds to every chunk (OpenAI does, vLLM does not).
-function withoutNullUsage(buf, start, end, stop) {
-    var tail = buf.slice(Math.max(start, end - 16), end).toString();
-    var cut = tail.endsWith(',"usage":null}') ? 14 : tail.endsWith(', "usage": null}') ? 16 : 0;
-    if (!cut) {
+// The next "usage" in buf from `from` on, or buf.length.
+function found(buf, from) {
+    var i = buf.indexOf(USAGE, from);
+    return i === -1 ? buf.length : i;
+}
+
+// Where the value of the key ending just before `i` starts (after `:` and spaces), or -1 when `i` is not a key.
+function valueAt(buf, i, end) {
+    while (i < end && buf[i] === 32) {
+        i++;
+    }
+    if (buf[i] !== 58) { // ":"
+        return -1;
+    }
+    i++;
+    while (i < end && buf[i] === 32) {
+        i++;
+    }
+    return i < end ? i : -1;
+}
+
+// The line without `"usage":null` (the key at `at`, the value ending at `after`) and the comma before it.
+function withoutNullUsage(buf, start, at, after, end, stop) {
+    var cut = at - 1;
+    while (cut > start && buf[cut] === 32) {
+        cut--;
+    }
+    if (buf[cut] !== 44) { // ",": the first key of its object (no one sends that), left as it is
         return true;
     }
-    return Buffer.concat([buf.slice(start, end - cut), Buffer.from("}"), buf.slice(end, stop)]);
+    return Buffer.concat([buf.slice(start, cut), buf.slice(after, stop)]);
 }
 
 // One NDJSON line: Ollama's last one says "done":true (its other lines end with "done":false}).
@@ -252,31 +300,161 @@ function keep(data) {
 }
 
 // The counts of a JSON answer, read from its bytes: no decoding and no JSON.parse, which in a request's fresh
-// VM costs more than everything else the meter does. OpenAI: the last `"usage":` (a string cannot hold an
-// unescaped quote, so it is a key; answers put it at the top level, usually last) and the integers after it;
-// Ollama: its last `"prompt_eval_count"` and `"eval_count"`.
+// VM costs more than everything else the meter does. The format is the request's, never the body's: Ollama's
+// /api/ answers can hold the model's output as JSON (tool-call arguments are objects there), so a usage object
+// in them can be forged by whoever writes the tool's schema.
 function readJson() {
     var buf = parts.length === 1 ? parts[0] : Buffer.concat(parts);
     parts = [];
     finished = true;
-    var at = buf.lastIndexOf(USAGE);
-    if (at !== -1) {
-        var prompt = integer(buf, PROMPT_TOKENS, at);
-        var completion = integer(buf, COMPLETION_TOKENS, at);
-        var total = integer(buf, TOTAL_TOKENS, at);
-        if (total === "" && prompt !== "" && completion !== "") {
-            total = String(Number(prompt) + Number(completion));
-        }
-        if (prompt !== "" || completion !== "" || total !== "") {
-            tokens(prompt, completion, total);
+    if (ollamaApi) {
+        // Ollama writes its counts last, after the message: a key that is followed by a `}` or `]` before the
+        // body's own last `}` is inside some object (the model's) and is not counted
+        var close = buf.lastIndexOf(125);
+        var p = integer(buf, PROMPT_EVAL_COUNT, flatUntil(buf, buf.lastIndexOf(PROMPT_EVAL_COUNT), close));
+        var c = integer(buf, EVAL_COUNT, flatUntil(buf, buf.lastIndexOf(EVAL_COUNT), close));
+        if (p !== "" || c !== "") {
+            tokens(p || "0", c || "0", String(Number(p || "0") + Number(c || "0")));
         }
         return;
     }
-    var p = integer(buf, PROMPT_EVAL_COUNT, buf.lastIndexOf(PROMPT_EVAL_COUNT));
-    var c = integer(buf, EVAL_COUNT, buf.lastIndexOf(EVAL_COUNT));
-    if (p !== "" || c !== "") {
-        tokens(p || "0", c || "0", String(Number(p || "0") + Number(c || "0")));
+    // OpenAI and the servers that copy it: the top-level "usage" object. Everything the model wrote is inside
+    // JSON strings there (content and tool-call arguments alike), where a quote is written \" ; a `"usage"`
+    // followed by `:` and `{` is therefore a key the server wrote (a quote preceded by a letter cannot be an
+    // escaped one, and a string followed by `:` is a key). Servers write it after the choices, and only some
+    // (vLLM's prompt_logprobs) write more after it: the last one whose object closes the body's own is taken;
+    // past TAIL_SCAN bytes of tail that cannot be checked, and then only the body's last usage object counts.
+    var at = buf.length;
+    var fallback = null;
+    var tries = USAGE_TRIES;
+    while ((at = at > 0 ? buf.lastIndexOf(USAGE, at - 1) : -1) !== -1) {
+        var open = valueAt(buf, at + USAGE.length, buf.length);
+        if (open === -1 || buf[open] !== 123) {
+            continue; // "usage" as a value (a token's text) or not an object
+        }
+        if (!tries--) {
+            break;
+        }
+        var shut = objectEnd(buf, open);
+        if (shut === -1) {
+            continue;
+        }
+        var top = closesBody(buf, shut + 1);
+        if (top === false) {
+            continue; // inside another object: not the answer's
+        }
+        var counts = usageCounts(buf, open, shut);
+        if (top === true) {
+            if (counts) {
+                tokens(counts[0], counts[1], counts[2]);
+            }
+            return;
+        }
+        if (tries === USAGE_TRIES - 1) {
+            fallback = counts; // only the last usage object in the body may count without that proof
+        }
     }
+    if (fallback) {
+        tokens(fallback[0], fallback[1], fallback[2]);
+    }
+}
+
+// `from` when buf(from, close) holds no `}` or `]` (nothing after it closes an object or array), else -1.
+function flatUntil(buf, from, close) {
+    if (from < 0 || close <= from) {
+        return -1;
+    }
+    var tail = buf.slice(from, close);
+    return tail.indexOf(125) === -1 && tail.indexOf(93) === -1 ? from : -1;
+}
+
+// The index of the `}` closing the object opened at `open`, or -1. Strings are not skipped: this is an object
+// the server wrote (see readJson), holding keys and numbers.
+function objectEnd(buf, open) {
+    var depth = 1;
+    var i = open + 1;
+    var nextOpen = buf.indexOf(123, i);
+    for (;;) {
+        var close = buf.indexOf(125, i);
+        if (close === -1) {
+            return -1;
+        }
+        if (nextOpen !== -1 && nextOpen < close) {
+            depth++;
+            i = nextOpen + 1;
+            nextOpen = buf.indexOf(123, i);
+        } else if (--depth === 0) {
+            return close;
+        } else {
+            i = close + 1;
+        }
+    }
+}
+
+// The index of the quote closing the string opened at `i`, or -1.
+function stringEnd(buf, i) {
+    for (;;) {
+        i = buf.indexOf(34, i + 1);
+        if (i === -1) {
+            return -1;
+        }
+        var slashes = 0;
+        while (buf[i - 1 - slashes] === 92) {
+            slashes++;
+        }
+        if (slashes % 2 === 0) {
+            return i;
+        }
+    }
+}
+
+// Whether what follows a value at `from` closes the body's top-level object: true, false (it closes a nested
+// one first), or null when the tail is longer than TAIL_SCAN (not scanned: byte loops cost in njs).
+function closesBody(buf, from) {
+    var close = buf.lastIndexOf(125);
+    if (flatUntil(buf, from, close) === from && blank(buf, close + 1)) {
+        return true; // the usual tail: a few keys with strings or numbers (no brackets at all), then the end
+    }
+    if (buf.length - from > TAIL_SCAN) {
+        return null;
+    }
+    var depth = 0;
+    for (var i = from; i < buf.length; i++) {
+        var b = buf[i];
+        if (b === 34) {
+            i = stringEnd(buf, i);
+            if (i === -1) {
+                return false;
+            }
+        } else if (b === 123 || b === 91) {
+            depth++;
+        } else if (b === 125 || b === 93) {
+            if (--depth < 0) {
+                return b === 125 && blank(buf, i + 1);
+            }
+        }
+    }
+    return false;
+}
+
+// Whether buf holds only whitespace from `i` on.
+function blank(buf, i) {
+    while (i < buf.length && (buf[i] === 32 || buf[i] === 10 || buf[i] === 13 || buf[i] === 9)) {
+        i++;
+    }
+    return i === buf.length;
+}
+
+// [prompt, completion, total] of the usage object buf[open, shut], or null when it has none.
+function usageCounts(buf, open, shut) {
+    var usage = buf.slice(open, shut + 1);
+    var prompt = integer(usage, PROMPT_TOKENS, 0);
+    var completion = integer(usage, COMPLETION_TOKENS, 0);
+    var total = integer(usage, TOTAL_TOKENS, 0);
+    if (total === "" && prompt !== "" && completion !== "") {
+        total = String(Number(prompt) + Number(completion));
+    }
+    return prompt !== "" || completion !== "" || total !== "" ? [prompt, completion, total] : null;
 }
 
 // The integer value of the first key `name` (a Buffer of `"name"`) at or after `from`, or "".

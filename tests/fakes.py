@@ -16,7 +16,11 @@ class FakeUpstream:
 
     Streams end like real servers': OpenAI SSE with a usage event (`"choices":[]`) before `data: [DONE]` when
     the request asks for `stream_options.include_usage` (and, with `usage_null`, `"usage":null` in every
-    other chunk, as OpenAI itself does); Ollama NDJSON with `prompt_eval_count`/`eval_count` in the last line.
+    other chunk, as OpenAI itself does; with `obfuscation`, OpenAI's shape since 2025: `"usage":null` and a
+    last field `"obfuscation":"<padding>"` in every chunk, the usage event included); Ollama NDJSON with
+    `prompt_eval_count`/`eval_count` in the last line. Non-streamed answers: `tool_args` adds a tool call with
+    these arguments (a JSON string for OpenAI, an object for Ollama's /api/chat, as each sends them);
+    `prompt_logprobs` adds vLLM's `prompt_logprobs` (tokens such as "usage") after the usage.
     Knobs for broken streams: `cut_after` events the connection is closed without ending the stream,
     `stall_after` events it goes silent for `stall` seconds; `split` sends each event in two pieces, cut
     inside the first "é" (give the text one with `suffix`)."""
@@ -29,6 +33,10 @@ class FakeUpstream:
         self.chunk_delay = chunk_delay
         self.chunks = chunks
         self.usage_null = False
+        self.obfuscation = False
+        self.tool_args: str | None = None
+        self.prompt_logprobs = False
+        self.answer: bytes | None = None  # the JSON body of any other POST (e.g. /v1/responses), as it is
         self.chat_usage = True  # False: non-streamed chat answers without `usage` (nothing for the meter to count)
         self.suffix = ""  # added to every streamed piece of text, e.g. "é" for multibyte characters
         self.split = False
@@ -123,14 +131,19 @@ class _Handler(BaseHTTPRequestHandler):
                       else {"index": 0, "text": text, "finish_reason": None, "logprobs": None})
             chunk: dict[str, Any] = {"id": "c1", "object": "chat.completion.chunk" if chat else "text_completion",
                                      "created": 0, "model": body.get("model", ""), "choices": [choice]}
-            if usage and up.usage_null:
+            if usage and (up.usage_null or up.obfuscation):
                 chunk["usage"] = None
             events.append(chunk)
         if usage:
             events.append({"id": "c1", "object": "chat.completion.chunk" if chat else "text_completion",
                            "created": 0, "model": body.get("model", ""), "choices": [],
                            "usage": {"prompt_tokens": 11, "completion_tokens": up.chunks * 2,
-                                     "total_tokens": 11 + up.chunks * 2}})
+                                     "total_tokens": 11 + up.chunks * 2,
+                                     "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0}}})
+        if up.obfuscation:  # random padding of varying length in OpenAI's; fixed here so runs can be compared,
+            for i, event in enumerate(events):  # and sometimes "usage" (a string, after the usage key)
+                event["obfuscation"] = "usage" if i % 2 else "aZ0-_xQ9"[: 1 + i % 8] * (1 + i % 3)
+            events[-1]["obfuscation"] = "usage"
         lines = [b"data: " + json.dumps(e, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
                  for e in events]
         self._stream("text/event-stream", [*lines, b"data: [DONE]\n\n"])
@@ -179,6 +192,12 @@ class _Handler(BaseHTTPRequestHandler):
                 "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7},
                 "received_bytes": len(entry["body"]),
             }
+            if up.tool_args is not None:
+                answer["choices"][0]["message"]["tool_calls"] = [
+                    {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": up.tool_args}}]
+            if up.prompt_logprobs:  # vLLM: after the usage, with prompt tokens that spell keys
+                answer["prompt_logprobs"] = [None, {"7": {"logprob": -1.5, "rank": 1, "decoded_token": "usage"}},
+                                             {"8": {"logprob": -0.5, "rank": 2, "decoded_token": '"usage":{'}}]
             if not up.chat_usage:
                 del answer["usage"]
             self._json(answer)
@@ -192,8 +211,11 @@ class _Handler(BaseHTTPRequestHandler):
                         "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}],
                         "usage": {"prompt_tokens": 1, "total_tokens": 1}})
         elif self.path == "/api/chat" and body.get("stream") is False:
-            self._json({"model": model, "message": {"role": "assistant", "content": f"hello from {up.name}"},
-                        "done": True, "done_reason": "stop", "prompt_eval_count": 9, "eval_count": up.chunks})
+            message: dict[str, Any] = {"role": "assistant", "content": f"hello from {up.name}"}
+            if up.tool_args is not None:  # Ollama writes the arguments as JSON, not as a string
+                message["tool_calls"] = [{"function": {"name": "f", "arguments": json.loads(up.tool_args)}}]
+            self._json({"model": model, "message": message, "done": True, "done_reason": "stop",
+                        "prompt_eval_count": 9, "eval_count": up.chunks})
         elif self.path == "/api/chat":
             lines = [json.dumps({"model": model, "created_at": "2024-01-01T00:00:00Z",
                                  "message": {"role": "assistant", "content": f"{up.name}-{i}{up.suffix}"},
@@ -213,5 +235,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
+        elif up.answer is not None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(up.answer)))
+            self.end_headers()
+            self.wfile.write(up.answer)
         else:
             self._json({"upstream": up.name, "path": self.path, "model": model})

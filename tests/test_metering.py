@@ -269,8 +269,9 @@ def up(fakes: dict[str, FakeUpstream]) -> Iterator[FakeUpstream]:
     meter.requests.clear()
     yield meter
     meter.chunks, meter.chunk_delay, meter.suffix = 4, 0.02, ""
-    meter.usage_null = meter.split = False
+    meter.usage_null = meter.split = meter.obfuscation = meter.prompt_logprobs = False
     meter.chat_usage = True
+    meter.tool_args = meter.answer = None
     meter.cut_after = meter.stall_after = None
 
 
@@ -348,16 +349,17 @@ def raw_stream(url: str, body: bytes, headers: dict[str, str]) -> bytes:
 
 
 @needs_njs
-@pytest.mark.parametrize("style", ["vllm", "openai", "split"])
+@pytest.mark.parametrize("style", ["vllm", "openai", "obfuscated", "split"])
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
 @pytest.mark.parametrize("asked", [False, True], ids=["not-asked", "asked"])
 def test_streams_reach_the_client_byte_for_byte_as_the_upstream_sends_them(
         metered: Stack, key: str, up: FakeUpstream, style: str, path: str, asked: bool) -> None:
     """What the client gets through Bastion is, byte for byte, what the upstream sends it directly: when it did
     not ask for usage (Bastion asks, then takes the usage out again) and when it did (untouched), multibyte
-    characters cut across chunks and OpenAI's `"usage":null` in every chunk included."""
+    characters cut across chunks and OpenAI's `"usage":null` and `"obfuscation"` in every chunk included."""
     up.suffix = "é ☃ "
     up.usage_null = style == "openai"
+    up.obfuscation = style == "obfuscated"
     up.split = style == "split"
     options = ', "stream_options": {"include_usage": true}' if asked else ""
     body = (' {\n  "model": "meter-model", "stream": true,\n  "messages": [{"role": "user", "content": "Grüße"}]'
@@ -590,3 +592,86 @@ def test_a_stream_that_is_not_a_boolean_is_refused_through_nginx(metered: Stack,
         assert r.status_code == 400
         assert (r.json()["error"]["param"], r.json()["error"]["code"]) == ("stream", "invalid_type")
     assert not [r for r in up.requests if r["path"] == "/v1/chat/completions"]
+
+
+FORGED = '{"usage":{"prompt_tokens":0,"completion_tokens":0,"total_tokens":0},"prompt_eval_count":0,"eval_count":0}'
+
+
+@needs_njs
+@pytest.mark.parametrize("args", [FORGED, '{"usage": "x", "eval_count": 1}'], ids=["forged-counts", "named-usage"])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/api/chat"])
+def test_tool_call_arguments_cannot_change_the_counts(metered: Stack, key: str, up: FakeUpstream, path: str,
+                                                      args: str) -> None:
+    """The client writes the tool's schema, so the model can be made to write any arguments: OpenAI sends them
+    as a JSON string, Ollama's /api/chat as JSON itself, before its own counts. Neither changes the record."""
+    up.tool_args = args
+    request_id = rid()
+    r = metered.post(path, key, json={"model": "meter-model", "messages": [], "stream": False},
+                     headers={"X-Request-ID": request_id})
+    assert r.status_code == 200 and "usage" in json.dumps(r.json())
+    expected = ("3", "4", "7") if path.startswith("/v1/") else ("9", "4", "13")
+    assert tokens(record(metered, request_id)) == expected
+
+
+@needs_njs
+def test_prompt_tokens_after_the_usage_cannot_hide_it(metered: Stack, key: str, up: FakeUpstream) -> None:
+    """vLLM writes prompt_logprobs after the usage, with the prompt's tokens as text ("usage" among them)."""
+    up.prompt_logprobs = True
+    request_id = rid()
+    r = metered.post("/v1/chat/completions", key, json={"model": "meter-model", "messages": []},
+                     headers={"X-Request-ID": request_id})
+    assert r.json()["prompt_logprobs"][1]["7"]["decoded_token"] == "usage"
+    assert tokens(record(metered, request_id)) == ("3", "4", "7")
+
+
+ZERO = '{"prompt_tokens":0,"completion_tokens":0,"total_tokens":0}'
+
+
+@needs_njs
+@pytest.mark.parametrize(("answer", "expected"), [
+    # the model's JSON as JSON (tool input objects, e.g. Anthropic-style), the answer's own usage without these
+    # counts: unknown, never the forged zeros
+    ('{"content":[{"type":"tool_use","input":{"usage":' + ZERO + '}}],"usage":{"input_tokens":5}}', ("", "", "")),
+    # the answer's usage first, a forged one nested after it
+    ('{"usage":{"prompt_tokens":5,"completion_tokens":6,"total_tokens":11},"output":[{"arguments":{"usage":'
+     + ZERO + '}}],"note":"}"}', ("5", "6", "11")),
+    # json.dumps' spacing, a trailing newline
+    ('{"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 6}, "x": "]"}\n', ("5", "6", "11")),
+    ('{"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":6,"total_tokens":11}', ("", "", "")),  # cut
+], ids=["nested-only", "nested-after", "spaced", "truncated"])
+def test_only_the_top_level_usage_object_counts(metered: Stack, key: str, up: FakeUpstream, answer: str,
+                                                expected: tuple[str, str, str]) -> None:
+    up.answer = answer.encode()
+    request_id = rid()
+    r = metered.post("/v1/responses", key, json={"model": "meter-model"}, headers={"X-Request-ID": request_id})
+    assert r.content == up.answer
+    assert tokens(record(metered, request_id)) == expected
+
+
+@needs_njs
+def test_the_insertion_lands_at_its_byte_offset_after_multibyte_text(metered: Stack, key: str,
+                                                                     up: FakeUpstream) -> None:
+    """The gate's offset counts bytes; meter.js must too, whatever multibyte characters come before it."""
+    body = ('{"model":"meter-model","stream":true,"messages":[{"role":"user","content":"héllo ☃ \\u00e9"}],'
+            '"stream_options":{}}').encode()
+    ask = include_usage.insertion(body, json.loads(body))
+    assert ask is not None and int(ask.split(" ")[0]) > body.index("☃".encode())
+    r = metered.post("/v1/chat/completions", key, data=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n") and '"usage"' not in r.text
+    at, _, text = ask.partition(" ")
+    assert sent(up) == body[:int(at)] + text.encode() + body[int(at):]
+    assert json.loads(sent(up))["stream_options"] == {"include_usage": True}
+
+
+@needs_njs
+def test_a_multipart_upload_reaches_the_upstream_byte_for_byte(metered: Stack, key: str, up: FakeUpstream) -> None:
+    """An audio upload is binary (not UTF-8): the body nginx replays must be the client's bytes."""
+    audio = b"RIFF\x24\x00\x00\x00WAVEfmt " + bytes(range(256)) * 4 + "é☃".encode() + b"\xff\xfe\x80\x00"
+    body = (b'--XX\r\nContent-Disposition: form-data; name="model"\r\n\r\nmeter-model\r\n'
+            b'--XX\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n'
+            b"Content-Type: audio/wav\r\n\r\n" + audio + b"\r\n--XX--\r\n")
+    r = metered.post("/v1/audio/transcriptions", key, data=body,
+                     headers={"Content-Type": "multipart/form-data; boundary=XX"})
+    assert r.status_code == 200, r.text
+    got = [r for r in up.requests if r["path"] == "/v1/audio/transcriptions"][-1]
+    assert got["body"] == body and got["headers"]["Content-Length"] == str(len(body))
