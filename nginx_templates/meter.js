@@ -1,7 +1,7 @@
 // Bastion's token meter (njs 0.7+): header and body filters on the pool locations, and the variables the
 // access log prints (outcome, prompt/completion/total tokens). Every chunk goes on to the client as soon as
 // it arrives, untouched, except when the gate asked nginx to add stream_options.include_usage for a client
-// that did not ask (X-Bastion-Usage, authsvc/usage.py): then the usage event the upstream adds for it, and
+// that did not ask (X-Bastion-Usage, authsvc/include_usage.py): then the usage event the upstream adds for it, and
 // the "usage":null it may add to every chunk, are taken out again, whole events at a time, so the client gets
 // exactly the stream it would have got without Bastion. See docs/operations.md, "Token metering".
 //
