@@ -20,6 +20,8 @@ var USAGE = '"usage"';
 var PROMPT_TOKENS = '"prompt_tokens"';
 var COMPLETION_TOKENS = '"completion_tokens"';
 var TOTAL_TOKENS = '"total_tokens"';
+var INPUT_TOKENS = '"input_tokens"'; // the Responses API's (and Anthropic's) names
+var OUTPUT_TOKENS = '"output_tokens"';
 var PROMPT_EVAL_COUNT = '"prompt_eval_count"';
 var EVAL_COUNT = '"eval_count"';
 var DONE = "[DONE]";
@@ -233,7 +235,18 @@ function sseLine(buf, start, stop) {
         return true;
     }
     var event = parse(buf.slice(start + 5, end).toString()); // one event a stream (vLLM's continuous stats: each)
-    if (!event || !event.usage || typeof event.usage !== "object") {
+    if (!event) {
+        return true;
+    }
+    if (!event.usage && event.response && typeof event.response === "object" && event.response.usage
+            && typeof event.response.usage === "object") {
+        // the Responses API: its last event (response.completed, .incomplete or .failed) carries the response
+        // with its usage, and no [DONE] follows
+        openai(event.response.usage);
+        finished = true;
+        return true;
+    }
+    if (!event.usage || typeof event.usage !== "object") {
         return true;
     }
     openai(event.usage);
@@ -448,8 +461,8 @@ function blank(buf, i) {
 // [prompt, completion, total] of the usage object buf[open, shut], or null when it has none.
 function usageCounts(buf, open, shut) {
     var usage = buf.slice(open, shut + 1);
-    var prompt = integer(usage, PROMPT_TOKENS, 0);
-    var completion = integer(usage, COMPLETION_TOKENS, 0);
+    var prompt = integer(usage, PROMPT_TOKENS, 0) || integer(usage, INPUT_TOKENS, 0);
+    var completion = integer(usage, COMPLETION_TOKENS, 0) || integer(usage, OUTPUT_TOKENS, 0);
     var total = integer(usage, TOTAL_TOKENS, 0);
     if (total === "" && prompt !== "" && completion !== "") {
         total = String(Number(prompt) + Number(completion));
@@ -500,8 +513,8 @@ function count(value) {
 }
 
 function openai(usage) {
-    var prompt = count(usage.prompt_tokens);
-    var completion = count(usage.completion_tokens);
+    var prompt = count(usage.prompt_tokens !== undefined ? usage.prompt_tokens : usage.input_tokens);
+    var completion = count(usage.completion_tokens !== undefined ? usage.completion_tokens : usage.output_tokens);
     var total = count(usage.total_tokens);
     if (total === "" && prompt !== "" && completion !== "") {
         total = String(Number(prompt) + Number(completion));

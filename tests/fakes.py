@@ -37,6 +37,7 @@ class FakeUpstream:
         self.tool_args: str | None = None
         self.prompt_logprobs = False
         self.answer: bytes | None = None  # the JSON body of any other POST (e.g. /v1/responses), as it is
+        self.answer_type = "application/json"  # its Content-Type
         self.chat_usage = True  # False: non-streamed chat answers without `usage` (nothing for the meter to count)
         self.suffix = ""  # added to every streamed piece of text, e.g. "é" for multibyte characters
         self.split = False
@@ -237,7 +238,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(data)
         elif up.answer is not None:
             self.send_response(200)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", up.answer_type)
             self.send_header("Content-Length", str(len(up.answer)))
             self.end_headers()
             self.wfile.write(up.answer)

@@ -272,6 +272,7 @@ def up(fakes: dict[str, FakeUpstream]) -> Iterator[FakeUpstream]:
     meter.usage_null = meter.split = meter.obfuscation = meter.prompt_logprobs = False
     meter.chat_usage = True
     meter.tool_args = meter.answer = None
+    meter.answer_type = "application/json"
     meter.cut_after = meter.stall_after = None
 
 
@@ -631,7 +632,7 @@ ZERO = '{"prompt_tokens":0,"completion_tokens":0,"total_tokens":0}'
 @pytest.mark.parametrize(("answer", "expected"), [
     # the model's JSON as JSON (tool input objects, e.g. Anthropic-style), the answer's own usage without these
     # counts: unknown, never the forged zeros
-    ('{"content":[{"type":"tool_use","input":{"usage":' + ZERO + '}}],"usage":{"input_tokens":5}}', ("", "", "")),
+    ('{"content":[{"type":"tool_use","input":{"usage":' + ZERO + '}}],"usage":{"input_tokens":5}}', ("5", "", "")),
     # the answer's usage first, a forged one nested after it
     ('{"usage":{"prompt_tokens":5,"completion_tokens":6,"total_tokens":11},"output":[{"arguments":{"usage":'
      + ZERO + '}}],"note":"}"}', ("5", "6", "11")),
@@ -675,3 +676,36 @@ def test_a_multipart_upload_reaches_the_upstream_byte_for_byte(metered: Stack, k
     assert r.status_code == 200, r.text
     got = [r for r in up.requests if r["path"] == "/v1/audio/transcriptions"][-1]
     assert got["body"] == body and got["headers"]["Content-Length"] == str(len(body))
+
+
+RESPONSE_USAGE = ('{"input_tokens":9,"input_tokens_details":{"cached_tokens":0},"output_tokens":4,'
+                  '"output_tokens_details":{"reasoning_tokens":0},"total_tokens":13}')
+
+
+@needs_njs
+def test_the_responses_api_is_metered_streamed_and_not(metered: Stack, key: str, up: FakeUpstream) -> None:
+    """/v1/responses names its counts input_tokens and output_tokens; a stream carries them in the response of
+    its last event (response.completed) and ends without [DONE]."""
+    up.answer = ('{"id":"resp_1","object":"response","output":[{"type":"message","content":[{"type":"output_text",'
+                 '"text":"usage: none"}]}],"usage":' + RESPONSE_USAGE + '}').encode()
+    request_id = rid()
+    r = metered.post("/v1/responses", key, json={"model": "meter-model", "input": "hi"},
+                     headers={"X-Request-ID": request_id})
+    assert r.content == up.answer
+    assert tokens(record(metered, request_id)) == ("9", "4", "13")
+
+    events = [
+        ("response.created", '{"type":"response.created","response":{"id":"resp_2","status":"in_progress",'
+                             '"usage":null}}'),
+        ("response.output_text.delta", '{"type":"response.output_text.delta","delta":"\\"usage\\":{"}'),
+        ("response.completed", '{"type":"response.completed","response":{"id":"resp_2","status":"completed",'
+                               '"output":[],"usage":' + RESPONSE_USAGE + '}}'),
+    ]
+    up.answer = "".join(f"event: {name}\ndata: {data}\n\n" for name, data in events).encode()
+    up.answer_type = "text/event-stream"
+    request_id = rid()
+    r = metered.post("/v1/responses", key, json={"model": "meter-model", "input": "hi", "stream": True},
+                     headers={"X-Request-ID": request_id})
+    assert r.content == up.answer  # passed on untouched
+    rec = record(metered, request_id)
+    assert tokens(rec) == ("9", "4", "13") and rec["outcome"] == "completed"
