@@ -109,6 +109,16 @@ def render(bastion: Bastion, own_requests: int = OWN_REQUESTS) -> str:
 
 
 OTHER_MODEL = "other"
+# (name, help, bucket bounds, the rollups' cumulative bucket columns, count column, sum column)
+HISTOGRAMS = (
+    ("bastion_request_duration_seconds",
+     "Time from the request's first byte to the response's last (nginx $request_time), by model and pool.",
+     DURATION_BOUNDS, "d", "requests", "duration_sum"),
+    ("bastion_time_to_first_byte_seconds",
+     "Time until the upstream's response header (nginx $upstream_header_time), by model and pool; requests that "
+     "reached an upstream and got an answer.",
+     TTFB_BOUNDS, "t", "ttfb_count", "ttfb_sum"),
+)
 
 
 def known_models(bastion: Bastion) -> set[str]:
@@ -169,17 +179,11 @@ def _usage(out: Exposition, bastion: Bastion) -> None:
     out.family("bastion_response_bytes_total", "counter", "Bytes sent to clients, by model and pool.")
     for r in models:
         out.sample("bastion_response_bytes_total", {"model": r["model"], "pool": r["pool"]}, r["bytes_sent"])
-    out.family("bastion_request_duration_seconds", "histogram",
-               "Time from the request's first byte to the response's last (nginx $request_time), by model and pool.")
-    for r in models:
-        out.histogram("bastion_request_duration_seconds", {"model": r["model"], "pool": r["pool"]}, DURATION_BOUNDS,
-                      (r[f"d{i}"] for i in range(len(DURATION_BOUNDS))), r["requests"], r["duration_sum"])
-    out.family("bastion_time_to_first_byte_seconds", "histogram",
-               "Time until the upstream's response header (nginx $upstream_header_time), by model and pool; "
-               "requests that reached an upstream and got an answer.")
-    for r in models:
-        out.histogram("bastion_time_to_first_byte_seconds", {"model": r["model"], "pool": r["pool"]}, TTFB_BOUNDS,
-                      (r[f"t{i}"] for i in range(len(TTFB_BOUNDS))), r["ttfb_count"], r["ttfb_sum"])
+    for name, about, bounds, column, count, total in HISTOGRAMS:
+        out.family(name, "histogram", about)
+        for r in models:
+            out.histogram(name, {"model": r["model"], "pool": r["pool"]}, bounds,
+                          (r[f"{column}{i}"] for i in range(len(bounds))), r[count], r[total])
     out.family("bastion_usage_ingest_backlog_bytes", "gauge",
                "Bytes of nginx's usage log not yet in the usage store (ingested every second): the counters above "
                "lag by this much.")
