@@ -237,23 +237,30 @@ class Usage:
         finally:
             db.close()
 
-    def ingest(self) -> int:
-        """Read new complete lines of the access log, the rotated one first, into the store; returns how many
-        rows were added."""
-        added = 0
+    def ingest(self, max_batches: int | None = None) -> int:
+        """Read new complete lines of the access log, the rotated one first, into the store (at most
+        `max_batches` transactions of BATCH_BYTES); returns how many rows were added."""
+        added = batches = 0
         with self._connect() as db:
             for path in (self.rotated_path, self.log_path):
                 more = True
-                while more:
+                while more and (max_batches is None or batches < max_batches):
                     with _transaction(db):
                         n, skipped, more = self._ingest_batch(db, path)
                     added += n
+                    batches += bool(n or skipped)
                     if skipped:  # logged once committed: a failed batch is read (and counted) again
                         self.skipped += skipped
                         log.warning("%s: skipped %d torn or unreadable line(s)", path, skipped)
             with _transaction(db):
                 self._forget_gone_files(db)
         return added
+
+    def catch_up(self) -> int:
+        """What an API read does before answering: one batch at most (8 MB, well under a second), so a read
+        never works through a whole backlog (after downtime) inside an HTTP request; the supervisor ingests
+        the rest within seconds."""
+        return self.ingest(max_batches=1)
 
     def _ingest_batch(self, db: sqlite3.Connection, path: Path) -> tuple[int, int, bool]:
         try:

@@ -624,3 +624,14 @@ def test_day_rollups_are_kept_for_month_quotas() -> None:
     assert [check("usage_day_retention_days", days) for days in (0, 31, 400)] == [0, 31, 400]
     with pytest.raises(v.ValidationError, match=r"usage_day_retention_days.*at least 31"):
         check("usage_day_retention_days", 7)
+
+
+def test_an_api_read_catches_up_one_batch_at_most(usage: Usage, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After downtime the log may hold gigabytes: a read through the API must not ingest all of it before it
+    answers (nginx gives up on the manager after 60 s); the supervisor does the rest."""
+    lines = [record(f"r{i:02}") for i in range(50)]  # all of one length: 10 in a batch
+    usage.log_path.write_text("".join(lines))
+    monkeypatch.setattr(usage_mod, "BATCH_BYTES", len(lines[0]) * 10 + 5)
+    assert usage.catch_up() == 10
+    assert usage.catch_up() == 10
+    assert usage.ingest() == 30 and len(ids(usage)) == 50

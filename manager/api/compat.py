@@ -71,7 +71,7 @@ def analytics(key_ref: str):
     end = query_param("endDate", lambda f, x: v.integer(f, x, 0, 10**14), now_ms)
     start = query_param("startDate", lambda f, x: v.integer(f, x, 0, 10**14), end - WEEK_MS)
     usage = bastion().usage
-    usage.ingest()
+    usage.catch_up()
     rows = usage_queries.records(usage, usage_queries.Filters(key=key_id, since=start / 1000, until=end / 1000),
                                  limit=100_000).records
     records = [{"startTime": int(r["start"] * 1000),

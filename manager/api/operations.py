@@ -160,7 +160,7 @@ def usage_records_page():
         raise v.ValidationError("cursor", "cannot be combined with offset or group_by (use one way of paging)")
     as_csv = q.wants_csv(request.args.get("format"), request.accept_mimetypes)
     usage = bastion().usage
-    usage.ingest()
+    usage.catch_up()
     if group_by:
         groups = q.group_counts(usage, filters, group_by, limit, offset)
         if as_csv:
@@ -187,7 +187,7 @@ def usage_summary():
     limit = _limit("limit", q.MAX_SUMMARY_ROWS, q.DEFAULT_SUMMARY_ROWS)
     as_csv = q.wants_csv(request.args.get("format"), request.accept_mimetypes)
     b = bastion()
-    b.usage.ingest()
+    b.usage.catch_up()
     result = q.summary(b.usage, filters, group_by, bucket, b.settings()["model_prices"], limit, as_json=not as_csv,
                        fields=figures)
     if as_csv:
@@ -206,7 +206,7 @@ def usage_records():
     filters = q.parse_filters(request.args, ("key", "since", "until"))
     limit = _limit("limit", q.MAX_LIMIT, 1000)
     usage = bastion().usage
-    usage.ingest()
+    usage.catch_up()
     return jsonify(q.records(usage, filters, limit).records)
 
 
