@@ -107,9 +107,9 @@ def main() -> None:
         timed("30 days per key and model, daily buckets",
               lambda: q.summary(usage, month, ("key", "model"), "day", PRICES))
         timed("30 days per pool, hourly buckets", lambda: q.summary(usage, month, ("pool",), "hour", PRICES))
-        timed("one key, 30 days, hourly buckets",
-              lambda: q.summary(usage, q.Filters(key=usage_key(usage), since=since, until=until), ("model",), "hour",
-                                PRICES))
+        one_key = timed("one key, 30 days, hourly buckets",
+                                  lambda: q.summary(usage, q.Filters(key=usage_key(usage), since=since, until=until),
+                                          ("model",), "hour", PRICES))
         timed("last 24 h per key and model (per-minute rollups)",
               lambda: q.summary(usage, q.Filters(since=until - 86400 + 7, until=until), ("key", "model"), "none",
                                 PRICES))
@@ -127,8 +127,9 @@ def main() -> None:
               lambda: q.records(usage, q.Filters(status="5xx", since=until - 86400), 1000))
         timed("30 days grouped by status (exact, scans the records)",
               lambda: q.group_counts(usage, month, ("status",)), runs=2)
-        verdict = "OK" if target < 0.3 else "OVER TARGET"
-        print(f"30-day per-key hourly summary: {target * 1000:.0f} ms ({verdict}, target 300 ms)")
+        for label, seconds in (("one key's", one_key), ("every key's at once", target)):
+            verdict = "OK" if seconds < 0.3 else "OVER TARGET"
+            print(f"30-day hourly summary, {label}: {seconds * 1000:.0f} ms ({verdict}, target 300 ms)")
 
 
 def usage_key(usage: Usage) -> str:
