@@ -20,12 +20,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from authsvc.quotas import FIELDS as QUOTA_FIELDS  # the gate's list; NULL in the store: unlimited
 from manager.store import Store, StoreCorrupt
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2
-QUOTA_FIELDS = ("tpm", "tokens_per_day", "tokens_per_month", "requests_per_day")  # NULL: unlimited
 LIST_FIELDS = ("models", "endpoints", "cidrs", "cidr_groups")
 COLUMNS = ("id", "digest", "name", "enabled", "expires", "models", "endpoints", "rpm", "cidrs", "cidr_groups",
            "created_at", "created_by", "revoked_at", *QUOTA_FIELDS)

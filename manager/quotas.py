@@ -124,7 +124,8 @@ def details(bastion: Bastion, record: dict[str, Any], now: float | None = None) 
     }
     out = {}
     for name, limit in limits.items():
-        used, resets, window = windows[name]
-        out[name] = {"limit": limit, "used": used(), "remaining": max(0, limit - used()),
+        count, resets, window = windows[name]
+        used = count()
+        out[name] = {"limit": limit, "used": used, "remaining": max(0, limit - used),
                      "resets_at": round(resets(), 3), "window": window}
     return out
