@@ -56,7 +56,7 @@ def rows(n: int, rng: random.Random):
 
 def build(usage: Usage, n: int) -> float:
     start = time.perf_counter()
-    columns = [c.split()[0] for c in usage_mod.REQUEST_COLUMNS[1:]]
+    columns = q.RECORD_FIELDS[1:]  # all but the id
     with usage._connect() as db:
         db.execute("BEGIN")
         db.executemany(f"INSERT INTO requests ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",

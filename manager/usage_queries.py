@@ -26,7 +26,16 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from manager import validation as v
-from manager.usage import DURATION_BOUNDS, FAILED, OUTCOMES, ROLLUP_NAMES, SPANS, TOTAL_SPAN, TTFB_BOUNDS
+from manager.usage import (
+    DURATION_BOUNDS,
+    FAILED,
+    OUTCOMES,
+    REQUEST_COLUMNS,
+    ROLLUP_NAMES,
+    SPANS,
+    TOTAL_SPAN,
+    TTFB_BOUNDS,
+)
 
 if TYPE_CHECKING:
     from manager.usage import Usage
@@ -44,9 +53,7 @@ MAX_OFFSET = 1_000_000
 MAX_SUMMARY_ROWS = 1_000_000
 DEFAULT_SUMMARY_ROWS = 100_000
 QUANTILES = (0.5, 0.95)
-RECORD_FIELDS = ("id", "request_id", "start", "end", "key", "model", "pool", "upstream", "status", "upstream_status",
-                 "bytes_sent", "request_length", "ttfb", "duration", "method", "uri", "remote_addr", "outcome",
-                 "prompt_tokens", "completion_tokens", "total_tokens")
+RECORD_FIELDS = tuple(column.split()[0] for column in REQUEST_COLUMNS)  # the records' keys, in order
 GROUP_COUNTS = ("requests", "errors", "metered", "prompt_tokens", "completion_tokens", "total_tokens")
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
