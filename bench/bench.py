@@ -166,15 +166,16 @@ def worker_user() -> str:
     return f"user {pwd.getpwuid(os.getuid()).pw_name} {grp.getgrgid(os.getgid()).gr_name};\n"
 
 
-def nginx_conf(prefix: Path, http_body: str) -> str:
+def nginx_conf(prefix: Path, http_body: str, connections: int = 4096) -> str:
     """A self-contained nginx.conf: everything nginx writes stays under `prefix`."""
     temp = "\n".join(f"    {kind}_temp_path {prefix}/temp/{kind};"
                      for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
     return f"""{worker_user()}worker_processes auto;
+worker_rlimit_nofile {connections + 256};
 pid {prefix}/nginx.pid;
 error_log {prefix}/error.log warn;
 events {{
-    worker_connections 4096;
+    worker_connections {connections};
 }}
 http {{
     access_log off;
@@ -229,10 +230,10 @@ class PrivateNginx:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, http_body: str) -> None:
+    def start(self, http_body: str, connections: int = 4096) -> None:
         (self.prefix / "temp").mkdir(parents=True, exist_ok=True)
         conf = self.prefix / "nginx.conf"
-        conf.write_text(nginx_conf(self.prefix, http_body))
+        conf.write_text(nginx_conf(self.prefix, http_body, connections))
         self.proc = subprocess.Popen([NGINX, "-p", f"{self.prefix}/", "-c", str(conf), "-g", "daemon off;"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 10
