@@ -26,12 +26,13 @@ def pool_models(pool: dict[str, Any]) -> list[str]:
 def build(bastion: Bastion, only_pools: set[str] | None = None) -> dict[str, Any]:
     """The gate's view; `only_pools` limits pools (and routes to them) to those nginx has right now."""
     store = bastion.store
-    pools = [{"name": p["name"], "models": pool_models(p), "include_usage": p.get("include_usage", True)}
+    pools = [{"name": p["name"], "models": pool_models(p), "include_usage": p.get("include_usage", True),
+              "websocket": p.get("websocket", False)}
              for p in store.table("pools").all()
              if p["upstreams"] and (only_pools is None or p["name"] in only_pools)]
     names = {p["name"] for p in pools}
-    routes = [{"model": r["model"], "pools": [p for p in r["pools"] if p in names]}
-              for r in store.table("routes").all()]
+    routes = [{"model": r["model"], "pools": [p for p in r["pools"] if p in names],
+               "mode": r.get("mode", "fallback")} for r in store.table("routes").all()]
     settings = bastion.settings()
     default_pool = settings["default_pool"]
     return {

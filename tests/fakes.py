@@ -44,6 +44,8 @@ class FakeUpstream:
         self.cut_after: int | None = None
         self.stall_after: int | None = None
         self.stall = 0.0
+        self.fail_status: int | None = None  # every POST answered with this error status (e.g. 503 overloaded)
+        self.delay = 0.0  # seconds before answering a POST (its head too): a slow first byte
         self.requests: list[dict[str, Any]] = []
         self.stream_finished = threading.Event()
         handler = type("Handler", (_Handler,), {"upstream": self})
@@ -178,6 +180,12 @@ class _Handler(BaseHTTPRequestHandler):
         if self._refused():
             return
         up = self.upstream
+        if up.delay:
+            time.sleep(up.delay)
+        if up.fail_status is not None:
+            self._json({"error": {"message": f"{up.name} is unavailable", "type": "server_error", "param": None,
+                                  "code": "overloaded"}}, up.fail_status)
+            return
         try:
             body = json.loads(entry["body"] or b"{}")
         except ValueError:

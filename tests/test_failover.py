@@ -1,0 +1,191 @@
+"""Retries inside a pool, fallback across a route's pools, per-pool timeouts (manager/traffic.py,
+nginx_templates/_fallback.j2): real nginx, the real gate and manager, fake upstreams."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import requests
+
+from authsvc.keys import key_id_of
+from manager import metering
+from tests.conftest import NGINX, Stack, free_port
+from tests.fakes import FakeUpstream
+from tests.test_metering import record
+
+needs_njs = pytest.mark.skipif(metering.detect(NGINX).module is None, reason="no njs module for this nginx")
+
+
+@pytest.fixture(scope="module")
+def ups() -> Iterator[dict[str, FakeUpstream]]:
+    made = {
+        "good1": FakeUpstream("good1", ["r"]),
+        "good2": FakeUpstream("good2", ["m"]),
+        "sick": FakeUpstream("sick", ["r"]),
+        "cutter": FakeUpstream("cutter", ["c"], chunk_delay=0.1, chunks=6),
+        "slow": FakeUpstream("slow", ["s"]),
+        "stalls": FakeUpstream("stalls", ["st"], chunks=6),
+    }
+    made["sick"].fail_status = 503
+    made["cutter"].cut_after = 3
+    made["slow"].delay = 3.0
+    made["stalls"].stall_after, made["stalls"].stall = 2, 4.0
+    yield made
+    for up in made.values():
+        up.close()
+
+
+@pytest.fixture(scope="module")
+def key(stack: Stack, ups: dict[str, FakeUpstream]) -> str:
+    """Pools: `dead` (nothing listens), `live` (good2), `retry` (sick answers 503, then good1), `cut` (a stream
+    that dies after 3 events), `slow` (answers after 3 s, read_timeout 1 s), `stalls` (goes silent mid-stream,
+    read_timeout 1 s), `bal` (good1 again, its own nginx upstream state); routes in front of them. No health
+    checks: nginx alone finds the failures."""
+    stack.cli("settings", "set", "health_interval", "0")
+    dead = f"http://127.0.0.1:{free_port()}"
+    stack.cli("pools", "add", "dead", "--url", dead, "--models", "m,p,c,s,st")
+    stack.cli("pools", "add", "live", "--url", ups["good2"].url, "--models", "m,p,c,s,st,b")
+    stack.cli("pools", "add", "retry", "--url", ups["sick"].url, "--url", ups["good1"].url, "--models", "r,p",
+              "--retries", "1")
+    stack.cli("pools", "add", "cut", "--url", ups["cutter"].url, "--models", "c")
+    stack.cli("pools", "add", "slow", "--url", ups["slow"].url, "--models", "s", "--read-timeout", "1")
+    stack.cli("pools", "add", "stalls", "--url", ups["stalls"].url, "--models", "st", "--read-timeout", "1")
+    stack.cli("routes", "set", "m", "--pool", "dead", "--pool", "live")
+    stack.cli("routes", "set", "p", "--pool", "retry", "--pool", "live")
+    stack.cli("routes", "set", "c", "--pool", "cut", "--pool", "live")
+    stack.cli("routes", "set", "s", "--pool", "slow", "--pool", "live")
+    stack.cli("routes", "set", "st", "--pool", "stalls", "--pool", "live")
+    stack.cli("pools", "add", "bal", "--url", ups["good1"].url, "--models", "b")
+    stack.cli("routes", "set", "b", "--pool", "bal", "--pool", "live", "--mode", "balance")
+    k = stack.key("failover", "--rpm", "1000")
+    time.sleep(0.5)  # the gate reads the new snapshot within 0.25 s
+    return k
+
+
+def chat(stack: Stack, key: str, model: str, stream: bool = False, path: str = "/v1/chat/completions",
+         timeout: float = 20) -> tuple[requests.Response, str]:
+    request_id = f"fo-{uuid.uuid4().hex[:12]}"
+    r = requests.post(stack.base + path, json={"model": model, "stream": stream, "messages": []},
+                      headers={"Authorization": f"Bearer {key}", "X-Request-ID": request_id}, timeout=timeout,
+                      stream=stream)
+    return r, request_id
+
+
+def posts(up: FakeUpstream) -> int:
+    return sum(r["method"] == "POST" for r in up.requests)
+
+
+def test_a_dead_pool_falls_back_to_the_next_before_the_first_byte(stack: Stack, key: str,
+                                                                   ups: dict[str, FakeUpstream]) -> None:
+    r, request_id = chat(stack, key, "m")
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == "hello from good2"
+    # the client sees its own key's limits, read from the gate's answer before the failed first hop
+    assert r.headers["x-ratelimit-limit-requests"] == "1000"
+    rec = record(stack, request_id)
+    # the record names the pool and upstream that answered, with the gate's key and model
+    assert rec["pool"] == "live" and rec["status"] == "200"
+    assert rec["upstream_addr"].rpartition(" ")[2] == f"127.0.0.1:{ups['good2'].port}"
+    assert (rec["key"], rec["model"]) == (key_id_of(key), "m")  # as the gate named them, before the failed hop
+
+
+@needs_njs
+def test_the_fallback_hop_gets_the_usage_insertion_and_is_metered(stack: Stack, key: str,
+                                                                  ups: dict[str, FakeUpstream]) -> None:
+    r, request_id = chat(stack, key, "m", stream=True)
+    text = r.text
+    assert r.status_code == 200 and text.endswith("data: [DONE]\n\n")
+    assert '"choices":[]' not in text  # the usage event the gate asked for is taken out again
+    body = json.loads([q for q in ups["good2"].requests if q["method"] == "POST"][-1]["body"])
+    assert body["stream_options"] == {"include_usage": True}
+    rec = record(stack, request_id)
+    assert (rec["pool"], rec["outcome"], rec["total_tokens"]) == ("live", "completed", "21")
+
+
+def test_an_upstream_answering_503_is_retried_on_the_next_upstream(stack: Stack, key: str,
+                                                                   ups: dict[str, FakeUpstream]) -> None:
+    before = posts(ups["sick"])
+    for _ in range(4):
+        r, request_id = chat(stack, key, "r")
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == "hello from good1"
+    assert posts(ups["sick"]) > before  # round robin sent some to the sick one first: each was retried
+    rec = record(stack, request_id)
+    assert rec["pool"] == "retry" and rec["upstream_addr"].rpartition(" ")[2] == f"127.0.0.1:{ups['good1'].port}"
+
+
+def test_other_upstream_errors_pass_through_and_the_last_pool_answers_as_it_is(stack: Stack, key: str,
+                                                                               ups: dict[str, FakeUpstream]) -> None:
+    # a 418 of the first pool is the upstream's answer, not a failure: untouched, no fallback
+    seen = posts(ups["good2"])
+    r, _ = chat(stack, key, "p", path="/v1/fail/418")
+    assert r.status_code == 418 and r.json()["error"]["code"] == "upstream_said_so"
+    assert r.json()["error"]["message"] == "good1 failed on purpose"  # sick's 503, if tried first, was retried
+    assert posts(ups["good2"]) == seen
+    # every upstream of `retry` answers 503: the route falls back to `live`, whose own 503 reaches the client
+    r, request_id = chat(stack, key, "p", path="/v1/fail/503")
+    assert r.status_code == 503
+    assert r.json()["error"]["message"] == "good2 failed on purpose"
+    assert record(stack, request_id)["pool"] == "live"
+
+
+def test_a_stream_that_already_started_is_never_retried(stack: Stack, key: str, ups: dict[str, FakeUpstream]) -> None:
+    cutter, good2 = ups["cutter"], ups["good2"]
+    cut_before, live_before = posts(cutter), posts(good2)
+    r, request_id = chat(stack, key, "c", stream=True)
+    assert r.status_code == 200
+    got = b""
+    with pytest.raises(requests.exceptions.ChunkedEncodingError):
+        for piece in r.iter_content(None):
+            got += piece
+    assert got.count(b"data: ") == 3 and b"cutter-2" in got and b"[DONE]" not in got
+    time.sleep(0.5)
+    assert posts(cutter) == cut_before + 1  # not tried again on the same pool
+    assert posts(good2) == live_before  # nor on the next one
+    rec = record(stack, request_id)
+    assert rec["pool"] == "cut" and rec["status"] == "200"
+
+
+def test_a_pool_read_timeout_falls_back_before_the_first_byte(stack: Stack, key: str,
+                                                              ups: dict[str, FakeUpstream]) -> None:
+    started = time.monotonic()
+    r, request_id = chat(stack, key, "s")
+    elapsed = time.monotonic() - started
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "hello from good2"
+    assert 0.9 < elapsed < 2.5, elapsed  # the pool's 1 s, not the global 600 s nor the upstream's 3 s
+    rec = record(stack, request_id)
+    assert rec["pool"] == "live"
+    # nginx lists every hop: the gate's 200, the timed-out try of `slow`, then `live`'s answer
+    assert rec["upstream_status"] == "200 : 504 : 200"
+
+
+def test_a_stream_that_goes_silent_is_cut_after_the_pool_read_timeout_not_retried(
+        stack: Stack, key: str, ups: dict[str, FakeUpstream]) -> None:
+    live_before = posts(ups["good2"])
+    started = time.monotonic()
+    r, request_id = chat(stack, key, "st", stream=True)
+    got = b""
+    with pytest.raises(requests.exceptions.ChunkedEncodingError):
+        for piece in r.iter_content(None):
+            got += piece
+    elapsed = time.monotonic() - started
+    assert got.count(b"data: ") == 2
+    assert 0.9 < elapsed < 3.5, elapsed  # cut by the pool's 1 s idle timer, not the 4 s stall
+    assert posts(ups["good2"]) == live_before
+    rec = record(stack, request_id)
+    assert rec["pool"] == "stalls"
+    if metering.detect(NGINX).module:
+        assert rec["outcome"] == "timeout"
+
+
+def test_a_balanced_route_starts_at_each_pool_in_turn(stack: Stack, key: str, ups: dict[str, FakeUpstream]) -> None:
+    pools = []
+    for _ in range(4):
+        r, request_id = chat(stack, key, "b")
+        assert r.status_code == 200, r.text
+        pools.append(record(stack, request_id)["pool"])
+    assert sorted(pools) == ["bal", "bal", "live", "live"]
