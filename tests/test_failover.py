@@ -3,7 +3,10 @@ nginx_templates/_fallback.j2): real nginx, the real gate and manager, fake upstr
 
 from __future__ import annotations
 
+import base64
 import json
+import os
+import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -12,9 +15,10 @@ import pytest
 import requests
 
 from authsvc.keys import key_id_of
-from manager import metering
+from manager import metering, traffic
+from manager.validation import ValidationError
 from tests.conftest import NGINX, Stack, free_port
-from tests.fakes import FakeUpstream
+from tests.fakes import FakeUpstream, FakeWebSocket, ws_accept, ws_frame, ws_read
 from tests.test_metering import record
 
 needs_njs = pytest.mark.skipif(metering.detect(NGINX).module is None, reason="no njs module for this nginx")
@@ -40,7 +44,14 @@ def ups() -> Iterator[dict[str, FakeUpstream]]:
 
 
 @pytest.fixture(scope="module")
-def key(stack: Stack, ups: dict[str, FakeUpstream]) -> str:
+def realtime() -> Iterator[FakeWebSocket]:
+    up = FakeWebSocket("rt")
+    yield up
+    up.close()
+
+
+@pytest.fixture(scope="module")
+def key(stack: Stack, ups: dict[str, FakeUpstream], realtime: FakeWebSocket) -> str:
     """Pools: `dead` (nothing listens), `live` (good2), `retry` (sick answers 503, then good1), `cut` (a stream
     that dies after 3 events), `slow` (answers after 3 s, read_timeout 1 s), `stalls` (goes silent mid-stream,
     read_timeout 1 s), `bal` (good1 again, its own nginx upstream state); routes in front of them. No health
@@ -54,6 +65,7 @@ def key(stack: Stack, ups: dict[str, FakeUpstream]) -> str:
     stack.cli("pools", "add", "cut", "--url", ups["cutter"].url, "--models", "c")
     stack.cli("pools", "add", "slow", "--url", ups["slow"].url, "--models", "s", "--read-timeout", "1")
     stack.cli("pools", "add", "stalls", "--url", ups["stalls"].url, "--models", "st", "--read-timeout", "1")
+    stack.cli("pools", "add", "rt", "--url", realtime.url, "--models", "rt-model", "--websocket")
     stack.cli("routes", "set", "m", "--pool", "dead", "--pool", "live")
     stack.cli("routes", "set", "p", "--pool", "retry", "--pool", "live")
     stack.cli("routes", "set", "c", "--pool", "cut", "--pool", "live")
@@ -189,3 +201,92 @@ def test_a_balanced_route_starts_at_each_pool_in_turn(stack: Stack, key: str, up
         assert r.status_code == 200, r.text
         pools.append(record(stack, request_id)["pool"])
     assert sorted(pools) == ["bal", "bal", "live", "live"]
+
+
+# ---- WebSocket pass-through ----------------------------------------------------------------------------------
+
+def ws_handshake(stack: Stack, query: str, key: str | None) -> tuple[str, dict[str, str], bytes, socket.socket]:
+    """An upgrade request to /v1/realtime: (status line, headers, body bytes read so far, the open socket)."""
+    sock = socket.create_connection(("127.0.0.1", stack.public_port), timeout=10)
+    nonce = base64.b64encode(os.urandom(16)).decode()
+    auth = f"Authorization: Bearer {key}\r\n" if key else ""
+    sock.sendall((f"GET /v1/realtime?{query} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
+                  f"Connection: Upgrade\r\nSec-WebSocket-Key: {nonce}\r\nSec-WebSocket-Version: 13\r\n"
+                  f"{auth}\r\n").encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        piece = sock.recv(4096)
+        assert piece, data
+        data += piece
+    head, _, rest = data.partition(b"\r\n\r\n")
+    line, *fields = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (f.partition(":") for f in fields)}
+    if line.split()[1] == "101":
+        assert headers["sec-websocket-accept"] == ws_accept(nonce)
+    return line, headers, rest, sock
+
+
+def test_a_websocket_upgrade_is_checked_then_tunnelled(stack: Stack, key: str, realtime: FakeWebSocket) -> None:
+    line, headers, _, sock = ws_handshake(stack, "model=rt-model", key)
+    with sock:
+        assert line.startswith("HTTP/1.1 101"), line
+        request_id = headers["x-request-id"]
+        for text in (b"hello", b"again " * 30):  # frames both ways, a 16-bit length too
+            sock.sendall(ws_frame(text, mask=True))
+            assert ws_read(sock) == b"rt: " + text
+    seen = realtime.handshakes[-1]
+    assert seen["line"] == "GET /v1/realtime?model=rt-model HTTP/1.1"
+    assert seen["headers"]["upgrade"].lower() == "websocket"
+    assert "authorization" not in seen["headers"] and key not in json.dumps(seen)  # the client's key stays here
+    rec = record(stack, request_id)
+    assert (rec["pool"], rec["status"], rec["key"], rec["model"]) == ("rt", "101", key_id_of(key), "rt-model")
+
+
+@pytest.mark.parametrize(("query", "with_key", "status", "code"), [
+    ("model=rt-model", False, 401, "invalid_api_key"),
+    ("", True, 400, "missing_model"),
+    ("model=rt-model&model=m", True, 400, "missing_model"),  # two models: which one the upstream reads is unsure
+    ("model=nope", True, 404, "model_not_found"),
+    ("model=m", True, 400, "websocket_not_enabled"),  # its pools pass no WebSocket
+])
+def test_a_websocket_upgrade_the_gate_refuses_never_reaches_an_upstream(
+        stack: Stack, key: str, realtime: FakeWebSocket, query: str, with_key: bool, status: int, code: str) -> None:
+    before = len(realtime.handshakes)
+    line, headers, body, sock = ws_handshake(stack, query, key if with_key else None)
+    with sock:
+        assert line.split()[1] == str(status), line
+        length = int(headers["content-length"])
+        while len(body) < length:
+            body += sock.recv(4096)
+    assert json.loads(body)["error"]["code"] == code
+    assert len(realtime.handshakes) == before
+
+
+# ---- settings (manager/traffic.py) -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("given", "field"), [
+    ({"retry_statuses": [418]}, "retry_statuses[0]"),
+    ({"retry_statuses": [True]}, "retry_statuses[0]"),
+    ({"retry_statuses": "503"}, "retry_statuses"),
+    ({"retries": 1.5}, "retries"),
+    ({"retry_timeout": 3601}, "retry_timeout"),
+    ({"connect_timeout": 0}, "connect_timeout"),
+    ({"read_timeout": "5s"}, "read_timeout"),
+    ({"websocket": "yes"}, "websocket"),
+])
+def test_bad_traffic_settings_name_the_field(given: dict, field: str) -> None:
+    with pytest.raises(ValidationError) as e:
+        traffic.pool_fields(given, defaults=True)
+    assert e.value.field == field
+
+
+def test_traffic_settings_render_as_nginx_directives() -> None:
+    settings = {"connect_timeout": 5, "read_timeout": 600}
+    old = traffic.view({"name": "p"}, settings)  # a pool stored before the settings existed: the defaults
+    assert old["next_upstream"] == "error timeout http_502 http_503 http_504 non_idempotent"
+    assert (old["tries"], old["retry_timeout"], old["read_timeout"], old["connect_timeout"]) == (3, 30, 600, 5)
+    assert old["fallback_statuses"] == [502, 503, 504] and old["websocket"] is False
+    mine = traffic.view({"retries": 0, "retry_statuses": [429], "read_timeout": 9, "connect_timeout": 1}, settings)
+    assert mine["next_upstream"] == "error timeout http_429 non_idempotent"
+    assert (mine["tries"], mine["read_timeout"], mine["connect_timeout"]) == (1, 9, 1)
+    assert mine["fallback_statuses"] == [429, 502, 504]  # nginx's own 502 and 504 always go on to the next pool
