@@ -10,15 +10,19 @@ import socket
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import requests
 
+from authsvc import keys as keyformat
+from authsvc.gate import Gate
 from authsvc.keys import key_id_of
 from manager import metering, traffic
 from manager.validation import ValidationError
 from tests.conftest import NGINX, Stack, free_port
 from tests.fakes import FakeUpstream, FakeWebSocket, ws_accept, ws_frame, ws_read
+from tests.test_gate import PEPPER, Call, key_entry, write_snapshot
 from tests.test_metering import record
 
 needs_njs = pytest.mark.skipif(metering.detect(NGINX).module is None, reason="no njs module for this nginx")
@@ -290,3 +294,36 @@ def test_traffic_settings_render_as_nginx_directives() -> None:
     assert mine["next_upstream"] == "error timeout http_429 non_idempotent"
     assert (mine["tries"], mine["read_timeout"], mine["connect_timeout"]) == (1, 9, 1)
     assert mine["fallback_statuses"] == [429, 502, 504]  # nginx's own 502 and 504 always go on to the next pool
+
+
+# ---- the gate's chain (authsvc/gate.py), without nginx --------------------------------------------------------
+
+def chain_gate(tmp_path: Path, token: str) -> Gate:
+    write_snapshot(tmp_path / "snapshot.json", [key_entry(token)],
+                   pools=[{"name": "a", "models": ["x", "y"]}, {"name": "b", "models": ["x"]},
+                          {"name": "c", "models": ["z"], "include_usage": False}],
+                   routes=[{"model": "bal", "pools": ["a", "b", "c"], "mode": "balance"},
+                           {"model": "z*", "pools": ["a", "c"]}])
+    return Gate(tmp_path / "snapshot.json", PEPPER)
+
+
+def test_the_gate_names_the_chain_only_when_there_is_a_next_pool(tmp_path: Path) -> None:
+    token = keyformat.generate()[1]
+    gate = chain_gate(tmp_path, token)
+    one = Call(gate, "/v1/chat/completions", token, {"model": "y"})
+    assert one.headers["X-Accel-Redirect"] == "@pool_a" and "X-Bastion-Fallback" not in one.headers
+    two = Call(gate, "/v1/chat/completions", token, {"model": "x"})  # served by a then b, in the pools' order
+    assert (two.headers["X-Accel-Redirect"], two.headers["X-Bastion-Fallback"]) == ("@then_a", "a,b")
+    starts = [Call(gate, "/v1/chat/completions", token, {"model": "bal"}).headers["X-Bastion-Fallback"]
+              for _ in range(4)]
+    assert starts == ["a,b,c", "b,c,a", "c,a,b", "a,b,c"]
+
+
+def test_the_usage_insertion_needs_every_pool_of_the_chain_to_take_it(tmp_path: Path) -> None:
+    token = keyformat.generate()[1]
+    gate = chain_gate(tmp_path, token)
+    body = {"model": "x", "stream": True, "messages": []}
+    assert "X-Bastion-Usage" in Call(gate, "/v1/chat/completions", token, body).headers
+    body["model"] = "zeta"  # a then c, and c does not take stream_options: the body goes to both unchanged
+    c = Call(gate, "/v1/chat/completions", token, body)
+    assert c.headers["X-Bastion-Fallback"] == "a,c" and "X-Bastion-Usage" not in c.headers
