@@ -168,7 +168,8 @@ class Gate:
                 raise error(429, f"Rate limit of {key.rpm} requests per minute reached for this API key",
                             "rate_limit_exceeded", ollama, headers=decision.headers())
             limits += decision.headers()  # the pool location copies them into the answer
-        if environ.get("HTTP_X_BASTION_UPGRADE", "").lower() == "websocket":  # nginx passes the client's Upgrade
+        # nginx passes the client's Upgrade as X-Bastion-Upgrade; a WebSocket handshake is a GET (RFC 6455)
+        if environ.get("REQUEST_METHOD") == "GET" and environ.get("HTTP_X_BASTION_UPGRADE", "").lower() == "websocket":
             return self.websocket(environ, snap, key, ollama)
         if environ.get("REQUEST_METHOD") == "GET":
             self.serve_model_lists(path, snap, key, ollama, limits)

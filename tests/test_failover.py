@@ -37,6 +37,7 @@ def ups() -> Iterator[dict[str, FakeUpstream]]:
         "cutter": FakeUpstream("cutter", ["c"], chunk_delay=0.1, chunks=6),
         "slow": FakeUpstream("slow", ["s"]),
         "stalls": FakeUpstream("stalls", ["st"], chunks=6),
+        "locked": FakeUpstream("locked", ["k"], api_key="sk-right"),
     }
     made["sick"].fail_status = 503
     made["cutter"].cut_after = 3
@@ -63,13 +64,15 @@ def key(stack: Stack, ups: dict[str, FakeUpstream], realtime: FakeWebSocket) -> 
     stack.cli("settings", "set", "health_interval", "0")
     dead = f"http://127.0.0.1:{free_port()}"
     stack.cli("pools", "add", "dead", "--url", dead, "--models", "m,p,c,s,st")
-    stack.cli("pools", "add", "live", "--url", ups["good2"].url, "--models", "m,p,c,s,st,b")
+    stack.cli("pools", "add", "live", "--url", ups["good2"].url, "--models", "m,p,c,s,st,b,k")
     stack.cli("pools", "add", "retry", "--url", ups["sick"].url, "--url", ups["good1"].url, "--models", "r,p",
               "--retries", "1")
     stack.cli("pools", "add", "cut", "--url", ups["cutter"].url, "--models", "c")
     stack.cli("pools", "add", "slow", "--url", ups["slow"].url, "--models", "s", "--read-timeout", "1")
     stack.cli("pools", "add", "stalls", "--url", ups["stalls"].url, "--models", "st", "--read-timeout", "1")
     stack.cli("pools", "add", "rt", "--url", realtime.url, "--models", "rt-model", "--websocket")
+    stack.cli("pools", "add", "keyed", "--url", ups["locked"].url, "--models", "k,k-alone", "--api-key", "sk-wrong")
+    stack.cli("routes", "set", "k", "--pool", "keyed", "--pool", "live")
     stack.cli("routes", "set", "m", "--pool", "dead", "--pool", "live")
     stack.cli("routes", "set", "p", "--pool", "retry", "--pool", "live")
     stack.cli("routes", "set", "c", "--pool", "cut", "--pool", "live")
@@ -147,6 +150,15 @@ def test_other_upstream_errors_pass_through_and_the_last_pool_answers_as_it_is(s
     assert r.status_code == 503
     assert r.json()["error"]["message"] == "good2 failed on purpose"
     assert record(stack, request_id)["pool"] == "live"
+
+
+def test_an_upstream_refusing_the_pool_key_falls_back_and_alone_is_the_gateways_502(
+        stack: Stack, key: str, ups: dict[str, FakeUpstream]) -> None:
+    r, request_id = chat(stack, key, "k")
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "hello from good2"
+    assert record(stack, request_id)["pool"] == "live"
+    r, _ = chat(stack, key, "k-alone")  # the only pool: the refusal is the gateway's fault, as before
+    assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_auth_failed"
 
 
 def test_a_stream_that_already_started_is_never_retried(stack: Stack, key: str, ups: dict[str, FakeUpstream]) -> None:
