@@ -64,6 +64,8 @@ def key(stack: Stack, ups: dict[str, FakeUpstream], realtime: FakeWebSocket) -> 
     stack.cli("settings", "set", "health_interval", "0")
     dead = f"http://127.0.0.1:{free_port()}"
     stack.cli("pools", "add", "dead", "--url", dead, "--models", "m,p,c,s,st")
+    stack.cli("pools", "add", "dead2", "--url", f"http://127.0.0.1:{free_port()}", "--models", "gone")
+    stack.cli("routes", "set", "gone", "--pool", "dead", "--pool", "dead2")
     stack.cli("pools", "add", "live", "--url", ups["good2"].url, "--models", "m,p,c,s,st,b,k")
     stack.cli("pools", "add", "retry", "--url", ups["sick"].url, "--url", ups["good1"].url, "--models", "r,p",
               "--retries", "1")
@@ -110,6 +112,14 @@ def test_a_dead_pool_falls_back_to_the_next_before_the_first_byte(stack: Stack, 
     assert rec["pool"] == "live" and rec["status"] == "200"
     assert rec["upstream_addr"].rpartition(" ")[2] == f"127.0.0.1:{ups['good2'].port}"
     assert (rec["key"], rec["model"]) == (key_id_of(key), "m")  # as the gate named them, before the failed hop
+
+
+def test_when_every_pool_fails_the_client_gets_the_json_502(stack: Stack, key: str) -> None:
+    r, request_id = chat(stack, key, "gone")
+    assert r.status_code == 502 and r.headers["Content-Type"] == "application/json"
+    assert r.json()["error"]["message"] == "No upstream server could answer the request."
+    rec = record(stack, request_id)
+    assert (rec["pool"], rec["status"], rec["key"]) == ("dead2", "502", key_id_of(key))
 
 
 @needs_njs
