@@ -18,9 +18,12 @@ import requests
 from authsvc import keys as keyformat
 from authsvc.gate import Gate
 from authsvc.keys import key_id_of
-from manager import metering, traffic
+from manager import generations, metering, snapshot, traffic
+from manager import pools as pools_mod
+from manager.context import Bastion
+from manager.datadir import DataDir
 from manager.validation import ValidationError
-from tests.conftest import NGINX, Stack, free_port
+from tests.conftest import NGINX, Stack, free_port, needs_nginx
 from tests.fakes import FakeUpstream, FakeWebSocket, ws_accept, ws_frame, ws_read
 from tests.test_gate import PEPPER, Call, key_entry, write_snapshot
 from tests.test_metering import record
@@ -349,3 +352,17 @@ def test_the_usage_insertion_needs_every_pool_of_the_chain_to_take_it(tmp_path: 
     body["model"] = "zeta"  # a then c, and c does not take stream_options: the body goes to both unchanged
     c = Call(gate, "/v1/chat/completions", token, body)
     assert c.headers["X-Bastion-Fallback"] == "a,c" and "X-Bastion-Usage" not in c.headers
+
+
+@needs_nginx
+def test_the_gate_hears_of_websocket_only_once_nginx_has_the_location(tmp_path: Path) -> None:
+    """While a change is applied the snapshot names only what the live generation has (context.change
+    publishes with `only_pools` first): a pool just switched to WebSocket gets no upgrade before its @ws_."""
+    b = Bastion(DataDir.at(tmp_path / "data"))
+    pools_mod.add(b, "p", ["http://127.0.0.1:9"], models=["m"])
+    b.store.table("pools").update({"websocket": True})  # in the store, not yet rendered
+    assert snapshot.build(b, only_pools=generations.live_pools(b.dirs))["pools"][0]["websocket"] is False
+    assert snapshot.build(b)["pools"][0]["websocket"] is True
+    pools_mod.update(b, "p", websocket=True)
+    assert snapshot.build(b, only_pools=generations.live_pools(b.dirs))["pools"][0]["websocket"] is True
+    assert "location @ws_p " in generations.joined(generations.files(b.dirs, generations.live(b.dirs)))
