@@ -366,3 +366,13 @@ def test_the_gate_hears_of_websocket_only_once_nginx_has_the_location(tmp_path: 
     pools_mod.update(b, "p", websocket=True)
     assert snapshot.build(b, only_pools=generations.live_pools(b.dirs))["pools"][0]["websocket"] is True
     assert "location @ws_p " in generations.joined(generations.files(b.dirs, generations.live(b.dirs)))
+
+
+def test_an_ollama_stream_falls_back_too(stack: Stack, key: str) -> None:
+    r, request_id = chat(stack, key, "m", stream=True, path="/api/chat")
+    lines = [json.loads(line) for line in r.text.splitlines()]
+    assert r.status_code == 200 and lines[0]["message"]["content"] == "good2-0" and lines[-1]["done"] is True
+    rec = record(stack, request_id)
+    assert rec["pool"] == "live"
+    if metering.detect(NGINX).module:
+        assert (rec["outcome"], rec["total_tokens"]) == ("completed", "14")
