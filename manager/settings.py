@@ -28,6 +28,7 @@ DEFAULTS: dict[str, Any] = {
     "max_fails": 3,
     "fail_timeout": 10,
     "default_pool": None,
+    "auto_models": [],  # what "model": "auto" resolves to: the first with a live pool (keys with allow_auto)
     "discovery_interval": 60,
     "health_interval": 10,
     "health_fails": 2,
@@ -86,6 +87,15 @@ def model_prices(field: str, value: Any) -> dict[str, dict[str, float]]:
 
 LISTENERS = ("public_listen", "admin_listen", "http_listen", "https_listen")
 
+def auto_models(field: str, value: Any) -> list[str]:
+    """The models `"model": "auto"` may stand for, in order: exact names (no globs), never `auto` itself."""
+    names = v.models(field, value, max_items=100)
+    for i, name in enumerate(names):
+        if name == "auto":
+            raise v.ValidationError(f"{field}[{i}]", "cannot be `auto` itself")
+    return names
+
+
 def _day_retention(field: str, days: int) -> int:
     """Month quotas add up the day rollups of the calendar month so far: they must be kept that long."""
     if 0 < days < 31:
@@ -105,6 +115,7 @@ VALIDATORS = {
     "max_fails": lambda f, x: v.integer(f, x, 0, 100),
     "fail_timeout": lambda f, x: v.integer(f, x, 1, 3600),
     "default_pool": lambda f, x: None if x in (None, "") else v.name(f, x),
+    "auto_models": auto_models,
     "discovery_interval": lambda f, x: v.integer(f, x, 5, 86400),
     "health_interval": lambda f, x: v.integer(f, x, 0, 3600),
     "health_fails": lambda f, x: v.integer(f, x, 1, 20),

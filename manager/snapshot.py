@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from authsvc.files import write_atomic
 from authsvc.snapshot import STATUS_FILE
-from manager import cidr_groups
+from manager import cidr_groups, health, metering
 
 if TYPE_CHECKING:
     from manager.context import Bastion
@@ -26,7 +26,9 @@ def pool_models(pool: dict[str, Any]) -> list[str]:
 def build(bastion: Bastion, only_pools: set[str] | None = None) -> dict[str, Any]:
     """The gate's view; `only_pools` limits pools (and routes to them) to those nginx has right now."""
     store = bastion.store
-    pools = [{"name": p["name"], "models": pool_models(p), "include_usage": p.get("include_usage", True)}
+    down = health.down_urls(bastion)  # read once: a pool is live while one of its upstreams is not down
+    pools = [{"name": p["name"], "models": pool_models(p), "include_usage": p.get("include_usage", True),
+              "aliases": p.get("aliases") or {}, "live": any(u["url"] not in down for u in p["upstreams"])}
              for p in store.table("pools").all()
              if p["upstreams"] and (only_pools is None or p["name"] in only_pools)]
     names = {p["name"] for p in pools}
@@ -40,6 +42,8 @@ def build(bastion: Bastion, only_pools: set[str] | None = None) -> dict[str, Any
         "routes": [r for r in routes if r["pools"]],
         "default_pool": default_pool if default_pool in names else None,
         "bruteforce": bruteforce_policy(bastion, settings),
+        "auto_models": settings["auto_models"],
+        "body_edits": metering.body_edits(bastion),
     }
 
 
