@@ -144,13 +144,13 @@ def test_model_span_is_in_bytes() -> None:
 
 
 def test_bad_alias_and_key_fields_are_refused_naming_the_field() -> None:
-    with pytest.raises(v.ValidationError, match="aliases.gpt"):
+    with pytest.raises(v.ValidationError, match=r"aliases\.gpt"):
         pools_mod.alias_map("aliases", {"gpt": "gpt"})
     with pytest.raises(v.ValidationError, match="aliases"):
         pools_mod.alias_map("aliases", ["gpt"])
-    with pytest.raises(v.ValidationError, match="aliases.auto"):
+    with pytest.raises(v.ValidationError, match=r"aliases\.auto"):
         pools_mod.alias_map("aliases", {"auto": "x"})
-    with pytest.raises(v.ValidationError, match="aliases.x"):
+    with pytest.raises(v.ValidationError, match=r"aliases\.x"):
         pools_mod.alias_map("aliases", {"x": "bad name!"})
     for value in (0, -1, 10_001, "many", 1.5, True):
         with pytest.raises(v.ValidationError, match="max_parallel"):
@@ -160,3 +160,168 @@ def test_bad_alias_and_key_fields_are_refused_naming_the_field() -> None:
         keys_mod.default_model("default_model", "auto")
     with pytest.raises(v.ValidationError, match=r"auto_models\[1\]"):
         settings_mod.auto_models("auto_models", ["a", "auto"])
+
+
+# ---- end to end: real nginx + njs, the gate and the manager, fake upstreams ----------------------------------
+
+UPSTREAM_NAME = "llama3:latest"
+
+
+@pytest.fixture(scope="module")
+def fakes() -> Iterator[dict[str, FakeUpstream]]:
+    ups = {"alias": FakeUpstream("alias", [UPSTREAM_NAME, "phi"], chunk_delay=0.02, chunks=4),
+           "slow": FakeUpstream("slow", ["slow-model"], chunk_delay=0.4, chunks=5)}
+    yield ups
+    for up in ups.values():
+        up.close()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, fakes: dict[str, FakeUpstream]) -> Iterator[Stack]:
+    if not Path(NGINX).exists():
+        pytest.skip("nginx is not installed")
+    s = Stack(tmp_path_factory.mktemp("aliases") / "data")
+    s.start()
+    s.cli("settings", "set", "bruteforce_max_failures", "0")
+    s.cli("pools", "add", "main", "--url", fakes["alias"].url, "--models", f"{UPSTREAM_NAME},phi",
+          "--alias", f"gpt-4o={UPSTREAM_NAME}")
+    s.cli("pools", "add", "slow", "--url", fakes["slow"].url, "--models", "slow-model")
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def up(fakes: dict[str, FakeUpstream]) -> Iterator[FakeUpstream]:
+    alias = fakes["alias"]
+    alias.requests.clear()
+    yield alias
+    alias.suffix, alias.tool_args = "", None
+
+
+def loaded(stack: Stack, *options: str) -> str:
+    """A new key with `options`, once the gate has it."""
+    key = stack.key(f"k{time.monotonic_ns()}", *options)
+    deadline = time.monotonic() + 10
+    while stack.get("/v1/models", key).status_code != 200:
+        assert time.monotonic() < deadline, "the gate did not load the key"
+        time.sleep(0.05)
+    return key
+
+
+def sent_model(up: FakeUpstream, path: str) -> str:
+    bodies_seen = [json.loads(r["body"]) for r in up.requests if r["path"] == path]
+    body = bodies_seen[-1]
+    return body.get("model", body.get("Model"))
+
+
+@needs_njs
+def test_an_alias_reaches_the_upstream_by_its_name_and_the_client_sees_the_public_one(
+        stack: Stack, up: FakeUpstream) -> None:
+    key = loaded(stack, "--models", "gpt-4o")  # the allow-list names the public name only
+    client = openai.OpenAI(base_url=stack.base + "/v1", api_key=key, max_retries=0)
+    up.tool_args = json.dumps({"model": UPSTREAM_NAME})  # what the model wrote: never touched
+    answer = client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    assert sent_model(up, "/v1/chat/completions") == UPSTREAM_NAME
+    assert answer.model == "gpt-4o"
+    assert json.loads(answer.choices[0].message.tool_calls[0].function.arguments) == {"model": UPSTREAM_NAME}
+    # streamed: every chunk says the public name; the text that spells the upstream's name stays as written
+    up.suffix = f' "model":"{UPSTREAM_NAME}" é'
+    request_id = rid()
+    chunks = list(client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}],
+                                                 stream=True, stream_options={"include_usage": True},
+                                                 extra_headers={"X-Request-ID": request_id}))
+    assert sent_model(up, "/v1/chat/completions") == UPSTREAM_NAME
+    assert chunks and {c.model for c in chunks} == {"gpt-4o"}
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.count(f'"model":"{UPSTREAM_NAME}"') == up.chunks
+    rec = record(stack, request_id)
+    assert (rec["model"], rec["total_tokens"]) == ("gpt-4o", str(11 + up.chunks * 2))
+    # the allow-list sees the public name; the upstream's own name is served as itself, unedited
+    assert stack.post("/v1/chat/completions", key, json={"model": UPSTREAM_NAME}).status_code == 404
+    anyone = openai.OpenAI(base_url=stack.base + "/v1", api_key=loaded(stack), max_retries=0)
+    assert anyone.chat.completions.create(model=UPSTREAM_NAME, messages=[]).model == UPSTREAM_NAME
+
+
+@needs_njs
+def test_an_ollama_alias_is_reported_back_in_every_ndjson_line(stack: Stack, up: FakeUpstream) -> None:
+    key = loaded(stack)
+    up.suffix = f' "model": "{UPSTREAM_NAME}"'
+    r = stack.post("/api/chat", key, json={"model": "gpt-4o", "messages": []}, stream=True)
+    lines = [json.loads(line) for line in r.iter_lines() if line]
+    assert r.status_code == 200 and len(lines) == up.chunks + 1
+    assert {line["model"] for line in lines} == {"gpt-4o"}
+    assert sent_model(up, "/api/chat") == UPSTREAM_NAME
+    assert all(UPSTREAM_NAME in line["message"]["content"] for line in lines[:-1])
+    up.tool_args = json.dumps({"model": UPSTREAM_NAME})  # Ollama sends arguments as an object: a nested "model"
+    whole = stack.post("/api/chat", key, json={"model": "gpt-4o", "messages": [], "stream": False}).json()
+    assert whole["model"] == "gpt-4o"
+    assert whole["message"]["tool_calls"][0]["function"]["arguments"] == {"model": UPSTREAM_NAME}
+
+
+@needs_njs
+def test_default_model_and_auto_end_to_end(stack: Stack, up: FakeUpstream) -> None:
+    key = loaded(stack, "--default-model", "gpt-4o")
+    r = stack.post("/v1/chat/completions", key, json={"messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == "gpt-4o" and sent_model(up, "/v1/chat/completions") == UPSTREAM_NAME
+    dead = FakeUpstream("dead", ["dead-model"])
+    dead_url = dead.url
+    dead.close()  # nothing listens there any more
+    stack.cli("pools", "add", "dead", "--url", dead_url, "--models", "dead-model")
+    stack.cli("settings", "set", "auto_models", "dead-model,phi")
+    stack.cli("settings", "set", "health_fails", "1")
+    stack.cli("settings", "set", "health_interval", "1")
+    auto = loaded(stack, "--allow-auto")
+    deadline = time.monotonic() + 20
+    while True:  # once the health checks marked the dead pool down, auto skips it
+        request_id = rid()
+        r = stack.post("/v1/chat/completions", auto, json={"model": "auto", "messages": []},
+                       headers={"X-Request-ID": request_id})
+        if r.status_code == 200:
+            break
+        assert time.monotonic() < deadline, r.text
+        time.sleep(0.5)
+    assert r.json()["model"] == "phi" and sent_model(up, "/v1/chat/completions") == "phi"
+    assert record(stack, request_id)["model"] == "phi"  # usage records the resolved model
+    # a key without allow_auto: "auto" is a model nothing serves
+    assert stack.post("/v1/chat/completions", key, json={"model": "auto"}).status_code == 404
+
+
+@needs_njs
+def test_max_parallel_lets_exactly_that_many_streams_through(stack: Stack, fakes: dict[str, FakeUpstream]) -> None:
+    key = loaded(stack, "--max-parallel", "2")
+    assert '"max_parallel": 2' in stack.cli("keys", "show", keyformat.key_id_of(key), "--json")
+    body = {"model": "slow-model", "stream": True, "messages": []}
+    sessions = [requests.Session() for _ in range(2)]  # requests.post would close a stream's connection
+    streams = [session.post(stack.base + "/v1/chat/completions", json=body, stream=True, timeout=10,
+                            headers={"Authorization": f"Bearer {key}"}) for session in sessions]
+    readers = [s.iter_lines() for s in streams]  # kept: a dropped reader closes its connection
+    for s, reader in zip(streams, readers, strict=True):  # both are in flight: their first event arrived
+        assert s.status_code == 200
+        assert next(reader).startswith(b"data: ")
+    third = stack.post("/v1/chat/completions", key, json=body)
+    assert third.status_code == 429 and third.headers["Retry-After"] == "1"
+    error = third.json()["error"]
+    assert error["code"] == "too_many_parallel_requests" and "at most 2" in error["message"]
+    ollama = stack.post("/api/chat", key, json={"model": "slow-model", "messages": []})
+    assert ollama.status_code == 429 and set(ollama.json()) == {"error"}
+    other = loaded(stack, "--max-parallel", "2")  # counted per key
+    assert stack.post("/v1/chat/completions", other, json={"model": "slow-model"}).status_code == 200
+    streams[0].close()  # the client goes away: its slot is free at once
+    sessions[0].close()
+    deadline = time.monotonic() + 3
+    while (r := stack.post("/v1/chat/completions", key, json={"model": "slow-model"})).status_code == 429:
+        assert time.monotonic() < deadline, "the slot was not freed"
+        time.sleep(0.05)
+    assert r.status_code == 200
+    for _ in readers[1]:  # the other one ends normally
+        pass
+    sessions[1].close()
+    results: list[int] = []
+    threads = [threading.Thread(target=lambda: results.append(
+        stack.post("/v1/chat/completions", key, json=body).status_code)) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [200, 200, 429]

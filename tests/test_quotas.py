@@ -16,8 +16,7 @@ from authsvc import quotas as q
 from authsvc.gate import Gate
 from authsvc.snapshot import KEYS_DB, KeyRule
 from manager import keys as keys_mod
-from manager import keystore
-from manager import quotas
+from manager import keystore, quotas
 from manager import validation as v
 from manager.context import Bastion
 from manager.datadir import DataDir
