@@ -143,6 +143,23 @@ def test_model_span_is_in_bytes() -> None:
     assert raw[start:end] == b'"x"'
 
 
+def test_without_njs_aliases_default_models_and_auto_are_refused_at_config_time(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from manager.context import Bastion
+    from manager.datadir import DataDir
+
+    monkeypatch.setenv("BASTION_NJS_MODULE", "off")
+    bastion = Bastion(DataDir.at(tmp_path / "data"), NGINX)
+    with pytest.raises(v.ValidationError, match="njs") as refused:
+        pools_mod.add(bastion, "main", ["http://127.0.0.1:9"], models=["llama3"], aliases={"gpt-4o": "llama3"})
+    assert refused.value.field == "aliases" and pools_mod.all_pools(bastion) == []
+    for field, value in (("default_model", "llama3"), ("allow_auto", True)):
+        with pytest.raises(v.ValidationError, match="njs") as refused:
+            keys_mod.create(bastion, "k", **{field: value})
+        assert refused.value.field == field
+    assert keys_mod.all_keys(bastion) == []
+
+
 def test_bad_alias_and_key_fields_are_refused_naming_the_field() -> None:
     with pytest.raises(v.ValidationError, match=r"aliases\.gpt"):
         pools_mod.alias_map("aliases", {"gpt": "gpt"})
@@ -195,7 +212,7 @@ def up(fakes: dict[str, FakeUpstream]) -> Iterator[FakeUpstream]:
     alias = fakes["alias"]
     alias.requests.clear()
     yield alias
-    alias.suffix, alias.tool_args = "", None
+    alias.suffix, alias.tool_args, alias.split = "", None, False
 
 
 def loaded(stack: Stack, *options: str) -> str:
@@ -236,6 +253,15 @@ def test_an_alias_reaches_the_upstream_by_its_name_and_the_client_sees_the_publi
     assert text.count(f'"model":"{UPSTREAM_NAME}"') == up.chunks
     rec = record(stack, request_id)
     assert (rec["model"], rec["total_tokens"]) == ("gpt-4o", str(11 + up.chunks * 2))
+    # the client did not ask for usage (Bastion adds it, then takes the event out) and every event arrives cut
+    # in two inside an "é": still the public name everywhere, the text intact, no usage event
+    up.split = True
+    request_id = rid()
+    chunks = list(client.chat.completions.create(model="gpt-4o", messages=[], stream=True,
+                                                 extra_headers={"X-Request-ID": request_id}))
+    assert len(chunks) == up.chunks and {c.model for c in chunks} == {"gpt-4o"}
+    assert all(c.usage is None and c.choices[0].delta.content.endswith(up.suffix) for c in chunks)
+    assert record(stack, request_id)["total_tokens"] == str(11 + up.chunks * 2)
     # the allow-list sees the public name; the upstream's own name is served as itself, unedited
     assert stack.post("/v1/chat/completions", key, json={"model": UPSTREAM_NAME}).status_code == 404
     anyone = openai.OpenAI(base_url=stack.base + "/v1", api_key=loaded(stack), max_retries=0)
