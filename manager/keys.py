@@ -93,9 +93,9 @@ def _parallel_zone(bastion: Bastion, values: dict[str, Any], author: str) -> Non
     limit = values.get("max_parallel")
     if limit is None:
         return
-    known = bastion.keystore.parallel_limits()
-    if limit in known:
+    if bastion.keystore.has_parallel_limit(limit):
         return
+    known = bastion.keystore.parallel_limits()
     if len(known) >= MAX_PARALLEL_VALUES:
         raise v.ValidationError("max_parallel", f"at most {MAX_PARALLEL_VALUES} different values can be in use; "
                                 f"use one of {', '.join(map(str, known))}")

@@ -64,7 +64,8 @@ MIGRATIONS: dict[int, list[str]] = {
     2: [*(f"ALTER TABLE keys ADD COLUMN {f} INTEGER" for f in QUOTA_FIELDS),
         f"CREATE INDEX keys_quotas ON keys (id) WHERE {_HAS_QUOTA}"],
     3: ["ALTER TABLE keys ADD COLUMN max_parallel INTEGER", "ALTER TABLE keys ADD COLUMN default_model TEXT",
-        "ALTER TABLE keys ADD COLUMN allow_auto INTEGER NOT NULL DEFAULT 0"],
+        "ALTER TABLE keys ADD COLUMN allow_auto INTEGER NOT NULL DEFAULT 0",
+        "CREATE INDEX keys_parallel ON keys (max_parallel) WHERE max_parallel IS NOT NULL"],
 }
 DEFAULTS: dict[str, Any] = {"enabled": True, "expires": None, "models": [], "endpoints": [], "rpm": 0, "cidrs": [],
                             "cidr_groups": [], "created_at": 0.0, "created_by": "unknown", "revoked_at": None,
@@ -200,6 +201,11 @@ class KeyStore:
         """Ids of the unrevoked keys with any quota: a read of the partial index, O(keys with quotas)."""
         rows = self._db().execute(f"SELECT id FROM keys WHERE ({_HAS_QUOTA}) AND revoked_at IS NULL")
         return [r[0] for r in rows]
+
+    def has_parallel_limit(self, limit: int) -> bool:
+        """Whether an unrevoked key has this max_parallel (nginx then has its zone): one index lookup."""
+        return self._db().execute("SELECT 1 FROM keys WHERE max_parallel = ? AND revoked_at IS NULL LIMIT 1",
+                                  (limit,)).fetchone() is not None
 
     def parallel_limits(self) -> list[int]:
         """The distinct `max_parallel` values of unrevoked keys: nginx has one connection zone per value."""

@@ -351,3 +351,14 @@ def test_max_parallel_lets_exactly_that_many_streams_through(stack: Stack, fakes
     for t in threads:
         t.join()
     assert sorted(results) == [200, 200, 429]
+
+
+@needs_njs
+def test_body_edits_are_byte_offsets_after_multibyte_text(stack: Stack, up: FakeUpstream) -> None:
+    """The gate's offsets count bytes, and nginx splices bytes: text before the edits does not shift them."""
+    key = loaded(stack)
+    raw = '{"model":"gpt-4o","messages":[{"role":"user","content":"héllo 🎉"}],"stream":true,"stream_options":{}}'
+    r = stack.post("/v1/chat/completions", key, data=raw.encode(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 200, r.text
+    sent = [x["body"] for x in up.requests if x["path"] == "/v1/chat/completions"][-1]
+    assert json.loads(sent) == {**json.loads(raw), "model": UPSTREAM_NAME, "stream_options": {"include_usage": True}}
