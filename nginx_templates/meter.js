@@ -128,7 +128,9 @@ function stream(r, data, flags) {
         if (events.length || flags.last) {
             r.sendBuffer(events, flags.last ? flags : {last: false, flush: true});
         }
-        partial = end > 0 && buf[end - 1] !== 10;
+        if (end > 0) {
+            partial = buf[end - 1] !== 10;
+        }
     }
 }
 
