@@ -194,7 +194,7 @@ class Gate:
             pool = pools[0]
         headers = [("X-Accel-Redirect", f"@pool_{pool}"), ("X-Bastion-Key", key.id),
                    ("X-Bastion-Model", model), *limits]
-        choice = aliases.Choice(model, pool, snap.aliases.get((pool, model)), inserted)
+        choice = aliases.Choice(model, pool, snap.alias_for(pool, model), inserted)
         edits = self.model_edits(environ, snap, choice, asked, ollama)
         if choice.upstream:  # the answer names the upstream's model: meter.js reports the public one
             headers.append((aliases.PUBLIC_HEADER, model))

@@ -210,6 +210,16 @@ class Snapshot:
                 return pools
         return ()
 
+    def alias_for(self, pool: str, model: str) -> str | None:
+        """The upstream name of `model` in `pool` when it is one of the pool's aliases (Ollama short names
+        included), else None."""
+        if not self.aliases:
+            return None
+        for variant in model_variants(model):
+            if (upstream := self.aliases.get((pool, variant))) is not None:
+                return upstream
+        return None
+
     def model_entry(self, model: str) -> tuple[str, str] | None:
         """(listed id, owning pool) for /v1/models/<id>, Ollama short names included."""
         owners = dict(self.models)

@@ -73,6 +73,13 @@ def test_an_alias_is_routed_on_its_public_name_and_the_upstream_gets_its_own(gat
     assert sent.replace(b'"llama3:latest"', b'"gpt-4o"', 1) == raw
 
 
+def test_an_alias_answers_to_its_ollama_long_name_too(gate: Gate, tokens: dict[str, str]) -> None:
+    raw = b'{"model":"gpt-4o:latest"}'
+    call = Call(gate, "/api/chat", tokens["plain"], raw)
+    assert call.headers["X-Accel-Redirect"] == "@pool_main"
+    assert json.loads(edited(raw, call.headers[aliases.EDIT_HEADER]))["model"] == "llama3:latest"
+
+
 def test_a_plain_model_goes_unedited(gate: Gate, tokens: dict[str, str]) -> None:
     call = Call(gate, "/v1/chat/completions", tokens["plain"], {"model": "phi", "messages": []})
     assert call.status == 200 and aliases.EDIT_HEADER not in call.headers and aliases.PUBLIC_HEADER not in call.headers
