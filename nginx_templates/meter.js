@@ -28,6 +28,7 @@ var PROMPT_EVAL_COUNT = '"prompt_eval_count"';
 var EVAL_COUNT = '"eval_count"';
 var DONE = "[DONE]";
 var MODEL = '"model"';
+var RESPONSE = '"response"';
 var DONE_TRUE = '"done":true';
 var DONE_TRUE_SPACED = '"done": true';
 
@@ -51,6 +52,7 @@ var partial = false; // rename: the bytes sent last ended inside a line (the nex
 var jsonState = null; // rename of a JSON answer: the scanner's state until the top-level "model" is found
 var jsonHeld = null; // its bytes not yet sent (a top-level string cut by the end of a chunk)
 var NAME_KEEP = 256; // rename: a top-level string cut longer than this cannot be the key "model": not held
+var nested = false; // rename: the Responses API's events, whose model is "response":{"model":...}
 
 function header(r) {
     req = r;
@@ -68,6 +70,7 @@ function header(r) {
     }
     if (type.indexOf("text/event-stream") === 0) {
         kind = "sse";
+        nested = r.uri === "/v1/responses";
         needsMark = r.uri === "/v1/chat/completions" || r.uri === "/v1/completions"; // (a regex costs µs)
         strip = Boolean(r.variables.bastion_usage_insert) && r.status === 200;
         if (strip) {
@@ -644,7 +647,7 @@ function renameLine(buf, start, stop) {
     if (key === -1 || key >= stop) {
         return null;
     }
-    var found = modelSpan(buf.slice(0, stop), from, {depth: 0, str: false, esc: false});
+    var found = modelSpan(buf.slice(0, stop), from, {depth: 0, str: false, esc: false, nest: nested, inside: false});
     if (found === null || found.at === undefined) {
         return null;
     }
@@ -680,6 +683,7 @@ function renameJson(r, data, flags) {
 // quotes included), {resume} (the bytes from `resume` on are needed again with more: a top-level string cut by
 // the end; `st` keeps depth and string state for what was read) or null (no top-level model string). Strings
 // are skipped with searches, so what the model wrote (in strings: quotes escaped) is never taken for a key.
+// With `st.nest` the model wanted is the one of the top-level "response" object (Responses API events).
 function modelSpan(buf, i, st) {
     var n = buf.length;
     if (st.str) { // inside a nested string since the last chunk
@@ -719,6 +723,9 @@ function modelSpan(buf, i, st) {
             if (--st.depth <= 0) {
                 return null; // the top-level object ended
             }
+            if (st.depth === 1 && st.inside) {
+                return null; // the "response" object ended without a model
+            }
         } else if (st.depth === 0) {
             return null; // not an object
         } else {
@@ -731,7 +738,15 @@ function modelSpan(buf, i, st) {
                 }
                 return {resume: j};
             }
-            if (st.depth === 1 && e - j === 6 && buf.indexOf(MODEL, j) === j) {
+            if (st.nest && st.depth === 1 && e - j === 9 && buf.indexOf(RESPONSE, j) === j) {
+                var after = spaces(buf, e + 1);
+                var open2 = after < n && buf[after] === 58 ? spaces(buf, after + 1) : after;
+                if (open2 >= n) {
+                    return {resume: j};
+                }
+                st.inside = buf[after] === 58 && buf[open2] === 123; // the key, its object: the model is inside
+            } else if (st.depth === (st.inside ? 2 : 1) && (st.inside || !st.nest) && e - j === 6
+                    && buf.indexOf(MODEL, j) === j) {
                 var colon = spaces(buf, e + 1);
                 if (colon >= n) {
                     return {resume: j};

@@ -220,6 +220,7 @@ def up(fakes: dict[str, FakeUpstream]) -> Iterator[FakeUpstream]:
     alias.requests.clear()
     yield alias
     alias.suffix, alias.tool_args, alias.split = "", None, False
+    alias.answer, alias.answer_type = None, "application/json"
 
 
 def loaded(stack: Stack, *options: str) -> str:
@@ -369,3 +370,23 @@ def test_body_edits_are_byte_offsets_after_multibyte_text(stack: Stack, up: Fake
     assert r.status_code == 200, r.text
     sent = [x["body"] for x in up.requests if x["path"] == "/v1/chat/completions"][-1]
     assert json.loads(sent) == {**json.loads(raw), "model": UPSTREAM_NAME, "stream_options": {"include_usage": True}}
+
+
+@needs_njs
+def test_the_responses_api_reports_the_public_name_streamed_and_not(stack: Stack, up: FakeUpstream) -> None:
+    key = loaded(stack)
+    events = [{"type": "response.created", "response": {"id": "r1", "object": "response", "model": UPSTREAM_NAME,
+                                                        "output": []}},
+              {"type": "response.output_text.delta", "delta": f'"model":"{UPSTREAM_NAME}"'},
+              {"type": "response.completed", "response": {"id": "r1", "model": UPSTREAM_NAME, "usage": {
+                  "input_tokens": 2, "output_tokens": 3, "total_tokens": 5}}}]
+    up.answer = b"".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode() for e in events)
+    up.answer_type = "text/event-stream"
+    r = stack.post("/v1/responses", key, json={"model": "gpt-4o", "input": "hi", "stream": True})
+    got = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")]
+    assert sent_model(up, "/v1/responses") == UPSTREAM_NAME
+    assert [e.get("response", {}).get("model") for e in got] == ["gpt-4o", None, "gpt-4o"]
+    assert got[1]["delta"] == f'"model":"{UPSTREAM_NAME}"'
+    up.answer, up.answer_type = json.dumps({"id": "r1", "object": "response", "model": UPSTREAM_NAME}).encode(), \
+        "application/json"
+    assert stack.post("/v1/responses", key, json={"model": "gpt-4o", "input": "hi"}).json()["model"] == "gpt-4o"
