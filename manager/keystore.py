@@ -207,6 +207,11 @@ class KeyStore:
         return self._db().execute("SELECT 1 FROM keys WHERE max_parallel = ? AND revoked_at IS NULL LIMIT 1",
                                   (limit,)).fetchone() is not None
 
+    def count_editing(self) -> int:
+        """Unrevoked keys with a default model or `allow_auto` (features that need njs; asked only without it)."""
+        return self._db().execute("SELECT COUNT(*) FROM keys WHERE (default_model IS NOT NULL OR allow_auto)"
+                                  " AND revoked_at IS NULL").fetchone()[0]
+
     def parallel_limits(self) -> list[int]:
         """The distinct `max_parallel` values of unrevoked keys: nginx has one connection zone per value."""
         rows = self._db().execute("SELECT DISTINCT max_parallel FROM keys WHERE max_parallel IS NOT NULL"

@@ -76,3 +76,17 @@ def gate_problems(bastion: Bastion) -> list[str]:
                                                             ("keys_problem", "key store unreadable"),
                                                             ("quotas_problem", "quota figures unreadable"))
             if isinstance(status, dict) and status.get(field)]
+
+
+def edit_problems(bastion: Bastion) -> list[str]:
+    """What is configured but cannot work because nginx cannot edit request bodies (njs unavailable): model
+    aliases, keys' default models and `auto` (their requests get 503 body_edit_unavailable)."""
+    if metering.body_edits(bastion):
+        return []
+    problems = [f"pool {p['name']} has model aliases, which need njs (unavailable): requests for them get 503"
+                for p in bastion.store.table("pools").all() if p.get("aliases")]
+    keys = bastion.keystore.count_editing()
+    if keys:
+        problems.append(f"{keys} key(s) have a default model or allow_auto, which need njs (unavailable): those "
+                        "requests get 503")
+    return problems

@@ -390,3 +390,20 @@ def test_the_responses_api_reports_the_public_name_streamed_and_not(stack: Stack
     up.answer, up.answer_type = json.dumps({"id": "r1", "object": "response", "model": UPSTREAM_NAME}).encode(), \
         "application/json"
     assert stack.post("/v1/responses", key, json={"model": "gpt-4o", "input": "hi"}).json()["model"] == "gpt-4o"
+
+
+def test_status_warns_when_njs_went_away_under_configured_aliases(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from manager import snapshot
+    from manager.context import Bastion
+    from manager.datadir import DataDir
+
+    bastion = Bastion(DataDir.at(tmp_path / "data"), NGINX)
+    with bastion.store.transaction() as db:  # configured while njs was there
+        db.table("pools").insert({"name": "main", "upstreams": [{"url": "http://127.0.0.1:9"}], "models": ["x"],
+                                  "aliases": {"gpt-4o": "x"}})
+    bastion.keystore.insert({"id": "k1", "digest": "d", "name": "k", "allow_auto": True})
+    monkeypatch.setenv("BASTION_NJS_MODULE", "off")
+    problems = snapshot.edit_problems(bastion)
+    assert len(problems) == 2 and "pool main" in problems[0] and "1 key(s)" in problems[1]
+    assert snapshot.build(bastion)["body_edits"] is False
