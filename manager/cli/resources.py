@@ -268,11 +268,11 @@ def keys_show(b: Bastion, key_id: str, as_json: bool) -> None:
         value = record[name] if record[name] is not None else "-"
         if isinstance(value, list):  # an empty list allows everything, except for groups: none
             value = ",".join(value) or ("-" if name == "cidr_groups" else "*")
-        click.echo(f"{name + ':':13} {value}")
+        click.echo(f"{name + ':':15} {value}")
     for name in ("expires", "created_at", "last_used"):
-        click.echo(f"{name + ':':13} {fmt_time(record[name])}")
+        click.echo(f"{name + ':':15} {fmt_time(record[name])}")
     if not state:
-        click.echo("quotas:       none")
+        click.echo("quotas:         none")
         return
     click.echo("")
     print_table([{"quota": name, "limit": s["limit"], "used": s["used"], "remaining": s["remaining"],
