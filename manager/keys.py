@@ -104,8 +104,11 @@ def _parallel_zone(bastion: Bastion, values: dict[str, Any], author: str) -> Non
 
 def _group_lock(bastion: Bastion, fields: dict[str, Any]) -> AbstractContextManager[Any]:
     """A key that names CIDR groups is checked and written under the store lock, so a group cannot be removed
-    between the check and the write (cidr_groups.remove looks for keys using it under that lock)."""
-    return bastion.store.transaction() if fields.get("cidr_groups") else nullcontext()
+    between the check and the write (cidr_groups.remove looks for keys using it under that lock). So is a key
+    with a max_parallel: an apply (which reads the keys' values under that lock) cannot drop the zone of a value
+    between its own apply and its write."""
+    needed = fields.get("cidr_groups") or fields.get("max_parallel") not in (None, "", "none", "null", "unlimited")
+    return bastion.store.transaction() if needed else nullcontext()
 
 
 def create(bastion: Bastion, name: str, author: str = "cli", **fields: Any) -> tuple[dict[str, Any], str]:
