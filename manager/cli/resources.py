@@ -126,7 +126,9 @@ def pools_list(b: Bastion, as_json: bool) -> None:
         return u["url"] + (" (backup)" if u["backup"] else "") + (" (DOWN)" if u["down"] else "")
 
     print_table([{"name": p["name"], "method": p["method"], "upstreams": " ".join(map(upstream, p["upstreams"])),
-                  "models": ",".join(p["models"] or p["discovered_models"]) or "-", "status": pool_status(p)}
+                  "models": ",".join([*(p["models"] or p["discovered_models"]),
+                                      *(f"{a}={u}" for a, u in p["aliases"].items())]) or "-",
+                  "status": pool_status(p)}
                  for p in rows], ["name", "method", "upstreams", "models", "status"])
 
 
