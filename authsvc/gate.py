@@ -7,7 +7,6 @@ Everything it needs is in memory (`SnapshotSource`); it does no disk I/O per req
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -17,11 +16,11 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from authsvc import bodies, errors, include_usage, quotas
+from authsvc import bodies, errors, include_usage, model_lists, quotas
 from authsvc import keys as keyformat
 from authsvc.bruteforce import LOG_HEADER, BlockBoard, FailureGuard
 from authsvc.ratelimit import RateLimiter
-from authsvc.snapshot import KeyRule, Snapshot, SnapshotSource, StatusBoard
+from authsvc.snapshot import KeyRule, Snapshot, SnapshotSource, StatusBoard, model_variants
 
 MODEL_REQUIRED = frozenset(
     {
@@ -75,6 +74,8 @@ class Gate:
         self.guard = FailureGuard(clock)
         self.quotas = quotas.QuotaFile(snapshot_path.with_name("run") / quotas.QUOTAS_FILE)
         self.quotas.load()
+        self.running = model_lists.RunningFile(snapshot_path.with_name("run") / model_lists.RUNNING_FILE)
+        self.running.load()
         self.passed: dict[str, tuple[int, int]] = {}  # key -> (UTC day, requests let through), request quotas only
         # decisions by "allow", "answer" (served here), "refuse:<code>", "error:<code>": one increment a request,
         # published by StatusBoard for /metrics (granian runs the gate in one thread)
@@ -85,6 +86,7 @@ class Gate:
         gate = cls(data_dir / "snapshot.json", (data_dir / "pepper").read_bytes().strip())
         quotas.QuotaBoard(gate.quotas).start()
         BlockBoard(gate.guard, data_dir / "run").start()
+        model_lists.RunningBoard(gate.running).start()
         StatusBoard(gate.source, data_dir / "run", gate.decisions, gate.status).start()
         return gate
 
@@ -172,10 +174,13 @@ class Gate:
             if wrong:
                 raise error(400, wrong, "invalid_type", ollama, param="stream")
         if model is None:
-            if snap.default_pool is None:
-                raise error(503, "No upstream pool is configured", "no_pool", ollama)
-            return [("X-Accel-Redirect", f"@pool_{snap.default_pool}"), ("X-Bastion-Key", key.id), *limits]
-        pools = snap.pools_for(model) if key.allows_model(model) else ()
+            pool = snap.lists.default(ollama, snap.default_pool)
+            if pool is None:
+                raise error(503, "No upstream pool speaks the Ollama API" if ollama and snap.default_pool
+                            else "No upstream pool is configured", "no_pool", ollama)
+            return [("X-Accel-Redirect", f"@pool_{pool}"), ("X-Bastion-Key", key.id), *limits]
+        # only pools that speak the request's API (an OpenAI-only pool never gets /api/*)
+        pools = snap.lists.speaking(snap.pools_for(model), ollama) if key.allows_model(model) else ()
         if not pools:
             raise error(404, f"The model `{model}` does not exist or you do not have access to it.",
                         "model_not_found", ollama, param="model")
@@ -261,24 +266,24 @@ class Gate:
 
     def serve_model_lists(self, path: str, snap: Snapshot, key: KeyRule, ollama: bool,
                           limits: list[tuple[str, str]]) -> None:
-        """Answer /v1/models, /v1/models/<id> and /api/tags from the snapshot, filtered for the key."""
+        """Answer /v1/models, /v1/models/<id>, /api/tags, /api/ps and /api/version from memory, filtered for
+        the key (authsvc/model_lists.py)."""
+        lists, allows = snap.lists, key.allows_model if key.models else None
         if path == "/v1/models":
-            data = [{"id": m, "object": "model", "created": 0, "owned_by": pool}
-                    for m, pool in snap.models if key.allows_model(m)]
-            raise Reply(200, json.dumps({"object": "list", "data": data}).encode(), limits)
+            raise Reply(200, lists.openai.body(allows), limits)
         if path.startswith("/v1/models/"):
             wanted = path[len("/v1/models/"):]
-            entry = snap.model_entry(wanted)
-            if entry and key.allows_model(entry[0]):
-                model, pool = entry
-                body = {"id": model, "object": "model", "created": 0, "owned_by": pool}
-                raise Reply(200, json.dumps(body).encode(), limits)
+            entry = lists.model(wanted, model_variants, allows)
+            if entry is not None:
+                raise Reply(200, entry, limits)
             raise error(404, f"The model `{wanted}` does not exist or you do not have access to it.",
                         "model_not_found", ollama, param="model")
         if path == "/api/tags":
-            tags = [{"name": m, "model": m, "modified_at": "1970-01-01T00:00:00Z", "size": 0, "digest": "",
-                     "details": {}} for m, _ in snap.models if key.allows_model(m)]
-            raise Reply(200, json.dumps({"models": tags}).encode(), limits)
+            raise Reply(200, lists.tags.body(allows), limits)
+        if path == "/api/ps":
+            raise Reply(200, self.running.body(lists, allows), limits)
+        if path == "/api/version":
+            raise Reply(200, lists.version, limits)
 
     @staticmethod
     def requested_model(environ: dict[str, Any], path: str, ollama: bool, restricted: bool) -> str | None:

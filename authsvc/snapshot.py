@@ -24,6 +24,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
+from authsvc import model_lists
 from authsvc.bruteforce import Policy
 from authsvc.files import write_atomic
 from authsvc.networks import Network, admits
@@ -138,10 +139,10 @@ class Snapshot:
     routes: dict[str, tuple[str, ...]] = field(default_factory=dict)  # explicit routes by exact model name
     glob_routes: tuple[tuple[str, tuple[str, ...]], ...] = ()
     served: dict[str, tuple[str, ...]] = field(default_factory=dict)  # the pools' own model lists
-    models: tuple[tuple[str, str], ...] = ()  # (model id, owning pool) for /v1/models
     default_pool: str | None = None
     bruteforce: Policy = field(default_factory=Policy)
     usage_pools: frozenset[str] = frozenset()  # pools asked for stream usage (authsvc/include_usage.py)
+    lists: model_lists.ModelLists = field(default_factory=model_lists.ModelLists)  # APIs, lists the gate serves
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Snapshot:
@@ -170,8 +171,9 @@ class Snapshot:
             bruteforce=Policy.from_dict(data.get("bruteforce") or {}),
             usage_pools=frozenset(p["name"] for p in data.get("pools", []) if p.get("include_usage", True)),
         )
-        # every exactly named model, owned by the pool its requests would go to
-        snapshot.models = tuple(sorted((m, snapshot.pools_for(m)[0]) for m in {*served, *routes}))
+        # every exactly named model, listed with the pool its requests would go to
+        snapshot.lists = model_lists.build(data, {*served, *routes}, snapshot.pools_for, snapshot.default_pool,
+                                           model_variants)
         return snapshot
 
     def pools_for(self, model: str) -> tuple[str, ...]:
@@ -187,14 +189,6 @@ class Snapshot:
             if pools := self.served.get(variant):
                 return pools
         return ()
-
-    def model_entry(self, model: str) -> tuple[str, str] | None:
-        """(listed id, owning pool) for /v1/models/<id>, Ollama short names included."""
-        owners = dict(self.models)
-        for variant in model_variants(model):
-            if variant in owners:
-                return variant, owners[variant]
-        return None
 
 
 class KeyFeed:
