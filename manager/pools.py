@@ -64,7 +64,7 @@ def checked_kinds(field: str, value: Any) -> list[str]:
     """The APIs a pool speaks, when the operator says so: a list of `openai` and/or `ollama` ([] = detect)."""
     if value is None:
         return []
-    kinds = v.string_list(field, value, lambda f, x: v.choice(f, x, discovery.KINDS), max_items=2)
+    kinds = v.string_list(field, value, lambda f, x: v.choice(f, x, discovery.KINDS), max_items=10)
     return [k for k in discovery.KINDS if k in kinds]  # one order, whatever order was given
 
 
