@@ -84,7 +84,10 @@ def test_chat_streams_through_the_ollama_pool_only(stack: Stack, keys, ups) -> N
     assert served(ups["vllm"]) == before
 
 
-def test_show_and_version(stack: Stack, keys) -> None:
+def test_generate_embed_show_and_version(stack: Stack, keys) -> None:
+    pieces = [p.response for p in client(stack, keys["all"]).generate(model="llama3", prompt="hi", stream=True)]
+    assert pieces == [f"ollama-{i}" for i in range(5)] + [""]
+    assert client(stack, keys["all"]).embed(model="both-model", input="hi").embeddings == [[0.1, 0.2, 0.3]]
     shown = client(stack, keys["all"]).show("llama3")
     assert shown.modelinfo["general.architecture"] == "llama" and shown.details.family == "llama"
     with pytest.raises(ollama.ResponseError) as e:
