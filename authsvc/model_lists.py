@@ -3,8 +3,8 @@
 
 A pool speaks `openai`, `ollama` or both (manager/discovery.py detects it, the operator may say so): /api/*
 requests go only to pools that speak Ollama, /v1/* only to pools that speak OpenAI. Each list entry is made
-once per snapshot, with the details the upstreams reported, and kept as JSON text: a request only filters the
-entries by the key's allow-list and joins them (an unrestricted key gets the whole body, made in advance).
+once per snapshot, with the details the upstreams reported: a request filters the entries by the key's
+allow-list and encodes them, as before; an unrestricted key gets the whole body, encoded once per snapshot.
 
 /api/ps: the gate does no I/O per request, so the manager polls the Ollama upstreams' /api/ps and writes the
 running models to `run/ollama-ps.json` (manager/running.py); `RunningBoard` loads that file when it changes,
@@ -39,47 +39,73 @@ def iso(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+_encoder = json.JSONEncoder(separators=(",", ":"))  # one encoder: json.dumps with options makes one per call
+
+
 def dumps(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":")).encode()
+    return _encoder.encode(value).encode()
 
 
 @dataclass(slots=True)
 class Listing:
-    """A list answer's entries as JSON text, with the whole body for keys that may use every model."""
-    head: bytes
-    tail: bytes
-    entries: tuple[tuple[str, bytes], ...] = ()
-    whole: bytes = b""
+    """A list answer: its entries, and the whole body for keys that may use every model, made once, when first
+    asked (not while the snapshot loads: most snapshots are replaced before anyone lists models)."""
+    wrap: Callable[[list[dict[str, Any]]], dict[str, Any]]
+    entries: tuple[tuple[str, dict[str, Any]], ...] = ()
+    whole: bytes | None = None
 
     @classmethod
-    def of(cls, head: bytes, tail: bytes, entries: Iterable[tuple[str, bytes]]) -> Listing:
-        listing = cls(head, tail, tuple(entries))
-        listing.whole = listing.body(None)
-        return listing
+    def of(cls, wrap: Callable[[list[dict[str, Any]]], dict[str, Any]],
+           entries: Iterable[tuple[str, dict[str, Any]]]) -> Listing:
+        return cls(wrap, tuple(entries))
 
     def body(self, allows: Allows) -> bytes:
         if allows is None:
-            return self.whole or self.head + b",".join(e for _, e in self.entries) + self.tail
-        return self.head + b",".join(e for m, e in self.entries if allows(m)) + self.tail
+            if self.whole is None:
+                self.whole = dumps(self.wrap([e for _, e in self.entries]))
+            return self.whole
+        return dumps(self.wrap([e for m, e in self.entries if allows(m)]))
 
 
-def openai_list(entries: Iterable[tuple[str, bytes]]) -> Listing:
-    return Listing.of(b'{"object":"list","data":[', b"]}", entries)
+def openai_list(entries: Iterable[tuple[str, dict[str, Any]]]) -> Listing:
+    return Listing.of(lambda data: {"object": "list", "data": data}, entries)
 
 
-def ollama_list(entries: Iterable[tuple[str, bytes]]) -> Listing:
-    return Listing.of(b'{"models":[', b"]}", entries)
+def ollama_list(entries: Iterable[tuple[str, dict[str, Any]]]) -> Listing:
+    return Listing.of(lambda models: {"models": models}, entries)
+
+
+@dataclass(slots=True)
+class Lists:
+    openai: Listing
+    by_id: dict[str, dict[str, Any]]  # /v1/models/<id>
+    tags: Listing
 
 
 @dataclass(slots=True)
 class ModelLists:
+    """Routing by API, and the lists: made when first asked for, not while the snapshot loads (loading runs on
+    the request path; most snapshots are replaced before anyone lists models)."""
     kinds: dict[str, frozenset[str]] = field(default_factory=dict)  # pool -> APIs; a pool not named: both
     mixed: bool = False  # some pool does not speak both: routing filters pools
     defaults: dict[str, str | None] = field(default_factory=dict)  # API -> pool for requests without a model
-    openai: Listing = field(default_factory=lambda: openai_list(()))
-    by_id: dict[str, bytes] = field(default_factory=dict)  # /v1/models/<id>
-    tags: Listing = field(default_factory=lambda: ollama_list(()))
     version: bytes = dumps({"version": FALLBACK_VERSION})
+    make: Callable[[], Lists] = lambda: Lists(openai_list(()), {}, ollama_list(()))
+    _lists: Lists | None = None
+
+    @property
+    def lists(self) -> Lists:
+        if self._lists is None:
+            self._lists = self.make()
+        return self._lists
+
+    @property
+    def openai(self) -> Listing:
+        return self.lists.openai
+
+    @property
+    def tags(self) -> Listing:
+        return self.lists.tags
 
     def speaking(self, pools: tuple[str, ...], ollama: bool) -> tuple[str, ...]:
         """The pools (in order) that speak the request's API."""
@@ -97,9 +123,9 @@ class ModelLists:
     def model(self, wanted: str, variants: Callable[[str], tuple[str, ...]], allows: Allows) -> bytes | None:
         """The /v1/models/<id> entry (Ollama short names included), None when unknown or not allowed."""
         for variant in variants(wanted):
-            entry = self.by_id.get(variant)
+            entry = self.lists.by_id.get(variant)
             if entry is not None:
-                return entry if allows is None or allows(variant) else None
+                return dumps(entry) if allows is None or allows(variant) else None
         return None
 
 
@@ -111,19 +137,26 @@ def build(data: dict[str, Any], names: Iterable[str], pools_for: Callable[[str],
     lists = ModelLists(kinds=kinds, mixed=any(k != BOTH for k in kinds.values()))
     order = ([default_pool] if default_pool in pools else []) + list(pools)
     lists.defaults = {kind: next((p for p in order if kind in kinds[p]), None) for kind in BOTH}
-    openai, tags = [], []
-    for model in sorted(names):
-        routed = pools_for(model)
-        for_openai = lists.speaking(routed, ollama=False)
-        if for_openai:
-            entry = dumps(openai_entry(model, pools.get(for_openai[0], {"name": for_openai[0]}), variants))
-            openai.append((model, entry))
-            lists.by_id[model] = entry
-        for_ollama = lists.speaking(routed, ollama=True)
-        if for_ollama:
-            tags.append((model, dumps(ollama_entry(model, pools.get(for_ollama[0], {"name": for_ollama[0]}),
-                                                   variants))))
-    lists.openai, lists.tags = openai_list(openai), ollama_list(tags)
+    names = sorted(names)
+
+    def make() -> Lists:
+        for pool in pools.values():
+            pool["modified_at"] = iso(pool.get("created", 0))  # once per pool, not per model
+        openai, tags, by_id = [], [], {}
+        for model in names:
+            routed = pools_for(model)
+            for_openai = lists.speaking(routed, ollama=False)
+            if for_openai:
+                entry = openai_entry(model, pools.get(for_openai[0], {"name": for_openai[0]}), variants)
+                openai.append((model, entry))
+                by_id[model] = entry
+            for_ollama = lists.speaking(routed, ollama=True)
+            if for_ollama:
+                pool = pools.get(for_ollama[0], {"name": for_ollama[0]})
+                tags.append((model, ollama_entry(model, pool, variants)))
+        return Lists(openai_list(openai), by_id, ollama_list(tags))
+
+    lists.make = make
     versions = [p["version"] for name, p in pools.items()
                 if OLLAMA in kinds[name] and isinstance(p.get("version"), str)]
     if versions:
@@ -133,8 +166,11 @@ def build(data: dict[str, Any], names: Iterable[str], pools_for: Callable[[str],
 
 def details_of(pool: dict[str, Any], kind: str, model: str, variants: Callable[[str], tuple[str, ...]]
                ) -> dict[str, Any]:
-    known = pool.get(kind) or {}
-    return next((known[v] for v in variants(model) if v in known), {})
+    known = pool.get(kind)
+    if not known:
+        return {}
+    found = known.get(model)
+    return found if found is not None else next((known[v] for v in variants(model) if v in known), {})
 
 
 def openai_entry(model: str, pool: dict[str, Any], variants: Callable[[str], tuple[str, ...]]) -> dict[str, Any]:
@@ -147,7 +183,8 @@ def openai_entry(model: str, pool: dict[str, Any], variants: Callable[[str], tup
 def ollama_entry(model: str, pool: dict[str, Any], variants: Callable[[str], tuple[str, ...]]) -> dict[str, Any]:
     """As the upstream's /api/tags has it; a model it did not list gets the pool's creation date and no details."""
     info = details_of(pool, OLLAMA, model, variants)
-    return {"name": model, "model": model, "modified_at": info.get("modified_at") or iso(pool.get("created", 0)),
+    return {"name": model, "model": model, "modified_at": info.get("modified_at") or pool.get("modified_at")
+            or iso(pool.get("created", 0)),
             "size": info.get("size", 0), "digest": info.get("digest", ""), "details": info.get("details", {})}
 
 
