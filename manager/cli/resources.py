@@ -110,8 +110,9 @@ def pools_list(b: Bastion, as_json: bool) -> None:
         return u["url"] + (" (backup)" if u["backup"] else "") + (" (DOWN)" if u["down"] else "")
 
     print_table([{"name": p["name"], "method": p["method"], "upstreams": " ".join(map(upstream, p["upstreams"])),
+                  "apis": ",".join(p["effective_api_kinds"]),
                   "models": ",".join(p["models"] or p["discovered_models"]) or "-", "status": pool_status(p)}
-                 for p in rows], ["name", "method", "upstreams", "models", "status"])
+                 for p in rows], ["name", "method", "upstreams", "apis", "models", "status"])
 
 
 def pool_status(pool: dict) -> str:
