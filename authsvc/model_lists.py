@@ -80,6 +80,7 @@ class Lists:
     openai: Listing
     by_id: dict[str, dict[str, Any]]  # /v1/models/<id>
     tags: Listing
+    ollama_names: frozenset[str]  # the models /api/* can reach, Ollama short names included
 
 
 @dataclass(slots=True)
@@ -90,7 +91,7 @@ class ModelLists:
     mixed: bool = False  # some pool does not speak both: routing filters pools
     defaults: dict[str, str | None] = field(default_factory=dict)  # API -> pool for requests without a model
     version: bytes = dumps({"version": FALLBACK_VERSION})
-    make: Callable[[], Lists] = lambda: Lists(openai_list(()), {}, ollama_list(()))
+    make: Callable[[], Lists] = lambda: Lists(openai_list(()), {}, ollama_list(()), frozenset())
     _lists: Lists | None = None
 
     @property
@@ -154,7 +155,8 @@ def build(data: dict[str, Any], names: Iterable[str], pools_for: Callable[[str],
             if for_ollama:
                 pool = pools.get(for_ollama[0], {"name": for_ollama[0]})
                 tags.append((model, ollama_entry(model, pool, variants)))
-        return Lists(openai_list(openai), by_id, ollama_list(tags))
+        reachable = frozenset(v for model, _ in tags for v in variants(model))
+        return Lists(openai_list(openai), by_id, ollama_list(tags), reachable)
 
     lists.make = make
     versions = [p["version"] for name, p in pools.items()
@@ -225,11 +227,14 @@ class RunningFile:
         return True
 
     def body(self, lists: ModelLists, allows: Allows) -> bytes:
-        """/api/ps: the running models of the pools that speak Ollama now, each model once, for the key."""
+        """/api/ps: the running models of the pools that speak Ollama now, each model once, for the key; only
+        models a client can reach through Bastion (not whatever else an upstream has loaded)."""
         seen: set[str] = set()
         out = []
+        reachable = lists.lists.ollama_names if self.entries else frozenset()
         for pool, model, entry in self.entries:
-            if model not in seen and lists.speaks_ollama(pool) and (allows is None or allows(model)):
+            if (model not in seen and model in reachable and lists.speaks_ollama(pool)
+                    and (allows is None or allows(model))):
                 seen.add(model)
                 out.append(entry)
         return b'{"models":[' + b",".join(out) + b"]}"

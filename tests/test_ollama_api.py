@@ -151,13 +151,14 @@ def test_lists_are_filtered_for_a_restricted_key(tmp_path: Path) -> None:
 
 def test_ps_serves_what_the_manager_polled_for_the_key(tmp_path: Path) -> None:
     token = keyformat.generate()[1]
-    snapshot(tmp_path / "snapshot.json", token, models=["llama3*", "tiny", "gpt-x"])
+    snapshot(tmp_path / "snapshot.json", token, models=["llama3*", "unlisted", "gpt-x"])
     g = Gate(tmp_path / "snapshot.json", PEPPER)
     assert Call(g, "/api/ps", token, method="GET").json() == {"models": []}  # nothing polled yet
     running = tmp_path / "run" / RUNNING_FILE
     running.parent.mkdir(exist_ok=True)
     entry = {"name": "llama3:latest", "model": "llama3:latest", "size": 1, "expires_at": "2099-01-01T00:00:00Z"}
-    running.write_text(json.dumps({"pools": {"ollama": [entry, {**entry, "name": "secret"}],
+    running.write_text(json.dumps({"pools": {"ollama": [entry, {**entry, "name": "tiny"},  # the key may not
+                                                        {**entry, "name": "unlisted"}],  # served by no pool
                                              "vllm": [{**entry, "name": "gpt-x"}],  # no longer Ollama-kind
                                              "old": [entry]}}))  # the same model twice: listed once
     assert g.running.load()
