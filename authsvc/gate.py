@@ -92,7 +92,7 @@ class Gate:
 
     def status(self) -> dict[str, Any]:
         """For the manager's health check, beside the snapshot's (`StatusBoard`)."""
-        return {"quotas_problem": self.quotas.problem or None}
+        return {"quotas_problem": self.quotas.problem or None, "running_problem": self.running.problem or None}
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
         try:

@@ -90,5 +90,6 @@ def gate_problems(bastion: Bastion) -> list[str]:
         return []
     return [f"{what}: {status[field]}" for field, what in (("snapshot_problem", SNAPSHOT_UNREADABLE),
                                                             ("keys_problem", "key store unreadable"),
-                                                            ("quotas_problem", "quota figures unreadable"))
+                                                            ("quotas_problem", "quota figures unreadable"),
+                                                            ("running_problem", "ollama-ps.json unreadable"))
             if isinstance(status, dict) and status.get(field)]
