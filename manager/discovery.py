@@ -33,9 +33,9 @@ Info = dict[str, dict[str, Any]]  # model name -> its details, per API kind
 @dataclass(frozen=True)
 class Discovery:
     """What a pool's upstreams report: `models` is None when none of them answered with a list; `error`
-    names each upstream that did not (None when all did). `kinds`: the APIs some upstream answered (empty when
-    none did); `info`: per kind, model -> details (first upstream to name a model wins); `version`: the lowest
-    Ollama version reported."""
+    names each upstream that did not (None when all did). `kinds`: the APIs the upstreams that answered speak
+    (`pool_kinds`; empty when none answered); `info`: per kind, model -> details (first upstream to name a
+    model wins); `version`: the lowest Ollama version reported."""
     models: list[str] | None
     error: str | None
     kinds: tuple[str, ...] = field(default=(), compare=False)
@@ -129,6 +129,13 @@ def upstream_models(url: str, api_key: str | None = None, verify: bool | str = T
     return upstream_facts(url, api_key, verify).models
 
 
+def pool_kinds(answered: list[tuple[str, ...]]) -> tuple[str, ...]:
+    """The APIs every upstream that answered speaks (nginx may send a request to any of them); upstreams that
+    share none (a misconfigured pool) give what any of them speaks, rather than nothing."""
+    shared = tuple(k for k in KINDS if answered and all(k in kinds for kinds in answered))
+    return shared or tuple(k for k in KINDS if any(k in kinds for kinds in answered))
+
+
 def discover_pool_models(pool: dict[str, Any], ca_bundle: str | None = None) -> Discovery:
     """Union of what the pool's upstreams report, asked in parallel (so a pool of slow upstreams takes one
     deadline, not one each). Certificates are checked against `ca_bundle` (the same file nginx uses) unless
@@ -152,5 +159,5 @@ def discover_pool_models(pool: dict[str, Any], ca_bundle: str | None = None) -> 
                 merged.setdefault(name, details)
     versions = sorted((f.version for f in facts if f.version), key=version_key)
     return Discovery(found, "; ".join(a for a in answers if isinstance(a, str)) or None,
-                     kinds=tuple(k for k in KINDS if any(k in f.kinds for f in facts)), info=info,
+                     kinds=pool_kinds([f.kinds for f in facts]), info=info,
                      version=versions[0] if versions else None)

@@ -45,7 +45,8 @@ def test_discovery_detects_the_apis_and_keeps_the_details(servers) -> None:
     both = servers("ollama", ["llama3:latest", "qwen:7b"])
     found = discovery.discover_pool_models({"name": "p", "upstreams": [{"url": ollama_only.url},
                                                                        {"url": both.url}]})
-    assert (found.models, found.kinds, found.version) == (["llama3:latest", "qwen:7b"], ("openai", "ollama"), "0.5.7")
+    # the old Ollama has no /v1: the pool speaks only what both upstreams speak
+    assert (found.models, found.kinds, found.version) == (["llama3:latest", "qwen:7b"], ("ollama",), "0.5.7")
     tag = found.info["ollama"]["llama3:latest"]
     assert tag["size"] == 4_661_224_676 + len("llama3:latest") and len(tag["digest"]) == 64
     assert tag["details"]["quantization_level"] == "Q4_K_M" and tag["modified_at"].startswith("2025-03-14")
@@ -61,6 +62,12 @@ def test_hostile_details_are_cut_to_known_small_fields() -> None:
     assert discovery.ollama_details(entry) == {"digest": "d" * discovery.MAX_TEXT,
                                                "details": {"format": "gguf", "families": ["a", "b" * 100]}}
     assert discovery.openai_details({"id": "m", "created": True, "owned_by": {"x": 1}}) == {}
+
+
+def test_pool_kinds_are_what_every_answering_upstream_speaks() -> None:
+    assert discovery.pool_kinds([("openai", "ollama"), ("ollama",)]) == ("ollama",)
+    assert discovery.pool_kinds([("openai",), ("ollama",)]) == ("openai", "ollama")  # nothing shared
+    assert discovery.pool_kinds([]) == ()
 
 
 def test_versions_order_numerically() -> None:
