@@ -176,7 +176,8 @@ class Gate:
         if model is None:
             pool = snap.lists.default(ollama, snap.default_pool)
             if pool is None:
-                raise error(503, "No upstream pool speaks the Ollama API" if ollama and snap.default_pool
+                api = "Ollama" if ollama else "OpenAI"
+                raise error(503, f"No upstream pool speaks the {api} API" if snap.default_pool
                             else "No upstream pool is configured", "no_pool", ollama)
             return [("X-Accel-Redirect", f"@pool_{pool}"), ("X-Bastion-Key", key.id), *limits]
         # only pools that speak the request's API (an OpenAI-only pool never gets /api/*)

@@ -130,6 +130,17 @@ def test_ollama_routes_go_only_to_pools_that_speak_ollama(gate) -> None:
     assert Call(g, "/v1/files", token, method="GET").headers["X-Accel-Redirect"] == "@pool_vllm"
 
 
+def test_no_pool_of_the_api_is_a_503_that_says_so(tmp_path: Path) -> None:
+    token = keyformat.generate()[1]
+    (tmp_path / "snapshot.json").write_text(json.dumps({"pools": [{"name": "p", "models": ["m"],
+                                                                   "kinds": ["openai"]}]}))
+    write_keys(tmp_path / "keys.sqlite3", [key_entry(token)])
+    g = Gate(tmp_path / "snapshot.json", PEPPER)
+    c = Call(g, "/api/embeddings/x", token, method="GET")
+    assert (c.status, c.json()) == (503, {"error": "No upstream pool speaks the Ollama API"})
+    assert Call(g, "/v1/files", token, method="GET").headers["X-Accel-Redirect"] == "@pool_p"
+
+
 def test_lists_carry_the_upstream_details(gate) -> None:
     g, token = gate
     listed = {m["id"]: m for m in Call(g, "/v1/models", token, method="GET").json()["data"]}
