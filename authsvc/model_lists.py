@@ -8,7 +8,7 @@ allow-list and encodes them, as before; an unrestricted key gets the whole body,
 
 /api/ps: the gate does no I/O per request, so the manager polls the Ollama upstreams' /api/ps and writes the
 running models to `run/ollama-ps.json` (manager/running.py); `RunningBoard` loads that file when it changes,
-off the request path (docs/decisions.md, decision 32).
+off the request path (docs/decisions.md, decision 33).
 """
 
 from __future__ import annotations

@@ -142,6 +142,8 @@ class Snapshot:
     default_pool: str | None = None
     bruteforce: Policy = field(default_factory=Policy)
     usage_pools: frozenset[str] = frozenset()  # pools asked for stream usage (authsvc/include_usage.py)
+    balanced: frozenset[str] = frozenset()  # routes (exact or glob) whose requests start at each pool in turn
+    websocket_pools: frozenset[str] = frozenset()  # pools that pass WebSocket upgrades (realtime APIs)
     lists: model_lists.ModelLists = field(default_factory=model_lists.ModelLists)  # APIs, lists the gate serves
 
     @classmethod
@@ -152,6 +154,7 @@ class Snapshot:
                   for name, g in data.get("cidr_groups", {}).items()}
         routes: dict[str, tuple[str, ...]] = {}
         globs: list[tuple[str, tuple[str, ...]]] = []
+        balanced = frozenset(r["model"] for r in data.get("routes", []) if r.get("mode") == "balance")
         for route in data.get("routes", []):
             if any(c in route["model"] for c in "*?["):
                 globs.append((route["model"], tuple(route["pools"])))
@@ -170,6 +173,8 @@ class Snapshot:
             default_pool=data.get("default_pool") or (pool_names[0] if pool_names else None),
             bruteforce=Policy.from_dict(data.get("bruteforce") or {}),
             usage_pools=frozenset(p["name"] for p in data.get("pools", []) if p.get("include_usage", True)),
+            balanced=balanced,
+            websocket_pools=frozenset(p["name"] for p in data.get("pools", []) if p.get("websocket")),
         )
         # every exactly named model, listed with the pool its requests would go to
         snapshot.lists = model_lists.build(data, {*served, *routes}, snapshot.pools_for, snapshot.default_pool,
@@ -178,17 +183,21 @@ class Snapshot:
 
     def pools_for(self, model: str) -> tuple[str, ...]:
         """Explicit routes first (exact, then globs in order), then the pools that list the model."""
+        return self.route_for(model)[0]
+
+    def route_for(self, model: str) -> tuple[tuple[str, ...], bool]:
+        """The pools for `model` (see `pools_for`) and whether its route balances across them."""
         variants = model_variants(model)
         for variant in variants:
             if pools := self.routes.get(variant):
-                return pools
+                return pools, variant in self.balanced
         for pattern, pools in self.glob_routes:
             if any(fnmatchcase(variant, pattern) for variant in variants):
-                return pools
+                return pools, pattern in self.balanced
         for variant in variants:
             if pools := self.served.get(variant):
-                return pools
-        return ()
+                return pools, False
+        return (), False
 
 
 class KeyFeed:

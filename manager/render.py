@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
-from manager import capacity, cidr_groups
+from manager import capacity, cidr_groups, traffic
 from manager.metering import METER_JS
 from manager.settings import ADMIN_BODY_LIMIT_KB
 from nginx_templates import TEMPLATE_DIR
@@ -92,7 +92,9 @@ def _context(inp: RenderInput, generation: int) -> dict[str, Any]:
         "worker_connections": connections,
         "worker_rlimit_nofile": open_files,
         "paths": inp.paths,
-        "pools": [pool_view(p, inp.down, inp.resolved) for p in inp.tables["pools"] if p["upstreams"]],
+        # `index`: names the pool's nginx variables (a pool name may hold '-', which variable names cannot)
+        "pools": [{**pool_view(p, inp.down, inp.resolved), **traffic.view(p, settings), "index": i}
+                  for i, p in enumerate(p for p in inp.tables["pools"] if p["upstreams"])],
         "public_listen": settings["public_listen"],
         "admin_listen": settings["admin_listen"],
         "server_name": settings["server_name"] or "_",

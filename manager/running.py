@@ -1,4 +1,4 @@
-"""The Ollama upstreams' running models, for the gate's /api/ps (decision 32 in docs/decisions.md).
+"""The Ollama upstreams' running models, for the gate's /api/ps (decision 33 in docs/decisions.md).
 
 The gate does no I/O per request, so the supervisor asks every live upstream of the pools that speak Ollama
 `GET /api/ps` (through manager.outbound: 3 s, no redirects, 1 MB) every `health_interval` seconds (10 s when

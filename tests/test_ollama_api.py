@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from authsvc import keys as keyformat
-from authsvc.gate import Gate
+from authsvc.gate import FALLBACK_HEADER, Gate
 from authsvc.model_lists import FALLBACK_VERSION, RUNNING_FILE, version_key
 from manager import discovery, pools
 from manager.validation import ValidationError
@@ -118,9 +118,12 @@ def test_ollama_routes_go_only_to_pools_that_speak_ollama(gate) -> None:
     c = Call(g, "/api/chat", token, {"model": "gpt-x", "messages": []})
     assert (c.status, c.json()) == (404, {"error": "The model `gpt-x` does not exist or you do not have access "
                                                     "to it."})
-    # served by both pools: /api/* skips the OpenAI-only one listed first, /v1 takes it
-    assert Call(g, "/api/chat", token, {"model": "both"}).headers["X-Accel-Redirect"] == "@pool_ollama"
-    assert Call(g, "/v1/chat/completions", token, {"model": "both"}).headers["X-Accel-Redirect"] == "@pool_vllm"
+    # served by both pools: /api/* skips the OpenAI-only one listed first, and has no fallback to it; /v1 takes
+    # the first and may fall back to the second
+    c = Call(g, "/api/chat", token, {"model": "both"})
+    assert c.headers["X-Accel-Redirect"] == "@pool_ollama" and FALLBACK_HEADER not in c.headers
+    c = Call(g, "/v1/chat/completions", token, {"model": "both"})
+    assert (c.headers["X-Accel-Redirect"], c.headers[FALLBACK_HEADER]) == ("@then_vllm", "vllm,ollama")
     assert Call(g, "/api/show", token, {"model": "llama3"}).headers["X-Accel-Redirect"] == "@pool_ollama"
     # an Ollama-only pool gets no /v1 request
     assert Call(g, "/v1/chat/completions", token, {"model": "tiny"}).status == 404
