@@ -2,9 +2,9 @@
 /api/tags, /api/ps, /api/version.
 
 A pool speaks `openai`, `ollama` or both (manager/discovery.py detects it, the operator may say so): /api/*
-requests go only to pools that speak Ollama, /v1/* only to pools that speak OpenAI. Each list entry is made
-once per snapshot, with the details the upstreams reported: a request filters the entries by the key's
-allow-list and encodes them, as before; an unrestricted key gets the whole body, encoded once per snapshot.
+requests go only to pools that speak Ollama, /v1/* only to pools that speak OpenAI. The list entries are made
+once per snapshot, when a list is first asked for, with the details the upstreams reported: a request filters
+them by the key's allow-list and encodes them, as before; an unrestricted key gets the whole body, encoded once.
 
 /api/ps: the gate does no I/O per request, so the manager polls the Ollama upstreams' /api/ps and writes the
 running models to `run/ollama-ps.json` (manager/running.py); `RunningBoard` loads that file when it changes,
