@@ -7,7 +7,6 @@ Everything it needs is in memory (`SnapshotSource`); it does no disk I/O per req
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -18,11 +17,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
-from authsvc import aliases, bodies, errors, include_usage, quotas
+from authsvc import aliases, bodies, errors, include_usage, model_lists, quotas
 from authsvc import keys as keyformat
 from authsvc.bruteforce import LOG_HEADER, BlockBoard, FailureGuard
 from authsvc.ratelimit import RateLimiter
-from authsvc.snapshot import KeyRule, Snapshot, SnapshotSource, StatusBoard
+from authsvc.snapshot import KeyRule, Snapshot, SnapshotSource, StatusBoard, model_variants
 
 MODEL_REQUIRED = frozenset(
     {
@@ -78,6 +77,8 @@ class Gate:
         self.guard = FailureGuard(clock)
         self.quotas = quotas.QuotaFile(snapshot_path.with_name("run") / quotas.QUOTAS_FILE)
         self.quotas.load()
+        self.running = model_lists.RunningFile(snapshot_path.with_name("run") / model_lists.RUNNING_FILE)
+        self.running.load()
         self.passed: dict[str, tuple[int, int]] = {}  # key -> (UTC day, requests let through), request quotas only
         # decisions by "allow", "answer" (served here), "refuse:<code>", "error:<code>": one increment a request,
         # published by StatusBoard for /metrics (granian runs the gate in one thread)
@@ -89,12 +90,13 @@ class Gate:
         gate = cls(data_dir / "snapshot.json", (data_dir / "pepper").read_bytes().strip())
         quotas.QuotaBoard(gate.quotas).start()
         BlockBoard(gate.guard, data_dir / "run").start()
+        model_lists.RunningBoard(gate.running).start()
         StatusBoard(gate.source, data_dir / "run", gate.decisions, gate.status).start()
         return gate
 
     def status(self) -> dict[str, Any]:
         """For the manager's health check, beside the snapshot's (`StatusBoard`)."""
-        return {"quotas_problem": self.quotas.problem or None}
+        return {"quotas_problem": self.quotas.problem or None, "running_problem": self.running.problem or None}
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
         try:
@@ -187,15 +189,19 @@ class Gate:
         if key.max_parallel:  # nginx counts the key's requests in flight (limit_conn in the pool location)
             limits = [*limits, ("X-Bastion-Parallel", str(key.max_parallel))]
         if model is None:
-            if snap.default_pool is None:
-                raise error(503, "No upstream pool is configured", "no_pool", ollama)
-            return [("X-Accel-Redirect", f"@pool_{snap.default_pool}"), ("X-Bastion-Key", key.id), *limits]
+            pool = snap.lists.default(ollama, snap.default_pool)
+            if pool is None:
+                api = "Ollama" if ollama else "OpenAI"
+                raise error(503, f"No upstream pool speaks the {api} API" if snap.default_pool
+                            else "No upstream pool is configured", "no_pool", ollama)
+            return [("X-Accel-Redirect", f"@pool_{pool}"), ("X-Bastion-Key", key.id), *limits]
         asked, chain = model, ()
         if model == aliases.AUTO and key.allow_auto and not inserted:
             model, pool = resolve_auto(snap, key, ollama)
             chain = (pool,)
         if not chain:
             pools, balanced = snap.route_for(model) if key.allows_model(model) else ((), False)
+            pools = snap.lists.speaking(pools, ollama)  # an OpenAI-only pool never gets /api/*, nor falls back to one
             if not pools:
                 raise error(404, f"The model `{model}` does not exist or you do not have access to it.",
                             "model_not_found", ollama, param="model")
@@ -245,7 +251,7 @@ class Gate:
             raise error(400, "A WebSocket request names its model once in the query string (?model=...).",
                         "missing_model", ollama, param="model")
         model = checked_model(found[0], ollama)
-        pools = snap.pools_for(model) if key.allows_model(model) else ()
+        pools = snap.lists.speaking(snap.pools_for(model), ollama) if key.allows_model(model) else ()
         if not pools:
             raise error(404, f"The model `{model}` does not exist or you do not have access to it.",
                         "model_not_found", ollama, param="model")
@@ -349,24 +355,24 @@ class Gate:
 
     def serve_model_lists(self, path: str, snap: Snapshot, key: KeyRule, ollama: bool,
                           limits: list[tuple[str, str]]) -> None:
-        """Answer /v1/models, /v1/models/<id> and /api/tags from the snapshot, filtered for the key."""
+        """Answer /v1/models, /v1/models/<id>, /api/tags, /api/ps and /api/version from memory, filtered for
+        the key (authsvc/model_lists.py)."""
+        lists, allows = snap.lists, key.allows_model if key.models else None
         if path == "/v1/models":
-            data = [{"id": m, "object": "model", "created": 0, "owned_by": pool}
-                    for m, pool in snap.models if key.allows_model(m)]
-            raise Reply(200, json.dumps({"object": "list", "data": data}).encode(), limits)
+            raise Reply(200, lists.openai.body(allows), limits)
         if path.startswith("/v1/models/"):
             wanted = path[len("/v1/models/"):]
-            entry = snap.model_entry(wanted)
-            if entry and key.allows_model(entry[0]):
-                model, pool = entry
-                body = {"id": model, "object": "model", "created": 0, "owned_by": pool}
-                raise Reply(200, json.dumps(body).encode(), limits)
+            entry = lists.model(wanted, model_variants, allows)
+            if entry is not None:
+                raise Reply(200, entry, limits)
             raise error(404, f"The model `{wanted}` does not exist or you do not have access to it.",
                         "model_not_found", ollama, param="model")
         if path == "/api/tags":
-            tags = [{"name": m, "model": m, "modified_at": "1970-01-01T00:00:00Z", "size": 0, "digest": "",
-                     "details": {}} for m, _ in snap.models if key.allows_model(m)]
-            raise Reply(200, json.dumps({"models": tags}).encode(), limits)
+            raise Reply(200, lists.tags.body(allows), limits)
+        if path == "/api/ps":
+            raise Reply(200, self.running.body(lists, allows), limits)
+        if path == "/api/version":
+            raise Reply(200, lists.version, limits)
 
     @staticmethod
     def requested_model(environ: dict[str, Any], path: str, ollama: bool, restricted: bool) -> str | None:
@@ -417,10 +423,11 @@ def defaultable(environ: dict[str, Any], key: KeyRule, path: str, ollama: bool) 
 
 def resolve_auto(snap: Snapshot, key: KeyRule, ollama: bool) -> tuple[str, str]:
     """(model, pool) for `"model": "auto"`: the first model of the `auto_models` setting the key may use that
-    has a live pool (one with an upstream the health checks have not marked down), and that pool."""
+    has a live pool speaking the request's API (one with an upstream the health checks have not marked down),
+    and that pool."""
     for model in snap.auto_models:
         if key.allows_model(model):
-            for pool in snap.pools_for(model):
+            for pool in snap.lists.speaking(snap.pools_for(model), ollama):
                 if pool in snap.live:
                     return model, pool
     why = "no model is configured for it" if not snap.auto_models else "none of its models has a live upstream"

@@ -24,6 +24,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
+from authsvc import model_lists
 from authsvc.bruteforce import Policy
 from authsvc.files import write_atomic
 from authsvc.networks import Network, admits
@@ -147,7 +148,6 @@ class Snapshot:
     routes: dict[str, tuple[str, ...]] = field(default_factory=dict)  # explicit routes by exact model name
     glob_routes: tuple[tuple[str, tuple[str, ...]], ...] = ()
     served: dict[str, tuple[str, ...]] = field(default_factory=dict)  # the pools' own model lists
-    models: tuple[tuple[str, str], ...] = ()  # (model id, owning pool) for /v1/models
     default_pool: str | None = None
     bruteforce: Policy = field(default_factory=Policy)
     usage_pools: frozenset[str] = frozenset()  # pools asked for stream usage (authsvc/include_usage.py)
@@ -157,6 +157,7 @@ class Snapshot:
     live: frozenset[str] = frozenset()  # pools with an upstream the health checks have not marked down
     auto_models: tuple[str, ...] = ()  # what "model": "auto" may resolve to, in order
     body_edits: bool = False  # nginx can edit request bodies (njs): aliases, default models and auto work
+    lists: model_lists.ModelLists = field(default_factory=model_lists.ModelLists)  # APIs, lists the gate serves
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Snapshot:
@@ -197,8 +198,9 @@ class Snapshot:
             auto_models=tuple(data.get("auto_models", ())),
             body_edits=bool(data.get("body_edits", False)),
         )
-        # every exactly named model, owned by the pool its requests would go to
-        snapshot.models = tuple(sorted((m, snapshot.pools_for(m)[0]) for m in {*served, *routes}))
+        # every exactly named model, listed with the pool its requests would go to
+        snapshot.lists = model_lists.build(data, {*served, *routes}, snapshot.pools_for, snapshot.default_pool,
+                                           model_variants)
         return snapshot
 
     def pools_for(self, model: str) -> tuple[str, ...]:
@@ -227,14 +229,6 @@ class Snapshot:
         for variant in model_variants(model):
             if (upstream := self.aliases.get((pool, variant))) is not None:
                 return upstream
-        return None
-
-    def model_entry(self, model: str) -> tuple[str, str] | None:
-        """(listed id, owning pool) for /v1/models/<id>, Ollama short names included."""
-        owners = dict(self.models)
-        for variant in model_variants(model):
-            if variant in owners:
-                return variant, owners[variant]
         return None
 
 
