@@ -17,8 +17,9 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from authsvc import bodies, errors, include_usage, quotas
+from authsvc import bodies, errors, include_usage, quotas, routes
 from authsvc import keys as keyformat
+from authsvc.anonymous import AnonymousLimiter
 from authsvc.bruteforce import LOG_HEADER, BlockBoard, FailureGuard
 from authsvc.ratelimit import RateLimiter
 from authsvc.snapshot import KeyRule, Snapshot, SnapshotSource, StatusBoard
@@ -57,7 +58,8 @@ class Reply(Exception):
 
 
 STATUS_TEXT = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-               429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable"}
+               405: "Method Not Allowed", 429: "Too Many Requests", 500: "Internal Server Error",
+               503: "Service Unavailable"}
 
 
 def error(status: int, message: str, code: str | None, ollama: bool, param: str | None = None,
@@ -73,6 +75,7 @@ class Gate:
         self.limiter = RateLimiter()
         self.clock = clock
         self.guard = FailureGuard(clock)
+        self.anonymous = AnonymousLimiter()
         self.quotas = quotas.QuotaFile(snapshot_path.with_name("run") / quotas.QUOTAS_FILE)
         self.quotas.load()
         self.passed: dict[str, tuple[int, int]] = {}  # key -> (UTC day, requests let through), request quotas only
@@ -120,7 +123,7 @@ class Gate:
         self.refuse_blocked(address, snap, ollama)
         presented = self.identify(environ, snap)
         try:
-            if not (ollama or path.startswith("/v1/")):
+            if not (ollama or path.startswith("/v1/") or snap.passthrough.pools(path)):
                 raise error(404, f"Unknown path {path}", "not_found", ollama)
             if not canonical(path):
                 raise error(400, "The path must not contain empty, '.' or '..' segments.", "invalid_path", ollama)
@@ -130,6 +133,7 @@ class Gate:
             # key proves its secret, so a forgotten client behind a shared address does not block everyone
             if presented is None:
                 self.guard.failed(address, snap.bruteforce)
+            self.limit_unauthenticated(address, snap, ollama)
             raise
         try:
             headers = self.route(environ, path, snap, key, ollama)
@@ -152,11 +156,43 @@ class Gate:
         raise error(429, f"Too many failed authentication attempts from your address; try again in {retry} s.",
                     "too_many_failed_attempts", ollama, headers=headers)
 
+    def limit_unauthenticated(self, address: str, snap: Snapshot, ollama: bool) -> None:
+        """Past `unauthenticated_rpm` refusals a minute, an address without a valid key gets a 429 instead."""
+        wait = self.anonymous.hit(address, snap.unauthenticated_rpm)
+        if wait:
+            retry = max(1, math.ceil(wait))
+            raise error(429, f"Too many requests without a valid API key from your address; try again in {retry} s.",
+                        "too_many_unauthenticated_requests", ollama, headers=[("Retry-After", str(retry))])
+
+    @staticmethod
+    def check_method(environ: dict[str, Any], path: str, ollama: bool) -> None:
+        """A known route called with another method: 405 with `Allow` (not the upstream's answer, nor a
+        misleading 400 for a GET without a body)."""
+        method = environ.get("REQUEST_METHOD", "GET")
+        allow = routes.wrong_method(path, method)
+        if allow is not None:
+            raise error(405, f"{method} is not allowed on {path}; use {allow}.", "method_not_allowed", ollama,
+                        headers=[("Allow", allow)])
+
+    @staticmethod
+    def native_pools(path: str, snap: Snapshot, key: KeyRule, ollama: bool) -> tuple[str, ...]:
+        """The pools whose pass-through list takes this path (empty for /v1 and /api). A key reaches them only
+        through an endpoint list that names them (docs/decisions.md)."""
+        if ollama or path.startswith("/v1/"):
+            return ()
+        pools = snap.passthrough.pools(path)
+        if pools and not key.endpoints:
+            raise error(403, f"This API key may not use {path}: pass-through routes need a key whose endpoint "
+                        "list names them", "endpoint_not_allowed", ollama)
+        return pools
+
     def route(self, environ: dict[str, Any], path: str, snap: Snapshot, key: KeyRule,
               ollama: bool) -> list[tuple[str, str]]:
         """Checks that need the key, then the pool for the request's model."""
         if not key.allows_endpoint(path):
             raise error(403, f"This API key may not use {path}", "endpoint_not_allowed", ollama)
+        self.check_method(environ, path, ollama)
+        native = self.native_pools(path, snap, key, ollama)
         limits = self.check_quotas(key, ollama) if key.quotas else []
         if key.rpm:
             decision = self.limiter.hit(key.id, key.rpm)
@@ -172,10 +208,13 @@ class Gate:
             if wrong:
                 raise error(400, wrong, "invalid_type", ollama, param="stream")
         if model is None:
-            if snap.default_pool is None:
+            pool = native[0] if native else snap.default_pool
+            if pool is None:
                 raise error(503, "No upstream pool is configured", "no_pool", ollama)
-            return [("X-Accel-Redirect", f"@pool_{snap.default_pool}"), ("X-Bastion-Key", key.id), *limits]
+            return [("X-Accel-Redirect", f"@pool_{pool}"), ("X-Bastion-Key", key.id), *limits]
         pools = snap.pools_for(model) if key.allows_model(model) else ()
+        if native:  # a pass-through path goes to a pool that declared it and serves the model
+            pools = tuple(p for p in pools if p in native)
         if not pools:
             raise error(404, f"The model `{model}` does not exist or you do not have access to it.",
                         "model_not_found", ollama, param="model")

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from tinydb import Query
 
+from authsvc import routes
 from authsvc.files import write_atomic
 from manager import discovery, health
 from manager import validation as v
@@ -43,6 +44,16 @@ def upstream(field: str, value: Any) -> dict[str, Any]:
         "weight": v.integer(f"{field}.weight", value.get("weight", 1), 1, 100),
         "backup": v.boolean(f"{field}.backup", value.get("backup", False)),
     }
+
+
+def passthrough_paths(field: str, value: Any) -> list[str]:
+    """Extra upstream paths the pool serves through Bastion (authsvc/routes.py says what is allowed)."""
+    def path(name: str, item: Any) -> str:
+        try:
+            return routes.passthrough_path(item)
+        except ValueError as e:
+            raise v.ValidationError(name, str(e)) from None
+    return v.string_list(field, value, path, max_items=routes.MAX_PASSTHROUGH)
 
 
 def check_pool(pool: dict[str, Any]) -> None:
@@ -74,6 +85,7 @@ def public(pool: dict[str, Any], checks: dict[str, dict[str, Any]], discoveries:
     out = {k: x for k, x in pool.items() if k != "api_key"}
     out["api_key_set"] = bool(pool.get("api_key"))
     out["include_usage"] = pool.get("include_usage", True)  # pools older than the switch have it on
+    out["passthrough"] = pool.get("passthrough", [])
     out["upstreams"] = [upstream_status(u, checks.get(u["url"]), pool["name"]) for u in pool["upstreams"]]
     found = {} if pool["models"] else discoveries.get(pool["name"], {})
     out["discovery_error"] = found.get("error")
@@ -127,7 +139,7 @@ def record_discovery(bastion: Bastion, errors: dict[str, str | None]) -> dict[st
 
 def add(bastion: Bastion, name: str, upstreams: list[Any], author: str = "cli", *, api_key: str | None = None,
         models: list[str] | None = None, method: str = "round_robin", tls_verify: bool = True,
-        include_usage: bool = True) -> dict[str, Any]:
+        include_usage: bool = True, passthrough: list[str] | None = None) -> dict[str, Any]:
     """Create a pool and apply the nginx config. Models are discovered from the upstreams when not given."""
     if not isinstance(upstreams, list) or not upstreams:
         raise v.ValidationError("upstreams", "give at least one upstream URL")
@@ -139,6 +151,7 @@ def add(bastion: Bastion, name: str, upstreams: list[Any], author: str = "cli", 
         "models": v.models("models", models) if models else [],
         "tls_verify": v.boolean("tls_verify", tls_verify),
         "include_usage": v.boolean("include_usage", include_usage),
+        "passthrough": passthrough_paths("passthrough", passthrough or []),
         "discovered_models": [],
         "discovered_at": None,
         "created_at": time.time(),
@@ -158,7 +171,8 @@ def add(bastion: Bastion, name: str, upstreams: list[Any], author: str = "cli", 
 
 def update(bastion: Bastion, name: str, author: str = "cli", **fields: Any) -> dict[str, Any]:
     """Change method, api_key, models, tls_verify, include_usage or the whole upstream list of a pool."""
-    unknown = set(fields) - {"method", "api_key", "models", "upstreams", "tls_verify", "include_usage"}
+    unknown = set(fields) - {"method", "api_key", "models", "upstreams", "tls_verify", "include_usage",
+                             "passthrough"}
     if unknown:
         raise v.ValidationError(sorted(unknown)[0], "is not a pool field")
     with bastion.change(author, f"update pool {name} ({', '.join(sorted(fields))})", nginx=True) as db:
@@ -173,6 +187,8 @@ def update(bastion: Bastion, name: str, author: str = "cli", **fields: Any) -> d
             pool["tls_verify"] = v.boolean("tls_verify", fields["tls_verify"])
         if "include_usage" in fields:
             pool["include_usage"] = v.boolean("include_usage", fields["include_usage"])
+        if "passthrough" in fields:
+            pool["passthrough"] = passthrough_paths("passthrough", fields["passthrough"] or [])
         if "upstreams" in fields:
             ups = fields["upstreams"]
             if not isinstance(ups, list) or not ups:

@@ -26,7 +26,8 @@ def pool_models(pool: dict[str, Any]) -> list[str]:
 def build(bastion: Bastion, only_pools: set[str] | None = None) -> dict[str, Any]:
     """The gate's view; `only_pools` limits pools (and routes to them) to those nginx has right now."""
     store = bastion.store
-    pools = [{"name": p["name"], "models": pool_models(p), "include_usage": p.get("include_usage", True)}
+    pools = [{"name": p["name"], "models": pool_models(p), "include_usage": p.get("include_usage", True),
+              "passthrough": p.get("passthrough") or []}
              for p in store.table("pools").all()
              if p["upstreams"] and (only_pools is None or p["name"] in only_pools)]
     names = {p["name"] for p in pools}
@@ -40,6 +41,7 @@ def build(bastion: Bastion, only_pools: set[str] | None = None) -> dict[str, Any
         "routes": [r for r in routes if r["pools"]],
         "default_pool": default_pool if default_pool in names else None,
         "bruteforce": bruteforce_policy(bastion, settings),
+        "unauthenticated_rpm": settings["unauthenticated_rpm"],
     }
 
 

@@ -34,10 +34,11 @@ UPSTREAM_STATUS = obj(["url"], url=STR, weight=INT, backup=BOOL, down=BOOL,
 POOL_FIELDS = {"upstreams": {"type": "array", "items": UPSTREAM_IN, "minItems": 1},
                "api_key": {"type": ["string", "null"]}, "models": STR_LIST,
                "method": {"type": "string", "enum": list(v.BALANCING_METHODS)}, "tls_verify": BOOL,
-               "include_usage": BOOL}
+               "include_usage": BOOL, "passthrough": STR_LIST}
 POOL = obj(name=STR, method=STR, upstreams={"type": "array", "items": UPSTREAM_STATUS}, models=STR_LIST,
            discovered_models=STR_LIST, discovered_at=NULLABLE_NUM, created_at=NUM, api_key_set=BOOL,
-           tls_verify=BOOL, include_usage=BOOL, discovery_error=NULLABLE_STR, discovery_error_since=NULLABLE_NUM)
+           tls_verify=BOOL, include_usage=BOOL, passthrough=STR_LIST, discovery_error=NULLABLE_STR,
+           discovery_error_since=NULLABLE_NUM)
 ROUTE = obj(["model", "pools"], model=STR, pools=STR_LIST)
 
 

@@ -33,14 +33,16 @@ def pools() -> None:
               help="Check https upstreams' certificates against the system CAs.")
 @click.option("--include-usage/--no-include-usage", default=True, show_default=True,
               help="Ask for stream_options.include_usage on streamed OpenAI requests (token metering).")
+@click.option("--passthrough", help="Comma-separated extra upstream paths (exact, or a prefix ending in *).")
 @with_bastion
 def pools_add(b: Bastion, name: str, urls: tuple[str, ...], backup_urls: tuple[str, ...], api_key: str | None,
-              models: str | None, weight: int, method: str, tls_verify: bool, include_usage: bool) -> None:
+              models: str | None, weight: int, method: str, tls_verify: bool, include_usage: bool,
+              passthrough: str | None) -> None:
     """Add a pool and apply the nginx configuration."""
     ups = [{"url": u, "weight": weight} for u in urls] + [{"url": u, "backup": True} for u in backup_urls]
     click.echo(f"adding pool {name} and applying nginx configuration...")
     pool = pools_mod.add(b, name, ups, api_key=api_key, models=csv(models), method=method, tls_verify=tls_verify,
-                         include_usage=include_usage)
+                         include_usage=include_usage, passthrough=csv(passthrough))
     served = pool["models"] or pool["discovered_models"]
     source = "configured" if pool["models"] else "discovered"
     if served:
@@ -60,12 +62,13 @@ def pools_add(b: Bastion, name: str, urls: tuple[str, ...], backup_urls: tuple[s
 @click.option("--tls-verify/--no-tls-verify", default=None, help="Check https upstreams' certificates.")
 @click.option("--include-usage/--no-include-usage", default=None,
               help="Ask for stream_options.include_usage on streamed OpenAI requests.")
+@click.option("--passthrough", help="Comma-separated extra upstream paths ('' = none).")
 @with_bastion
 def pools_update(b: Bastion, name: str, method: str | None, api_key: str | None, models: str | None,
-                 tls_verify: bool | None, include_usage: bool | None) -> None:
+                 tls_verify: bool | None, include_usage: bool | None, passthrough: str | None) -> None:
     """Change a pool and apply the nginx configuration."""
     given = (("method", method), ("api_key", api_key), ("models", csv(models)), ("tls_verify", tls_verify),
-             ("include_usage", include_usage))
+             ("include_usage", include_usage), ("passthrough", csv(passthrough)))
     changes = {k: x for k, x in given if x is not None}
     if not changes:
         raise click.UsageError("nothing to change: give at least one option")

@@ -1,0 +1,200 @@
+"""End to end at the edge of the public listener (real nginx, gate, manager): CORS for browsers, OpenAI paths
+without /v1 (the official SDK), 405 with Allow, Server-Timing, pass-through routes, the per-address limit."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import openai
+import pytest
+import requests
+
+from tests.conftest import Stack
+from tests.fakes import FakeUpstream
+
+APP = "https://app.example.com"
+EVIL = "https://evil.example.net"
+
+
+@pytest.fixture(scope="module")
+def pools(stack: Stack, upstreams: dict[str, FakeUpstream]) -> dict[str, FakeUpstream]:
+    stack.cli("settings", "set", "health_interval", "0")
+    stack.cli("settings", "set", "bruteforce_max_failures", "0")  # the limit below is tested on its own
+    stack.cli("settings", "set", "cors_origins", f"{APP},http://localhost:3000")
+    stack.cli("pools", "add", "alpha", "--url", upstreams["alpha"].url, "--passthrough", "/tokenize,/props*")
+    stack.cli("pools", "add", "beta", "--url", upstreams["beta"].url, "--models", "beta-model")
+    return upstreams
+
+
+@pytest.fixture(scope="module")
+def key(stack: Stack, pools) -> str:
+    k = stack.key("edge")
+    time.sleep(0.5)
+    return k
+
+
+def cors_headers(r: requests.Response) -> dict[str, str]:
+    return {k.lower(): x for k, x in r.headers.items() if k.lower().startswith("access-control-")}
+
+
+def test_preflight_from_an_allowed_origin_needs_no_key(stack: Stack, key: str) -> None:
+    r = requests.options(stack.base + "/v1/chat/completions", timeout=10, headers={
+        "Origin": APP, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type,x-stainless-os"})
+    assert r.status_code == 204, r.text
+    h = cors_headers(r)
+    assert h["access-control-allow-origin"] == APP
+    assert h["access-control-allow-methods"] == "GET, POST, DELETE, OPTIONS"
+    assert h["access-control-allow-headers"] == "authorization,content-type,x-stainless-os"
+    assert h["access-control-max-age"] == "7200"
+    assert "access-control-allow-credentials" not in h
+    assert r.headers["Vary"] == "Origin"
+    assert r.headers["X-Request-ID"]
+
+
+def test_preflight_from_a_refused_origin_gets_no_cors_headers(stack: Stack, key: str) -> None:
+    r = requests.options(stack.base + "/v1/chat/completions", timeout=10,
+                         headers={"Origin": EVIL, "Access-Control-Request-Method": "POST"})
+    assert r.status_code == 204
+    assert cors_headers(r) == {}
+
+
+def test_streamed_chat_with_origin(stack: Stack, key: str, pools) -> None:
+    body = {"model": "alpha-model", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    for origin, allowed in ((APP, True), (EVIL, False)):
+        pools["alpha"].stream_finished.clear()
+        with requests.post(stack.base + "/v1/chat/completions", json=body, stream=True, timeout=10,
+                           headers={"Authorization": f"Bearer {key}", "Origin": origin}) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            first = next(line for line in lines if line)
+            assert b"alpha-0" in first and not pools["alpha"].stream_finished.is_set()  # still streaming
+            rest = b"\n".join(lines)
+        assert rest.rstrip().endswith(b"data: [DONE]")
+        h = cors_headers(r)
+        if allowed:
+            assert h["access-control-allow-origin"] == APP
+            exposed = h["access-control-expose-headers"]
+            assert "X-Request-ID" in exposed and "x-ratelimit-remaining-requests" in exposed
+            assert "access-control-allow-methods" not in h  # preflight only
+        else:
+            assert h == {}
+
+
+@pytest.mark.parametrize("case", ["gate 401", "gate 404", "nginx 400", "pool 200"])
+def test_every_answer_carries_cors_for_an_allowed_origin(stack: Stack, key: str, case: str) -> None:
+    headers = {"Origin": "http://localhost:3000"}
+    if case == "gate 401":
+        r = requests.get(stack.base + "/v1/models", headers=headers, timeout=10)
+    elif case == "gate 404":
+        r = requests.post(stack.base + "/v1/chat/completions", json={"model": "nope", "messages": []},
+                          headers={**headers, "Authorization": f"Bearer {key}"}, timeout=10)
+    elif case == "nginx 400":  # nginx's own error page (headers too large)
+        r = requests.get(stack.base + "/v1/models", headers={**headers, "X-Big": "a" * 20000}, timeout=10)
+    else:
+        r = requests.post(stack.base + "/v1/embeddings", json={"model": "alpha-model", "input": "x"},
+                          headers={**headers, "Authorization": f"Bearer {key}"}, timeout=10)
+    assert r.status_code == int(case.split()[1]), r.text
+    assert r.headers["Access-Control-Allow-Origin"] == "http://localhost:3000"
+    assert r.headers["Vary"] == "Origin"
+    r2 = requests.get(stack.base + "/v1/models", headers={"Origin": EVIL}, timeout=10)
+    assert "Access-Control-Allow-Origin" not in r2.headers
+
+
+def test_openai_sdk_without_v1(stack: Stack, key: str, pools) -> None:
+    client = openai.OpenAI(base_url=stack.base, api_key=key, max_retries=0)
+    assert {m.id for m in client.models.list()} == {"alpha-model", "shared:latest", "beta-model"}
+    assert client.models.retrieve("beta-model").id == "beta-model"
+    n = len(pools["alpha"].requests)
+    stream = client.chat.completions.create(model="alpha-model", messages=[{"role": "user", "content": "hi"}],
+                                            stream=True)
+    assert [c.choices[0].delta.content for c in stream if c.choices] == [f"alpha-{i} " for i in range(5)]
+    assert [r["path"] for r in pools["alpha"].requests[n:]] == ["/v1/chat/completions"]
+    out = client.embeddings.create(model="beta-model", input="x")
+    assert out.data[0].embedding == [0.1, 0.2, 0.3]
+    assert pools["beta"].requests[-1]["path"] == "/v1/embeddings"
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="missing", messages=[])
+    assert e.value.code == "model_not_found"
+
+
+def test_an_alias_cannot_bypass_an_endpoint_list(stack: Stack, pools) -> None:
+    only_models = stack.key("only-models", "--endpoints", "/v1/models")
+    time.sleep(0.5)
+    assert stack.get("/models", only_models).status_code == 200
+    r = stack.post("/chat/completions", only_models, json={"model": "alpha-model", "messages": []})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "endpoint_not_allowed"
+    assert "/v1/chat/completions" in r.json()["error"]["message"]
+
+
+def test_wrong_methods_get_405_with_allow(stack: Stack, key: str) -> None:
+    auth = {"Authorization": f"Bearer {key}"}
+    for method, path, allow in (("PUT", "/v1/models", "GET, HEAD"), ("GET", "/v1/chat/completions", "POST"),
+                                ("GET", "/chat/completions", "POST"), ("POST", "/v1/models/beta-model",
+                                                                       "GET, HEAD, DELETE")):
+        r = requests.request(method, stack.base + path, headers=auth, timeout=10)
+        assert r.status_code == 405, (method, path, r.text)
+        assert r.headers["Allow"] == allow
+        assert r.json()["error"]["code"] == "method_not_allowed"
+        assert r.json()["error"]["type"] == "invalid_request_error"
+    r = requests.get(stack.base + "/api/chat", headers=auth, timeout=10)
+    assert r.status_code == 405 and r.headers["Allow"] == "POST"
+    assert isinstance(r.json()["error"], str)  # Ollama's shape
+
+
+def test_timing_headers(stack: Stack, key: str) -> None:
+    r = stack.post("/v1/chat/completions", key, json={"model": "alpha-model", "messages": []})
+    assert r.status_code == 200
+    assert re.fullmatch(r"gate;dur=\d+, upstream;dur=\d+", r.headers["Server-Timing"]), r.headers["Server-Timing"]
+    assert float(r.headers["X-Process-Time"]) < 5
+    refused = stack.get("/v1/models", "bst_nope_nope")
+    assert re.fullmatch(r"gate;dur=\d+", refused.headers["Server-Timing"])
+    assert refused.headers["X-Process-Time"]
+
+
+def test_pass_through_routes(stack: Stack, key: str, pools) -> None:
+    alpha = pools["alpha"]
+    # a key without an endpoint list may not use them (docs/decisions.md)
+    r = stack.post("/tokenize", key, json={"model": "alpha-model", "prompt": "hi"})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "endpoint_not_allowed"
+    native = stack.key("native", "--endpoints", "/v1/*,/tokenize,/props*", "--models", "alpha-*", "--rpm", "100")
+    v1_only = stack.key("v1-only", "--endpoints", "/v1/*")
+    time.sleep(0.5)
+    r = stack.post("/tokenize", native, json={"model": "alpha-model", "prompt": "hi"})
+    assert r.status_code == 200, r.text
+    assert r.json() == {"upstream": "alpha", "path": "/tokenize", "model": "alpha-model"}
+    assert r.headers["x-ratelimit-limit-requests"] == "100"
+    assert alpha.requests[-1]["headers"].get("Authorization") is None  # the client's key never goes upstream
+    r = stack.get("/props/slots?x=1", native)
+    assert r.status_code == 200 and r.json()["path"] == "/props/slots?x=1"
+    # the model checks of any request: the key's list, and a pool that serves it among those declaring the path
+    r = stack.post("/tokenize", native, json={"model": "beta-model", "prompt": "hi"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    assert stack.post("/tokenize", v1_only, json={"model": "alpha-model"}).status_code == 403
+    assert stack.post("/detokenize", native, json={"model": "alpha-model"}).status_code == 404
+    assert stack.post("/tokenize", "bst_nope_nope", json={}).status_code == 401
+
+
+def test_bad_passthrough_paths_are_refused_and_change_nothing(stack: Stack, pools) -> None:
+    for bad in ("/v1/tokenize", "/api*", "/../etc", "/a/./b", "/x;y", "/chat/x", "/h*", "tokenize", "/a b"):
+        out = stack.cli("pools", "update", "alpha", "--passthrough", bad, ok=False)
+        assert "passthrough" in out, (bad, out)
+    alpha = next(p for p in json.loads(stack.cli("pools", "list", "--json")) if p["name"] == "alpha")
+    assert alpha["passthrough"] == ["/tokenize", "/props*"]
+
+
+def test_unauthenticated_requests_are_limited_per_address(stack: Stack, key: str) -> None:
+    stack.cli("settings", "set", "unauthenticated_rpm", "5")
+    time.sleep(0.5)
+    statuses = [stack.get("/v1/models", "bst_nope_nope").status_code for _ in range(8)]
+    assert statuses[:5] == [401] * 5 and statuses[-1] == 429, statuses
+    r = stack.get("/v1/models", "bst_nope_nope", headers={"Origin": APP})
+    assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
+    assert r.json()["error"]["code"] == "too_many_unauthenticated_requests"
+    assert r.headers["Access-Control-Allow-Origin"] == APP
+    assert stack.get("/v1/models", key).status_code == 200  # a valid key from the same address is not limited
+    stack.cli("settings", "set", "unauthenticated_rpm", "0")
+    time.sleep(0.5)
+    assert stack.get("/v1/models", "bst_nope_nope").status_code == 401
