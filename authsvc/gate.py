@@ -200,7 +200,7 @@ class Gate:
                 raise error(429, f"Rate limit of {key.rpm} requests per minute reached for this API key",
                             "rate_limit_exceeded", ollama, headers=decision.headers())
             limits += decision.headers()  # the pool location copies them into the answer
-        if environ.get("REQUEST_METHOD") == "GET":
+        if environ.get("REQUEST_METHOD") in routes.GET:  # nginx sends no body for HEAD
             self.serve_model_lists(path, snap, key, ollama, limits)
         model = self.requested_model(environ, path, ollama, restricted=bool(key.models))
         if path in include_usage.STREAM_ENDPOINTS:

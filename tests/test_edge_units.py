@@ -1,0 +1,80 @@
+"""The edge's pure parts: the route table, pass-through paths, the per-address limit, CORS origins."""
+
+from __future__ import annotations
+
+import pytest
+
+from authsvc import anonymous, routes
+from authsvc.anonymous import AnonymousLimiter
+from manager import cors
+from manager import validation as v
+
+
+def test_route_table() -> None:
+    assert routes.wrong_method("/v1/models", "PUT") == "GET, HEAD"
+    assert routes.wrong_method("/v1/models", "HEAD") is None
+    assert routes.wrong_method("/v1/chat/completions", "GET") == "POST"
+    assert routes.wrong_method("/v1/models/org/model", "DELETE") is None
+    assert routes.wrong_method("/v1/models/", "POST") is None  # not a model: the upstream decides
+    assert routes.wrong_method("/v1/fine_tuning/jobs", "PATCH") is None  # unknown: passes through
+    assert routes.wrong_method("/api/delete", "POST") == "DELETE"
+
+
+@pytest.mark.parametrize("path", ["/tokenize", "/detokenize", "/completion", "/infill", "/health", "/metrics",
+                                  "/props*", "/props/*", "/slots/x-1_2~"])
+def test_good_passthrough_paths(path: str) -> None:
+    assert routes.passthrough_path(path) == path
+
+
+@pytest.mark.parametrize("path", ["/", "/*", "tokenize", "/a*b", "/a//b", "/a/../b", "/..", "/.env", "/a/.x",
+                                  "/x;y", "/x{y}", "/x$y", "/a b", "/x\n", "/é", "/" + "a" * 100, "/v1",
+                                  "/v1/tokenize", "/v*", "/api/x", "/healthz", "/h*", "/chat/completions",
+                                  "/models/x", "/embeddings", "/_bastion/x", "/.well-known/acme"])
+def test_bad_passthrough_paths(path: str) -> None:
+    with pytest.raises(ValueError):
+        routes.passthrough_path(path)
+
+
+def test_passthrough_lookup_prefers_exact_then_longest_prefix() -> None:
+    table = routes.PassThrough([("a", ["/props*", "/tokenize"]), ("b", ["/props/slots*", "/tokenize"])])
+    assert table.pools("/tokenize") == ("a", "b")
+    assert table.pools("/props/slots/1") == ("b",)
+    assert table.pools("/props") == ("a",)
+    assert table.pools("/detokenize") == ()
+    assert not routes.PassThrough()
+
+
+def test_unauthenticated_limit_per_client_with_bounded_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [0.0]
+    limiter = AnonymousLimiter(clock=lambda: now[0])
+    assert [limiter.hit("10.0.0.1", 3) for _ in range(3)] == [0.0] * 3
+    assert limiter.hit("10.0.0.1", 3) == pytest.approx(20.0)  # 3 a minute: one every 20 s
+    assert limiter.hit("10.0.0.2", 3) == 0.0  # another address has its own bucket
+    for _ in range(3):  # one IPv6 /64 is one client
+        limiter.hit("2001:db8::1", 3)
+    assert limiter.hit("2001:db8::ffff", 3) > 0
+    now[0] = 20.0
+    assert limiter.hit("10.0.0.1", 3) == 0.0
+    assert limiter.hit("10.0.0.1", 0) == 0.0  # 0: no limit
+    monkeypatch.setattr(anonymous, "MAX_CLIENTS", 100)
+    for i in range(1000):
+        limiter.hit(f"192.0.2.{i % 250}.{i}"[:15], 3)
+        limiter.hit(f"198.51.{i // 250}.{i % 250}", 3)
+    assert len(limiter) == 100
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("https://App.Example.com", "https://app.example.com"), ("https://app.example.com:443", "https://app.example.com"),
+    ("http://localhost:3000", "http://localhost:3000"), ("http://[::1]:8080", "http://[::1]:8080"),
+    ("http://127.0.0.1", "http://127.0.0.1"), ("*", "*")])
+def test_origins_are_normalised(value: str, expected: str) -> None:
+    assert cors.origin("cors_origins[0]", value) == expected
+
+
+@pytest.mark.parametrize("value", ["https://a.example.com/", "ftp://a.example.com", "https://a.example.com:99999",
+                                   "https://user@a.example.com", "https://a.example.com?x", "null", "",
+                                   "https://-bad.example.com", 'https://a.example.com"'])
+def test_bad_origins(value: str) -> None:
+    with pytest.raises(v.ValidationError) as e:
+        cors.origin("cors_origins[0]", value)
+    assert e.value.field == "cors_origins[0]"
