@@ -3,9 +3,12 @@ without /v1 (the official SDK), 405 with Allow, Server-Timing, pass-through rout
 
 from __future__ import annotations
 
+import http.server
 import json
 import re
+import threading
 import time
+from pathlib import Path
 
 import openai
 import pytest
@@ -16,6 +19,7 @@ from tests.fakes import FakeUpstream
 
 APP = "https://app.example.com"
 EVIL = "https://evil.example.net"
+CHROMIUM = "/usr/bin/chromium"
 
 
 @pytest.fixture(scope="module")
@@ -198,3 +202,78 @@ def test_unauthenticated_requests_are_limited_per_address(stack: Stack, key: str
     stack.cli("settings", "set", "unauthenticated_rpm", "0")
     time.sleep(0.5)
     assert stack.get("/v1/models", "bst_nope_nope").status_code == 401
+
+
+BROWSER_FETCH = """async ([url, key]) => {
+    try {
+        const r = await fetch(url, {method: "POST", headers: {"Authorization": "Bearer " + key,
+            "Content-Type": "application/json"}, body: JSON.stringify({model: "alpha-model", stream: true,
+            messages: [{role: "user", content: "hi"}]})});
+        const reader = r.body.getReader();
+        const chunks = [];
+        for (;;) {
+            const {done, value} = await reader.read();
+            if (done) break;
+            chunks.push(new TextDecoder().decode(value));
+        }
+        return {status: r.status, requestId: r.headers.get("x-request-id"), body: chunks.join("")};
+    } catch (e) {
+        return {error: String(e)};
+    }
+}"""
+
+
+class _Page(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = b"<!doctype html><title>app</title>"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_a_browser_page_streams_a_chat_from_an_allowed_origin_only(stack: Stack, key: str) -> None:
+    """Real Chromium, pages served from loopback like the API (Chromium's local network checks stay on): the
+    page's fetch sends a preflight (Authorization is no simple header), then reads the stream."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.skip("chromium is not installed")
+    servers = [http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Page) for _ in range(2)]
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    allowed, refused = (f"http://127.0.0.1:{server.server_address[1]}" for server in servers)
+    stack.cli("settings", "set", "cors_origins", f"{APP},http://localhost:3000,{allowed}")
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                "--no-first-run"])
+            try:
+                page = browser.new_page()
+                page.goto(allowed + "/")
+                got = page.evaluate(BROWSER_FETCH, [stack.base + "/v1/chat/completions", key])
+                assert got.get("status") == 200, got
+                assert got["requestId"]  # an exposed header the page may read
+                assert "alpha-0" in got["body"] and got["body"].rstrip().endswith("data: [DONE]")
+                page.goto(refused + "/")
+                denied = page.evaluate(BROWSER_FETCH, [stack.base + "/v1/chat/completions", key])
+                assert "Failed to fetch" in denied.get("error", ""), denied
+            finally:
+                browser.close()
+    finally:
+        stack.cli("settings", "set", "cors_origins", f"{APP},http://localhost:3000")
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+
+
+def test_langchain_without_v1(stack: Stack, key: str) -> None:
+    """langchain's ChatOpenAI (not a test dependency: run when installed) with a base URL without /v1."""
+    chat_models = pytest.importorskip("langchain_openai")
+    llm = chat_models.ChatOpenAI(base_url=stack.base, api_key=key, model="alpha-model", max_retries=0)
+    assert [c.content for c in llm.stream("hi") if c.content] == [f"alpha-{i} " for i in range(5)]
+    assert llm.invoke("hi").content == "hello from alpha"

@@ -78,3 +78,20 @@ def test_bad_origins(value: str) -> None:
     with pytest.raises(v.ValidationError) as e:
         cors.origin("cors_origins[0]", value)
     assert e.value.field == "cors_origins[0]"
+
+
+def test_every_public_location_carries_the_edge_headers() -> None:
+    """The request_id macro is the one place: every location of public.conf (gate, pools, error pages, the
+    503 while the gate restarts) adds CORS and timings; a location without it would drop them all."""
+    from manager.render import render
+    from tests.test_render import golden_input
+
+    text = render(golden_input(tls=True), 1)["public.conf"]
+    blocks = text.split("        location ")[1:]
+    assert len(blocks) > 10
+    for block in blocks:
+        name = block.split("{", 1)[0].strip()
+        for header in ("Access-Control-Allow-Origin", "Server-Timing", "X-Process-Time", "X-Request-ID"):
+            assert f"add_header {header} " in block, (name, header)
+    pool = next(b for b in blocks if b.startswith("@pool_"))
+    assert "proxy_hide_header Access-Control-Allow-Origin;" in pool  # never a second one from the upstream
