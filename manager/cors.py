@@ -7,7 +7,7 @@ macro adds the headers to every answer; preflights get a 204 without a key). Off
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -74,10 +74,13 @@ def headers(field: str, value: Any) -> list[str]:
     return out
 
 
-def check(merged: Mapping[str, Any]) -> None:
-    """Rules across the CORS settings (browsers refuse credentials with a wildcard origin)."""
+def check(merged: Mapping[str, Any], changed: Iterable[str]) -> None:
+    """Rules across the CORS settings (browsers refuse credentials with a wildcard origin); the error names the
+    setting being changed."""
     if merged["cors_credentials"] and "*" in merged["cors_origins"]:
-        raise v.ValidationError("cors_credentials", "cannot be true while cors_origins is *: list exact origins")
+        if "cors_credentials" in changed:
+            raise v.ValidationError("cors_credentials", "cannot be true while cors_origins is *: list exact origins")
+        raise v.ValidationError("cors_origins", "cannot be * while cors_credentials is true: list exact origins")
 
 
 VALIDATORS = {

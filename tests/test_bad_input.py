@@ -116,6 +116,12 @@ def test_cors_credentials_refused_with_any_origin(data_dir: Path) -> None:
     result = run(data_dir, "settings", "set", "cors_credentials", "true")
     assert result.exit_code != 0 and "Error: cors_credentials" in result.output, result.output
     assert fingerprint(data_dir) == before
+    assert run(data_dir, "settings", "set", "cors_origins", "https://app.example.com").exit_code == 0
+    assert run(data_dir, "settings", "set", "cors_credentials", "true").exit_code == 0
+    before = fingerprint(data_dir)
+    result = run(data_dir, "settings", "set", "cors_origins", "*")
+    assert result.exit_code != 0 and "Error: cors_origins" in result.output, result.output
+    assert fingerprint(data_dir) == before
 
 
 def test_pool_removal_refused_while_routed(data_dir: Path) -> None:
