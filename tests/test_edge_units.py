@@ -95,3 +95,60 @@ def test_every_public_location_carries_the_edge_headers() -> None:
             assert f"add_header {header} " in block, (name, header)
     pool = next(b for b in blocks if b.startswith("@pool_"))
     assert "proxy_hide_header Access-Control-Allow-Origin;" in pool  # never a second one from the upstream
+
+
+# ---- the gate's side, without nginx ----
+
+def edge_gate(tmp_path, keys, **extra):
+    from authsvc.gate import Gate
+    from tests.test_gate import PEPPER, write_snapshot
+
+    write_snapshot(tmp_path / "snapshot.json", keys, **extra)
+    return Gate(tmp_path / "snapshot.json", PEPPER)
+
+
+def test_gate_pass_through_routes(tmp_path) -> None:
+    from authsvc import keys as keyformat
+    from tests.test_gate import Call, key_entry
+
+    plain, granted, models_only = (keyformat.generate()[1] for _ in range(3))
+    gate = edge_gate(tmp_path, [key_entry(plain), key_entry(granted, endpoints=["/v1/*", "/tokenize", "/props*"]),
+                                key_entry(models_only, endpoints=["/tokenize"], models=["gpt-4o"])],
+                     pools=[{"name": "main", "models": ["llama3:latest", "gpt-4o"], "passthrough": ["/props*"]},
+                            {"name": "embed", "models": ["nomic"], "passthrough": ["/tokenize"]},
+                            {"name": "vllm", "models": ["mistral"], "passthrough": ["/tokenize"]}])
+    assert Call(gate, "/tokenize", plain, {"model": "nomic"}).status == 403  # no endpoint list: no pass-through
+    c = Call(gate, "/tokenize", granted, {"model": "mistral", "prompt": "x"})
+    assert c.status == 200 and c.headers["X-Accel-Redirect"] == "@pool_vllm"  # the pool that serves the model
+    assert Call(gate, "/tokenize", granted, {"prompt": "x"}).headers["X-Accel-Redirect"] == "@pool_embed"
+    assert Call(gate, "/tokenize", granted, {"model": "gpt-4o"}).status == 404  # no pool listing it serves it
+    assert Call(gate, "/props/slots", granted, method="GET").headers["X-Accel-Redirect"] == "@pool_main"
+    assert Call(gate, "/tokenize", models_only, {"model": "mistral"}).status == 404  # not the key's model
+    assert Call(gate, "/detokenize", granted, {"model": "qwen"}).status == 404
+    assert Call(gate, "/tokenize", None, {"model": "qwen"}).status == 401
+
+
+def test_gate_methods_and_head(tmp_path) -> None:
+    from authsvc import keys as keyformat
+    from tests.test_gate import Call, key_entry
+
+    token = keyformat.generate()[1]
+    gate = edge_gate(tmp_path, [key_entry(token)])
+    c = Call(gate, "/v1/chat/completions", token, method="GET")
+    assert c.status == 405 and c.headers["Allow"] == "POST" and c.json()["error"]["code"] == "method_not_allowed"
+    assert Call(gate, "/v1/models", token, method="HEAD").json()["object"] == "list"  # answered like GET
+    assert Call(gate, "/v1/models", None, method="PUT").status == 401  # no key: nothing learnt about routes
+
+
+def test_gate_limits_requests_without_a_valid_key(tmp_path) -> None:
+    from authsvc import keys as keyformat
+    from tests.test_gate import Call, key_entry
+
+    token = keyformat.generate()[1]
+    gate = edge_gate(tmp_path, [key_entry(token)], unauthenticated_rpm=3,
+                     bruteforce={"max_failures": 0})
+    assert [Call(gate, "/v1/models", "bst_x_y", method="GET").status for _ in range(4)] == [401, 401, 401, 429]
+    c = Call(gate, "/nowhere", None, method="GET")
+    assert c.status == 429 and int(c.headers["Retry-After"]) >= 1
+    assert Call(gate, "/v1/models", None, method="GET", HTTP_X_REAL_IP="10.9.9.9").status == 401  # another address
+    assert Call(gate, "/v1/models", token, method="GET").status == 200
