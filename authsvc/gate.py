@@ -158,11 +158,14 @@ class Gate:
 
     def limit_unauthenticated(self, address: str, snap: Snapshot, ollama: bool) -> None:
         """Past `unauthenticated_rpm` refusals a minute, an address without a valid key gets a 429 instead."""
-        wait = self.anonymous.hit(address, snap.unauthenticated_rpm)
+        wait, refused = self.anonymous.hit(address, snap.unauthenticated_rpm)
         if wait:
             retry = max(1, math.ceil(wait))
+            headers = [("Retry-After", str(retry))]
+            if refused > 1:  # one log line per run of refusals; /metrics counts them all
+                headers.append((LOG_HEADER, "0"))
             raise error(429, f"Too many requests without a valid API key from your address; try again in {retry} s.",
-                        "too_many_unauthenticated_requests", ollama, headers=[("Retry-After", str(retry))])
+                        "too_many_unauthenticated_requests", ollama, headers=headers)
 
     @staticmethod
     def check_method(environ: dict[str, Any], path: str, ollama: bool) -> None:

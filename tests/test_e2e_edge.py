@@ -206,6 +206,9 @@ def test_unauthenticated_requests_are_limited_per_address(stack: Stack, key: str
     assert r.json()["error"]["code"] == "too_many_unauthenticated_requests"
     assert r.headers["Access-Control-Allow-Origin"] == APP
     assert stack.get("/v1/models", key).status_code == 200  # a valid key from the same address is not limited
+    time.sleep(0.3)
+    records = [line.split("\t") for line in (stack.data_dir / "logs" / "access.log").read_text().splitlines()]
+    assert [r[7] for r in records].count("429") == 1  # one line per run of refusals
     stack.cli("settings", "set", "unauthenticated_rpm", "0")
     time.sleep(0.5)
     assert stack.get("/v1/models", "bst_nope_nope").status_code == 401

@@ -47,15 +47,17 @@ def test_passthrough_lookup_prefers_exact_then_longest_prefix() -> None:
 def test_unauthenticated_limit_per_client_with_bounded_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     now = [0.0]
     limiter = AnonymousLimiter(clock=lambda: now[0])
-    assert [limiter.hit("10.0.0.1", 3) for _ in range(3)] == [0.0] * 3
-    assert limiter.hit("10.0.0.1", 3) == pytest.approx(20.0)  # 3 a minute: one every 20 s
-    assert limiter.hit("10.0.0.2", 3) == 0.0  # another address has its own bucket
+    assert [limiter.hit("10.0.0.1", 3) for _ in range(3)] == [(0.0, 0)] * 3
+    wait, refused = limiter.hit("10.0.0.1", 3)
+    assert wait == pytest.approx(20.0) and refused == 1  # 3 a minute: one every 20 s
+    assert limiter.hit("10.0.0.1", 3)[1] == 2  # refusals in a row: only the first is logged
+    assert limiter.hit("10.0.0.2", 3) == (0.0, 0)  # another address has its own bucket
     for _ in range(3):  # one IPv6 /64 is one client
         limiter.hit("2001:db8::1", 3)
-    assert limiter.hit("2001:db8::ffff", 3) > 0
-    now[0] = 20.0
-    assert limiter.hit("10.0.0.1", 3) == 0.0
-    assert limiter.hit("10.0.0.1", 0) == 0.0  # 0: no limit
+    assert limiter.hit("2001:db8::ffff", 3)[0] > 0
+    now[0] = 40.0
+    assert limiter.hit("10.0.0.1", 3) == (0.0, 0)
+    assert limiter.hit("10.0.0.1", 0) == (0.0, 0)  # 0: no limit
     monkeypatch.setattr(anonymous, "MAX_CLIENTS", 100)
     for i in range(1000):
         limiter.hit(f"192.0.2.{i % 250}.{i}"[:15], 3)
@@ -150,5 +152,6 @@ def test_gate_limits_requests_without_a_valid_key(tmp_path) -> None:
     assert [Call(gate, "/v1/models", "bst_x_y", method="GET").status for _ in range(4)] == [401, 401, 401, 429]
     c = Call(gate, "/nowhere", None, method="GET")
     assert c.status == 429 and int(c.headers["Retry-After"]) >= 1
+    assert c.headers["X-Bastion-Log"] == "0"  # the second refusal in a row: not logged
     assert Call(gate, "/v1/models", None, method="GET", HTTP_X_REAL_IP="10.9.9.9").status == 401  # another address
     assert Call(gate, "/v1/models", token, method="GET").status == 200
