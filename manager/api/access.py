@@ -21,7 +21,7 @@ MODEL_PRICES = {"type": "object", "maxProperties": settings_mod.MAX_PRICED_MODEL
                 "additionalProperties": obj(["input", "output"], input=PRICE, output=PRICE)}
 SETTINGS = obj(public_listen=STR, admin_listen=STR, server_name=NULLABLE_STR, public_cidr_groups=STR_LIST,
                admin_cidr_groups=STR_LIST, trusted_proxies=STR_LIST, body_limit_mb=INT, read_timeout=INT,
-               connect_timeout=INT, max_fails=INT, fail_timeout=INT, default_pool=NULLABLE_STR,
+               connect_timeout=INT, max_fails=INT, fail_timeout=INT, max_streams=INT, default_pool=NULLABLE_STR,
                discovery_interval=INT, health_interval=INT, health_fails=INT, custom_config=STR, ca_bundle=STR,
                usage_retention_days=INT, usage_minute_retention_days=INT,
                usage_hour_retention_days=INT, usage_day_retention_days=INT, log_max_mb=INT,
