@@ -7,7 +7,6 @@ Everything it needs is in memory (`SnapshotSource`); it does no disk I/O per req
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -18,12 +17,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
-from authsvc import bodies, errors, include_usage, quotas, routes
+from authsvc import aliases, bodies, errors, include_usage, model_lists, quotas, routes
 from authsvc import keys as keyformat
 from authsvc.anonymous import AnonymousLimiter
 from authsvc.bruteforce import LOG_HEADER, BlockBoard, FailureGuard
 from authsvc.ratelimit import RateLimiter
-from authsvc.snapshot import KeyRule, Snapshot, SnapshotSource, StatusBoard
+from authsvc.snapshot import KeyRule, Snapshot, SnapshotSource, StatusBoard, model_variants
 
 MODEL_REQUIRED = frozenset(
     {
@@ -81,6 +80,8 @@ class Gate:
         self.anonymous = AnonymousLimiter()
         self.quotas = quotas.QuotaFile(snapshot_path.with_name("run") / quotas.QUOTAS_FILE)
         self.quotas.load()
+        self.running = model_lists.RunningFile(snapshot_path.with_name("run") / model_lists.RUNNING_FILE)
+        self.running.load()
         self.passed: dict[str, tuple[int, int]] = {}  # key -> (UTC day, requests let through), request quotas only
         # decisions by "allow", "answer" (served here), "refuse:<code>", "error:<code>": one increment a request,
         # published by StatusBoard for /metrics (granian runs the gate in one thread)
@@ -92,12 +93,13 @@ class Gate:
         gate = cls(data_dir / "snapshot.json", (data_dir / "pepper").read_bytes().strip())
         quotas.QuotaBoard(gate.quotas).start()
         BlockBoard(gate.guard, data_dir / "run").start()
+        model_lists.RunningBoard(gate.running).start()
         StatusBoard(gate.source, data_dir / "run", gate.decisions, gate.status).start()
         return gate
 
     def status(self) -> dict[str, Any]:
         """For the manager's health check, beside the snapshot's (`StatusBoard`)."""
-        return {"quotas_problem": self.quotas.problem or None}
+        return {"quotas_problem": self.quotas.problem or None, "running_problem": self.running.problem or None}
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
         try:
@@ -212,31 +214,57 @@ class Gate:
             return self.websocket(environ, snap, key, ollama)
         if environ.get("REQUEST_METHOD") in routes.GET:  # nginx sends no body for HEAD
             self.serve_model_lists(path, snap, key, ollama, limits)
-        model = self.requested_model(environ, path, ollama, restricted=bool(key.models))
+        inserted = False
+        try:
+            model = self.requested_model(environ, path, ollama, restricted=bool(key.models))
+        except Reply as reply:  # a body without a model gets the key's default model, if it has one
+            if reply.reason != "missing_model" or not defaultable(environ, key, path, ollama):
+                raise
+            model, inserted = key.default_model, True
         if path in include_usage.STREAM_ENDPOINTS:
             wrong = include_usage.stream_type_error(environ.get(BODY))
             if wrong:
                 raise error(400, wrong, "invalid_type", ollama, param="stream")
+        if key.max_parallel:  # nginx counts the key's requests in flight (limit_conn in the pool location)
+            limits = [*limits, ("X-Bastion-Parallel", str(key.max_parallel))]
         if model is None:
-            pool = native[0] if native else snap.default_pool
+            pool = native[0] if native else snap.lists.default(ollama, snap.default_pool)
             if pool is None:
-                raise error(503, "No upstream pool is configured", "no_pool", ollama)
+                api = "Ollama" if ollama else "OpenAI"
+                raise error(503, f"No upstream pool speaks the {api} API" if snap.default_pool
+                            else "No upstream pool is configured", "no_pool", ollama)
             return [("X-Accel-Redirect", f"@pool_{pool}"), ("X-Bastion-Key", key.id), *limits]
-        pools, balanced = snap.route_for(model) if key.allows_model(model) else ((), False)
-        if native:  # a pass-through path goes to the pools that declared it and serve the model
-            pools = tuple(p for p in pools if p in native)
-        if not pools:
-            raise error(404, f"The model `{model}` does not exist or you do not have access to it.",
-                        "model_not_found", ollama, param="model")
-        chain = self.chain(pools, balanced)
+        asked, chain = model, ()
+        if model == aliases.AUTO and key.allow_auto and not inserted and not native:
+            model, pool = resolve_auto(snap, key, ollama)
+            chain = (pool,)
+        if not chain:
+            pools, balanced = snap.route_for(model) if key.allows_model(model) else ((), False)
+            # a pass-through path goes to the pools that declared it and serve the model, whatever API they
+            # speak; otherwise an OpenAI-only pool never gets /api/*, nor falls back to one
+            pools = tuple(p for p in pools if p in native) if native else snap.lists.speaking(pools, ollama)
+            if not pools:
+                raise error(404, f"The model `{model}` does not exist or you do not have access to it.",
+                            "model_not_found", ollama, param="model")
+            chain = self.chain(pools, balanced)
+        # the body is edited for the first pool: a fallback goes only to pools that take the same body
+        upstream_name = snap.alias_for(chain[0], model)
+        chain = tuple(p for p in chain if snap.alias_for(p, model) == upstream_name)
         headers = [("X-Accel-Redirect", f"@then_{chain[0]}" if len(chain) > 1 else f"@pool_{chain[0]}"),
                    ("X-Bastion-Key", key.id), ("X-Bastion-Model", model), *limits]
         if len(chain) > 1:  # nginx goes on to the next pool when one fails before the first byte (_fallback.j2)
             headers.append((FALLBACK_HEADER, ",".join(chain)))
+        choice = aliases.Choice(model, chain[0], upstream_name, inserted)
+        edits = self.model_edits(environ, snap, choice, asked, ollama)
+        if choice.upstream:  # the answer names the upstream's model: meter.js reports the public one
+            headers.append((aliases.PUBLIC_HEADER, model))
         if path in include_usage.ENDPOINTS:  # the same body goes to every pool of the chain: all must take it
             insert = self.usage_insertion(environ, key, all(p in snap.usage_pools for p in chain), ollama)
             if insert:
                 headers.append((include_usage.HEADER, insert))
+                edits += aliases.usage_edit(insert)
+        if edits:
+            headers.append((aliases.EDIT_HEADER, aliases.edit_header(edits)))
         return headers
 
     def chain(self, pools: tuple[str, ...], balanced: bool) -> tuple[str, ...]:
@@ -264,7 +292,7 @@ class Gate:
             raise error(400, "A WebSocket request names its model once in the query string (?model=...).",
                         "missing_model", ollama, param="model")
         model = checked_model(found[0], ollama)
-        pools = snap.pools_for(model) if key.allows_model(model) else ()
+        pools = snap.lists.speaking(snap.pools_for(model), ollama) if key.allows_model(model) else ()
         if not pools:
             raise error(404, f"The model `{model}` does not exist or you do not have access to it.",
                         "model_not_found", ollama, param="model")
@@ -273,6 +301,26 @@ class Gate:
             raise error(400, f"No pool serving `{model}` accepts WebSocket connections.", "websocket_not_enabled",
                         ollama, param="model")
         return [("X-Accel-Redirect", f"@ws_{usable[0]}"), ("X-Bastion-Key", key.id), ("X-Bastion-Model", model)]
+
+    @staticmethod
+    def model_edits(environ: dict[str, Any], snap: Snapshot, choice: aliases.Choice, asked: str,
+                    ollama: bool) -> list[tuple[int, int, str]]:
+        """The body edit giving the upstream its model name (alias, default model, auto), if one is needed."""
+        if not (choice.inserted or choice.upstream or asked != choice.model):
+            return []
+        if not snap.body_edits:
+            raise error(503, f"The model `{choice.model}` needs the request body rewritten, which this gateway "
+                        "cannot do now (nginx's njs module is unavailable); ask its operator.",
+                        "body_edit_unavailable", ollama, param="model")
+        body = environ.get(BODY)
+        if not isinstance(body, dict):
+            raise error(400, f"The model `{choice.model}` can only be used with a JSON request body.",
+                        "model_not_rewritable", ollama, param="model")
+        try:
+            edit = aliases.model_edit(environ[RAW], body, choice, asked, ollama)
+        except ValueError as e:
+            raise error(400, f"The request body is ambiguous: {e}.", "ambiguous_body", ollama, param="model") from None
+        return [edit] if edit else []
 
     @staticmethod
     def usage_insertion(environ: dict[str, Any], key: KeyRule, pool_asks: bool, ollama: bool) -> str | None:
@@ -348,24 +396,24 @@ class Gate:
 
     def serve_model_lists(self, path: str, snap: Snapshot, key: KeyRule, ollama: bool,
                           limits: list[tuple[str, str]]) -> None:
-        """Answer /v1/models, /v1/models/<id> and /api/tags from the snapshot, filtered for the key."""
+        """Answer /v1/models, /v1/models/<id>, /api/tags, /api/ps and /api/version from memory, filtered for
+        the key (authsvc/model_lists.py)."""
+        lists, allows = snap.lists, key.allows_model if key.models else None
         if path == "/v1/models":
-            data = [{"id": m, "object": "model", "created": 0, "owned_by": pool}
-                    for m, pool in snap.models if key.allows_model(m)]
-            raise Reply(200, json.dumps({"object": "list", "data": data}).encode(), limits)
+            raise Reply(200, lists.openai.body(allows), limits)
         if path.startswith("/v1/models/"):
             wanted = path[len("/v1/models/"):]
-            entry = snap.model_entry(wanted)
-            if entry and key.allows_model(entry[0]):
-                model, pool = entry
-                body = {"id": model, "object": "model", "created": 0, "owned_by": pool}
-                raise Reply(200, json.dumps(body).encode(), limits)
+            entry = lists.model(wanted, model_variants, allows)
+            if entry is not None:
+                raise Reply(200, entry, limits)
             raise error(404, f"The model `{wanted}` does not exist or you do not have access to it.",
                         "model_not_found", ollama, param="model")
         if path == "/api/tags":
-            tags = [{"name": m, "model": m, "modified_at": "1970-01-01T00:00:00Z", "size": 0, "digest": "",
-                     "details": {}} for m, _ in snap.models if key.allows_model(m)]
-            raise Reply(200, json.dumps({"models": tags}).encode(), limits)
+            raise Reply(200, lists.tags.body(allows), limits)
+        if path == "/api/ps":
+            raise Reply(200, self.running.body(lists, allows), limits)
+        if path == "/api/version":
+            raise Reply(200, lists.version, limits)
 
     @staticmethod
     def requested_model(environ: dict[str, Any], path: str, ollama: bool, restricted: bool) -> str | None:
@@ -403,6 +451,28 @@ class Gate:
         if not isinstance(found, str) or not found:
             raise error(400, "The request body needs a `model` string.", "missing_model", ollama, param="model")
         return checked_model(found, ollama)
+
+
+def defaultable(environ: dict[str, Any], key: KeyRule, path: str, ollama: bool) -> bool:
+    """Whether a request refused for naming no model gets the key's default model instead: an endpoint that
+    needs one, a JSON object body with no model key at all (one with `"model": null` would then name two)."""
+    body = environ.get(BODY)
+    if not key.default_model or path not in MODEL_REQUIRED or not isinstance(body, dict):
+        return False
+    return not any((k.lower() in ("model", "name")) if ollama else k == "model" for k in body)
+
+
+def resolve_auto(snap: Snapshot, key: KeyRule, ollama: bool) -> tuple[str, str]:
+    """(model, pool) for `"model": "auto"`: the first model of the `auto_models` setting the key may use that
+    has a live pool speaking the request's API (one with an upstream the health checks have not marked down),
+    and that pool."""
+    for model in snap.auto_models:
+        if key.allows_model(model):
+            for pool in snap.lists.speaking(snap.pools_for(model), ollama):
+                if pool in snap.live:
+                    return model, pool
+    why = "no model is configured for it" if not snap.auto_models else "none of its models has a live upstream"
+    raise error(503, f"The model `auto` cannot be served now: {why}.", "no_live_model", ollama, param="model")
 
 
 def exhausted(limit: int, unit: str, resets: float, ollama: bool) -> Reply:

@@ -24,6 +24,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
+from authsvc import model_lists
 from authsvc.anonymous import DEFAULT_RPM as DEFAULT_UNAUTHENTICATED_RPM
 from authsvc.bruteforce import Policy
 from authsvc.files import write_atomic
@@ -72,6 +73,11 @@ class KeyRule:
     tokens_per_month: int | None = None
     requests_per_day: int | None = None
     quotas: bool = False  # any of them: the only test a key without quotas costs per request
+    # traffic (authsvc/aliases.py): concurrent requests (enforced by nginx), the model of a body without one,
+    # whether `"model": "auto"` resolves
+    max_parallel: int | None = None
+    default_model: str | None = None
+    allow_auto: bool = False
     _model_cache: dict[str, bool] = field(default_factory=dict)
 
     @property
@@ -101,6 +107,10 @@ class KeyRule:
             if name in columns and row[name] is not None:
                 setattr(rule, name, int(row[name]))
                 rule.quotas = True
+        if "max_parallel" in columns:  # schema 3
+            rule.max_parallel = row["max_parallel"]
+            rule.default_model = row["default_model"]
+            rule.allow_auto = bool(row["allow_auto"])
         rule.resolve_groups(groups)
         return rule
 
@@ -140,7 +150,6 @@ class Snapshot:
     routes: dict[str, tuple[str, ...]] = field(default_factory=dict)  # explicit routes by exact model name
     glob_routes: tuple[tuple[str, tuple[str, ...]], ...] = ()
     served: dict[str, tuple[str, ...]] = field(default_factory=dict)  # the pools' own model lists
-    models: tuple[tuple[str, str], ...] = ()  # (model id, owning pool) for /v1/models
     default_pool: str | None = None
     bruteforce: Policy = field(default_factory=Policy)
     usage_pools: frozenset[str] = frozenset()  # pools asked for stream usage (authsvc/include_usage.py)
@@ -148,6 +157,11 @@ class Snapshot:
     unauthenticated_rpm: int = DEFAULT_UNAUTHENTICATED_RPM  # per address, requests without a valid key
     balanced: frozenset[str] = frozenset()  # routes (exact or glob) whose requests start at each pool in turn
     websocket_pools: frozenset[str] = frozenset()  # pools that pass WebSocket upgrades (realtime APIs)
+    aliases: dict[tuple[str, str], str] = field(default_factory=dict)  # (pool, public name) -> upstream name
+    live: frozenset[str] = frozenset()  # pools with an upstream the health checks have not marked down
+    auto_models: tuple[str, ...] = ()  # what "model": "auto" may resolve to, in order
+    body_edits: bool = False  # nginx can edit request bodies (njs): aliases, default models and auto work
+    lists: model_lists.ModelLists = field(default_factory=model_lists.ModelLists)  # APIs, lists the gate serves
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Snapshot:
@@ -164,9 +178,14 @@ class Snapshot:
             else:
                 routes[route["model"]] = tuple(route["pools"])
         served: dict[str, list[str]] = {}
+        aliases: dict[tuple[str, str], str] = {}
         for pool in data.get("pools", []):
             for model in pool.get("models", []):
                 served.setdefault(model, []).append(pool["name"])
+            for public, upstream in pool.get("aliases", {}).items():  # a public name the pool serves too
+                aliases[(pool["name"], public)] = upstream
+                if pool["name"] not in served.get(public, ()):
+                    served.setdefault(public, []).append(pool["name"])
         pool_names = [p["name"] for p in data.get("pools", [])]
         snapshot = cls(
             groups=groups,
@@ -180,9 +199,14 @@ class Snapshot:
             unauthenticated_rpm=int(data.get("unauthenticated_rpm", DEFAULT_UNAUTHENTICATED_RPM)),
             balanced=balanced,
             websocket_pools=frozenset(p["name"] for p in data.get("pools", []) if p.get("websocket")),
+            aliases=aliases,
+            live=frozenset(p["name"] for p in data.get("pools", []) if p.get("live", True)),
+            auto_models=tuple(data.get("auto_models", ())),
+            body_edits=bool(data.get("body_edits", False)),
         )
-        # every exactly named model, owned by the pool its requests would go to
-        snapshot.models = tuple(sorted((m, snapshot.pools_for(m)[0]) for m in {*served, *routes}))
+        # every exactly named model, listed with the pool its requests would go to
+        snapshot.lists = model_lists.build(data, {*served, *routes}, snapshot.pools_for, snapshot.default_pool,
+                                           model_variants)
         return snapshot
 
     def pools_for(self, model: str) -> tuple[str, ...]:
@@ -203,12 +227,14 @@ class Snapshot:
                 return pools, False
         return (), False
 
-    def model_entry(self, model: str) -> tuple[str, str] | None:
-        """(listed id, owning pool) for /v1/models/<id>, Ollama short names included."""
-        owners = dict(self.models)
+    def alias_for(self, pool: str, model: str) -> str | None:
+        """The upstream name of `model` in `pool` when it is one of the pool's aliases (Ollama short names
+        included), else None."""
+        if not self.aliases:
+            return None
         for variant in model_variants(model):
-            if variant in owners:
-                return variant, owners[variant]
+            if (upstream := self.aliases.get((pool, variant))) is not None:
+                return upstream
         return None
 
 

@@ -16,8 +16,9 @@ from urllib.parse import urlsplit
 from tinydb import Query
 
 from authsvc import routes
+from authsvc.aliases import AUTO
 from authsvc.files import write_atomic
-from manager import discovery, health, traffic
+from manager import discovery, health, metering, traffic
 from manager import validation as v
 from manager.errors import Conflict, NotFound
 
@@ -56,6 +57,40 @@ def passthrough_paths(field: str, value: Any) -> list[str]:
     return v.string_list(field, value, path, max_items=routes.MAX_PASSTHROUGH)
 
 
+MAX_ALIASES = 500
+
+
+def alias_map(field: str, value: Any) -> dict[str, str]:
+    """Model aliases of a pool: {public name: upstream model name}, exact names (no globs)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise v.ValidationError(field, "must be an object mapping public model names to upstream model names")
+    if len(value) > MAX_ALIASES:
+        raise v.ValidationError(field, f"at most {MAX_ALIASES} aliases")
+    out: dict[str, str] = {}
+    for public, target in value.items():
+        name = v.model(field, public)
+        if name == AUTO:
+            raise v.ValidationError(f"{field}.{name}", "`auto` cannot be an alias (it is resolved per key)")
+        out[name] = v.model(f"{field}.{name}", target)
+        if out[name] == name:
+            raise v.ValidationError(f"{field}.{name}", "an alias cannot name itself")
+    return out
+
+
+def check_aliases(bastion: Bastion, pool: dict[str, Any]) -> None:
+    """An alias must not shadow a name the pool lists itself, and needs nginx's njs module (which rewrites the
+    request body and the answer): without it aliases are refused here rather than sent upstream unknown."""
+    for name in pool.get("aliases") or {}:
+        if name in pool["models"]:
+            raise v.ValidationError(f"aliases.{name}", "is also in the pool's models list; remove it there or pick "
+                                    "another public name")
+    if pool.get("aliases") and not metering.body_edits(bastion):
+        raise v.ValidationError("aliases", "model aliases need nginx's njs module (libnginx-mod-http-js), which "
+                                "is unavailable or turned off (BASTION_NJS_MODULE=off)")
+
+
 def check_pool(pool: dict[str, Any]) -> None:
     """Rules that span fields of one pool."""
     schemes = {u["url"].split(":", 1)[0] for u in pool["upstreams"]}
@@ -69,6 +104,20 @@ def check_pool(pool: dict[str, Any]) -> None:
     urls = [u["url"] for u in pool["upstreams"]]
     if len(set(urls)) != len(urls):
         raise v.ValidationError("upstreams", "the same upstream URL is listed twice")
+
+
+def checked_kinds(field: str, value: Any) -> list[str]:
+    """The APIs a pool speaks, when the operator says so: a list of `openai` and/or `ollama` ([] = detect)."""
+    if value is None:
+        return []
+    kinds = v.string_list(field, value, lambda f, x: v.choice(f, x, discovery.KINDS), max_items=10)
+    return [k for k in discovery.KINDS if k in kinds]  # one order, whatever order was given
+
+
+def effective_kinds(pool: dict[str, Any], found: dict[str, Any] | None) -> list[str]:
+    """What the gate routes by: the configured kinds, else those discovery detected, else (never detected,
+    e.g. every upstream down so far) both, so an undetected pool is not cut off."""
+    return list(pool.get("api_kinds") or (found or {}).get("kinds") or discovery.KINDS)
 
 
 def _find(bastion: Bastion, name: str) -> dict[str, Any]:
@@ -87,8 +136,14 @@ def public(pool: dict[str, Any], checks: dict[str, dict[str, Any]], discoveries:
     out["include_usage"] = pool.get("include_usage", True)  # pools older than the switch have it on
     out["passthrough"] = pool.get("passthrough", [])
     out.update(traffic.of(pool))
+    out["aliases"] = pool.get("aliases") or {}
     out["upstreams"] = [upstream_status(u, checks.get(u["url"]), pool["name"]) for u in pool["upstreams"]]
-    found = {} if pool["models"] else discoveries.get(pool["name"], {})
+    out["api_kinds"] = pool.get("api_kinds") or []
+    state = discoveries.get(pool["name"], {})
+    out["detected_api_kinds"] = state.get("kinds")
+    out["effective_api_kinds"] = effective_kinds(pool, state)
+    out["ollama_version"] = state.get("version")
+    found = {} if pool["models"] else state
     out["discovery_error"] = found.get("error")
     out["discovery_error_since"] = found.get("error_since")
     return out
@@ -115,32 +170,46 @@ def get(bastion: Bastion, name: str) -> dict[str, Any]:
 
 
 def discovery_state(bastion: Bastion) -> dict[str, dict[str, Any]]:
-    """pool name -> {"error", "error_since", "checked"} of its last model discovery."""
+    """pool name -> {"error", "error_since", "checked"} of its last model discovery, with what it found
+    (kept from the last discovery that found anything): "kinds" (APIs the upstreams answered), "version"
+    (lowest Ollama version) and "info" (per kind, model -> details the upstreams report)."""
     try:
         return json.loads((bastion.dirs.root / "discovery.json").read_text())
     except (OSError, ValueError):
         return {}
 
 
-def record_discovery(bastion: Bastion, errors: dict[str, str | None]) -> dict[str, dict[str, Any]]:
-    """Keep each pool's last discovery problem (None: it went well) with the time it began."""
+def record_discovery(bastion: Bastion, found: dict[str, discovery.Discovery]) -> dict[str, dict[str, Any]]:
+    """Keep each pool's last discovery problem (None: it went well) with the time it began, and what it found
+    (a discovery that found nothing keeps what the last one found). The gate's snapshot carries the kinds,
+    versions and model details, so it is published again when they changed."""
     now = time.time()
     with bastion.store.transaction():  # the supervisor and the manager both discover
         known = {p["name"] for p in bastion.store.table("pools").all()}
         state = {name: s for name, s in discovery_state(bastion).items() if name in known}
-        for name, error in errors.items():
+        facts_changed = False
+        for name, result in found.items():
             was = state.get(name, {})
+            error = result.error
             if error != was.get("error"):
                 log.log(logging.WARNING if error else logging.INFO, "model discovery for pool %s: %s",
                         name, error or "works again")
-            state[name] = {"error": error, "error_since": health.problem_since(was, error, now), "checked": now}
+            facts = {"kinds": was.get("kinds"), "version": was.get("version"), "info": was.get("info", {})}
+            if result.kinds:
+                facts = {"kinds": list(result.kinds), "version": result.version, "info": result.info}
+            facts_changed |= any(facts[k] != was.get(k, {} if k == "info" else None) for k in facts)
+            state[name] = {"error": error, "error_since": health.problem_since(was, error, now), "checked": now,
+                           **facts}
         write_atomic(bastion.dirs.root / "discovery.json", json.dumps(state, sort_keys=True).encode())
+        if facts_changed:
+            bastion.publish_snapshot()
     return state
 
 
 def add(bastion: Bastion, name: str, upstreams: list[Any], author: str = "cli", *, api_key: str | None = None,
         models: list[str] | None = None, method: str = "round_robin", tls_verify: bool = True,
-        include_usage: bool = True, passthrough: list[str] | None = None, **traffic_fields: Any) -> dict[str, Any]:
+        include_usage: bool = True, aliases: dict[str, str] | None = None, api_kinds: list[str] | None = None,
+        passthrough: list[str] | None = None, **traffic_fields: Any) -> dict[str, Any]:
     """Create a pool and apply the nginx config. Models are discovered from the upstreams when not given;
     `traffic_fields`: retries, timeouts, websocket (manager/traffic.py)."""
     unknown = set(traffic_fields) - set(traffic.POOL_FIELDS)
@@ -157,29 +226,34 @@ def add(bastion: Bastion, name: str, upstreams: list[Any], author: str = "cli", 
         "tls_verify": v.boolean("tls_verify", tls_verify),
         "include_usage": v.boolean("include_usage", include_usage),
         "passthrough": passthrough_paths("passthrough", passthrough or []),
+        "aliases": alias_map("aliases", aliases),
+        "api_kinds": checked_kinds("api_kinds", api_kinds),
         "discovered_models": [],
         "discovered_at": None,
         "created_at": time.time(),
         **traffic.pool_fields(traffic_fields, defaults=True),
     }
     check_pool(pool)
-    error = None
+    check_aliases(bastion, pool)
+    # asked also for a pool with configured models: the APIs it speaks and its models' details
+    found = discovery.discover_pool_models(pool, bastion.settings()["ca_bundle"])
     if not pool["models"]:
-        found = discovery.discover_pool_models(pool, bastion.settings()["ca_bundle"])
-        pool["discovered_models"], error = found.models or [], found.error
+        pool["discovered_models"] = found.models or []
         pool["discovered_at"] = time.time()
     with bastion.change(author, f"add pool {pool['name']}", nginx=True) as db:
         if db.table("pools").contains(Pool.name == pool["name"]):
             raise Conflict("name", f"a pool named {pool['name']!r} already exists")
         db.table("pools").insert(pool)
-    return public(pool, {}, record_discovery(bastion, {pool["name"]: error}))
+    return public(pool, {}, record_discovery(bastion, {pool["name"]: found}))
 
 
 def update(bastion: Bastion, name: str, author: str = "cli", **fields: Any) -> dict[str, Any]:
-    """Change method, api_key, models, tls_verify, include_usage, traffic settings (manager/traffic.py) or the
-    whole upstream list of a pool."""
-    unknown = set(fields) - {"method", "api_key", "models", "upstreams", "tls_verify", "include_usage",
-                             "passthrough", *traffic.POOL_FIELDS}
+    """Change method, api_key, models, tls_verify, include_usage, aliases, api_kinds, traffic settings
+    (manager/traffic.py) or the whole upstream list of a pool."""
+    unknown = set(fields) - {"method", "api_key", "models", "upstreams", "tls_verify", "include_usage", "aliases",
+                             "api_kinds",
+                             "passthrough",
+                             *traffic.POOL_FIELDS}
     if unknown:
         raise v.ValidationError(sorted(unknown)[0], "is not a pool field")
     with bastion.change(author, f"update pool {name} ({', '.join(sorted(fields))})", nginx=True) as db:
@@ -196,6 +270,10 @@ def update(bastion: Bastion, name: str, author: str = "cli", **fields: Any) -> d
             pool["include_usage"] = v.boolean("include_usage", fields["include_usage"])
         if "passthrough" in fields:
             pool["passthrough"] = passthrough_paths("passthrough", fields["passthrough"] or [])
+        if "aliases" in fields:
+            pool["aliases"] = alias_map("aliases", fields["aliases"])
+        if "api_kinds" in fields:
+            pool["api_kinds"] = checked_kinds("api_kinds", fields["api_kinds"])
         if "upstreams" in fields:
             ups = fields["upstreams"]
             if not isinstance(ups, list) or not ups:
@@ -203,6 +281,8 @@ def update(bastion: Bastion, name: str, author: str = "cli", **fields: Any) -> d
             pool["upstreams"] = [upstream(f"upstreams[{i}]", u) for i, u in enumerate(ups)]
         pool.update(traffic.pool_fields(fields, defaults=False))
         check_pool(pool)
+        if {"aliases", "models"} & fields.keys():
+            check_aliases(bastion, pool)
         db.table("pools").update(pool, Pool.name == name)
     if "models" in fields and not pool["models"]:  # back to discovery: ask the upstreams now
         refresh_discovered(bastion, only=name)
@@ -244,16 +324,18 @@ def remove(bastion: Bastion, name: str, author: str = "cli") -> None:
 
 
 def refresh_discovered(bastion: Bastion, only: str | None = None) -> list[str]:
-    """Ask the upstreams of pools without a model list what they serve; returns the pools that changed.
-    Each pool's problem, if any, is recorded for its status; a pool that got no list keeps its old one."""
+    """Ask the upstreams what they speak and serve; returns the pools whose discovered models changed (only
+    pools without a model list take them). Each pool's problem, if any, is recorded for its status; a pool
+    that got no list keeps its old one."""
     discovered: dict[str, list[str]] = {}
-    errors: dict[str, str | None] = {}
+    results: dict[str, discovery.Discovery] = {}
     ca_bundle = bastion.settings()["ca_bundle"]
     for pool in bastion.store.table("pools").all():
-        if pool.get("models") or (only and pool["name"] != only):
+        if only and pool["name"] != only:
             continue
-        found = discovery.discover_pool_models(pool, ca_bundle)
-        errors[pool["name"]] = found.error
+        found = results[pool["name"]] = discovery.discover_pool_models(pool, ca_bundle)
+        if pool.get("models"):
+            continue
         if found.models is not None and found.models != pool.get("discovered_models"):
             discovered[pool["name"]] = found.models
     if discovered:  # one change for all pools: one store write and one snapshot, however many pools changed
@@ -264,8 +346,8 @@ def refresh_discovered(bastion: Bastion, only: str | None = None) -> list[str]:
 
         with bastion.change("discovery", f"models discovered for {summary}") as db:
             db.table("pools").update(set_models, Pool.name.one_of(list(discovered)))
-    if errors:
-        record_discovery(bastion, errors)
+    if results:
+        record_discovery(bastion, results)
     return list(discovered)
 
 

@@ -70,6 +70,7 @@ class RenderInput:
     certificates: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: _EMPTY)
     njs_module: str | None = None  # path of the njs module: token metering on (manager/metering.py)
     open_files: int = capacity.UNLIMITED  # the open-file hard limit of nginx's processes
+    parallel_limits: tuple[int, ...] = ()  # the keys' distinct max_parallel values: one limit_conn zone each
 
 
 def render(inp: RenderInput, generation: int) -> dict[str, str]:
@@ -89,6 +90,8 @@ def _context(inp: RenderInput, generation: int) -> dict[str, Any]:
     return {
         "generation": generation,
         "njs_module": inp.njs_module,
+        # the zone of limit 1 is always there: a value nginx has no zone for (after a rollback) falls back to it
+        "parallel_limits": sorted({1, *inp.parallel_limits}),
         "worker_user": inp.worker_user,
         "worker_connections": connections,
         "worker_rlimit_nofile": open_files,

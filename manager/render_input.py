@@ -133,9 +133,10 @@ def servable(bastion: Bastion) -> dict[str, dict[str, Any]]:
     return result
 
 
-def gather(bastion: Bastion, observed: Observation | None = None) -> RenderInput:
+def gather(bastion: Bastion, observed: Observation | None = None, extra_parallel: int | None = None) -> RenderInput:
     """The input of a rendering: the store read once (call under the store lock to apply what it holds) plus
-    `observed` (observed now when not given). Raises StoreCorrupt when the store cannot be read."""
+    `observed` (observed now when not given), and the keys' max_parallel values (plus `extra_parallel`, a value
+    about to be given to a key). Raises StoreCorrupt when the store cannot be read."""
     observed = observed or observe(bastion)
     tables = generations.config_state(bastion.store)
     settings = settings_mod.effective(tables["settings"][0] if tables["settings"] else {})
@@ -155,4 +156,5 @@ def gather(bastion: Bastion, observed: Observation | None = None) -> RenderInput
         certificates=observed.certificates,
         njs_module=observed.njs_module,
         open_files=observed.open_files,
+        parallel_limits=tuple(sorted({*bastion.keystore.parallel_limits(), *filter(None, [extra_parallel])})),
     )

@@ -164,7 +164,7 @@ def test_drift_detected(api: Stack, token: str) -> None:
     conf = api.data_dir / "nginx" / "live" / "nginx.conf"
     original = conf.read_text()
     try:
-        conf.write_text(original.replace("worker_connections 4096;", "worker_connections 1024;"))
+        conf.write_text(original.replace("worker_connections 11024;", "worker_connections 1024;"))
         status = call(api, "GET", "/api/v1/config", token).json()
         assert status["drift"] is True and "+    worker_connections 1024;" in status["drift_diff"]
     finally:

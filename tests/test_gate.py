@@ -84,7 +84,7 @@ def test_allowed_request_is_redirected_to_the_model_pool(gate: Gate, token: str)
     assert Call(gate, "/api/chat", token, {"model": "llama3"}).headers["X-Accel-Redirect"] == "@pool_main"
     assert Call(gate, "/api/show", token, {"name": "nomic"}).headers["X-Accel-Redirect"] == "@pool_embed"
     # endpoints without a model go to the default (first) pool
-    assert Call(gate, "/api/version", token, method="GET").headers["X-Accel-Redirect"] == "@pool_main"
+    assert Call(gate, "/v1/files", token, method="GET").headers["X-Accel-Redirect"] == "@pool_main"
 
 
 @pytest.mark.parametrize("bad", [None, "", "sk-abc", "bst_short_x", "bst_aaaaaaaaaaaa_" + "b" * 40])

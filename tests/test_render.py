@@ -154,7 +154,8 @@ def golden_input(tls: bool = False, njs: bool = False) -> RenderInput:
         custom_config="server { listen 127.0.0.1:65001; return 204; }", resolved=freeze(resolved),
         down=frozenset({"http://127.0.0.1:8001"}), worker_user=None,
         paths=freeze({k: f"{GOLDEN_ROOT}/{v}" for k, v in {**paths, "acme_webroot": "acme-webroot"}.items()}),
-        certificates=freeze(GOLDEN_CERTIFICATES if tls else {}), njs_module=NJS_MODULE if njs else None)
+        certificates=freeze(GOLDEN_CERTIFICATES if tls else {}), njs_module=NJS_MODULE if njs else None,
+        parallel_limits=(2, 5) if njs else ())
 
 
 NJS_MODULE = "/usr/lib/nginx/modules/ngx_http_js_module.so"  # Debian's

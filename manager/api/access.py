@@ -29,9 +29,9 @@ SETTINGS = obj(public_listen=STR, admin_listen=STR, server_name=NULLABLE_STR, pu
                bruteforce_exempt_cidr_groups=STR_LIST, metrics_cidr_groups=STR_LIST,
                http_listen=NULLABLE_STR, https_listen=NULLABLE_STR, acme_server=STR, acme_email=NULLABLE_STR,
                acme_ca_bundle=NULLABLE_STR, acme_key_type={"type": "string", "enum": ["ecdsa", "rsa"]},
-               dns_propagation_seconds=INT, hsts=BOOL, model_prices=MODEL_PRICES, unauthenticated_rpm=INT,
-               openai_paths_without_v1=BOOL, cors_origins=STR_LIST, cors_methods=STR_LIST, cors_headers=STR_LIST,
-               cors_credentials=BOOL)
+               dns_propagation_seconds=INT, hsts=BOOL, model_prices=MODEL_PRICES, auto_models=STR_LIST,
+               unauthenticated_rpm=INT, openai_paths_without_v1=BOOL, cors_origins=STR_LIST, cors_methods=STR_LIST,
+               cors_headers=STR_LIST, cors_credentials=BOOL)
 
 
 @groups_bp.op("GET", "", "List CIDR groups", response={"type": "array", "items": GROUP})

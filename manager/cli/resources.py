@@ -49,6 +49,17 @@ def pools() -> None:
     """Upstream pools: named groups of LLM servers."""
 
 
+def alias_dict(pairs: tuple[str, ...]) -> dict[str, str]:
+    """--alias PUBLIC=UPSTREAM options as {public: upstream} (names are checked by manager/pools.py)."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        public, sep, upstream = pair.partition("=")
+        if not sep or public.strip() in out:
+            raise click.UsageError(f"--alias {pair!r}: give PUBLIC=UPSTREAM, each public name once")
+        out[public.strip()] = upstream.strip()
+    return out
+
+
 @pools.command("add")
 @click.argument("name")
 @click.option("--url", "urls", multiple=True, required=True, help="Upstream base URL (repeat for several).")
@@ -62,16 +73,20 @@ def pools() -> None:
 @click.option("--include-usage/--no-include-usage", default=True, show_default=True,
               help="Ask for stream_options.include_usage on streamed OpenAI requests (token metering).")
 @click.option("--passthrough", help="Comma-separated extra upstream paths (exact, or a prefix ending in *).")
+@click.option("--alias", "alias_pairs", multiple=True, metavar="PUBLIC=UPSTREAM",
+              help="Serve the upstream model UPSTREAM under the public name PUBLIC (repeat for several; needs njs).")
 @traffic_options
+@click.option("--api-kinds", help="Comma-separated APIs the upstreams speak: openai, ollama (default: detect).")
 @with_bastion
 def pools_add(b: Bastion, name: str, urls: tuple[str, ...], backup_urls: tuple[str, ...], api_key: str | None,
               models: str | None, weight: int, method: str, tls_verify: bool, include_usage: bool,
-              passthrough: str | None, **more: object) -> None:
+              passthrough: str | None, alias_pairs: tuple[str, ...], api_kinds: str | None, **more: object) -> None:
     """Add a pool and apply the nginx configuration."""
     ups = [{"url": u, "weight": weight} for u in urls] + [{"url": u, "backup": True} for u in backup_urls]
     click.echo(f"adding pool {name} and applying nginx configuration...")
     pool = pools_mod.add(b, name, ups, api_key=api_key, models=csv(models), method=method, tls_verify=tls_verify,
-                         include_usage=include_usage, passthrough=csv(passthrough),
+                         include_usage=include_usage, aliases=alias_dict(alias_pairs), api_kinds=csv(api_kinds),
+                         passthrough=csv(passthrough),
                          **traffic_given(more))
     served = pool["models"] or pool["discovered_models"]
     source = "configured" if pool["models"] else "discovered"
@@ -82,6 +97,8 @@ def pools_add(b: Bastion, name: str, urls: tuple[str, ...], backup_urls: tuple[s
         click.echo(f"pool {name} added; no models found: {why}")
     if pool["discovery_error"] and served:
         click.echo(f"warning: {pool['discovery_error']}", err=True)
+    detected = "configured" if pool["api_kinds"] else "detected" if pool["detected_api_kinds"] else "not detected"
+    click.echo(f"APIs ({detected}): {', '.join(pool['effective_api_kinds'])}")
 
 
 @pools.command("update")
@@ -93,14 +110,22 @@ def pools_add(b: Bastion, name: str, urls: tuple[str, ...], backup_urls: tuple[s
 @click.option("--include-usage/--no-include-usage", default=None,
               help="Ask for stream_options.include_usage on streamed OpenAI requests.")
 @click.option("--passthrough", help="Comma-separated extra upstream paths ('' = none).")
+@click.option("--alias", "alias_pairs", multiple=True, metavar="PUBLIC=UPSTREAM",
+              help="Replace the pool's model aliases with these (repeat for several).")
+@click.option("--no-aliases", is_flag=True, help="Remove every model alias of the pool.")
 @traffic_options
+@click.option("--api-kinds", help="Comma-separated APIs the upstreams speak: openai, ollama ('' = detect).")
 @with_bastion
 def pools_update(b: Bastion, name: str, method: str | None, api_key: str | None, models: str | None,
                  tls_verify: bool | None, include_usage: bool | None, passthrough: str | None,
-                 **more: object) -> None:
+                 alias_pairs: tuple[str, ...], no_aliases: bool, api_kinds: str | None, **more: object) -> None:
     """Change a pool and apply the nginx configuration."""
+    if alias_pairs and no_aliases:
+        raise click.UsageError("give --alias or --no-aliases, not both")
+    aliases = {} if no_aliases else alias_dict(alias_pairs) if alias_pairs else None
     given = (("method", method), ("api_key", api_key), ("models", csv(models)), ("tls_verify", tls_verify),
-             ("include_usage", include_usage), ("passthrough", csv(passthrough)))
+             ("include_usage", include_usage), ("aliases", aliases), ("api_kinds", csv(api_kinds)),
+             ("passthrough", csv(passthrough)))
     changes = {k: x for k, x in given if x is not None} | traffic_given(more)
     if not changes:
         raise click.UsageError("nothing to change: give at least one option")
@@ -140,8 +165,11 @@ def pools_list(b: Bastion, as_json: bool) -> None:
         return u["url"] + (" (backup)" if u["backup"] else "") + (" (DOWN)" if u["down"] else "")
 
     print_table([{"name": p["name"], "method": p["method"], "upstreams": " ".join(map(upstream, p["upstreams"])),
-                  "models": ",".join(p["models"] or p["discovered_models"]) or "-", "status": pool_status(p)}
-                 for p in rows], ["name", "method", "upstreams", "models", "status"])
+                  "apis": ",".join(p["effective_api_kinds"]),
+                  "models": ",".join([*(p["models"] or p["discovered_models"]),
+                                      *(f"{a}={u}" for a, u in p["aliases"].items())]) or "-",
+                  "status": pool_status(p)}
+                 for p in rows], ["name", "method", "upstreams", "apis", "models", "status"])
 
 
 def pool_status(pool: dict) -> str:
@@ -224,16 +252,22 @@ def key_rule_options(fn):
         click.option("--tokens-per-day", help="Tokens per UTC day, or none."),
         click.option("--tokens-per-month", help="Tokens per UTC month, or none."),
         click.option("--requests-per-day", help="Requests per UTC day, or none."),
+        click.option("--max-parallel", help="Requests in flight at once (nginx answers 429 beyond), or none."),
+        click.option("--default-model", help="Model for a request body without one ('' = none; needs njs)."),
+        click.option("--allow-auto/--no-allow-auto", default=None,
+                     help='Let "model": "auto" pick the first live model of the auto_models setting.'),
     ]
     for option in reversed(options):
         fn = option(fn)
     return fn
 
 
-def key_rules(models, endpoints, rpm, expires, cidrs, cidr_groups, **quotas) -> dict:
+def key_rules(models, endpoints, rpm, expires, cidrs, cidr_groups, max_parallel, default_model, allow_auto,
+              **quotas) -> dict:
     """The options given; a quota given as `none` stays in, as None (unlimited), and is validated by keys.py."""
     given = {"models": csv(models), "endpoints": csv(endpoints), "rpm": rpm, "expires": expires,
-             "cidrs": csv(cidrs), "cidr_groups": csv(cidr_groups)}
+             "cidrs": csv(cidrs), "cidr_groups": csv(cidr_groups), "max_parallel": max_parallel,
+             "default_model": default_model, "allow_auto": allow_auto}
     return {k: x for k, x in given.items() if x is not None} | {k: x for k, x in quotas.items() if x is not None}
 
 
@@ -273,15 +307,16 @@ def keys_show(b: Bastion, key_id: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({**record, "quotas": state}, indent=2))
         return
-    for name in ("id", "name", "key", "status", "models", "endpoints", "rpm", "cidrs", "cidr_groups"):
-        value = record[name]
+    for name in ("id", "name", "key", "status", "models", "endpoints", "rpm", "max_parallel", "default_model",
+                 "allow_auto", "cidrs", "cidr_groups"):
+        value = record[name] if record[name] is not None else "-"
         if isinstance(value, list):  # an empty list allows everything, except for groups: none
             value = ",".join(value) or ("-" if name == "cidr_groups" else "*")
-        click.echo(f"{name + ':':13} {value}")
+        click.echo(f"{name + ':':15} {value}")
     for name in ("expires", "created_at", "last_used"):
-        click.echo(f"{name + ':':13} {fmt_time(record[name])}")
+        click.echo(f"{name + ':':15} {fmt_time(record[name])}")
     if not state:
-        click.echo("quotas:       none")
+        click.echo("quotas:         none")
         return
     click.echo("")
     print_table([{"quota": name, "limit": s["limit"], "used": s["used"], "remaining": s["remaining"],
