@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
-from authsvc import aliases, bodies, errors, include_usage, model_lists, quotas
+from authsvc import aliases, bodies, errors, include_usage, model_lists, quotas, routes
 from authsvc import keys as keyformat
+from authsvc.anonymous import AnonymousLimiter
 from authsvc.bruteforce import LOG_HEADER, BlockBoard, FailureGuard
 from authsvc.ratelimit import RateLimiter
 from authsvc.snapshot import KeyRule, Snapshot, SnapshotSource, StatusBoard, model_variants
@@ -59,7 +60,8 @@ class Reply(Exception):
 
 
 STATUS_TEXT = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-               429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable"}
+               405: "Method Not Allowed", 429: "Too Many Requests", 500: "Internal Server Error",
+               503: "Service Unavailable"}
 
 
 def error(status: int, message: str, code: str | None, ollama: bool, param: str | None = None,
@@ -75,6 +77,7 @@ class Gate:
         self.limiter = RateLimiter()
         self.clock = clock
         self.guard = FailureGuard(clock)
+        self.anonymous = AnonymousLimiter()
         self.quotas = quotas.QuotaFile(snapshot_path.with_name("run") / quotas.QUOTAS_FILE)
         self.quotas.load()
         self.running = model_lists.RunningFile(snapshot_path.with_name("run") / model_lists.RUNNING_FILE)
@@ -126,7 +129,7 @@ class Gate:
         self.refuse_blocked(address, snap, ollama)
         presented = self.identify(environ, snap)
         try:
-            if not (ollama or path.startswith("/v1/")):
+            if not (ollama or path.startswith("/v1/") or snap.passthrough.pools(path)):
                 raise error(404, f"Unknown path {path}", "not_found", ollama)
             if not canonical(path):
                 raise error(400, "The path must not contain empty, '.' or '..' segments.", "invalid_path", ollama)
@@ -136,6 +139,7 @@ class Gate:
             # key proves its secret, so a forgotten client behind a shared address does not block everyone
             if presented is None:
                 self.guard.failed(address, snap.bruteforce)
+            self.limit_unauthenticated(address, snap, ollama)
             raise
         try:
             headers = self.route(environ, path, snap, key, ollama)
@@ -158,11 +162,46 @@ class Gate:
         raise error(429, f"Too many failed authentication attempts from your address; try again in {retry} s.",
                     "too_many_failed_attempts", ollama, headers=headers)
 
+    def limit_unauthenticated(self, address: str, snap: Snapshot, ollama: bool) -> None:
+        """Past `unauthenticated_rpm` refusals a minute, an address without a valid key gets a 429 instead."""
+        wait, refused = self.anonymous.hit(address, snap.unauthenticated_rpm)
+        if wait:
+            retry = max(1, math.ceil(wait))
+            headers = [("Retry-After", str(retry))]
+            if refused > 1:  # one log line per run of refusals; /metrics counts them all
+                headers.append((LOG_HEADER, "0"))
+            raise error(429, f"Too many requests without a valid API key from your address; try again in {retry} s.",
+                        "too_many_unauthenticated_requests", ollama, headers=headers)
+
+    @staticmethod
+    def check_method(environ: dict[str, Any], path: str, ollama: bool) -> None:
+        """A known route called with another method: 405 with `Allow` (not the upstream's answer, nor a
+        misleading 400 for a GET without a body)."""
+        method = environ.get("REQUEST_METHOD", "GET")
+        allow = routes.wrong_method(path, method)
+        if allow is not None:
+            raise error(405, f"{method} is not allowed on {path}; use {allow}.", "method_not_allowed", ollama,
+                        headers=[("Allow", allow)])
+
+    @staticmethod
+    def native_pools(path: str, snap: Snapshot, key: KeyRule, ollama: bool) -> tuple[str, ...]:
+        """The pools whose pass-through list takes this path (empty for /v1 and /api). A key reaches them only
+        through an endpoint list that names them (docs/decisions.md)."""
+        if ollama or path.startswith("/v1/"):
+            return ()
+        pools = snap.passthrough.pools(path)
+        if pools and not key.endpoints:
+            raise error(403, f"This API key may not use {path}: pass-through routes need a key whose endpoint "
+                        "list names them", "endpoint_not_allowed", ollama)
+        return pools
+
     def route(self, environ: dict[str, Any], path: str, snap: Snapshot, key: KeyRule,
               ollama: bool) -> list[tuple[str, str]]:
         """Checks that need the key, then the pool for the request's model."""
         if not key.allows_endpoint(path):
             raise error(403, f"This API key may not use {path}", "endpoint_not_allowed", ollama)
+        self.check_method(environ, path, ollama)
+        native = self.native_pools(path, snap, key, ollama)
         limits = self.check_quotas(key, ollama) if key.quotas else []
         if key.rpm:
             decision = self.limiter.hit(key.id, key.rpm)
@@ -173,7 +212,7 @@ class Gate:
         # nginx passes the client's Upgrade as X-Bastion-Upgrade; a WebSocket handshake is a GET (RFC 6455)
         if environ.get("REQUEST_METHOD") == "GET" and environ.get("HTTP_X_BASTION_UPGRADE", "").lower() == "websocket":
             return self.websocket(environ, snap, key, ollama)
-        if environ.get("REQUEST_METHOD") == "GET":
+        if environ.get("REQUEST_METHOD") in routes.GET:  # nginx sends no body for HEAD
             self.serve_model_lists(path, snap, key, ollama, limits)
         inserted = False
         try:
@@ -189,19 +228,21 @@ class Gate:
         if key.max_parallel:  # nginx counts the key's requests in flight (limit_conn in the pool location)
             limits = [*limits, ("X-Bastion-Parallel", str(key.max_parallel))]
         if model is None:
-            pool = snap.lists.default(ollama, snap.default_pool)
+            pool = native[0] if native else snap.lists.default(ollama, snap.default_pool)
             if pool is None:
                 api = "Ollama" if ollama else "OpenAI"
                 raise error(503, f"No upstream pool speaks the {api} API" if snap.default_pool
                             else "No upstream pool is configured", "no_pool", ollama)
             return [("X-Accel-Redirect", f"@pool_{pool}"), ("X-Bastion-Key", key.id), *limits]
         asked, chain = model, ()
-        if model == aliases.AUTO and key.allow_auto and not inserted:
+        if model == aliases.AUTO and key.allow_auto and not inserted and not native:
             model, pool = resolve_auto(snap, key, ollama)
             chain = (pool,)
         if not chain:
             pools, balanced = snap.route_for(model) if key.allows_model(model) else ((), False)
-            pools = snap.lists.speaking(pools, ollama)  # an OpenAI-only pool never gets /api/*, nor falls back to one
+            # a pass-through path goes to the pools that declared it and serve the model, whatever API they
+            # speak; otherwise an OpenAI-only pool never gets /api/*, nor falls back to one
+            pools = tuple(p for p in pools if p in native) if native else snap.lists.speaking(pools, ollama)
             if not pools:
                 raise error(404, f"The model `{model}` does not exist or you do not have access to it.",
                             "model_not_found", ollama, param="model")

@@ -25,10 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from authsvc import model_lists
+from authsvc.anonymous import DEFAULT_RPM as DEFAULT_UNAUTHENTICATED_RPM
 from authsvc.bruteforce import Policy
 from authsvc.files import write_atomic
 from authsvc.networks import Network, admits
 from authsvc.quotas import FIELDS as QUOTA_FIELDS
+from authsvc.routes import PassThrough
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +153,8 @@ class Snapshot:
     default_pool: str | None = None
     bruteforce: Policy = field(default_factory=Policy)
     usage_pools: frozenset[str] = frozenset()  # pools asked for stream usage (authsvc/include_usage.py)
+    passthrough: PassThrough = field(default_factory=PassThrough)  # pools' extra upstream paths (routes.py)
+    unauthenticated_rpm: int = DEFAULT_UNAUTHENTICATED_RPM  # per address, requests without a valid key
     balanced: frozenset[str] = frozenset()  # routes (exact or glob) whose requests start at each pool in turn
     websocket_pools: frozenset[str] = frozenset()  # pools that pass WebSocket upgrades (realtime APIs)
     aliases: dict[tuple[str, str], str] = field(default_factory=dict)  # (pool, public name) -> upstream name
@@ -191,6 +195,8 @@ class Snapshot:
             default_pool=data.get("default_pool") or (pool_names[0] if pool_names else None),
             bruteforce=Policy.from_dict(data.get("bruteforce") or {}),
             usage_pools=frozenset(p["name"] for p in data.get("pools", []) if p.get("include_usage", True)),
+            passthrough=PassThrough((p["name"], p.get("passthrough") or ()) for p in data.get("pools", [])),
+            unauthenticated_rpm=int(data.get("unauthenticated_rpm", DEFAULT_UNAUTHENTICATED_RPM)),
             balanced=balanced,
             websocket_pools=frozenset(p["name"] for p in data.get("pools", []) if p.get("websocket")),
             aliases=aliases,

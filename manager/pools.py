@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from tinydb import Query
 
+from authsvc import routes
 from authsvc.aliases import AUTO
 from authsvc.files import write_atomic
 from manager import discovery, health, metering, traffic
@@ -44,6 +45,16 @@ def upstream(field: str, value: Any) -> dict[str, Any]:
         "weight": v.integer(f"{field}.weight", value.get("weight", 1), 1, 100),
         "backup": v.boolean(f"{field}.backup", value.get("backup", False)),
     }
+
+
+def passthrough_paths(field: str, value: Any) -> list[str]:
+    """Extra upstream paths the pool serves through Bastion (authsvc/routes.py says what is allowed)."""
+    def path(name: str, item: Any) -> str:
+        try:
+            return routes.passthrough_path(item)
+        except ValueError as e:
+            raise v.ValidationError(name, str(e)) from None
+    return v.string_list(field, value, path, max_items=routes.MAX_PASSTHROUGH)
 
 
 MAX_ALIASES = 500
@@ -123,6 +134,7 @@ def public(pool: dict[str, Any], checks: dict[str, dict[str, Any]], discoveries:
     out = {k: x for k, x in pool.items() if k != "api_key"}
     out["api_key_set"] = bool(pool.get("api_key"))
     out["include_usage"] = pool.get("include_usage", True)  # pools older than the switch have it on
+    out["passthrough"] = pool.get("passthrough", [])
     out.update(traffic.of(pool))
     out["aliases"] = pool.get("aliases") or {}
     out["upstreams"] = [upstream_status(u, checks.get(u["url"]), pool["name"]) for u in pool["upstreams"]]
@@ -197,7 +209,7 @@ def record_discovery(bastion: Bastion, found: dict[str, discovery.Discovery]) ->
 def add(bastion: Bastion, name: str, upstreams: list[Any], author: str = "cli", *, api_key: str | None = None,
         models: list[str] | None = None, method: str = "round_robin", tls_verify: bool = True,
         include_usage: bool = True, aliases: dict[str, str] | None = None, api_kinds: list[str] | None = None,
-        **traffic_fields: Any) -> dict[str, Any]:
+        passthrough: list[str] | None = None, **traffic_fields: Any) -> dict[str, Any]:
     """Create a pool and apply the nginx config. Models are discovered from the upstreams when not given;
     `traffic_fields`: retries, timeouts, websocket (manager/traffic.py)."""
     unknown = set(traffic_fields) - set(traffic.POOL_FIELDS)
@@ -213,6 +225,7 @@ def add(bastion: Bastion, name: str, upstreams: list[Any], author: str = "cli", 
         "models": v.models("models", models) if models else [],
         "tls_verify": v.boolean("tls_verify", tls_verify),
         "include_usage": v.boolean("include_usage", include_usage),
+        "passthrough": passthrough_paths("passthrough", passthrough or []),
         "aliases": alias_map("aliases", aliases),
         "api_kinds": checked_kinds("api_kinds", api_kinds),
         "discovered_models": [],
@@ -239,6 +252,7 @@ def update(bastion: Bastion, name: str, author: str = "cli", **fields: Any) -> d
     (manager/traffic.py) or the whole upstream list of a pool."""
     unknown = set(fields) - {"method", "api_key", "models", "upstreams", "tls_verify", "include_usage", "aliases",
                              "api_kinds",
+                             "passthrough",
                              *traffic.POOL_FIELDS}
     if unknown:
         raise v.ValidationError(sorted(unknown)[0], "is not a pool field")
@@ -254,6 +268,8 @@ def update(bastion: Bastion, name: str, author: str = "cli", **fields: Any) -> d
             pool["tls_verify"] = v.boolean("tls_verify", fields["tls_verify"])
         if "include_usage" in fields:
             pool["include_usage"] = v.boolean("include_usage", fields["include_usage"])
+        if "passthrough" in fields:
+            pool["passthrough"] = passthrough_paths("passthrough", fields["passthrough"] or [])
         if "aliases" in fields:
             pool["aliases"] = alias_map("aliases", fields["aliases"])
         if "api_kinds" in fields:

@@ -49,6 +49,7 @@ def build(bastion: Bastion, only_pools: set[str] | None = None) -> dict[str, Any
     websocket = None if only_pools is None else generations.live_websocket_pools(bastion.dirs)
     down = health.down_urls(bastion)  # read once: a pool is live while one of its upstreams is not down
     pools = [{"name": p["name"], "models": pool_models(p), "include_usage": p.get("include_usage", True),
+              "passthrough": p.get("passthrough") or [],
               "websocket": p.get("websocket", False) and (websocket is None or p["name"] in websocket),
               "aliases": p.get("aliases") or {}, "live": any(u["url"] not in down for u in p["upstreams"]),
               **api_facts(p, found.get(p["name"]))}
@@ -65,6 +66,7 @@ def build(bastion: Bastion, only_pools: set[str] | None = None) -> dict[str, Any
         "routes": [r for r in routes if r["pools"]],
         "default_pool": default_pool if default_pool in names else None,
         "bruteforce": bruteforce_policy(bastion, settings),
+        "unauthenticated_rpm": settings["unauthenticated_rpm"],
         "auto_models": settings["auto_models"],
         "body_edits": metering.body_edits(bastion),
     }

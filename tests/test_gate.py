@@ -338,7 +338,8 @@ def test_ollama_model_rules_mirror_ollama(tmp_path: Path, token: str) -> None:
     assert Call(gate, "/api/pull", token, {"MODEL": "secret-model"}).status == 404
     assert Call(gate, "/api/pull", token, {"name": "llama3"}).status == 200
     # a restricted key's JSON body must name a model
-    assert Call(gate, "/api/ps", token, {"verbose": True}).status == 400
+    assert Call(gate, "/api/ps", token, {"verbose": True}).status == 405  # GET only
+    assert Call(gate, "/api/extra", token, {"verbose": True}).status == 400
 
 
 def test_huge_multipart_bodies_are_refused_fast(tmp_path: Path, token: str) -> None:
