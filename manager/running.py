@@ -64,7 +64,7 @@ def poll(bastion: Bastion) -> bool:
     settings = bastion.settings()
     found = pools.discovery_state(bastion)
     down = health.down_urls(bastion)
-    targets = [(pool, up["url"]) for pool in bastion.store.table("pools").all()
+    targets = [(pool, up["url"]) for pool in bastion.store.all("pools")
                if OLLAMA in pools.effective_kinds(pool, found.get(pool["name"]))
                for up in pool["upstreams"] if up["url"] not in down]
 

@@ -183,8 +183,7 @@ def validate(bastion: Bastion, values: dict[str, Any]) -> dict[str, Any]:
                     raise v.ValidationError(key, f"{merged[key]} is already the address of {other}")
     if set(cors.VALIDATORS) & out.keys():
         cors.check({**bastion.settings(), **out}, out.keys())
-    if out.get("default_pool") and not bastion.store.table("pools").search(
-            lambda p: p["name"] == out["default_pool"]):
+    if out.get("default_pool") and not bastion.store.find("pools", name=out["default_pool"]):
         raise v.ValidationError("default_pool", f"unknown pool {out['default_pool']!r}")
     return out
 
