@@ -1,0 +1,129 @@
+// The shell: sign-in state, hash routing (#/keys, #/usage?key=...), theme, navigation. Each page is a module
+// in pages/ exporting `title` and `render(ctx)` (which may return a cleanup function); adding a page means
+// adding a module and a line to PAGES.
+import { api, setUnauthorizedHandler } from "./api.js";
+import { clear, h, toast } from "./dom.js";
+
+const PAGES = [
+  // [route, label, module, admin only]
+  ["dashboard", "Dashboard", "./pages/dashboard.js", false],
+  ["keys", "Keys", "./pages/keys.js", false],
+  ["pools", "Pools", "./pages/pools.js", false],
+  ["config", "nginx config", "./pages/config.js", false],
+  ["usage", "Usage", "./pages/usage.js", false],
+  ["playground", "Playground", "./pages/playground.js", false],
+];
+
+const state = { user: null, cleanup: null, rendering: 0 };
+const main = document.getElementById("main");
+const nav = document.getElementById("nav");
+
+function parseHash() {
+  const raw = location.hash.replace(/^#\/?/, "");
+  const [route, query = ""] = raw.split("?");
+  return { route: route || "dashboard", params: new URLSearchParams(query) };
+}
+
+export function navigate(route, params) {
+  const qs = params ? `?${new URLSearchParams(params)}` : "";
+  location.hash = `#/${route}${qs}`;
+}
+
+function renderNav(active) {
+  clear(nav, h("ul", {}, PAGES.filter(([, , , adminOnly]) => !adminOnly || isAdmin()).map(([route, label]) =>
+    h("li", {}, h("a", { href: `#/${route}`, "aria-current": route === active ? "page" : null }, label)))));
+}
+
+const isAdmin = () => state.user && state.user.role === "admin";
+
+function showChrome(signedIn) {
+  nav.hidden = !signedIn;
+  document.getElementById("logout").hidden = !signedIn;
+  document.getElementById("menu-toggle").hidden = !signedIn;
+  const who = document.getElementById("who");
+  clear(who, signedIn ? [state.user.username, " ", h("span", { class: "badge" }, state.user.role)] : []);
+  document.body.dataset.role = signedIn ? state.user.role : "";
+}
+
+async function route() {
+  const ticket = ++state.rendering;
+  if (state.cleanup) { try { state.cleanup(); } catch { /* a page's cleanup must not stop the next one */ } }
+  state.cleanup = null;
+  let { route: name, params } = parseHash();
+  // the session cookie is HttpOnly: the readable csrf_token cookie (same lifetime) says whether to ask
+  if (!state.user && name !== "login" && document.cookie.includes("csrf_token=")) {
+    try { state.user = await api.me(); } catch { state.user = null; }
+    if (ticket !== state.rendering) return;
+  }
+  if (!state.user) name = "login";
+  else if (name === "login") name = "dashboard";
+  const page = name === "login" ? ["login", "Sign in", "./pages/login.js", false] : PAGES.find(([r]) => r === name);
+  showChrome(Boolean(state.user));
+  if (state.user) renderNav(name);
+  if (!page) {
+    clear(main, h("h1", {}, "Not found"), h("p", {}, "No such page: ", name));
+    return;
+  }
+  const module = await import(page[2]);
+  if (ticket !== state.rendering) return;
+  document.title = `${module.title || page[1]} · Bastion`;
+  clear(main);
+  const ctx = {
+    api, params, user: state.user, admin: isAdmin(), root: main, navigate,
+    signedIn: (user) => { state.user = user; navigate("dashboard"); },
+  };
+  try {
+    const cleanup = await module.render(ctx);
+    if (ticket === state.rendering) state.cleanup = typeof cleanup === "function" ? cleanup : null;
+    else if (typeof cleanup === "function") cleanup();
+  } catch (error) {
+    if (error.status === 401) return; // the unauthorized handler takes over
+    clear(main, h("h1", {}, page[1]), h("div", { class: "error-box", role: "alert" }, error.message));
+  }
+  nav.classList.remove("open");
+  document.getElementById("menu-toggle").setAttribute("aria-expanded", "false");
+}
+
+setUnauthorizedHandler(() => {
+  if (!state.user) return;
+  state.user = null;
+  toast("Your session ended; please sign in again.", "error");
+  navigate("login");
+});
+
+document.getElementById("logout").addEventListener("click", async () => {
+  try { await api.logout(); } catch { /* signed out either way */ }
+  state.user = null;
+  navigate("login");
+});
+
+// theme: follow the system until the button picks light or dark; the button cycles system → light → dark
+const THEMES = ["system", "light", "dark"];
+function applyTheme(theme) {
+  if (theme === "system") delete document.documentElement.dataset.theme;
+  else document.documentElement.dataset.theme = theme;
+  try {
+    if (theme === "system") localStorage.removeItem("bastion-theme");
+    else localStorage.setItem("bastion-theme", theme);
+  } catch { /* storage disabled */ }
+  const button = document.getElementById("theme-toggle");
+  button.setAttribute("aria-label", `Theme: ${theme === "system" ? "follow the system" : theme}`);
+  button.title = button.getAttribute("aria-label");
+  button.textContent = { system: "◐", light: "☀", dark: "☾" }[theme];
+  window.dispatchEvent(new Event("themechange"));
+}
+document.getElementById("theme-toggle").addEventListener("click", () => {
+  const now = document.documentElement.dataset.theme || "system";
+  applyTheme(THEMES[(THEMES.indexOf(now) + 1) % THEMES.length]);
+});
+applyTheme(document.documentElement.dataset.theme || "system");
+matchMedia("(prefers-color-scheme: dark)").addEventListener("change", () =>
+  window.dispatchEvent(new Event("themechange")));
+
+document.getElementById("menu-toggle").addEventListener("click", (e) => {
+  const open = nav.classList.toggle("open");
+  e.currentTarget.setAttribute("aria-expanded", String(open));
+});
+
+window.addEventListener("hashchange", route);
+route();

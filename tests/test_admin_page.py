@@ -1,0 +1,294 @@
+"""The admin web page in real headless Chromium (Debian's), driving the real stack: nginx, manager, gate and a
+fake upstream. One browser per module; each test gets its own context (cookies) and fails on console errors or
+failed requests it did not expect. Screenshots of every page (light and dark) go to artifacts/admin-page/."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.conftest import ADMIN_PASSWORD, Stack, free_port
+from tests.fakes import FakeUpstream
+
+CHROMIUM = Path(os.environ.get("BASTION_CHROMIUM", "/usr/bin/chromium"))
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--no-first-run"]
+ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts" / "admin-page"
+VIEWER_PASSWORD = "viewer-password-1"
+XSS = "<img src=x onerror=alert(1)>"
+PAGES = ["dashboard", "keys", "pools", "config", "usage", "playground"]
+
+
+def _missing() -> str | None:
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "playwright is not installed (pip install -e '.[test]')"
+    if not CHROMIUM.exists():
+        return f"{CHROMIUM} is missing (apt-get install chromium)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator:
+    if reason := _missing():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"browser tests cannot run under CI: {reason}")
+        pytest.skip(reason)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def xss_upstream() -> Iterator[FakeUpstream]:
+    up = FakeUpstream("xss", ["safe-model", XSS], chunk_delay=0.15, chunks=6)
+    yield up
+    up.close()
+
+
+@pytest.fixture(scope="module")
+def site(stack: Stack) -> Stack:
+    stack.cli("users", "add", "viewer", "--role", "viewer", "--password", VIEWER_PASSWORD)
+    stack.key("demo key", "--rpm", "60")  # so the viewer has rows whose edit buttons must be missing
+    return stack
+
+
+class Watched:
+    """A page plus what went wrong in it: console errors, failed requests, HTTP errors, dialogs (alert)."""
+
+    def __init__(self, context, base: str):
+        self.context = context
+        self.page = context.new_page()
+        self.base = base
+        self.problems: list[str] = []
+        self.allowed: list[str] = []  # substrings of expected failures (e.g. a refused config change)
+        self.page.on("console", lambda m: m.type == "error"
+                     and self._problem(f"console: {m.text} ({m.location.get('url')})"))
+        self.page.on("pageerror", lambda e: self.problems.append(f"page error: {e}"))
+        self.page.on("requestfailed", lambda r: self._problem(f"request failed: {r.method} {r.url} {r.failure}"))
+        self.page.on("response", lambda r: r.status >= 400 and self._problem(f"HTTP {r.status}: {r.url}"))
+        self.page.on("dialog", lambda d: (self.problems.append(f"dialog: {d.message}"), d.dismiss()))
+
+    def _problem(self, text: str) -> None:
+        if not any(a in text for a in self.allowed):
+            self.problems.append(text)
+
+    def go(self, route: str) -> None:
+        self.page.goto(f"{self.base}/#/{route}")
+        self.page.wait_for_load_state("networkidle")
+
+    def login(self, username: str, password: str) -> None:
+        self.page.goto(self.base + "/admin")
+        self.page.get_by_label("Username").fill(username)
+        self.page.get_by_label("Password").fill(password)
+        self.page.get_by_role("button", name="Sign in").click()
+        self.page.get_by_role("heading", name="Dashboard").wait_for()
+        self.page.wait_for_load_state("networkidle")
+
+    def check(self) -> None:
+        assert not self.problems, "\n".join(self.problems)
+
+
+@pytest.fixture
+def web(browser, site: Stack) -> Iterator[Watched]:
+    context = browser.new_context(viewport={"width": 1280, "height": 860})
+    context.grant_permissions(["clipboard-read", "clipboard-write"], origin=site.admin)
+    w = Watched(context, site.admin)
+    yield w
+    context.close()
+
+
+def chat(stack: Stack, key: str, model: str) -> requests.Response:
+    return stack.post("/v1/chat/completions", key,
+                      json={"model": model, "messages": [{"role": "user", "content": "hi"}]})
+
+
+def live_generation(stack: Stack) -> int:
+    token = stack.admin_token()
+    return requests.get(stack.admin + "/api/v1/config", headers={"Authorization": f"Bearer {token}"},
+                        timeout=10).json()["generation"]
+
+
+def test_admin_runs_bastion_from_the_browser(web: Watched, site: Stack, xss_upstream: FakeUpstream) -> None:
+    page = web.page
+    web.login("admin", ADMIN_PASSWORD)
+
+    # a pool: its models are discovered from the fake upstream; a hostile model name never becomes markup
+    web.go("pools")
+    page.get_by_role("button", name="Add pool").click()
+    dialog = page.get_by_role("dialog")
+    dialog.get_by_label("Name", exact=True).fill("web")
+    dialog.get_by_label("Upstreams", exact=True).fill(xss_upstream.url)
+    dialog.get_by_label("Upstream API key").fill("upstream-secret-1")
+    dialog.get_by_role("button", name="Add").click()
+    card = page.locator("section.pool", has=page.get_by_role("heading", name="web"))
+    card.get_by_text("safe-model").wait_for()
+    card.get_by_text("API key set").wait_for()
+    assert "upstream-secret-1" not in page.content()
+    assert page.locator("img[src=x]").count() == 0
+
+    # a key: the secret is shown once; the copy button puts exactly it on the clipboard
+    web.go("keys")
+    page.get_by_role("button", name="Create key").click()
+    dialog = page.get_by_role("dialog")
+    dialog.get_by_label("Name", exact=True).fill("browser key")
+    dialog.get_by_label("Allowed models").fill("safe-model")
+    dialog.get_by_role("button", name="Create").click()
+    secret = page.locator("code.secret-value").inner_text()
+    assert secret.startswith("bst_"), secret
+    page.get_by_role("button", name="Copy").click()
+    page.get_by_text("Key copied").wait_for()
+    assert page.evaluate("navigator.clipboard.readText()") == secret
+    page.get_by_role("button", name="Done").click()
+    row = page.locator("tr", has_text="browser key")
+    row.get_by_text("active").wait_for()
+    assert secret not in page.content()  # the list shows it masked
+    assert chat(site, secret, "safe-model").status_code == 200
+
+    # a config change: the pending diff, then applied as a new generation
+    web.go("config")
+    before = int(page.locator("#live-generation").inner_text())
+    server = f"server {{\n    listen 127.0.0.1:{free_port()};\n    server_name admin-page-test.example;\n" \
+             "    location = /hello { return 200 'hello'; }\n}"
+    page.locator("#custom-config").fill(server)
+    page.get_by_role("button", name="Show diff").click()
+    page.locator(".diff .add", has_text="admin-page-test.example").wait_for()
+    page.get_by_role("button", name="Apply change").click()
+    page.locator("#live-generation", has_text=str(before + 1)).wait_for()
+    assert live_generation(site) == before + 1
+
+    # an invalid change: nginx's own error is shown and nothing is applied
+    web.allowed.append("/nginx/config/update")
+    bad = server.replace("}\n}", "}\n    location = /hello { return 200 'again'; }\n}")
+    page.locator("#custom-config").fill(bad)
+    page.get_by_role("button", name="Apply change").click()
+    error = page.locator(".error-box .nginx-output")
+    error.wait_for()
+    assert "duplicate location" in error.inner_text()
+    page.get_by_text("Nothing was applied").wait_for()
+    assert live_generation(site) == before + 1
+    web.allowed.clear()
+
+    # rollback to the generation before the change
+    page.locator("tr", has=page.locator("td", has_text=re.compile(rf"^{before}$"))).get_by_role(
+        "button", name="Roll back").click()
+    page.get_by_role("dialog").get_by_role("button", name="Roll back").click()
+    page.locator("#live-generation", has_text=str(before + 2)).wait_for()
+    assert "admin-page-test.example" not in page.locator("#custom-config").input_value()
+
+    # revoke: the key stops working at once
+    web.go("keys")
+    page.locator("tr", has_text="browser key").get_by_role("button", name="Revoke").click()
+    page.get_by_role("dialog").get_by_role("button", name="Revoke").click()
+    page.get_by_text("browser key revoked").wait_for()
+    deadline = time.monotonic() + 5
+    while chat(site, secret, "safe-model").status_code != 401 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert chat(site, secret, "safe-model").status_code == 401
+
+    # logout: the session stops working and the sign-in form is back
+    page.get_by_role("button", name="Sign out").click()
+    page.get_by_role("heading", name="Sign in to Bastion").wait_for()
+    status = page.evaluate("fetch('/auth/me').then(r => r.status)")
+    assert status == 401
+    web.problems = [p for p in web.problems if "/auth/me" not in p]  # the check above, on purpose
+    web.check()
+
+
+def test_session_cookie_is_http_only_and_csrf_is_enforced(web: Watched, site: Stack) -> None:
+    web.login("admin", ADMIN_PASSWORD)
+    cookies = {c["name"]: c for c in web.context.cookies()}
+    assert cookies["auth_token"]["httpOnly"] and not cookies["csrf_token"]["httpOnly"]
+    assert "auth_token" not in web.page.evaluate("document.cookie")
+    web.allowed.append("/api/v1/keys")
+    status = web.page.evaluate("""fetch('/api/v1/keys', {method: 'POST', headers: {'Content-Type': 'application/json'},
+        body: JSON.stringify({name: 'no csrf'})}).then(r => r.status)""")
+    assert status == 403
+    web.check()
+
+
+def test_viewer_sees_no_edit_controls_and_gets_403(web: Watched, site: Stack) -> None:
+    page = web.page
+    web.login("viewer", VIEWER_PASSWORD)
+    for route, controls in [("keys", ["Create key", "Edit", "Revoke", "Disable"]),
+                            ("pools", ["Add pool", "Edit", "Remove", "Add upstream", "Add route"]),
+                            ("config", ["Render and apply", "Apply change", "Roll back", "Show diff"])]:
+        web.go(route)
+        for name in controls:
+            assert page.get_by_role("button", name=name, exact=True).count() == 0, (route, name)
+    assert page.locator("#custom-config").get_attribute("readonly") is not None
+    web.allowed.append("/api/v1/keys")
+    status = page.evaluate("""fetch('/api/v1/keys', {method: 'POST', headers: {'Content-Type': 'application/json',
+        'X-CSRF-Token': document.cookie.match(/csrf_token=([^;]+)/)[1]}, body: JSON.stringify({name: 'viewer key'})})
+        .then(r => r.status)""")
+    assert status == 403
+    web.check()
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_every_page_loads_cleanly_with_screenshots(web: Watched, site: Stack, scheme: str) -> None:
+    web.page.emulate_media(color_scheme=scheme)
+    web.login("admin", ADMIN_PASSWORD)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    for route in PAGES:
+        web.go(route)
+        web.page.locator("main h1").first.wait_for()
+        assert web.page.locator(".error-box").count() == 0, (route, web.page.locator(".error-box").first.inner_text())
+        background = web.page.evaluate("getComputedStyle(document.body).backgroundColor")
+        dark = sum(int(x) for x in re.findall(r"\d+", background)[:3]) < 200
+        assert dark == (scheme == "dark"), (route, background)
+        web.page.screenshot(path=str(ARTIFACTS / f"{route}-{scheme}.png"), full_page=True)
+    web.check()
+
+
+def test_theme_toggle_and_keyboard(web: Watched, site: Stack) -> None:
+    page = web.page
+    page.emulate_media(color_scheme="light")
+    web.login("admin", ADMIN_PASSWORD)
+    toggle = page.locator("#theme-toggle")
+    toggle.click()  # system → light
+    toggle.click()  # light → dark
+    assert page.evaluate("document.documentElement.dataset.theme") == "dark"
+    page.reload()
+    page.get_by_role("heading", name="Dashboard").wait_for()
+    assert page.evaluate("document.documentElement.dataset.theme") == "dark"  # remembered
+    # keyboard: the navigation is reachable with Tab and Enter opens a page
+    page.locator("nav a", has_text="Keys").focus()
+    page.keyboard.press("Enter")
+    page.get_by_role("heading", name="API keys").wait_for()
+    page.set_viewport_size({"width": 420, "height": 800})  # narrow: the menu button shows the navigation
+    page.get_by_role("button", name="Menu").click()
+    page.locator("nav a", has_text="Pools").click()
+    page.get_by_role("heading", name="Pools and upstreams").wait_for()
+    web.check()
+
+
+def test_lockout_message_counts_down(web: Watched, site: Stack) -> None:
+    page = web.page
+    web.allowed.append("/auth/login")
+    page.goto(site.admin + "/")
+    try:
+        for _ in range(6):
+            page.get_by_label("Username").fill("admin")
+            page.get_by_label("Password").fill("wrong password")
+            page.get_by_role("button", name="Sign in").click()
+            page.locator("[role=alert]").first.wait_for()
+            if page.locator(".lockout").count():
+                break
+        lockout = page.locator(".lockout")
+        lockout.wait_for()
+        assert re.search(r"Try again in \d+ s", lockout.inner_text()), lockout.inner_text()
+        assert page.get_by_role("button", name="Sign in").is_disabled()
+    finally:
+        site.cli("auth", "unlock")
+    web.check()
