@@ -61,6 +61,7 @@ export const api = {
   me: () => get("/auth/me"),
   health: () => get("/api/v1/health"),
   settings: () => get("/api/v1/settings"),
+  updateSettings: (fields) => patch("/api/v1/settings", fields),
   keys: (includeRevoked = false) => get("/api/v1/keys", { include_revoked: includeRevoked ? "true" : "" }),
   key: (id) => get(`/api/v1/keys/${enc(id)}`),
   createKey: (fields) => post("/api/v1/keys", fields),

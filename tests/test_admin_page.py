@@ -151,9 +151,31 @@ def test_admin_runs_bastion_from_the_browser(web: Watched, site: Stack, xss_upst
     assert page.evaluate("navigator.clipboard.readText()") == secret
     page.get_by_role("button", name="Done").click()
     row = page.locator("tr", has_text="browser key")
-    row.get_by_text("active").wait_for()
+    row.get_by_text("active", exact=True).wait_for()
     assert secret not in page.content()  # the list shows it masked
     assert chat(site, secret, "safe-model").status_code == 200
+
+    # edit the key's rules, disable and enable it again
+    row.get_by_role("button", name="Edit").click()
+    dialog = page.get_by_role("dialog")
+    dialog.get_by_label("Requests per minute").fill("120")
+    dialog.get_by_label("Tokens per day").fill("50000")
+    dialog.get_by_label("Expires").fill("30d")
+    dialog.get_by_role("button", name="Save").click()
+    row.get_by_text("120 rpm").wait_for()
+    row.get_by_text("50,000 tok/day").wait_for()
+    row.get_by_role("button", name="Disable").click()
+    row.get_by_text("disabled", exact=True).wait_for()
+    assert chat(site, secret, "safe-model").status_code in (401, 403)
+    row.get_by_role("button", name="Enable").click()
+    row.get_by_text("active", exact=True).wait_for()
+
+    # the request shows in the key's usage
+    row.get_by_role("link", name="Usage").click()
+    page.get_by_role("heading", name="Usage").wait_for()
+    usage_row = page.locator("tr", has_text="safe-model").filter(has_text="success").first
+    usage_row.wait_for()
+    assert "browser key" in usage_row.inner_text()
 
     # a config change: the pending diff, then applied as a new generation
     web.go("config")
@@ -203,6 +225,66 @@ def test_admin_runs_bastion_from_the_browser(web: Watched, site: Stack, xss_upst
     assert status == 401
     web.problems = [p for p in web.problems if "/auth/me" not in p]  # the check above, on purpose
     web.check()
+
+
+def test_playground_streams_through_the_public_listener(web: Watched, site: Stack) -> None:
+    """Needs the public listener's CORS (setting cors_origins); skipped on a Bastion without it."""
+    token = site.admin_token()
+    auth = {"Authorization": f"Bearer {token}"}
+    if "cors_origins" not in requests.get(site.admin + "/api/v1/settings", headers=auth, timeout=10).json():
+        pytest.skip("this Bastion has no cors_origins setting (public CORS): the playground cannot read answers")
+    slow = FakeUpstream("slow", ["play-model"], chunk_delay=0.25, chunks=8)
+    try:
+        r = requests.post(site.admin + "/api/v1/pools", headers=auth, json={"name": "play", "upstreams": [slow.url]},
+                          timeout=30)
+        assert r.status_code == 201, r.text
+        page = web.page
+        web.login("admin", ADMIN_PASSWORD)
+        page.locator("nav a", has_text="Keys").click()
+        page.get_by_role("button", name="Create key").click()
+        page.get_by_role("dialog").get_by_label("Name", exact=True).fill("playground key")
+        page.get_by_role("dialog").get_by_label("Allowed models").fill("play-*")
+        page.get_by_role("dialog").get_by_role("button", name="Create").click()
+        page.get_by_role("button", name="Done").click()
+        page.locator("nav a", has_text="Playground").click()  # same document: the tab still knows the secret
+        page.get_by_role("heading", name="Chat playground").wait_for()
+        if page.locator("#cors-notice").count():
+            page.get_by_role("button", name="Allow this origin").click()
+            page.locator("#cors-notice").wait_for(state="detached")
+        assert page.get_by_label("Model").input_value() == "play-model"
+        page.get_by_role("button", name="Send").click()
+        output = page.locator("#chat-output")
+        seen: list[str] = []
+        deadline = time.monotonic() + 15
+        while "done after" not in page.locator("#chat-info").inner_text() and time.monotonic() < deadline:
+            text = output.inner_text()
+            if text and (not seen or text != seen[-1]):
+                seen.append(text)
+            time.sleep(0.05)
+        assert "done after" in page.locator("#chat-info").inner_text(), page.locator("#chat-info").inner_text()
+        assert len(seen) >= 3, seen  # the tokens appeared one after another, not at the end
+        assert all(seen[i + 1].startswith(seen[i]) for i in range(len(seen) - 1)), seen
+
+        # revoked: the playground is refused
+        requests.delete(site.admin + f"/api/v1/keys/{key_id(site, 'playground key')}", headers=auth, timeout=10)
+        web.allowed.append("/v1/chat/completions")
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            page.get_by_role("button", name="Send").click()
+            page.locator("#chat-info .error-box, #chat-info .hint").first.wait_for()
+            if page.locator("#chat-info .error-box").count():
+                break
+            time.sleep(0.2)
+        assert "401" in page.locator("#chat-info .error-box").inner_text()
+        web.check()
+    finally:
+        slow.close()
+
+
+def key_id(stack: Stack, name: str) -> str:
+    token = stack.admin_token()
+    keys = requests.get(stack.admin + "/api/v1/keys", headers={"Authorization": f"Bearer {token}"}, timeout=10).json()
+    return next(k["id"] for k in keys if k["name"] == name)
 
 
 def test_session_cookie_is_http_only_and_csrf_is_enforced(web: Watched, site: Stack) -> None:

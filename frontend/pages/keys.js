@@ -1,6 +1,7 @@
 // API keys: create (the secret is shown once, with a copy button), list (masked, last 24 h sparkline),
 // enable/disable, edit rules, revoke. A viewer sees the list only.
 import { sparkline } from "../charts.js";
+import { createdKeys } from "../session.js";
 import { badge, clear, confirmDialog, copyText, field, h, list, modal, num, table, toast, when } from "../dom.js";
 
 export const title = "Keys";
@@ -126,13 +127,15 @@ async function createKey(ctx, reload) {
     submitLabel: "Create", onSubmit: (form) => ctx.api.createKey(readForm(form, true)),
   });
   if (!created) return;
+  createdKeys.set(created.id, { name: created.name, secret: created.secret });
   await reload();
   const secret = h("code", { class: "secret-value" }, created.secret);
   const copy = h("button", { type: "button", class: "primary", onclick: async () => {
     toast((await copyText(created.secret)) ? "Key copied" : "Copy failed: select the key and copy it", "ok");
   } }, "Copy");
   await modal(`Key ${created.name} created`, h("div", {},
-    h("p", { class: "notice" }, "This is the only time the key is shown. Copy it now and store it safely."),
+    h("p", { class: "notice" }, "This is the only time the key is shown. Copy it now and store it safely.",
+      " (This tab keeps it in memory for the playground until you reload.)"),
     h("div", { class: "secret" }, secret, copy)), { submitLabel: "Done", cancelLabel: null });
 }
 

@@ -1,7 +1,8 @@
 // Chat playground: a key and a model, then a streamed chat through the PUBLIC listener, exactly as a client
 // would send it (so it proves the whole path: gate, routing, pool, upstream, metering). The public listener is
 // another origin than this page: it must allow this page's origin (CORS), see docs/admin.md.
-import { clear, errorBox, field, h } from "../dom.js";
+import { clear, errorBox, field, h, toast } from "../dom.js";
+import { createdKeys } from "../session.js";
 
 export const title = "Playground";
 const STORE = "bastion-public-url";
@@ -16,26 +17,47 @@ export function publicBase(listen) {
 }
 
 export async function render(ctx) {
-  const { api, root } = ctx;
+  const { api, admin, root } = ctx;
   const [settings, pools] = await Promise.all([api.settings(), api.pools()]);
   let saved = null;
   try { saved = localStorage.getItem(STORE); } catch { /* storage disabled */ }
   const base = h("input", { name: "base", value: saved || publicBase(settings.public_listen), spellcheck: "false" });
+  const mine = h("select", { name: "created" }, h("option", { value: "" }, "Paste a key below"),
+    [...createdKeys].map(([id, k]) => h("option", { value: id }, `${k.name} (created in this tab)`)));
   const key = h("input", { name: "key", type: "password", autocomplete: "off", placeholder: "bst_...", spellcheck: "false" });
-  const models = [...new Set(pools.flatMap((p) => (p.models.length ? p.models : p.discovered_models)))].sort();
-  const model = h("select", { name: "model" }, models.map((m) => h("option", { value: m }, m)));
+  const allModels = [...new Set(pools.flatMap((p) => (p.models.length ? p.models : p.discovered_models)))].sort();
+  const model = h("select", { name: "model" });
   const prompt = h("textarea", { name: "prompt", rows: 3, value: "Say hello." });
   const output = h("div", { class: "chat-log", id: "chat-output", "aria-live": "polite", role: "log" });
-  const info = h("div");
+  const info = h("div", { id: "chat-info" });
   const send = h("button", { type: "submit", class: "primary" }, "Send");
   const stop = h("button", { type: "button", disabled: true }, "Stop");
   let controller = null;
 
+  // the models the chosen key may use (its globs), when the key is one this tab created
+  const showModels = async () => {
+    let allowed = allModels;
+    if (mine.value) {
+      const record = await api.key(mine.value).catch(() => null);
+      if (record?.models.length) allowed = allModels.filter((m) => record.models.some((g) => glob(g).test(m)));
+    }
+    clear(model, allowed.map((m) => h("option", { value: m }, m)));
+  };
+  mine.addEventListener("change", () => {
+    key.value = mine.value ? createdKeys.get(mine.value).secret : "";
+    showModels();
+  });
+  if (createdKeys.size) {
+    mine.value = [...createdKeys.keys()].at(-1);
+    key.value = createdKeys.get(mine.value).secret;
+  }
+  await showModels();
+
   const form = h("form", { class: "card" },
     field("Public listener", base, "Where clients send requests; it must allow this page's origin (CORS)."),
-    h("div", { class: "grid2" }, field("API key", key, "Paste a key: the page cannot read stored secrets."),
-      field("Model", model)),
-    field("Message", prompt), h("div", { class: "actions" }, stop, send));
+    corsNotice(ctx, settings, admin),
+    h("div", { class: "grid2" }, field("Key", mine), field("API key", key, "The page cannot read stored secrets.")),
+    field("Model", model), field("Message", prompt), h("div", { class: "actions" }, stop, send));
   clear(root, h("h1", {}, "Chat playground"), form, info, output);
   stop.addEventListener("click", () => controller?.abort());
 
@@ -94,4 +116,31 @@ export async function render(ctx) {
     }
   });
   return () => controller?.abort();
+}
+
+function glob(pattern) {
+  const escaped = pattern.replace(/[.+^$(){}|\\]/g, (c) => `\\${c}`);
+  return new RegExp(`^${escaped.replaceAll("*", ".*").replaceAll("?", ".")}$`);
+}
+
+/** Whether the public listener lets this page's origin read its answers (the `cors_origins` setting). */
+function corsNotice(ctx, settings, admin) {
+  if (!("cors_origins" in settings)) {
+    return h("p", { class: "notice" }, "This Bastion has no cors_origins setting: the browser may refuse to read ",
+      "the public listener's answers from this page.");
+  }
+  const origins = settings.cors_origins || [];
+  if (origins.includes("*") || origins.includes(location.origin)) return null;
+  const box = h("div", { class: "notice", id: "cors-notice" }, "The public listener does not allow this page's origin ",
+    h("code", {}, location.origin), " (setting cors_origins), so the browser will refuse its answers. ");
+  if (admin) {
+    box.append(h("button", { type: "button", class: "small", onclick: async () => {
+      try {
+        await ctx.api.updateSettings({ cors_origins: [...origins, location.origin] });
+        toast(`${location.origin} added to cors_origins`);
+        box.remove();
+      } catch (error) { box.append(errorBox(error)); }
+    } }, "Allow this origin"));
+  }
+  return box;
 }
