@@ -12,6 +12,11 @@ const PAGES = [
   ["config", "nginx config", "./pages/config.js", false],
   ["usage", "Usage", "./pages/usage.js", false],
   ["playground", "Playground", "./pages/playground.js", false],
+  ["network", "Network", "./pages/network.js", false],
+  ["certificates", "Certificates", "./pages/certificates.js", false],
+  ["audit", "Audit log", "./pages/audit.js", false],
+  ["settings", "Settings", "./pages/settings.js", false],
+  ["users", "Users", "./pages/users.js", true],
 ];
 
 const state = { user: null, cleanup: null, rendering: 0 };
@@ -60,7 +65,7 @@ async function route() {
   const page = name === "login" ? ["login", "Sign in", "./pages/login.js", false] : PAGES.find(([r]) => r === name);
   showChrome(Boolean(state.user));
   if (state.user) renderNav(name);
-  if (!page) {
+  if (!page || (page[3] && !isAdmin())) {
     clear(main, h("h1", {}, "Not found"), h("p", {}, "No such page: ", name));
     return;
   }
@@ -125,5 +130,8 @@ document.getElementById("menu-toggle").addEventListener("click", (e) => {
   e.currentTarget.setAttribute("aria-expanded", String(open));
 });
 
-window.addEventListener("hashchange", route);
+// after a navigation, screen readers and keyboard users start at the new page's content
+window.addEventListener("hashchange", () => route().then(() => {
+  if (!document.querySelector("dialog[open]") && !main.contains(document.activeElement)) main.focus({ preventScroll: true });
+}));
 route();

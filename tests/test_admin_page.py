@@ -22,7 +22,8 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts" / "admin-page"
 VIEWER_PASSWORD = "viewer-password-1"
 XSS = "<img src=x onerror=alert(1)>"
-PAGES = ["dashboard", "keys", "pools", "config", "usage", "playground"]
+PAGES = ["dashboard", "keys", "pools", "config", "usage", "playground", "network", "certificates", "audit", "settings",
+         "users"]
 
 
 def _missing() -> str | None:
@@ -287,6 +288,32 @@ def key_id(stack: Stack, name: str) -> str:
     return next(k["id"] for k in keys if k["name"] == name)
 
 
+def test_settings_and_network_name_the_refused_field(web: Watched, site: Stack) -> None:
+    page = web.page
+    web.login("admin", ADMIN_PASSWORD)
+    web.go("network")
+    page.get_by_role("button", name="Add CIDR group").click()
+    dialog = page.get_by_role("dialog")
+    dialog.get_by_label("Name", exact=True).fill("office")
+    dialog.get_by_label("Allow").fill("10.1.0.0/16, 192.0.2.0/24")
+    dialog.get_by_role("button", name="Save").click()
+    page.locator("tr", has_text="office").get_by_text("10.1.0.0/16, 192.0.2.0/24").wait_for()
+
+    web.go("settings")
+    web.allowed.append("/api/v1/settings")
+    timeout = page.get_by_label("Read timeout")
+    before = timeout.input_value()
+    timeout.fill("-5")
+    page.locator("section", has=timeout).get_by_role("button", name="Save").click()
+    error = page.locator(".error-box").first
+    error.wait_for()
+    assert "read_timeout" in error.inner_text()
+    assert page.evaluate("document.activeElement.name") == "read_timeout"
+    page.reload()
+    assert page.get_by_label("Read timeout").input_value() == before  # nothing was changed
+    web.check()
+
+
 def test_session_cookie_is_http_only_and_csrf_is_enforced(web: Watched, site: Stack) -> None:
     web.login("admin", ADMIN_PASSWORD)
     cookies = {c["name"]: c for c in web.context.cookies()}
@@ -304,10 +331,15 @@ def test_viewer_sees_no_edit_controls_and_gets_403(web: Watched, site: Stack) ->
     web.login("viewer", VIEWER_PASSWORD)
     for route, controls in [("keys", ["Create key", "Edit", "Revoke", "Disable"]),
                             ("pools", ["Add pool", "Edit", "Remove", "Add upstream", "Add route"]),
-                            ("config", ["Render and apply", "Apply change", "Roll back", "Show diff"])]:
+                            ("config", ["Render and apply", "Apply change", "Roll back", "Show diff"]),
+                            ("network", ["Add CIDR group", "Edit", "Remove", "Save", "Lift every block"]),
+                            ("certificates", ["Obtain", "Upload", "Cloudflare token"]),
+                            ("settings", ["Save"])]:
         web.go(route)
         for name in controls:
             assert page.get_by_role("button", name=name, exact=True).count() == 0, (route, name)
+    assert page.locator("nav a", has_text="Users").count() == 0
+    web.go("config")
     assert page.locator("#custom-config").get_attribute("readonly") is not None
     web.allowed.append("/api/v1/keys")
     status = page.evaluate("""fetch('/api/v1/keys', {method: 'POST', headers: {'Content-Type': 'application/json',
