@@ -104,6 +104,7 @@ class Watched:
 def web(browser, site: Stack) -> Iterator[Watched]:
     context = browser.new_context(viewport={"width": 1280, "height": 860})
     context.grant_permissions(["clipboard-read", "clipboard-write"], origin=site.admin)
+    context.set_default_timeout(10_000)
     w = Watched(context, site.admin)
     yield w
     context.close()
@@ -177,18 +178,24 @@ def test_admin_runs_bastion_from_the_browser(web: Watched, site: Stack, xss_upst
     usage_row = page.locator("tr", has_text="safe-model").filter(has_text="success").first
     usage_row.wait_for()
     assert "browser key" in usage_row.inner_text()
+    csv = page.evaluate("""fetch(document.querySelector('a[download="usage-records.csv"]').href)
+        .then(async r => [r.status, r.headers.get('content-type'), await r.text()])""")
+    assert csv[0] == 200 and csv[1].startswith("text/csv"), csv
+    assert "safe-model" in csv[2] and csv[2].splitlines()[0].startswith("id,"), csv[2][:300]
 
     # a config change: the pending diff, then applied as a new generation
     web.go("config")
     before = int(page.locator("#live-generation").inner_text())
     server = f"server {{\n    listen 127.0.0.1:{free_port()};\n    server_name admin-page-test.example;\n" \
-             "    location = /hello { return 200 'hello'; }\n}"
+             f"    # {XSS}\n    location = /hello {{ return 200 'hello'; }}\n}}"
     page.locator("#custom-config").fill(server)
     page.get_by_role("button", name="Show diff").click()
     page.locator(".diff .add", has_text="admin-page-test.example").wait_for()
     page.get_by_role("button", name="Apply change").click()
     page.locator("#live-generation", has_text=str(before + 1)).wait_for()
     assert live_generation(site) == before + 1
+    page.locator("#live-config", has_text=XSS).wait_for()  # the comment, shown as text in the live config
+    assert page.locator("img[src=x]").count() == 0
 
     # an invalid change: nginx's own error is shown and nothing is applied
     web.allowed.append("/nginx/config/update")
