@@ -273,6 +273,11 @@ def test_playground_streams_through_the_public_listener(web: Watched, site: Stac
         assert len(seen) >= 3, seen  # the tokens appeared one after another, not at the end
         assert all(seen[i + 1].startswith(seen[i]) for i in range(len(seen) - 1)), seen
 
+        page.get_by_label("Embeddings").check()
+        page.get_by_role("button", name="Send").click()
+        page.locator("#chat-output", has_text="3 dimensions").wait_for()
+        page.get_by_label("Chat (streamed)").check()
+
         # revoked: the playground is refused
         requests.delete(site.admin + f"/api/v1/keys/{key_id(site, 'playground key')}", headers=auth, timeout=10)
         web.allowed.append("/v1/chat/completions")

@@ -53,7 +53,11 @@ export async function render(ctx) {
   }
   await showModels();
 
+  const modes = h("fieldset", { class: "modes" }, h("legend", {}, "Request"),
+    [["chat", "Chat (streamed)"], ["embeddings", "Embeddings"]].map(([value, text]) => h("label", { class: "check" },
+      h("input", { type: "radio", name: "mode", value, checked: value === "chat" }), text)));
   const form = h("form", { class: "card" },
+    modes,
     field("Public listener", base, "Where clients send requests; it must allow this page's origin (CORS)."),
     corsNotice(ctx, settings, admin),
     h("div", { class: "grid2" }, field("Key", mine), field("API key", key, "The page cannot read stored secrets.")),
@@ -71,10 +75,23 @@ export async function render(ctx) {
     stop.disabled = false;
     const started = performance.now();
     let first = null;
+    const url = (path) => `${base.value.trim().replace(/\/$/, "")}${path}`;
+    const headers = { "Content-Type": "application/json", Authorization: `Bearer ${key.value.trim()}` };
     try {
-      const response = await fetch(`${base.value.trim().replace(/\/$/, "")}/v1/chat/completions`, {
-        method: "POST", signal: controller.signal, credentials: "omit",
-        headers: { "Content-Type": "application/json", Authorization: `Bearer ${key.value.trim()}` },
+      if (form.elements.mode.value === "embeddings") {
+        const response = await fetch(url("/v1/embeddings"), { method: "POST", signal: controller.signal,
+          credentials: "omit", headers, body: JSON.stringify({ model: model.value, input: prompt.value }) });
+        const body = await response.json().catch(() => ({}));
+        if (!response.ok) throw new Error(`${response.status}: ${body.error?.message || body.message || response.statusText}`);
+        const vector = body.data?.[0]?.embedding || [];
+        output.append(`${vector.length} dimensions: [${vector.slice(0, 8).map((x) => Number(x).toFixed(4)).join(", ")}`,
+          vector.length > 8 ? ", …]" : "]");
+        info.append(h("p", { class: "hint" }, `done after ${Math.round(performance.now() - started)} ms`,
+          body.usage ? `, ${body.usage.prompt_tokens} prompt tokens` : ""));
+        return;
+      }
+      const response = await fetch(url("/v1/chat/completions"), {
+        method: "POST", signal: controller.signal, credentials: "omit", headers,
         body: JSON.stringify({ model: model.value, stream: true, messages: [{ role: "user", content: prompt.value }] }),
       });
       if (!response.ok) {
