@@ -418,3 +418,30 @@ def test_lockout_message_counts_down(web: Watched, site: Stack) -> None:
     finally:
         site.cli("auth", "unlock")
     web.check()
+
+
+def test_page_files_are_served_with_a_strict_policy(site: Stack) -> None:
+    """No browser needed: what the manager serves through nginx for the page."""
+    for path in ("/", "/admin"):
+        r = requests.get(site.admin + path, timeout=10)
+        assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/html"), path
+        assert '<script type="module" src="/ui/app.js">' in r.text
+        policy = r.headers["Content-Security-Policy"]
+        assert "script-src 'self'" in policy and "unsafe-inline" not in policy and "frame-ancestors 'none'" in policy
+    r = requests.get(site.admin + "/ui/pages/keys.js", timeout=10)
+    assert r.status_code == 200 and "javascript" in r.headers["Content-Type"]
+    for path in ("/ui/__init__.py", "/ui/../manager/app.py", "/ui/%2e%2e/manager/app.py", "/ui/nope.js"):
+        assert requests.get(site.admin + path, timeout=10).status_code == 404, path
+
+
+def test_auth_me_says_who_is_signed_in(site: Stack) -> None:
+    assert requests.get(site.admin + "/auth/me", timeout=10).status_code == 401
+    session = requests.Session()
+    r = session.post(site.admin + "/auth/login", json={"username": "viewer", "password": VIEWER_PASSWORD}, timeout=10)
+    assert r.status_code == 200
+    me = session.get(site.admin + "/auth/me", timeout=10).json()
+    assert me["username"] == "viewer" and me["role"] == "viewer" and me["via_cookie"] is True
+    assert me["expiresAt"] > time.time()
+    token = site.admin_token()
+    me = requests.get(site.admin + "/auth/me", headers={"Authorization": f"Bearer {token}"}, timeout=10).json()
+    assert me["role"] == "admin" and me["via_cookie"] is False
