@@ -52,6 +52,7 @@ function showChrome(signedIn) {
 
 async function route() {
   const ticket = ++state.rendering;
+  delete document.body.dataset.ready; // set to the route once its page has rendered (tests wait for it)
   if (state.cleanup) { try { state.cleanup(); } catch { /* a page's cleanup must not stop the next one */ } }
   state.cleanup = null;
   let { route: name, params } = parseHash();
@@ -85,6 +86,7 @@ async function route() {
     if (error.status === 401) return; // the unauthorized handler takes over
     clear(main, h("h1", {}, page[1]), h("div", { class: "error-box", role: "alert" }, error.message));
   }
+  document.body.dataset.ready = name;
   nav.classList.remove("open");
   document.getElementById("menu-toggle").setAttribute("aria-expanded", "false");
 }

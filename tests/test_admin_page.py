@@ -85,7 +85,9 @@ class Watched:
             self.problems.append(text)
 
     def go(self, route: str) -> None:
+        """Open a page and wait until it has rendered its data (a hash change alone loads nothing)."""
         self.page.goto(f"{self.base}/#/{route}")
+        self.page.locator(f'body[data-ready="{route.split("?")[0]}"]').wait_for(state="attached")
         self.page.wait_for_load_state("networkidle")
 
     def login(self, username: str, password: str) -> None:
