@@ -42,7 +42,8 @@ export function drawSeries(canvas, series, { kind = "line", unit = "", from, to,
   const text = cssVar("--muted"), grid = cssVar("--border");
   const xs = series.flatMap((s) => s.points.map((p) => p[0]));
   const ys = series.flatMap((s) => s.points.map((p) => p[1] || 0));
-  const x0 = from ?? Math.min(...xs), x1 = to ?? Math.max(...xs) + (step || 0);
+  // the last bucket runs `step` seconds past its start: the axis reaches its end, even past `to` (now)
+  const x0 = from ?? Math.min(...xs), x1 = Math.max(to ?? -Infinity, xs.length ? Math.max(...xs) + (step || 0) : 0);
   const yMax = niceMax(Math.max(0, ...ys));
   ctx.font = "11px system-ui, sans-serif";
   ctx.fillStyle = text;
