@@ -31,8 +31,12 @@ function parseHash() {
 
 export function navigate(route, params) {
   const qs = params ? `?${new URLSearchParams(params)}` : "";
-  location.hash = `#/${route}${qs}`;
+  const hash = `#/${route}${qs}`;
+  if (location.hash === hash) renderRoute(); // no hashchange event for the same hash
+  else location.hash = hash;
 }
+
+const renderRoute = () => route();
 
 function renderNav(active) {
   clear(nav, h("ul", {}, PAGES.filter(([, , , adminOnly]) => !adminOnly || isAdmin()).map(([route, label]) =>
@@ -76,7 +80,12 @@ async function route() {
   clear(main);
   const ctx = {
     api, params, user: state.user, admin: isAdmin(), root: main, navigate,
-    signedIn: (user) => { state.user = user; navigate("dashboard"); },
+    // after signing in: the page that was asked for (a bookmarked #/usage?key=...), else the dashboard
+    signedIn: (user) => {
+      state.user = user;
+      if (parseHash().route === "login") navigate("dashboard");
+      else renderRoute();
+    },
   };
   try {
     const cleanup = await module.render(ctx);

@@ -401,6 +401,23 @@ def test_theme_toggle_and_keyboard(web: Watched, site: Stack) -> None:
     web.check()
 
 
+def test_sign_in_returns_to_the_page_asked_for(web: Watched, site: Stack) -> None:
+    page = web.page
+    page.goto(site.admin + "/#/audit")  # a bookmark, signed out: the sign-in form first
+    page.get_by_label("Username").fill("admin")
+    page.get_by_label("Password").fill(ADMIN_PASSWORD)
+    page.get_by_role("button", name="Sign in").click()
+    page.get_by_role("heading", name="Audit log").wait_for()
+    page.locator("tr", has_text="create key").first.wait_for()  # the entries came
+    page.goto(site.admin + "/#/login")  # signed in: the dashboard, the hash still says login
+    page.get_by_role("heading", name="Dashboard").wait_for()
+    page.wait_for_load_state("networkidle")
+    page.get_by_role("button", name="Sign out").click()
+    page.get_by_role("heading", name="Sign in to Bastion").wait_for()
+    assert page.locator("nav").is_hidden()
+    web.check()
+
+
 def test_lockout_message_counts_down(web: Watched, site: Stack) -> None:
     page = web.page
     web.allowed.append("/auth/login")
