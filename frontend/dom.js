@@ -87,6 +87,9 @@ export function modal(title, body, { submitLabel = "Save", cancelLabel = "Cancel
     });
     document.body.append(dialog);
     dialog.showModal();
+    // the first field gets the focus, else Cancel (a confirmation is never one Enter away), else the first button
+    (form.querySelector("input:not([type=hidden]), select, textarea") || form.querySelector("button.secondary")
+      || form.querySelector("button"))?.focus();
   });
 }
 

@@ -394,6 +394,12 @@ def test_theme_toggle_and_keyboard(web: Watched, site: Stack) -> None:
     page.locator("nav a", has_text="Keys").focus()
     page.keyboard.press("Enter")
     page.get_by_role("heading", name="API keys").wait_for()
+    page.get_by_role("button", name="Create key").focus()
+    page.keyboard.press("Enter")
+    page.get_by_role("dialog").wait_for()
+    assert page.evaluate("document.activeElement.name") == "name"  # the dialog's first field has the focus
+    page.keyboard.press("Escape")
+    page.get_by_role("dialog").wait_for(state="detached")
     page.set_viewport_size({"width": 420, "height": 800})  # narrow: the menu button shows the navigation
     page.get_by_role("button", name="Menu").click()
     page.locator("nav a", has_text="Pools").click()
