@@ -117,6 +117,16 @@ def chat(stack: Stack, key: str, model: str) -> requests.Response:
                       json={"model": model, "messages": [{"role": "user", "content": "hi"}]})
 
 
+def refused_soon(stack: Stack, key: str) -> bool:
+    """Key changes reach the gate within a second: wait up to 5 s for a 401."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if chat(stack, key, "safe-model").status_code == 401:
+            return True
+        time.sleep(0.1)
+    return False
+
+
 def live_generation(stack: Stack) -> int:
     token = stack.admin_token()
     return requests.get(stack.admin + "/api/v1/config", headers={"Authorization": f"Bearer {token}"},
@@ -170,7 +180,7 @@ def test_admin_runs_bastion_from_the_browser(web: Watched, site: Stack, xss_upst
     row.get_by_text("50,000 tok/day").wait_for()
     row.get_by_role("button", name="Disable").click()
     row.get_by_text("disabled", exact=True).wait_for()
-    assert chat(site, secret, "safe-model").status_code in (401, 403)
+    assert refused_soon(site, secret), "a disabled key still works"
     row.get_by_role("button", name="Enable").click()
     row.get_by_text("active", exact=True).wait_for()
 
@@ -223,10 +233,7 @@ def test_admin_runs_bastion_from_the_browser(web: Watched, site: Stack, xss_upst
     page.locator("tr", has_text="browser key").get_by_role("button", name="Revoke").click()
     page.get_by_role("dialog").get_by_role("button", name="Revoke").click()
     page.get_by_text("browser key revoked").wait_for()
-    deadline = time.monotonic() + 5
-    while chat(site, secret, "safe-model").status_code != 401 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert chat(site, secret, "safe-model").status_code == 401
+    assert refused_soon(site, secret), "a revoked key still works"
 
     # logout: the session stops working and the sign-in form is back
     page.get_by_role("button", name="Sign out").click()
