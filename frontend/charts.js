@@ -46,6 +46,9 @@ export function drawSeries(canvas, series, { kind = "line", unit = "", from, to,
   const x0 = from ?? Math.min(...xs), x1 = Math.max(to ?? -Infinity, xs.length ? Math.max(...xs) + (step || 0) : 0);
   const yMax = niceMax(Math.max(0, ...ys));
   ctx.font = "11px system-ui, sans-serif";
+  // the y axis is as wide as its widest label
+  const yLabels = [0, 1, 2, 3, 4].map((i) => shortNumber(yMax * (1 - i / 4)) + unit);
+  pad.left = Math.ceil(Math.max(...yLabels.map((l) => ctx.measureText(l).width))) + 10;
   ctx.fillStyle = text;
   ctx.strokeStyle = grid;
   ctx.lineWidth = 1;
@@ -53,7 +56,7 @@ export function drawSeries(canvas, series, { kind = "line", unit = "", from, to,
     const y = pad.top + ((height - pad.top - pad.bottom) * i) / 4;
     ctx.beginPath(); ctx.moveTo(pad.left, y + 0.5); ctx.lineTo(width - pad.right, y + 0.5); ctx.stroke();
     ctx.textAlign = "right";
-    ctx.fillText(shortNumber(yMax * (1 - i / 4)) + unit, pad.left - 4, y + 4);
+    ctx.fillText(yLabels[i], pad.left - 4, y + 4);
   }
   if (!xs.length) {
     ctx.textAlign = "center";
