@@ -142,6 +142,8 @@ class Snapshot:
     default_pool: str | None = None
     bruteforce: Policy = field(default_factory=Policy)
     usage_pools: frozenset[str] = frozenset()  # pools asked for stream usage (authsvc/include_usage.py)
+    balanced: frozenset[str] = frozenset()  # routes (exact or glob) whose requests start at each pool in turn
+    websocket_pools: frozenset[str] = frozenset()  # pools that pass WebSocket upgrades (realtime APIs)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Snapshot:
@@ -151,6 +153,7 @@ class Snapshot:
                   for name, g in data.get("cidr_groups", {}).items()}
         routes: dict[str, tuple[str, ...]] = {}
         globs: list[tuple[str, tuple[str, ...]]] = []
+        balanced = frozenset(r["model"] for r in data.get("routes", []) if r.get("mode") == "balance")
         for route in data.get("routes", []):
             if any(c in route["model"] for c in "*?["):
                 globs.append((route["model"], tuple(route["pools"])))
@@ -169,6 +172,8 @@ class Snapshot:
             default_pool=data.get("default_pool") or (pool_names[0] if pool_names else None),
             bruteforce=Policy.from_dict(data.get("bruteforce") or {}),
             usage_pools=frozenset(p["name"] for p in data.get("pools", []) if p.get("include_usage", True)),
+            balanced=balanced,
+            websocket_pools=frozenset(p["name"] for p in data.get("pools", []) if p.get("websocket")),
         )
         # every exactly named model, owned by the pool its requests would go to
         snapshot.models = tuple(sorted((m, snapshot.pools_for(m)[0]) for m in {*served, *routes}))
@@ -176,17 +181,21 @@ class Snapshot:
 
     def pools_for(self, model: str) -> tuple[str, ...]:
         """Explicit routes first (exact, then globs in order), then the pools that list the model."""
+        return self.route_for(model)[0]
+
+    def route_for(self, model: str) -> tuple[tuple[str, ...], bool]:
+        """The pools for `model` (see `pools_for`) and whether its route balances across them."""
         variants = model_variants(model)
         for variant in variants:
             if pools := self.routes.get(variant):
-                return pools
+                return pools, variant in self.balanced
         for pattern, pools in self.glob_routes:
             if any(fnmatchcase(variant, pattern) for variant in variants):
-                return pools
+                return pools, pattern in self.balanced
         for variant in variants:
             if pools := self.served.get(variant):
-                return pools
-        return ()
+                return pools, False
+        return (), False
 
     def model_entry(self, model: str) -> tuple[str, str] | None:
         """(listed id, owning pool) for /v1/models/<id>, Ollama short names included."""

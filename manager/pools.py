@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 from tinydb import Query
 
 from authsvc.files import write_atomic
-from manager import discovery, health
+from manager import discovery, health, traffic
 from manager import validation as v
 from manager.errors import Conflict, NotFound
 
@@ -74,6 +74,7 @@ def public(pool: dict[str, Any], checks: dict[str, dict[str, Any]], discoveries:
     out = {k: x for k, x in pool.items() if k != "api_key"}
     out["api_key_set"] = bool(pool.get("api_key"))
     out["include_usage"] = pool.get("include_usage", True)  # pools older than the switch have it on
+    out.update(traffic.of(pool))
     out["upstreams"] = [upstream_status(u, checks.get(u["url"]), pool["name"]) for u in pool["upstreams"]]
     found = {} if pool["models"] else discoveries.get(pool["name"], {})
     out["discovery_error"] = found.get("error")
@@ -127,8 +128,12 @@ def record_discovery(bastion: Bastion, errors: dict[str, str | None]) -> dict[st
 
 def add(bastion: Bastion, name: str, upstreams: list[Any], author: str = "cli", *, api_key: str | None = None,
         models: list[str] | None = None, method: str = "round_robin", tls_verify: bool = True,
-        include_usage: bool = True) -> dict[str, Any]:
-    """Create a pool and apply the nginx config. Models are discovered from the upstreams when not given."""
+        include_usage: bool = True, **traffic_fields: Any) -> dict[str, Any]:
+    """Create a pool and apply the nginx config. Models are discovered from the upstreams when not given;
+    `traffic_fields`: retries, timeouts, websocket (manager/traffic.py)."""
+    unknown = set(traffic_fields) - set(traffic.POOL_FIELDS)
+    if unknown:
+        raise v.ValidationError(sorted(unknown)[0], "is not a pool field")
     if not isinstance(upstreams, list) or not upstreams:
         raise v.ValidationError("upstreams", "give at least one upstream URL")
     pool = {
@@ -142,6 +147,7 @@ def add(bastion: Bastion, name: str, upstreams: list[Any], author: str = "cli", 
         "discovered_models": [],
         "discovered_at": None,
         "created_at": time.time(),
+        **traffic.pool_fields(traffic_fields, defaults=True),
     }
     check_pool(pool)
     error = None
@@ -157,8 +163,10 @@ def add(bastion: Bastion, name: str, upstreams: list[Any], author: str = "cli", 
 
 
 def update(bastion: Bastion, name: str, author: str = "cli", **fields: Any) -> dict[str, Any]:
-    """Change method, api_key, models, tls_verify, include_usage or the whole upstream list of a pool."""
-    unknown = set(fields) - {"method", "api_key", "models", "upstreams", "tls_verify", "include_usage"}
+    """Change method, api_key, models, tls_verify, include_usage, traffic settings (manager/traffic.py) or the
+    whole upstream list of a pool."""
+    unknown = set(fields) - {"method", "api_key", "models", "upstreams", "tls_verify", "include_usage",
+                             *traffic.POOL_FIELDS}
     if unknown:
         raise v.ValidationError(sorted(unknown)[0], "is not a pool field")
     with bastion.change(author, f"update pool {name} ({', '.join(sorted(fields))})", nginx=True) as db:
@@ -178,6 +186,7 @@ def update(bastion: Bastion, name: str, author: str = "cli", **fields: Any) -> d
             if not isinstance(ups, list) or not ups:
                 raise v.ValidationError("upstreams", "give at least one upstream URL")
             pool["upstreams"] = [upstream(f"upstreams[{i}]", u) for i, u in enumerate(ups)]
+        pool.update(traffic.pool_fields(fields, defaults=False))
         check_pool(pool)
         db.table("pools").update(pool, Pool.name == name)
     if "models" in fields and not pool["models"]:  # back to discovery: ask the upstreams now
@@ -248,13 +257,18 @@ def refresh_discovered(bastion: Bastion, only: str | None = None) -> list[str]:
 # Routes: explicit model → pools mappings, checked before the pools' own model lists.
 
 def all_routes(bastion: Bastion) -> list[dict[str, Any]]:
-    return bastion.store.table("routes").all()
+    return [{"mode": "fallback", **r} for r in bastion.store.table("routes").all()]  # older routes: fallback
 
 
-def set_route(bastion: Bastion, model: str, pools: list[str], author: str = "cli") -> dict[str, Any]:
-    route = {"model": v.model("model", model, allow_glob=True), "pools": v.string_list("pools", pools, v.name)}
+def set_route(bastion: Bastion, model: str, pools: list[str], author: str = "cli",
+              mode: str = "fallback") -> dict[str, Any]:
+    """`mode`: fallback (the pools in order, the next when one fails before answering) or balance (each
+    request starts at the next pool in turn, then falls back across the others)."""
+    route = {"model": v.model("model", model, allow_glob=True), "pools": v.string_list("pools", pools, v.name),
+             "mode": traffic.route_mode("mode", mode)}
     if not route["pools"]:
         raise v.ValidationError("pools", "give at least one pool")
+    traffic.check_route_pools(route["pools"])
     with bastion.change(author, f"route {route['model']} to {', '.join(route['pools'])}") as db:
         known = {p["name"] for p in db.table("pools").all()}
         for i, p in enumerate(route["pools"]):

@@ -19,7 +19,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from authsvc.files import write_atomic
-from manager import custom_config, generations, health, metering
+from manager import capacity, custom_config, generations, health, metering
 from manager import settings as settings_mod
 from manager.certs import manage as certs
 from manager.certs import pem
@@ -41,6 +41,7 @@ class Observation:
     worker_user: str | None
     certificates: Mapping[str, Mapping[str, Any]]  # the certificates nginx can serve (see `servable`)
     njs_module: str | None = None  # the njs module to load for token metering (manager/metering.py)
+    open_files: int = capacity.UNLIMITED  # the open-file hard limit nginx will have (manager/capacity.py)
 
 
 def freeze(value: Any) -> Any:
@@ -104,7 +105,7 @@ def observe(bastion: Bastion, remember: bool = False) -> Observation:
         write_atomic(cache_file, json.dumps({**fallback, **resolved}, sort_keys=True).encode())
     return Observation(freeze(resolved), freeze(fallback), frozenset(health.down_urls(bastion)),
                        worker_user(bastion.dirs.root), freeze(servable(bastion)),
-                       metering.detect(bastion.nginx.binary).module)
+                       metering.detect(bastion.nginx.binary).module, capacity.hard_limit())
 
 
 def servable(bastion: Bastion) -> dict[str, dict[str, Any]]:
@@ -153,4 +154,5 @@ def gather(bastion: Bastion, observed: Observation | None = None) -> RenderInput
         paths=freeze({name: str(path) for name, path in paths.items()}),
         certificates=observed.certificates,
         njs_module=observed.njs_module,
+        open_files=observed.open_files,
     )

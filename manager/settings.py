@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from manager import cidr_groups, custom_config
+from manager import capacity, cidr_groups, custom_config
 from manager import validation as v
 from manager.certs import checks as cert_checks
 
@@ -27,6 +27,7 @@ DEFAULTS: dict[str, Any] = {
     "connect_timeout": 5,
     "max_fails": 3,
     "fail_timeout": 10,
+    "max_streams": 5000,  # concurrent streams nginx makes room for (manager/capacity.py)
     "default_pool": None,
     "discovery_interval": 60,
     "health_interval": 10,
@@ -104,6 +105,7 @@ VALIDATORS = {
     "connect_timeout": lambda f, x: v.integer(f, x, 1, 300),
     "max_fails": lambda f, x: v.integer(f, x, 0, 100),
     "fail_timeout": lambda f, x: v.integer(f, x, 1, 3600),
+    "max_streams": lambda f, x: capacity.check(f, v.integer(f, x, 100, 1_000_000)),
     "default_pool": lambda f, x: None if x in (None, "") else v.name(f, x),
     "discovery_interval": lambda f, x: v.integer(f, x, 5, 86400),
     "health_interval": lambda f, x: v.integer(f, x, 0, 3600),

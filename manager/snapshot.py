@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from authsvc.files import write_atomic
 from authsvc.snapshot import STATUS_FILE
-from manager import cidr_groups
+from manager import cidr_groups, generations
 
 if TYPE_CHECKING:
     from manager.context import Bastion
@@ -26,12 +26,15 @@ def pool_models(pool: dict[str, Any]) -> list[str]:
 def build(bastion: Bastion, only_pools: set[str] | None = None) -> dict[str, Any]:
     """The gate's view; `only_pools` limits pools (and routes to them) to those nginx has right now."""
     store = bastion.store
-    pools = [{"name": p["name"], "models": pool_models(p), "include_usage": p.get("include_usage", True)}
+    # while nginx changes, WebSocket only where the live generation has the location for it too
+    websocket = None if only_pools is None else generations.live_websocket_pools(bastion.dirs)
+    pools = [{"name": p["name"], "models": pool_models(p), "include_usage": p.get("include_usage", True),
+              "websocket": p.get("websocket", False) and (websocket is None or p["name"] in websocket)}
              for p in store.table("pools").all()
              if p["upstreams"] and (only_pools is None or p["name"] in only_pools)]
     names = {p["name"] for p in pools}
-    routes = [{"model": r["model"], "pools": [p for p in r["pools"] if p in names]}
-              for r in store.table("routes").all()]
+    routes = [{"model": r["model"], "pools": [p for p in r["pools"] if p in names],
+               "mode": r.get("mode", "fallback")} for r in store.table("routes").all()]
     settings = bastion.settings()
     default_pool = settings["default_pool"]
     return {

@@ -127,7 +127,9 @@ def golden_input(tls: bool = False, njs: bool = False) -> RenderInput:
          "upstreams": [{"url": "https://api.example.com:443"}]},
         {"name": "selfsigned", "tls_verify": False, "upstreams": [{"url": "https://[::1]:8443"}]},
         {"name": "gpu", "method": "hash", "upstreams": [{"url": "http://gpu.example:8000"},
-                                                         {"url": "http://gone.example:8000"}]},
+                                                         {"url": "http://gone.example:8000"}],
+         "retries": 0, "retry_timeout": 0, "retry_statuses": [429, 503], "connect_timeout": 2, "read_timeout": 30,
+         "websocket": True},
         {"name": "empty", "upstreams": []},
     ]
     stored = {"public_cidr_groups": ["office"], "admin_cidr_groups": ["private", "vanished"],

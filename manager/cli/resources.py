@@ -10,11 +10,39 @@ from authsvc.quotas import iso as quotas_iso
 from manager import keys as keys_mod
 from manager import pools as pools_mod
 from manager import quotas as quotas_mod
+from manager import traffic
 from manager import validation as v
 from manager.cli import csv, fmt_time, main, print_table, with_bastion
 from manager.context import Bastion
 
 # ---- pools and routes ---------------------------------------------------------------------------------
+
+def traffic_options(command):
+    """The options of a pool's traffic settings (manager/traffic.py); unset ones are not passed on."""
+    options = [
+        click.option("--retries", type=int, help="Other upstreams of the pool tried before the first byte "
+                     "(connect errors, timeouts, --retry-status answers; default 2)."),
+        click.option("--retry-timeout", type=int, help="Seconds after which no other upstream is tried "
+                     "(0: no limit; default 30)."),
+        click.option("--retry-status", "retry_statuses", type=click.Choice([str(s) for s in traffic.RETRY_STATUSES]),
+                     multiple=True, help="Upstream status retried elsewhere (repeat; default 502 503 504)."),
+        click.option("--connect-timeout", type=int, help="Seconds to connect to an upstream (default: setting)."),
+        click.option("--read-timeout", type=int, help="Seconds without a byte from the upstream, before the "
+                     "first one and between chunks (default: setting)."),
+        click.option("--websocket/--no-websocket", default=None, help="Pass WebSocket upgrades (realtime APIs)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def traffic_given(given: dict) -> dict:
+    """The traffic options given on the command line, as pool fields."""
+    out = {k: given.pop(k) for k in list(given) if k in traffic.POOL_FIELDS}
+    if out.get("retry_statuses"):
+        out["retry_statuses"] = [int(s) for s in out["retry_statuses"]]
+    return {k: x for k, x in out.items() if x not in (None, ())}
+
 
 @main.group()
 def pools() -> None:
@@ -33,14 +61,16 @@ def pools() -> None:
               help="Check https upstreams' certificates against the system CAs.")
 @click.option("--include-usage/--no-include-usage", default=True, show_default=True,
               help="Ask for stream_options.include_usage on streamed OpenAI requests (token metering).")
+@traffic_options
 @with_bastion
 def pools_add(b: Bastion, name: str, urls: tuple[str, ...], backup_urls: tuple[str, ...], api_key: str | None,
-              models: str | None, weight: int, method: str, tls_verify: bool, include_usage: bool) -> None:
+              models: str | None, weight: int, method: str, tls_verify: bool, include_usage: bool,
+              **more: object) -> None:
     """Add a pool and apply the nginx configuration."""
     ups = [{"url": u, "weight": weight} for u in urls] + [{"url": u, "backup": True} for u in backup_urls]
     click.echo(f"adding pool {name} and applying nginx configuration...")
     pool = pools_mod.add(b, name, ups, api_key=api_key, models=csv(models), method=method, tls_verify=tls_verify,
-                         include_usage=include_usage)
+                         include_usage=include_usage, **traffic_given(more))
     served = pool["models"] or pool["discovered_models"]
     source = "configured" if pool["models"] else "discovered"
     if served:
@@ -60,13 +90,14 @@ def pools_add(b: Bastion, name: str, urls: tuple[str, ...], backup_urls: tuple[s
 @click.option("--tls-verify/--no-tls-verify", default=None, help="Check https upstreams' certificates.")
 @click.option("--include-usage/--no-include-usage", default=None,
               help="Ask for stream_options.include_usage on streamed OpenAI requests.")
+@traffic_options
 @with_bastion
 def pools_update(b: Bastion, name: str, method: str | None, api_key: str | None, models: str | None,
-                 tls_verify: bool | None, include_usage: bool | None) -> None:
+                 tls_verify: bool | None, include_usage: bool | None, **more: object) -> None:
     """Change a pool and apply the nginx configuration."""
     given = (("method", method), ("api_key", api_key), ("models", csv(models)), ("tls_verify", tls_verify),
              ("include_usage", include_usage))
-    changes = {k: x for k, x in given if x is not None}
+    changes = {k: x for k, x in given if x is not None} | traffic_given(more)
     if not changes:
         raise click.UsageError("nothing to change: give at least one option")
     pools_mod.update(b, name, **changes)
@@ -144,18 +175,20 @@ def routes() -> None:
 
 @routes.command("set")
 @click.argument("model")
-@click.option("--pool", "pool_names", multiple=True, required=True)
+@click.option("--pool", "pool_names", multiple=True, required=True, help="A pool (repeat: tried in this order).")
+@click.option("--mode", type=click.Choice(traffic.ROUTE_MODES), default="fallback", show_default=True,
+              help="fallback: the pools in order; balance: each request starts at the next pool in turn.")
 @with_bastion
-def routes_set(b: Bastion, model: str, pool_names: tuple[str, ...]) -> None:
-    route = pools_mod.set_route(b, model, list(pool_names))
-    click.echo(f"{route['model']} -> {', '.join(route['pools'])}")
+def routes_set(b: Bastion, model: str, pool_names: tuple[str, ...], mode: str) -> None:
+    route = pools_mod.set_route(b, model, list(pool_names), mode=mode)
+    click.echo(f"{route['model']} -> {', '.join(route['pools'])} ({route['mode']})")
 
 
 @routes.command("list")
 @with_bastion
 def routes_list(b: Bastion) -> None:
-    print_table([{"model": r["model"], "pools": ",".join(r["pools"])} for r in pools_mod.all_routes(b)],
-                ["model", "pools"])
+    print_table([{"model": r["model"], "pools": ",".join(r["pools"]), "mode": r.get("mode", "fallback")}
+                 for r in pools_mod.all_routes(b)], ["model", "pools", "mode"])
 
 
 @routes.command("remove")
