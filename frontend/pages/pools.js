@@ -4,6 +4,7 @@ import { ago, badge, clear, confirmDialog, field, h, list, modal, table, toast }
 
 export const title = "Pools";
 const METHODS = ["round_robin", "least_conn", "hash", "random_two"];
+const RETRY_STATUSES = [429, 500, 502, 503, 504];
 const HEALTH_KIND = { up: "ok", down: "bad", unknown: "" };
 
 export async function render(ctx) {
@@ -23,7 +24,8 @@ export async function render(ctx) {
         " the pool that serves them."),
       table([
         ["Model", (r) => h("code", {}, r.model)],
-        ["Pools", (r) => r.pools.join(", ")],
+        ["Pools", (r) => r.pools.join(r.mode === "balance" ? " + " : " → ")],
+        ["Mode", (r) => r.mode ?? "fallback"],
         ["", (r) => admin ? h("button", { class: "small danger", onclick: async () => {
           if (!(await confirmDialog(`Remove the route for ${r.model}?`, "Requests fall back to discovery."))) return;
           await act(() => api.removeRoute(r.model), `route ${r.model} removed`);
@@ -53,6 +55,8 @@ function poolCard(ctx, pool, reload) {
       h("h2", { id: `pool-${pool.name}` }, pool.name),
       badge(pool.method), pool.api_key_set ? badge("API key set", "ok") : badge("no API key"),
       pool.tls_verify ? null : badge("TLS not verified", "warn"),
+      pool.retries !== undefined ? badge(`${pool.retries} retries`) : null,
+      pool.websocket ? badge("WebSocket") : null,
       admin ? h("div", { class: "row-actions" },
         h("button", { class: "small", onclick: () => poolDialog(ctx, pool, reload) }, "Edit"),
         h("button", { class: "small", onclick: () => upstreamDialog(ctx, pool, reload) }, "Add upstream"),
@@ -117,13 +121,31 @@ async function poolDialog(ctx, pool, reload) {
     h("label", { class: "check" }, h("input", { type: "checkbox", name: "tls_verify", checked: pool ? pool.tls_verify : true }),
       "Verify the upstreams' TLS certificates"),
     h("label", { class: "check" }, h("input", { type: "checkbox", name: "include_usage", checked: pool ? pool.include_usage : true }),
-      "Ask streams for token usage (stream_options.include_usage)"));
+      "Ask streams for token usage (stream_options.include_usage)"),
+    h("fieldset", {}, h("legend", {}, "Traffic"),
+      h("div", { class: "grid2" },
+        field("Retries", { name: "retries", type: "number", min: 0, max: 10, value: pool?.retries ?? 2 },
+          "Other upstreams of the pool tried before the first byte."),
+        field("Retry time limit (s)", { name: "retry_timeout", type: "number", min: 0, value: pool?.retry_timeout ?? 30 }),
+        field("Connect timeout (s)", { name: "connect_timeout", type: "number", min: 1, value: pool?.connect_timeout ?? "",
+          placeholder: "global setting" }),
+        field("Read timeout (s)", { name: "read_timeout", type: "number", min: 1, value: pool?.read_timeout ?? "",
+          placeholder: "global setting" })),
+      h("div", { class: "modes" }, h("span", {}, "Retry on"), RETRY_STATUSES.map((code) => h("label", { class: "check" },
+        h("input", { type: "checkbox", name: "retry_statuses", value: code,
+          checked: (pool?.retry_statuses ?? [502, 503, 504]).includes(code) }), String(code)))),
+      h("label", { class: "check" }, h("input", { type: "checkbox", name: "websocket", checked: pool?.websocket ?? false }),
+        "WebSocket pass-through")));
   const saved = await modal(creating ? "Add pool" : `Edit pool ${pool.name}`, form, {
     submitLabel: creating ? "Add" : "Save",
     onSubmit: (f) => {
       const e = f.elements;
+      const number = (input) => (input.value === "" ? null : Number(input.value));
       const fields = { upstreams: parseUpstreams(e.upstreams.value), method: e.method.value,
-        models: list(e.models.value), tls_verify: e.tls_verify.checked, include_usage: e.include_usage.checked };
+        models: list(e.models.value), tls_verify: e.tls_verify.checked, include_usage: e.include_usage.checked,
+        retries: number(e.retries) ?? 0, retry_timeout: number(e.retry_timeout) ?? 0,
+        connect_timeout: number(e.connect_timeout), read_timeout: number(e.read_timeout), websocket: e.websocket.checked,
+        retry_statuses: [...f.querySelectorAll("input[name=retry_statuses]:checked")].map((b) => Number(b.value)) };
       if (e.api_key.value) fields.api_key = e.api_key.value;
       else if (e.remove_key?.checked) fields.api_key = null;
       if (creating) return ctx.api.createPool({ name: e.name.value.trim(), ...fields });
@@ -155,10 +177,12 @@ async function routeDialog(ctx, pools, reload) {
   const boxes = pools.map((p) => h("label", { class: "check" }, h("input", { type: "checkbox", name: "pools", value: p.name }), p.name));
   const saved = await modal("Add route", h("div", {},
     field("Model", { name: "model", required: true, placeholder: "llama3* or gpt-4o" }),
-    h("fieldset", {}, h("legend", {}, "Pools"), boxes)), {
+    h("fieldset", {}, h("legend", {}, "Pools (in order)"), boxes),
+    field("Mode", h("select", { name: "mode" }, h("option", { value: "fallback" }, "fallback: the next pool when one fails"),
+      h("option", { value: "balance" }, "balance: spread requests across the pools")))), {
     submitLabel: "Save",
     onSubmit: (f) => ctx.api.setRoute(f.elements.model.value.trim(),
-      [...f.querySelectorAll("input[name=pools]:checked")].map((b) => b.value)),
+      [...f.querySelectorAll("input[name=pools]:checked")].map((b) => b.value), f.elements.mode.value),
   });
   if (saved) {
     toast("route saved");
