@@ -349,6 +349,23 @@ def test_settings_and_network_name_the_refused_field(web: Watched, site: Stack) 
     web.check()
 
 
+def test_keys_page_pages_and_filters_many_keys(web: Watched, site: Stack) -> None:
+    token = site.admin_token()
+    for i in range(105):
+        r = requests.post(site.admin + "/api/v1/keys", headers={"Authorization": f"Bearer {token}"},
+                          json={"name": f"bulk {i:03d}"}, timeout=10)
+        assert r.status_code == 201
+    page = web.page
+    web.login("admin", ADMIN_PASSWORD)
+    web.go("keys")
+    assert page.locator("tbody tr").count() == 100
+    page.get_by_role("button", name=re.compile(r"^Show \d+ more$")).click()
+    assert page.locator("tbody tr").count() > 100
+    page.get_by_label("Find a key").fill("bulk 10")
+    assert page.locator("tbody tr").count() == 5  # bulk 100 ... bulk 104
+    web.check()
+
+
 def test_session_cookie_is_http_only_and_csrf_is_enforced(web: Watched, site: Stack) -> None:
     web.login("admin", ADMIN_PASSWORD)
     cookies = {c["name"]: c for c in web.context.cookies()}

@@ -7,30 +7,41 @@ import { badge, clear, confirmDialog, copyText, field, h, list, modal, num, tabl
 export const title = "Keys";
 const QUOTAS = [["tpm", "Tokens per minute"], ["tokens_per_day", "Tokens per day"],
   ["tokens_per_month", "Tokens per month"], ["requests_per_day", "Requests per day"]];
+const PAGE = 100;
 const STATUS_KIND = { active: "ok", disabled: "warn", expired: "warn", revoked: "bad" };
 
 export async function render(ctx) {
   const { api, admin, root } = ctx;
   const body = h("div");
   const showRevoked = h("input", { type: "checkbox", id: "show-revoked" });
+  const search = h("input", { type: "search", name: "search", placeholder: "name or id" });
+  let keys = [], hours = new Map(), shown = PAGE;
   const head = h("div", { class: "page-head" }, h("h1", {}, "API keys"),
     h("label", { class: "check", for: "show-revoked" }, showRevoked, "Show revoked"),
     admin ? h("button", { class: "primary", onclick: () => createKey(ctx, load) }, "Create key") : null);
-  clear(root, head, body);
+  clear(root, head, h("div", { class: "filters" }, field("Find a key", search)), body);
 
   async function load() {
     const since = Math.floor(Date.now() / 1000) - 86400;
-    const [keys, summary] = await Promise.all([
+    const [fetched, summary] = await Promise.all([
       api.keys(showRevoked.checked),
       api.usageSummary({ group_by: "key", bucket: "hour", since, fields: "requests" }).catch(() => ({ rows: [] })),
     ]);
-    const hours = new Map(); // key id → requests per hour over the last day (24 points)
+    keys = fetched;
+    hours = new Map(); // key id → requests per hour over the last day (24 points)
     const first = Math.floor(since / 3600) * 3600;
     for (const row of summary.rows) {
       if (!hours.has(row.key)) hours.set(row.key, new Array(25).fill(0));
       const i = Math.round((row.bucket - first) / 3600);
       if (i >= 0 && i < 25) hours.get(row.key)[i] += row.requests || 0;
     }
+    show();
+  }
+
+  // thousands of keys: a filter, and rows rendered a page at a time
+  function show() {
+    const needle = search.value.trim().toLowerCase();
+    const matching = needle ? keys.filter((k) => k.name.toLowerCase().includes(needle) || k.id.includes(needle)) : keys;
     clear(body, table([
       ["Name", (k) => h("span", { class: "key-name" }, k.name)],
       ["Key", (k) => h("code", {}, k.key)],
@@ -47,8 +58,11 @@ export async function render(ctx) {
           h("button", { class: "small", onclick: () => toggle(k) }, k.enabled ? "Disable" : "Enable"),
           h("button", { class: "small danger", onclick: () => revoke(k) }, "Revoke"),
         ] : null)],
-    ], keys, { empty: admin ? "No keys yet: create one." : "No keys yet." }));
+    ], matching.slice(0, shown), { empty: needle ? "No key matches." : admin ? "No keys yet: create one." : "No keys yet." }),
+    matching.length > shown ? h("div", { class: "actions" }, h("span", { class: "hint" }, `${shown} of ${matching.length}`),
+      h("button", { onclick: () => { shown += PAGE; show(); } }, `Show ${Math.min(PAGE, matching.length - shown)} more`)) : null);
   }
+  search.addEventListener("input", () => { shown = PAGE; show(); });
 
   async function toggle(k) {
     try {
