@@ -100,11 +100,12 @@ async function route() {
   document.getElementById("menu-toggle").setAttribute("aria-expanded", "false");
 }
 
+// a session that ended (expired, signed out elsewhere, password changed): sign in again, then back to this page
 setUnauthorizedHandler(() => {
   if (!state.user) return;
   state.user = null;
   toast("Your session ended; please sign in again.", "error");
-  navigate("login");
+  renderRoute();
 });
 
 document.getElementById("logout").addEventListener("click", async () => {

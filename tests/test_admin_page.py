@@ -462,6 +462,20 @@ def test_sign_in_returns_to_the_page_asked_for(web: Watched, site: Stack) -> Non
     web.check()
 
 
+def test_an_ended_session_asks_to_sign_in_and_returns(web: Watched, site: Stack) -> None:
+    page = web.page
+    web.login("viewer", VIEWER_PASSWORD)
+    site.cli("users", "passwd", "viewer", "--password", VIEWER_PASSWORD)  # signs the viewer out everywhere
+    web.allowed += ["401", "/auth/me", "/api/v1/"]  # the calls that find the session ended
+    page.locator("nav a", has_text="Pools").click()
+    page.get_by_text("Your session ended").wait_for()
+    page.get_by_label("Username").fill("viewer")
+    page.get_by_label("Password").fill(VIEWER_PASSWORD)
+    page.get_by_role("button", name="Sign in").click()
+    page.get_by_role("heading", name="Pools and upstreams").wait_for()
+    web.check()
+
+
 def test_lockout_message_counts_down(web: Watched, site: Stack) -> None:
     page = web.page
     web.allowed.append("/auth/login")
