@@ -428,6 +428,14 @@ def test_theme_toggle_and_keyboard(web: Watched, site: Stack) -> None:
     page.reload()
     page.get_by_role("heading", name="Dashboard").wait_for()
     assert page.evaluate("document.documentElement.dataset.theme") == "dark"  # remembered
+    # the dashboard's range: custom dates appear only for "Custom"; every range loads without an error
+    page.locator("#main").get_by_label("Range").select_option("custom")
+    page.get_by_label("From").fill("2026-01-01T00:00")
+    page.get_by_label("From").dispatch_event("change")
+    page.locator("#main").get_by_label("Range").select_option("week")
+    assert page.get_by_label("From").is_hidden()
+    page.wait_for_load_state("networkidle")
+    assert page.locator(".error-box").count() == 0
     # keyboard: the navigation is reachable with Tab and Enter opens a page
     page.locator("nav a", has_text="Keys").focus()
     page.keyboard.press("Enter")
