@@ -366,6 +366,48 @@ def test_keys_page_pages_and_filters_many_keys(web: Watched, site: Stack) -> Non
     web.check()
 
 
+def test_certificates_and_users_pages(web: Watched, site: Stack) -> None:
+    from tests.acme import make_cert, pem
+
+    root = make_cert("Page Root", ca=True, days=365)
+    leaf, key = make_cert("page.example.test", root, names=["page.example.test"], days=20)
+    page = web.page
+    web.login("admin", ADMIN_PASSWORD)
+    web.go("certificates")
+    page.get_by_role("button", name="Upload").click()
+    dialog = page.get_by_role("dialog")
+    dialog.get_by_label("Domains").fill("page.example.test")
+    dialog.get_by_label("Certificate chain (PEM)").fill(pem(leaf, root[0]))
+    dialog.get_by_label("Private key (PEM)").fill(pem(key))
+    dialog.get_by_role("button", name="Upload").click()
+    row = page.locator("tr", has_text="page.example.test")
+    row.get_by_text("upload", exact=True).wait_for()
+    assert re.fullmatch(r"1[89]", row.locator(".badge").first.inner_text()), row.inner_text()  # days left
+    web.go("dashboard")  # less than 30 days left: listed as expiring soon
+    page.locator("tr", has_text="page.example.test").wait_for()
+    web.go("certificates")
+    page.locator("tr", has_text="page.example.test").get_by_role("button", name="Remove").click()
+    page.get_by_role("dialog").get_by_role("button", name="Remove").click()
+    page.locator("tr", has_text="page.example.test").wait_for(state="detached")
+
+    web.go("users")
+    page.get_by_role("button", name="Add user").click()
+    dialog = page.get_by_role("dialog")
+    dialog.get_by_label("Username").fill("ops")
+    dialog.get_by_label("Password").fill("ops-password-1")
+    dialog.get_by_role("button", name="Save").click()
+    row = page.locator("tr", has_text="ops")
+    row.get_by_text("viewer", exact=True).wait_for()
+    row.get_by_role("button", name="Edit").click()
+    page.get_by_role("dialog").get_by_label("Role").select_option("admin")
+    page.get_by_role("dialog").get_by_role("button", name="Save").click()
+    row.get_by_text("admin", exact=True).wait_for()
+    row.get_by_role("button", name="Remove").click()
+    page.get_by_role("dialog").get_by_role("button", name="Remove").click()
+    row.wait_for(state="detached")
+    web.check()
+
+
 def test_session_cookie_is_http_only_and_csrf_is_enforced(web: Watched, site: Stack) -> None:
     web.login("admin", ADMIN_PASSWORD)
     cookies = {c["name"]: c for c in web.context.cookies()}
