@@ -18,7 +18,18 @@ export async function render(ctx) {
       h("section", {}, h("h2", {}, "Certificates expiring soon"), certs),
       h("section", {}, h("h2", {}, "Blocked addresses"), blocks)));
 
+  let busy = 0; // loads in flight (a range change starts one while another runs): aria-busy until all are done
   async function load() {
+    busy++;
+    root.setAttribute("aria-busy", "true");
+    try {
+      await loadRange();
+    } finally {
+      if (--busy === 0) root.removeAttribute("aria-busy");
+    }
+  }
+
+  async function loadRange() {
     const r = range.value();
     const query = { since: r.since, until: r.until };
     const [series, byKey, byModel, pools, keys] = await Promise.all([
