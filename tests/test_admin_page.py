@@ -445,8 +445,11 @@ def test_viewer_sees_no_edit_controls_and_gets_403(web: Watched, site: Stack) ->
 @pytest.mark.parametrize("scheme", ["light", "dark"])
 def test_every_page_loads_cleanly_with_screenshots(web: Watched, site: Stack, scheme: str) -> None:
     web.page.emulate_media(color_scheme=scheme)
-    web.login("admin", ADMIN_PASSWORD)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    web.page.goto(site.admin + "/")
+    web.page.get_by_label("Username").wait_for()
+    web.page.screenshot(path=str(ARTIFACTS / f"login-{scheme}.png"))
+    web.login("admin", ADMIN_PASSWORD)
     for route in PAGES:
         web.go(route)
         web.page.locator("main h1").first.wait_for()
