@@ -15,8 +15,10 @@ export function render(ctx) {
     let left = Math.max(1, Math.ceil(error.retryAfter || 60));
     submit.disabled = true;
     const text = h("span", {});
+    // the server says why ("too many failed logins; try again in 60 s"); the wait is counted down here
+    const reason = error.message.split(";")[0].replace(/^./, (c) => c.toUpperCase());
     const tick = () => {
-      clear(text, `Too many failed sign-ins. ${error.message}. Try again in ${left} s.`);
+      clear(text, `${reason}. Try again in ${left} s.`);
       if (left-- <= 0) {
         clearInterval(timer);
         submit.disabled = false;
