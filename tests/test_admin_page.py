@@ -550,7 +550,7 @@ def test_lockout_message_counts_down(web: Watched, site: Stack) -> None:
 
 def test_page_files_are_served_with_a_strict_policy(site: Stack) -> None:
     """No browser needed: what the manager serves through nginx for the page."""
-    for path in ("/", "/admin"):
+    for path in ("/", "/admin", "/admin/"):
         r = requests.get(site.admin + path, timeout=10)
         assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/html"), path
         assert '<script type="module" src="/ui/app.js">' in r.text

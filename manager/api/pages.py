@@ -42,6 +42,12 @@ def admin_page():
     return index()
 
 
+@bp.op("GET", "/admin/", "The admin page, with the trailing slash people type", public=True,
+       response={"type": "string"}, media="text/html")
+def admin_page_slash():
+    return index()
+
+
 @bp.op("GET", "/ui/<path:path>", "A module, stylesheet or image of the admin page", public=True,
        response={"type": "string"}, media="text/javascript")
 def asset(path: str):
