@@ -1,11 +1,11 @@
-# syntax=docker/dockerfile:1
 # Bastion in one image: nginx (+ njs for token metering), the Python app in a virtual environment (gate,
 # manager, certbot) and tini as PID 1. See docs/deploy.md.
 #
 #   docker build -t bastion .                       (podman build works the same)
 #   docker build --build-arg BASE=debian:bookworm-slim .   any Debian 12 base; Python comes from apt if missing
 #
-# Behind a TLS-intercepting proxy, hand the build its CA bundle as a secret (never stored in a layer):
+# Needs BuildKit (RUN --mount; the default builder of Docker 23+) or podman/buildah. Behind a TLS-intercepting
+# proxy, hand pip its CA bundle as a build secret (never stored in a layer):
 #   docker build --secret id=ca,src=/etc/ssl/certs/ca-certificates.crt .
 ARG BASE=python:3.11-slim
 

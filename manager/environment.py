@@ -56,21 +56,23 @@ def child_env(env: Mapping[str, str]) -> dict[str, str]:
 
 def settings(bastion: Bastion, env: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The settings the environment sets that differ from the stored ones, validated; a bad value is an error
-    naming the variable."""
+    naming the variable. An empty variable counts as unset."""
     from manager import settings as settings_mod
 
     env = os.environ if env is None else env
     wanted: dict[str, Any] = {}
     for var, name in SETTINGS.items():
         raw = env.get(var)
-        if raw is None:
+        if not raw:  # unset or empty (compose's `${VAR:-}`): the stored setting stays
             continue
         wanted[name] = [x.strip() for x in raw.split(",") if x.strip()] if name in LIST_SETTINGS else raw
     names = {name: var for var, name in SETTINGS.items()}
     try:
         checked = settings_mod.validate(bastion, wanted)
     except v.ValidationError as e:
-        raise v.ValidationError(names.get(e.field, e.field), e.message) from None
+        setting, _, index = e.field.partition("[")  # trusted_proxies[1] -> BASTION_TRUSTED_PROXIES[1]
+        var = names.get(setting)
+        raise v.ValidationError(f"{var}{'[' + index if index else ''}" if var else e.field, e.message) from None
     current = bastion.settings()
     return {k: x for k, x in checked.items() if current.get(k) != x}
 
