@@ -23,6 +23,7 @@ SETTINGS = {
     "BASTION_TRUSTED_PROXIES": "trusted_proxies",
     "BASTION_ACME_EMAIL": "acme_email",
     "BASTION_ACME_SERVER": "acme_server",
+    "BASTION_HTTPS_PUBLIC_PORT": "https_public_port",
 }
 LIST_SETTINGS = {"trusted_proxies"}
 ADMIN_PASSWORD = "BASTION_ADMIN_PASSWORD"

@@ -27,7 +27,8 @@ SETTINGS = obj(public_listen=STR, admin_listen=STR, server_name=NULLABLE_STR, pu
                usage_hour_retention_days=INT, usage_day_retention_days=INT, log_max_mb=INT,
                bruteforce_max_failures=INT, bruteforce_window=INT, bruteforce_block=INT, bruteforce_max_block=INT,
                bruteforce_exempt_cidr_groups=STR_LIST, metrics_cidr_groups=STR_LIST,
-               http_listen=NULLABLE_STR, https_listen=NULLABLE_STR, acme_server=STR, acme_email=NULLABLE_STR,
+               http_listen=NULLABLE_STR, https_listen=NULLABLE_STR,
+               https_public_port={"type": ["integer", "null"]}, acme_server=STR, acme_email=NULLABLE_STR,
                acme_ca_bundle=NULLABLE_STR, acme_key_type={"type": "string", "enum": ["ecdsa", "rsa"]},
                dns_propagation_seconds=INT, hsts=BOOL, model_prices=MODEL_PRICES)
 
