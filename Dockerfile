@@ -34,9 +34,7 @@ COPY frontend /src/frontend
 RUN --mount=type=secret,id=ca \
     if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi; \
     /opt/bastion/bin/pip install -q --no-deps /src \
-    && /opt/bastion/bin/pip uninstall -q -y pip \
-    && find /opt/bastion -name __pycache__ -prune -exec rm -rf {} + \
-    && /opt/bastion/bin/python -m compileall -q /opt/bastion/lib >/dev/null
+    && /opt/bastion/bin/pip uninstall -q -y pip
 
 # ---------------------------------------------------------------------------------------------------- final
 FROM ${BASE}

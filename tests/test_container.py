@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests.acme import make_cert, pem
 from tests.conftest import free_port
 from tests.fakes import FakeUpstream
 from tests.podman import Podman, host_ca_bundle
@@ -206,6 +207,25 @@ def test_key_streams_a_chat_to_the_host_upstream(container: Container, key: dict
     assert "Bearer bst_" not in json.dumps(upstream.requests[-1]["headers"])  # the client's key stays here
     records = usage_records(container, key["id"], 1)
     assert records and records[0]["status"] == 200 and records[0]["total_tokens"], records
+
+
+def test_https_on_its_listener_and_certbot_in_the_image(container: Container, key: dict, tmp_path: Path) -> None:
+    assert container.podman.out("exec", container.name, "certbot", "--version").startswith("certbot ")
+    ca = make_cert("Container test CA", ca=True)
+    # the only certificate is the HTTPS listener's default server: its IP address is checked, not a name
+    leaf, leaf_key = make_cert("gateway.example.com", ca, names=["gateway.example.com"], ips=["127.0.0.1"])
+    (tmp_path / "ca.pem").write_text(pem(ca[0]))
+    r = container.api("POST", "/api/v1/certificates/upload",
+                      json={"certificate": pem(leaf, ca[0]), "private_key": pem(leaf_key),
+                            "domains": ["gateway.example.com"]})
+    assert r.status_code == 201, r.text
+    r = requests.post(f"https://127.0.0.1:{container.https}/v1/chat/completions", verify=str(tmp_path / "ca.pem"),
+                      headers={"Authorization": f"Bearer {key['secret']}"}, timeout=10,
+                      json={"model": "llama3", "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200 and "host" in r.text, r.text
+    # the HTTP listener redirects to the published HTTPS port (443 in the image), not the container's own
+    r = requests.get(f"http://127.0.0.1:{container.http}/v1/models", allow_redirects=False, timeout=5)
+    assert r.status_code == 308 and r.headers["Location"] == "https://127.0.0.1/v1/models", r.headers
 
 
 def processes(container: Container) -> dict[int, tuple[int, str]]:
