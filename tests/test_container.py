@@ -258,6 +258,25 @@ def test_processes_are_not_root(container: Container) -> None:
     assert {uid for uid, _ in tree.values()} == {UID}, tree
 
 
+def image_findings(podman: Podman, image: str, needles: dict[str, bytes]) -> list[str]:
+    """Where any needle shows in the image: its history, its configuration, any byte of any layer; and any file
+    under run/secrets/ (a build secret's mount point) in a layer."""
+    found = []
+    for source in ("history", "image inspect"):
+        text = podman.run(*source.split(), *(["--no-trunc"] if source == "history" else []), image).stdout
+        found += [f"{what} in {source}" for what, needle in needles.items() if needle in text]
+    archive = podman.run("save", "--format", "docker-archive", image, stdout=subprocess.PIPE,
+                         capture_output=False).stdout
+    assert len(archive) > 50 << 20  # really the image
+    found += [f"{what} in a layer" for what, needle in needles.items() if needle in archive]
+    with tarfile.open(fileobj=io.BytesIO(archive)) as outer:
+        for member in outer:
+            if member.name.endswith(".tar"):
+                with tarfile.open(fileobj=outer.extractfile(member)) as layer:
+                    found += [f"file {n}" for n in layer.getnames() if n.lstrip("./").startswith("run/secrets")]
+    return found
+
+
 def test_no_secret_in_the_image(container: Container, podman: Podman) -> None:
     data = container.volume_dir()
     needles = {
@@ -275,30 +294,15 @@ def test_no_secret_in_the_image(container: Container, podman: Podman) -> None:
                               "/etc/ssl/certs/ca-certificates.crt").stdout
         for i, cert in enumerate(set(pem.findall(ca.read_bytes())) - set(pem.findall(image_ca))):
             needles[f"host CA certificate {i}"] = cert.splitlines()[1]
-    texts = [podman.run("history", "--no-trunc", "--format", "json", IMAGE).stdout,
-             podman.run("image", "inspect", IMAGE).stdout]
-    for text in texts:
-        for what, needle in needles.items():
-            assert needle not in text, f"{what} in the image's history or configuration"
-    # every byte of every layer
-    archive = podman.run("save", "--format", "docker-archive", IMAGE, stdout=subprocess.PIPE,
-                         capture_output=False).stdout
-    assert len(archive) > 50 << 20
-    found = [what for what, needle in needles.items() if needle in archive]
-    assert not found, f"in an image layer: {found}"
+    assert image_findings(podman, IMAGE, needles) == []
     print(f"[container] image layers checked for {len(needles)} secrets: {', '.join(needles)}", flush=True)
-    names = []  # no file of a build secret mount in any layer
-    with tarfile.open(fileobj=io.BytesIO(archive)) as outer:
-        for member in outer:
-            if member.name.endswith(".tar"):
-                with tarfile.open(fileobj=outer.extractfile(member)) as layer:
-                    names += [n for n in layer.getnames() if n.lstrip("./").startswith("run/secrets")]
-    assert not names, names
     # the container's environment has the token (not the image); the children of `bastion up` do not
     children = [pid for pid, (_, cmd) in processes(container).items() if re.search("granian|gunicorn|nginx", cmd)]
     assert children
     for pid in children:
         assert container.cloudflare_token.encode() not in Path(f"/proc/{pid}/environ").read_bytes()
+
+
 def test_restart_keeps_keys_and_usage(container: Container, key: dict) -> None:
     before = usage_records(container, key["id"], 1)
     started = time.monotonic()
