@@ -152,7 +152,8 @@ def container(podman: Podman, tmp_path_factory: pytest.TempPathFactory) -> Itera
     base = podman.base_image(echo=lambda m: print(f"[container] {m}", flush=True))
     timed("base image", started)
     started = time.monotonic()
-    build = ["build", "--format", "docker", "--network=host", "--pull=never", "--build-arg", f"BASE={base}",
+    # --jobs=2: the final stage's apt step runs beside the build stage's pip install (cold: 84 s instead of 130 s)
+    build = ["build", "--jobs=2", "--format", "docker", "--network=host", "--pull=never", "--build-arg", f"BASE={base}",
              "-t", IMAGE]
     if ca := host_ca_bundle():
         build += ["--secret", f"id=ca,src={ca}"]
