@@ -30,9 +30,8 @@ from tests.conftest import free_port
 from tests.fakes import FakeUpstream
 from tests.podman import Podman, host_ca_bundle
 
-pytestmark = pytest.mark.skipif(
-    os.environ.get("BASTION_CONTAINER_TEST") != "1" or not shutil.which("podman") or os.geteuid() != 0,
-    reason="container smoke test: `make test-container` (root, podman, runc, debootstrap)")
+pytestmark = pytest.mark.skipif(os.environ.get("BASTION_CONTAINER_TEST") != "1",
+                                reason="container smoke test: `make test-container` (root, podman, runc, debootstrap)")
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = "localhost/bastion:test"
@@ -131,6 +130,11 @@ def stream_chat(base: str, key: str, model: str) -> tuple[list[str], float, floa
 
 @pytest.fixture(scope="module")
 def podman() -> Iterator[Podman]:
+    # asked for explicitly, so a missing requirement is a failure, not a skip
+    assert os.geteuid() == 0, "the container smoke test needs root (podman with runc, debootstrap)"
+    path = "/usr/sbin:/usr/bin:/sbin:/bin"
+    missing = [t for t in ("podman", "runc", "debootstrap") if not shutil.which(t, path=path)]
+    assert not missing, f"install {' '.join(missing)} (apt-get install podman runc debootstrap)"
     p = Podman()
     yield p
     # untagged images are the build cache too: only those of builds over a day old go
