@@ -58,12 +58,14 @@ ENV PATH=/opt/bastion/bin:$PATH \
     BASTION_ADMIN_LISTEN=0.0.0.0:8081 \
     BASTION_HTTP_LISTEN=0.0.0.0:8880 \
     BASTION_HTTPS_LISTEN=0.0.0.0:8443 \
-    BASTION_HTTPS_PUBLIC_PORT=443
+    BASTION_HTTPS_PUBLIC_PORT=443 \
+    BASTION_STOP_TIMEOUT=8
 VOLUME /data
 EXPOSE 8080 8081 8880 8443
 USER bastion
 WORKDIR /data
-# `bastion up` stops every child on SIGTERM (nginx gracefully: streams in flight finish, 10 s at most)
+# `bastion up` stops every child on SIGTERM: nginx gracefully (streams in flight get BASTION_STOP_TIMEOUT, 8 s,
+# so a 10 s `docker stop` still ends with exit code 0), then the gate and the manager
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=30s --timeout=10s --start-period=60s --retries=3 CMD ["bastion", "healthcheck"]
 ENTRYPOINT ["/usr/bin/tini", "--", "bastion"]

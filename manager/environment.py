@@ -50,6 +50,17 @@ def secret(name: str, env: Mapping[str, str] | None = None) -> str | None:
     return text
 
 
+STOP_TIMEOUT = "BASTION_STOP_TIMEOUT"
+DEFAULT_STOP_TIMEOUT = 10
+
+
+def stop_timeout(env: Mapping[str, str] | None = None) -> int:
+    """Seconds nginx gets at shutdown to finish the streams in flight before it is killed (1-3600, default 10).
+    A container sets it below its engine's grace period (docker stop: 10 s), so `up` still exits cleanly."""
+    raw = (os.environ if env is None else env).get(STOP_TIMEOUT)
+    return v.integer(STOP_TIMEOUT, raw, 1, 3600) if raw else DEFAULT_STOP_TIMEOUT
+
+
 def child_env(env: Mapping[str, str]) -> dict[str, str]:
     """The environment of the supervised children: without the secrets (they were used at start)."""
     return {k: x for k, x in env.items() if k not in SECRETS}

@@ -178,6 +178,7 @@ class Supervisor:
         dirs = bastion.dirs
         # children get no secrets from the environment: the admin user and the Cloudflare token exist by now
         self.env = environment.child_env(os.environ)
+        self.stop_timeout = environment.stop_timeout()
         self.env.update(BASTION_DATA_DIR=str(dirs.root), BASTION_NGINX=bastion.nginx.binary)
         self.gate = Child(
             "authsvc",
@@ -351,7 +352,7 @@ class Supervisor:
 
     def shutdown(self) -> None:
         self.stopping.set()
-        self.nginx.stop(signal.SIGQUIT)  # graceful: in-flight streams finish
+        self.nginx.stop(signal.SIGQUIT, self.stop_timeout)  # graceful: in-flight streams finish, within the budget
         for child in (self.manager, self.gate):
             child.stop()
         with contextlib.suppress(Exception):  # a last read of the log must not block shutdown

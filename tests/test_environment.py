@@ -103,3 +103,15 @@ def test_healthcheck_fails_without_a_stack(bastion: Bastion) -> None:
     bastion.store.update_settings(public_listen=f"127.0.0.1:{free_port()}")  # never another stack's port
     result = CliRunner().invoke(main, ["--data-dir", str(bastion.dirs.root), "healthcheck"])
     assert result.exit_code != 0 and "/healthz" in result.output, result.output
+
+
+def test_stop_timeout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert environment.stop_timeout({}) == 10
+    assert environment.stop_timeout({"BASTION_STOP_TIMEOUT": "8"}) == 8
+    for bad in ("0", "abc", "99999"):
+        with pytest.raises(ValidationError) as e:
+            environment.stop_timeout({"BASTION_STOP_TIMEOUT": bad})
+        assert e.value.field == "BASTION_STOP_TIMEOUT"
+    monkeypatch.setenv("BASTION_STOP_TIMEOUT", "soon")
+    result = CliRunner().invoke(main, ["--data-dir", str(tmp_path / "data"), "up"])
+    assert result.exit_code != 0 and "BASTION_STOP_TIMEOUT" in result.output, result.output

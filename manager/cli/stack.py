@@ -58,6 +58,7 @@ def up(b: Bastion, public: str | None, admin: str | None, http: str | None, http
     os.environ[logconfig.ENV] = log_level.upper()  # the children log at the same level
     if nginx_path:
         b.nginx.binary = nginx_path
+    environment.stop_timeout()  # a bad BASTION_STOP_TIMEOUT is refused before anything is changed
     if running := b.nginx.master_pid():  # before anything is changed: never move a live stack's listeners
         raise click.ClickException(f"Bastion for {b.dirs.root} is already running (nginx pid {running})")
     try:
