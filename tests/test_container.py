@@ -9,6 +9,7 @@ Needs root, podman, runc and debootstrap (.ci/run installs them). Phases and the
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -353,3 +354,29 @@ def test_stop_lets_a_stream_finish_and_exits_cleanly(container: Container, key: 
     assert code == "0" and took < 10, (code, took, container.logs())
     assert result.get("events", [None])[-1] == "[DONE]", result
     assert "stopping..." in container.logs()
+
+
+def test_stop_cuts_a_stream_longer_than_the_grace_period_and_exits_cleanly(container: Container, key: dict,
+                                                                         upstream: FakeUpstream) -> None:
+    """`podman stop` kills after 10 s: the image's BASTION_STOP_TIMEOUT (7 s) ends a longer stream first."""
+    container.podman.run("start", container.name)
+    container.wait_healthy()
+    upstream.chunk_delay, upstream.chunks = 1.0, 30  # a 30 s stream
+    got: list[str] = []
+
+    def client() -> None:
+        with contextlib.suppress(requests.RequestException):
+            got.extend(stream_chat(container.base, key["secret"], "llama3")[0])
+
+    t = threading.Thread(target=client)
+    t.start()
+    time.sleep(1.5)
+    started = time.monotonic()
+    container.podman.run("stop", container.name)
+    took = time.monotonic() - started
+    t.join(10)
+    upstream.chunk_delay, upstream.chunks = 0.2, 5
+    code = container.podman.out("inspect", container.name, "--format", "{{.State.ExitCode}}")
+    print(f"[container] podman stop during a 30 s stream: {took:.1f} s, exit code {code}", flush=True)
+    assert code == "0" and 6 < took < 10, (code, took, container.logs())
+    assert "[DONE]" not in got
