@@ -25,6 +25,7 @@ bench: install
 	$(PY) bench/keys.py
 	$(PY) bench/usage_ingest.py
 	$(PY) bench/usage_summary.py
+	$(PY) bench/streams.py
 
 install: $(STAMP)
 

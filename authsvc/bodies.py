@@ -105,6 +105,46 @@ def _top_level_keys(text: str) -> Iterator[tuple[str, str]]:
         i += 1  # past ","
 
 
+def _top_level_members(text: str) -> Iterator[tuple[str, int, int]]:
+    """(key decoded, value start, value end) for each member of the top-level object of a valid JSON object
+    text, in characters."""
+    i = _WHITESPACE.match(text).end() + 1  # past "{"
+    while True:
+        i = _WHITESPACE.match(text, i).end()
+        if text[i] == "}":
+            return
+        key, end = scanstring(text, i + 1)
+        i = _WHITESPACE.match(text, _WHITESPACE.match(text, end).end() + 1).end()  # past ":"
+        _, after = _DECODER.scan_once(text, i)
+        yield key, i, after
+        i = _WHITESPACE.match(text, after).end()
+        if text[i] == "}":
+            return
+        i += 1  # past ","
+
+
+def model_span(raw: bytes, ollama: bool) -> tuple[int, int] | None:
+    """The byte span [start, end) of the top-level model value the upstream reads (the member `json_document`
+    took the model from: `model`, or on Ollama routes `model` in any case, else `name`), or None. Call it only
+    on a body `json_document` accepted (so no key is repeated or ambiguous)."""
+    text = _text(raw)
+    spans: dict[str, tuple[int, int, bool]] = {}
+    for key, start, end in _top_level_members(text):
+        name = key.lower() if ollama else key
+        if name == "model" or (ollama and name == "name"):
+            spans[name] = (start, end, bool(_parse(text[start:end])))
+    chosen = spans.get("model")
+    if ollama and (chosen is None or not chosen[2]):
+        chosen = spans.get("name", chosen)
+    if chosen is None:
+        return None
+    start, end, _ = chosen
+    if len(text) != len(raw):  # not ASCII: characters to bytes
+        start = len(text[:start].encode())
+        end = start + len(text[chosen[0]:end].encode())
+    return start, end
+
+
 def check_plain_keys(raw: bytes, names: tuple[str, ...]) -> None:
     """Raise Ambiguous when one of `names` is a top-level key of the JSON object `raw` given more than once or
     written with escapes (parsers keep different ones of repeated keys). Two cheap bytes checks first: only a

@@ -16,8 +16,9 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
-from authsvc import bodies, errors, include_usage, quotas
+from authsvc import aliases, bodies, errors, include_usage, quotas
 from authsvc import keys as keyformat
 from authsvc.bruteforce import LOG_HEADER, BlockBoard, FailureGuard
 from authsvc.ratelimit import RateLimiter
@@ -40,6 +41,8 @@ FORM_ENDPOINTS = frozenset({"/v1/audio/transcriptions", "/v1/audio/translations"
                             "/v1/images/variations"})
 MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,199}$")
 JSON_HEADERS = [("Content-Type", "application/json")]
+FALLBACK_HEADER = "X-Bastion-Fallback"  # the chain of pools of a request, "a,b,c" (nginx_templates/_fallback.j2)
+MAX_CHAIN = 8  # nginx allows 10 internal redirects: the gate's, one per fallback, the last error page
 RAW, BODY = "bastion.body", "bastion.json"  # the request body as read and as parsed, kept in the WSGI environ
 
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]
@@ -79,6 +82,7 @@ class Gate:
         # decisions by "allow", "answer" (served here), "refuse:<code>", "error:<code>": one increment a request,
         # published by StatusBoard for /metrics (granian runs the gate in one thread)
         self.decisions: Counter[str] = Counter()
+        self.turns: dict[tuple[str, ...], int] = {}  # balanced routes: requests started so far, by chain
 
     @classmethod
     def from_data_dir(cls, data_dir: Path) -> Gate:
@@ -164,28 +168,112 @@ class Gate:
                 raise error(429, f"Rate limit of {key.rpm} requests per minute reached for this API key",
                             "rate_limit_exceeded", ollama, headers=decision.headers())
             limits += decision.headers()  # the pool location copies them into the answer
+        # nginx passes the client's Upgrade as X-Bastion-Upgrade; a WebSocket handshake is a GET (RFC 6455)
+        if environ.get("REQUEST_METHOD") == "GET" and environ.get("HTTP_X_BASTION_UPGRADE", "").lower() == "websocket":
+            return self.websocket(environ, snap, key, ollama)
         if environ.get("REQUEST_METHOD") == "GET":
             self.serve_model_lists(path, snap, key, ollama, limits)
-        model = self.requested_model(environ, path, ollama, restricted=bool(key.models))
+        inserted = False
+        try:
+            model = self.requested_model(environ, path, ollama, restricted=bool(key.models))
+        except Reply as reply:  # a body without a model gets the key's default model, if it has one
+            if reply.reason != "missing_model" or not defaultable(environ, key, path, ollama):
+                raise
+            model, inserted = key.default_model, True
         if path in include_usage.STREAM_ENDPOINTS:
             wrong = include_usage.stream_type_error(environ.get(BODY))
             if wrong:
                 raise error(400, wrong, "invalid_type", ollama, param="stream")
+        if key.max_parallel:  # nginx counts the key's requests in flight (limit_conn in the pool location)
+            limits = [*limits, ("X-Bastion-Parallel", str(key.max_parallel))]
         if model is None:
             if snap.default_pool is None:
                 raise error(503, "No upstream pool is configured", "no_pool", ollama)
             return [("X-Accel-Redirect", f"@pool_{snap.default_pool}"), ("X-Bastion-Key", key.id), *limits]
+        asked, chain = model, ()
+        if model == aliases.AUTO and key.allow_auto and not inserted:
+            model, pool = resolve_auto(snap, key, ollama)
+            chain = (pool,)
+        if not chain:
+            pools, balanced = snap.route_for(model) if key.allows_model(model) else ((), False)
+            if not pools:
+                raise error(404, f"The model `{model}` does not exist or you do not have access to it.",
+                            "model_not_found", ollama, param="model")
+            chain = self.chain(pools, balanced)
+        # the body is edited for the first pool: a fallback goes only to pools that take the same body
+        upstream_name = snap.alias_for(chain[0], model)
+        chain = tuple(p for p in chain if snap.alias_for(p, model) == upstream_name)
+        headers = [("X-Accel-Redirect", f"@then_{chain[0]}" if len(chain) > 1 else f"@pool_{chain[0]}"),
+                   ("X-Bastion-Key", key.id), ("X-Bastion-Model", model), *limits]
+        if len(chain) > 1:  # nginx goes on to the next pool when one fails before the first byte (_fallback.j2)
+            headers.append((FALLBACK_HEADER, ",".join(chain)))
+        choice = aliases.Choice(model, chain[0], upstream_name, inserted)
+        edits = self.model_edits(environ, snap, choice, asked, ollama)
+        if choice.upstream:  # the answer names the upstream's model: meter.js reports the public one
+            headers.append((aliases.PUBLIC_HEADER, model))
+        if path in include_usage.ENDPOINTS:  # the same body goes to every pool of the chain: all must take it
+            insert = self.usage_insertion(environ, key, all(p in snap.usage_pools for p in chain), ollama)
+            if insert:
+                headers.append((include_usage.HEADER, insert))
+                edits += aliases.usage_edit(insert)
+        if edits:
+            headers.append((aliases.EDIT_HEADER, aliases.edit_header(edits)))
+        return headers
+
+    def chain(self, pools: tuple[str, ...], balanced: bool) -> tuple[str, ...]:
+        """The pools a request tries in order: the route's (at most MAX_CHAIN), or, for a balanced route, the
+        same starting at the next pool in turn (one counter per route, in this gate process)."""
+        pools = pools[:MAX_CHAIN]
+        if not balanced or len(pools) < 2:
+            return pools
+        if len(self.turns) >= 10_000:  # routes replaced many times over: start the counters again
+            self.turns.clear()
+        turn = self.turns.get(pools, 0)
+        self.turns[pools] = turn + 1
+        start = turn % len(pools)
+        return pools[start:] + pools[:start]
+
+    def websocket(self, environ: dict[str, Any], snap: Snapshot, key: KeyRule, ollama: bool) -> list[tuple[str, str]]:
+        """A WebSocket upgrade (realtime APIs), checked like any request (key, endpoint, rate) before this:
+        the model comes from the query string (`?model=`, once), the pool is the first of its route that
+        passes WebSockets. A key with a token quota is refused: nothing meters a WebSocket session."""
+        if key.token_quota:
+            raise error(403, "This API key has a token quota, which WebSocket sessions cannot be metered against.",
+                        "websocket_unmetered", ollama)
+        found = parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True).get("model", [])
+        if len(found) != 1 or not found[0]:
+            raise error(400, "A WebSocket request names its model once in the query string (?model=...).",
+                        "missing_model", ollama, param="model")
+        model = checked_model(found[0], ollama)
         pools = snap.pools_for(model) if key.allows_model(model) else ()
         if not pools:
             raise error(404, f"The model `{model}` does not exist or you do not have access to it.",
                         "model_not_found", ollama, param="model")
-        headers = [("X-Accel-Redirect", f"@pool_{pools[0]}"), ("X-Bastion-Key", key.id),
-                   ("X-Bastion-Model", model), *limits]
-        if path in include_usage.ENDPOINTS:
-            insert = self.usage_insertion(environ, key, pools[0] in snap.usage_pools, ollama)
-            if insert:
-                headers.append((include_usage.HEADER, insert))
-        return headers
+        usable = [p for p in pools if p in snap.websocket_pools]
+        if not usable:
+            raise error(400, f"No pool serving `{model}` accepts WebSocket connections.", "websocket_not_enabled",
+                        ollama, param="model")
+        return [("X-Accel-Redirect", f"@ws_{usable[0]}"), ("X-Bastion-Key", key.id), ("X-Bastion-Model", model)]
+
+    @staticmethod
+    def model_edits(environ: dict[str, Any], snap: Snapshot, choice: aliases.Choice, asked: str,
+                    ollama: bool) -> list[tuple[int, int, str]]:
+        """The body edit giving the upstream its model name (alias, default model, auto), if one is needed."""
+        if not (choice.inserted or choice.upstream or asked != choice.model):
+            return []
+        if not snap.body_edits:
+            raise error(503, f"The model `{choice.model}` needs the request body rewritten, which this gateway "
+                        "cannot do now (nginx's njs module is unavailable); ask its operator.",
+                        "body_edit_unavailable", ollama, param="model")
+        body = environ.get(BODY)
+        if not isinstance(body, dict):
+            raise error(400, f"The model `{choice.model}` can only be used with a JSON request body.",
+                        "model_not_rewritable", ollama, param="model")
+        try:
+            edit = aliases.model_edit(environ[RAW], body, choice, asked, ollama)
+        except ValueError as e:
+            raise error(400, f"The request body is ambiguous: {e}.", "ambiguous_body", ollama, param="model") from None
+        return [edit] if edit else []
 
     @staticmethod
     def usage_insertion(environ: dict[str, Any], key: KeyRule, pool_asks: bool, ollama: bool) -> str | None:
@@ -316,6 +404,27 @@ class Gate:
         if not isinstance(found, str) or not found:
             raise error(400, "The request body needs a `model` string.", "missing_model", ollama, param="model")
         return checked_model(found, ollama)
+
+
+def defaultable(environ: dict[str, Any], key: KeyRule, path: str, ollama: bool) -> bool:
+    """Whether a request refused for naming no model gets the key's default model instead: an endpoint that
+    needs one, a JSON object body with no model key at all (one with `"model": null` would then name two)."""
+    body = environ.get(BODY)
+    if not key.default_model or path not in MODEL_REQUIRED or not isinstance(body, dict):
+        return False
+    return not any((k.lower() in ("model", "name")) if ollama else k == "model" for k in body)
+
+
+def resolve_auto(snap: Snapshot, key: KeyRule, ollama: bool) -> tuple[str, str]:
+    """(model, pool) for `"model": "auto"`: the first model of the `auto_models` setting the key may use that
+    has a live pool (one with an upstream the health checks have not marked down), and that pool."""
+    for model in snap.auto_models:
+        if key.allows_model(model):
+            for pool in snap.pools_for(model):
+                if pool in snap.live:
+                    return model, pool
+    why = "no model is configured for it" if not snap.auto_models else "none of its models has a live upstream"
+    raise error(503, f"The model `auto` cannot be served now: {why}.", "no_live_model", ollama, param="model")
 
 
 def exhausted(limit: int, unit: str, resets: float, ollama: bool) -> Reply:

@@ -70,6 +70,11 @@ class KeyRule:
     tokens_per_month: int | None = None
     requests_per_day: int | None = None
     quotas: bool = False  # any of them: the only test a key without quotas costs per request
+    # traffic (authsvc/aliases.py): concurrent requests (enforced by nginx), the model of a body without one,
+    # whether `"model": "auto"` resolves
+    max_parallel: int | None = None
+    default_model: str | None = None
+    allow_auto: bool = False
     _model_cache: dict[str, bool] = field(default_factory=dict)
 
     @property
@@ -99,6 +104,10 @@ class KeyRule:
             if name in columns and row[name] is not None:
                 setattr(rule, name, int(row[name]))
                 rule.quotas = True
+        if "max_parallel" in columns:  # schema 3
+            rule.max_parallel = row["max_parallel"]
+            rule.default_model = row["default_model"]
+            rule.allow_auto = bool(row["allow_auto"])
         rule.resolve_groups(groups)
         return rule
 
@@ -142,6 +151,12 @@ class Snapshot:
     default_pool: str | None = None
     bruteforce: Policy = field(default_factory=Policy)
     usage_pools: frozenset[str] = frozenset()  # pools asked for stream usage (authsvc/include_usage.py)
+    balanced: frozenset[str] = frozenset()  # routes (exact or glob) whose requests start at each pool in turn
+    websocket_pools: frozenset[str] = frozenset()  # pools that pass WebSocket upgrades (realtime APIs)
+    aliases: dict[tuple[str, str], str] = field(default_factory=dict)  # (pool, public name) -> upstream name
+    live: frozenset[str] = frozenset()  # pools with an upstream the health checks have not marked down
+    auto_models: tuple[str, ...] = ()  # what "model": "auto" may resolve to, in order
+    body_edits: bool = False  # nginx can edit request bodies (njs): aliases, default models and auto work
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Snapshot:
@@ -151,15 +166,21 @@ class Snapshot:
                   for name, g in data.get("cidr_groups", {}).items()}
         routes: dict[str, tuple[str, ...]] = {}
         globs: list[tuple[str, tuple[str, ...]]] = []
+        balanced = frozenset(r["model"] for r in data.get("routes", []) if r.get("mode") == "balance")
         for route in data.get("routes", []):
             if any(c in route["model"] for c in "*?["):
                 globs.append((route["model"], tuple(route["pools"])))
             else:
                 routes[route["model"]] = tuple(route["pools"])
         served: dict[str, list[str]] = {}
+        aliases: dict[tuple[str, str], str] = {}
         for pool in data.get("pools", []):
             for model in pool.get("models", []):
                 served.setdefault(model, []).append(pool["name"])
+            for public, upstream in pool.get("aliases", {}).items():  # a public name the pool serves too
+                aliases[(pool["name"], public)] = upstream
+                if pool["name"] not in served.get(public, ()):
+                    served.setdefault(public, []).append(pool["name"])
         pool_names = [p["name"] for p in data.get("pools", [])]
         snapshot = cls(
             groups=groups,
@@ -169,6 +190,12 @@ class Snapshot:
             default_pool=data.get("default_pool") or (pool_names[0] if pool_names else None),
             bruteforce=Policy.from_dict(data.get("bruteforce") or {}),
             usage_pools=frozenset(p["name"] for p in data.get("pools", []) if p.get("include_usage", True)),
+            balanced=balanced,
+            websocket_pools=frozenset(p["name"] for p in data.get("pools", []) if p.get("websocket")),
+            aliases=aliases,
+            live=frozenset(p["name"] for p in data.get("pools", []) if p.get("live", True)),
+            auto_models=tuple(data.get("auto_models", ())),
+            body_edits=bool(data.get("body_edits", False)),
         )
         # every exactly named model, owned by the pool its requests would go to
         snapshot.models = tuple(sorted((m, snapshot.pools_for(m)[0]) for m in {*served, *routes}))
@@ -176,17 +203,31 @@ class Snapshot:
 
     def pools_for(self, model: str) -> tuple[str, ...]:
         """Explicit routes first (exact, then globs in order), then the pools that list the model."""
+        return self.route_for(model)[0]
+
+    def route_for(self, model: str) -> tuple[tuple[str, ...], bool]:
+        """The pools for `model` (see `pools_for`) and whether its route balances across them."""
         variants = model_variants(model)
         for variant in variants:
             if pools := self.routes.get(variant):
-                return pools
+                return pools, variant in self.balanced
         for pattern, pools in self.glob_routes:
             if any(fnmatchcase(variant, pattern) for variant in variants):
-                return pools
+                return pools, pattern in self.balanced
         for variant in variants:
             if pools := self.served.get(variant):
-                return pools
-        return ()
+                return pools, False
+        return (), False
+
+    def alias_for(self, pool: str, model: str) -> str | None:
+        """The upstream name of `model` in `pool` when it is one of the pool's aliases (Ollama short names
+        included), else None."""
+        if not self.aliases:
+            return None
+        for variant in model_variants(model):
+            if (upstream := self.aliases.get((pool, variant))) is not None:
+                return upstream
+        return None
 
     def model_entry(self, model: str) -> tuple[str, str] | None:
         """(listed id, owning pool) for /v1/models/<id>, Ollama short names included."""

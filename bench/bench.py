@@ -166,15 +166,16 @@ def worker_user() -> str:
     return f"user {pwd.getpwuid(os.getuid()).pw_name} {grp.getgrgid(os.getgid()).gr_name};\n"
 
 
-def nginx_conf(prefix: Path, http_body: str) -> str:
+def nginx_conf(prefix: Path, http_body: str, connections: int = 4096) -> str:
     """A self-contained nginx.conf: everything nginx writes stays under `prefix`."""
     temp = "\n".join(f"    {kind}_temp_path {prefix}/temp/{kind};"
                      for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
     return f"""{worker_user()}worker_processes auto;
+worker_rlimit_nofile {connections + 256};
 pid {prefix}/nginx.pid;
 error_log {prefix}/error.log warn;
 events {{
-    worker_connections 4096;
+    worker_connections {connections};
 }}
 http {{
     access_log off;
@@ -229,10 +230,10 @@ class PrivateNginx:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, http_body: str) -> None:
+    def start(self, http_body: str, connections: int = 4096) -> None:
         (self.prefix / "temp").mkdir(parents=True, exist_ok=True)
         conf = self.prefix / "nginx.conf"
-        conf.write_text(nginx_conf(self.prefix, http_body))
+        conf.write_text(nginx_conf(self.prefix, http_body, connections))
         self.proc = subprocess.Popen([NGINX, "-p", f"{self.prefix}/", "-c", str(conf), "-g", "daemon off;"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 10
@@ -456,14 +457,18 @@ def print_targets(bare: Measurement, bastion: Measurement, unmetered: Measuremen
     ratio = bastion.throughput.rps / bare.throughput.rps if bare.throughput.rps else 0.0
     metering = bastion.throughput.rps / unmetered.throughput.rps if unmetered.throughput.rps else 0.0
     requests = bastion.throughput.rps * SECONDS
-    supervisor_us = bastion.cpu.get("supervisor", 0.0) / 100 * SECONDS / requests * 1e6 if requests else 0.0
+
+    def us_per_request(role: str) -> float:  # CPU of a role in the Bastion run, per request
+        return bastion.cpu.get(role, 0.0) / 100 * SECONDS / requests * 1e6 if requests else 0.0
+
     added_p50 = (bastion.latency.p50_ms or 0.0) - (bare.latency.p50_ms or 0.0)
     added_p99 = (bastion.latency.p99_ms or 0.0) - (bare.latency.p99_ms or 0.0)
     print(f"\nthroughput ratio Bastion/bare: {ratio:.3f}")
     print(f"added latency at {LATENCY_CONNECTIONS} connections: p50 {added_p50:.3f} ms, p99 {added_p99:.3f} ms")
     print(f"throughput ratio with token metering / without: {metering:.3f}")
-    print(f"supervisor CPU per request (usage ingestion of its log line, and the rest of its work): "
-          f"{supervisor_us:.1f} us")
+    print(f"CPU per request: gate (granian) {us_per_request('granian'):.1f} us, nginx {us_per_request('nginx'):.1f} us "
+          f"(both hops), supervisor {us_per_request('supervisor'):.1f} us (usage ingestion of the log line, and the "
+          f"rest of its work)")
     print("\ntargets")
     print(f"  throughput >= {TARGET_RATIO}x bare nginx at {THROUGHPUT_CONNECTIONS} connections: "
           f"{'MET' if ratio >= TARGET_RATIO else 'NOT MET'} ({ratio:.3f}x)")

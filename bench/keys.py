@@ -1,13 +1,15 @@
 """Key management at scale (`make bench` runs it after bench.py; alone: `.venv/bin/python bench/keys.py`).
 
-For each size (BENCH_KEY_COUNTS, default 1,000 and 10,000 keys) one run:
+For each size (BENCH_KEY_COUNTS, default 1,000, 10,000 and 100,000 keys) one run:
 
 * fills the key store directly (manager.keystore, one transaction) in a fresh data dir;
 * times `bastion up` from launch to "Bastion is up" (nginx listening, gate and manager ready);
 * BENCH_KEY_ROUNDS times (default 20) creates, disables and revokes a key through the admin API (bearer token,
   through nginx's admin listener) and through the CLI, and checks how soon the gate accepts a key created
   through the API and refuses it once revoked (polling the public listener every 5 ms, starting at a random
-  moment of the gate's 0.25 s check cycle).
+  moment of the gate's 0.25 s check cycle);
+* then measures steady traffic's latency (wrk, 4 connections, to a fake upstream) for BENCH_CHURN_SECONDS
+  (default 10) without key changes and again with a key created or revoked through the API every second.
 
 Server time of an API call is nginx's `request_time` from the admin access log (found by X-Request-ID): the
 whole request as nginx saw it, manager included, network to the client excluded (1 ms resolution). The manager
@@ -27,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,9 +44,12 @@ from manager.datadir import DataDir
 from tests.conftest import Stack
 from tests.test_scale import key_record
 
-SIZES = [int(n) for n in os.environ.get("BENCH_KEY_COUNTS", "1000,10000").split(",")]
+SIZES = [int(n) for n in os.environ.get("BENCH_KEY_COUNTS", "1000,10000,100000").split(",")]
 ROUNDS = int(os.environ.get("BENCH_KEY_ROUNDS", "20"))
-TARGET_MS = 100.0
+CHURN_SECONDS = int(os.environ.get("BENCH_CHURN_SECONDS", "10"))
+TARGET_MS = 50.0  # issue 13: create, update and revoke each under 50 ms at 100,000 keys
+TARGET_REVOKED_S = 1.0  # a revoked key is refused within a second
+TARGET_CHURN_MS = 2.0  # steady traffic's p99 with a key change a second: within 2 ms of the p99 without
 POLL_S = 0.005
 
 
@@ -158,7 +164,50 @@ def report(count: int, fill_s: float, up_s: float, run: Run, cpu: float, process
     for what, values in run.gate.items():
         print(f"gate {what} after {ms(values)} ms (p50 / max; the gate looks every 250 ms)")
     print(f"target: create, disable, revoke each under {TARGET_MS:.0f} ms (p50): {'met' if met else 'NOT met'}")
+    revoked = max(run.gate["refuses a revoked key"])
+    print(f"target: a revoked key refused within {TARGET_REVOKED_S:.0f} s: "
+          f"{'met' if revoked < TARGET_REVOKED_S else 'NOT met'} ({revoked * 1000:.0f} ms at most)")
     return met
+
+
+def churn(stack: Stack, run: Run) -> None:
+    """Steady traffic (wrk, 4 connections, the benchmark's chat completion to a fake upstream) for
+    CHURN_SECONDS, then again while a key is created or revoked through the API every second; compares p99."""
+    with tempfile.TemporaryDirectory(prefix="bastion-bench-churn-") as tmp:
+        upstream = bench.PrivateNginx("fake upstream", Path(tmp))
+        upstream.start(bench.fake_upstream_body(upstream.port))
+        try:
+            stack.cli("pools", "add", "bench", "--url", upstream.url, "--models", bench.MODEL)
+            key = stack.key("traffic")
+            until(run.status_is(key, 200))
+            bench.wait_for_completion("Bastion", stack.base, key)
+            quiet = bench.wrk(stack.base, key, 1, bench.LATENCY_CONNECTIONS, CHURN_SECONDS, latency=True)
+            stop = threading.Event()
+
+            def change_keys() -> None:
+                made = None
+                while not stop.wait(1.0):
+                    if made is None:
+                        made = run.api("churn", "POST", body={"name": "churn"})
+                    else:
+                        run.api("churn", "DELETE", f"/{made['id']}")
+                        made = None
+
+            changer = threading.Thread(target=change_keys)
+            changer.start()
+            try:
+                busy = bench.wrk(stack.base, key, 1, bench.LATENCY_CONNECTIONS, CHURN_SECONDS, latency=True)
+            finally:
+                stop.set()
+                changer.join()
+        finally:
+            upstream.stop()
+    added = busy.p99_ms - quiet.p99_ms
+    print(f"steady traffic ({bench.LATENCY_CONNECTIONS} connections, {CHURN_SECONDS} s each): p50 / p99 "
+          f"{quiet.p50_ms:.2f} / {quiet.p99_ms:.2f} ms without key changes, {busy.p50_ms:.2f} / {busy.p99_ms:.2f} ms "
+          f"with {len(run.client.get('churn', []))} key changes (one a second)")
+    print(f"target: p99 with churn within {TARGET_CHURN_MS:.0f} ms of without: "
+          f"{'met' if added <= TARGET_CHURN_MS else 'NOT met'} ({added:+.2f} ms)")
 
 
 def measure(count: int, root: Path) -> None:
@@ -176,6 +225,7 @@ def measure(count: int, root: Path) -> None:
         run = Run(stack)
         cpu = run.measure()
         report(count, fill_s, up_s, run, cpu, run.process_times())
+        churn(stack, run)
     finally:
         stack.stop()
 

@@ -58,7 +58,8 @@ def healthz_url(listen: str) -> str:
     return local_url(listen) + "/healthz"
 
 
-def apply(bastion: Bastion, author: str = "cli", *, force_reload: bool = False) -> ApplyResult:
+def apply(bastion: Bastion, author: str = "cli", *, force_reload: bool = False,
+          extra_parallel: int | None = None) -> ApplyResult:
     """Render and apply the configuration; with `force_reload` a running nginx is reloaded and verified even
     when nothing changed. Raises ConfigTestFailed or ReloadFailed, in which case nothing was left changed,
     StoreCorrupt when the store cannot be read, OSError when a generation cannot be written. Runs under the
@@ -66,7 +67,7 @@ def apply(bastion: Bastion, author: str = "cli", *, force_reload: bool = False) 
     observed = render_input.observe(bastion, remember=True)  # DNS and file reads before taking the lock
     with bastion.store.transaction():
         _recover(bastion)
-        return _apply(bastion, render_input.gather(bastion, observed), author, force_reload)
+        return _apply(bastion, render_input.gather(bastion, observed, extra_parallel), author, force_reload)
 
 
 def _apply(bastion: Bastion, inp: RenderInput, author: str, force_reload: bool) -> ApplyResult:

@@ -67,9 +67,11 @@ class Bastion:
         it from the key store."""
         publish(self, only_pools)
 
-    def apply(self, author: str = "cli", *, force_reload: bool = False) -> applier.ApplyResult:
-        """Apply nginx config, then publish the snapshot that names the new pools."""
-        result = applier.apply(self, author, force_reload=force_reload)
+    def apply(self, author: str = "cli", *, force_reload: bool = False,
+              extra_parallel: int | None = None) -> applier.ApplyResult:
+        """Apply nginx config, then publish the snapshot that names the new pools (`extra_parallel`: a key's
+        max_parallel value about to be stored, which needs its limit_conn zone first)."""
+        result = applier.apply(self, author, force_reload=force_reload, extra_parallel=extra_parallel)
         self.publish_snapshot()
         return result
 

@@ -125,6 +125,14 @@ def live_pools(dirs: DataDir) -> set[str]:
         return set()
 
 
+def live_websocket_pools(dirs: DataDir) -> set[str]:
+    """Names of the pools nginx's live configuration passes WebSocket upgrades to (has `@ws_<pool>` for)."""
+    try:
+        return {p["name"] for p in state(dirs, live(dirs))["pools"] if p["upstreams"] and p.get("websocket")}
+    except (OSError, ValueError, KeyError):
+        return set()
+
+
 def live_settings(dirs: DataDir) -> dict[str, Any]:
     """The settings the live generation was rendered from ({} when unknown): what a supervisor can go on with
     while the store cannot be read."""

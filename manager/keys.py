@@ -12,7 +12,8 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 from authsvc import keys as keyformat
-from manager import cidr_groups, usage_queries
+from authsvc.aliases import AUTO
+from manager import cidr_groups, metering, usage_queries
 from manager import validation as v
 from manager.errors import NotFound
 from manager.keystore import QUOTA_FIELDS
@@ -21,6 +22,8 @@ if TYPE_CHECKING:
     from manager.context import Bastion
 
 QUOTA_MAX = 10**15  # tokens or requests; a bound only so that nothing overflows
+MAX_PARALLEL = 10_000  # concurrent requests of one key
+MAX_PARALLEL_VALUES = 64  # distinct max_parallel values in use: nginx has one connection zone per value
 
 
 def quota(field: str, value: Any) -> int | None:
@@ -36,6 +39,27 @@ def quota(field: str, value: Any) -> int | None:
                                 ) from None
 
 
+def max_parallel(field: str, value: Any) -> int | None:
+    """Concurrent requests of a key (enforced by nginx): a positive integer, or None (null) for unlimited."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "unlimited")):
+        return None
+    try:
+        return v.integer(field, value, 1, MAX_PARALLEL)
+    except v.ValidationError:
+        raise v.ValidationError(field, f"must be a positive integer (at most {MAX_PARALLEL}), or null (none) for "
+                                "unlimited") from None
+
+
+def default_model(field: str, value: Any) -> str | None:
+    """The model a request without one gets: an exact model name (no glob, not `auto`), or None."""
+    if value is None or value == "":
+        return None
+    name = v.model(field, value)
+    if name == AUTO:
+        raise v.ValidationError(field, "cannot be `auto`; set allow_auto and send \"model\": \"auto\" instead")
+    return name
+
+
 def _rules(bastion: Bastion, values: dict[str, Any]) -> dict[str, Any]:
     """Validate the editable fields present in `values`."""
     checks = {
@@ -48,17 +72,43 @@ def _rules(bastion: Bastion, values: dict[str, Any]) -> dict[str, Any]:
         "cidrs": v.cidrs,
         "enabled": v.boolean,
         **dict.fromkeys(QUOTA_FIELDS, quota),
+        "max_parallel": max_parallel,
+        "default_model": default_model,
+        "allow_auto": v.boolean,
     }
     unknown = set(values) - set(checks)
     if unknown:
         raise v.ValidationError(sorted(unknown)[0], "is not a key field")
-    return {k: checks[k](k, x) for k, x in values.items()}
+    checked = {k: checks[k](k, x) for k, x in values.items()}
+    for name in ("default_model", "allow_auto"):
+        if checked.get(name) and not metering.body_edits(bastion):
+            raise v.ValidationError(name, "needs nginx's njs module, which rewrites the request body (see "
+                                    "docs/configuration.md, \"Model aliases\"); it is unavailable or turned off")
+    return checked
+
+
+def _parallel_zone(bastion: Bastion, values: dict[str, Any], author: str) -> None:
+    """A `max_parallel` value no key had yet needs its own connection zone in nginx: applied before the key is
+    written, so nginx enforces the limit from the key's first request (refused: nothing is written)."""
+    limit = values.get("max_parallel")
+    if limit is None:
+        return
+    if bastion.keystore.has_parallel_limit(limit):
+        return
+    known = bastion.keystore.parallel_limits()
+    if len(known) >= MAX_PARALLEL_VALUES:
+        raise v.ValidationError("max_parallel", f"at most {MAX_PARALLEL_VALUES} different values can be in use; "
+                                f"use one of {', '.join(map(str, known))}")
+    bastion.apply(author, extra_parallel=limit)
 
 
 def _group_lock(bastion: Bastion, fields: dict[str, Any]) -> AbstractContextManager[Any]:
     """A key that names CIDR groups is checked and written under the store lock, so a group cannot be removed
-    between the check and the write (cidr_groups.remove looks for keys using it under that lock)."""
-    return bastion.store.transaction() if fields.get("cidr_groups") else nullcontext()
+    between the check and the write (cidr_groups.remove looks for keys using it under that lock). So is a key
+    with a max_parallel: an apply (which reads the keys' values under that lock) cannot drop the zone of a value
+    between its own apply and its write."""
+    needed = fields.get("cidr_groups") or fields.get("max_parallel") not in (None, "", "none", "null", "unlimited")
+    return bastion.store.transaction() if needed else nullcontext()
 
 
 def create(bastion: Bastion, name: str, author: str = "cli", **fields: Any) -> tuple[dict[str, Any], str]:
@@ -67,6 +117,7 @@ def create(bastion: Bastion, name: str, author: str = "cli", **fields: Any) -> t
     key_id, token = keyformat.generate()
     with _group_lock(bastion, given):
         values = _rules(bastion, given)
+        _parallel_zone(bastion, values, author)
         record = {
             "id": key_id,
             "digest": keyformat.digest(bastion.pepper, token),
@@ -79,6 +130,9 @@ def create(bastion: Bastion, name: str, author: str = "cli", **fields: Any) -> t
             "cidrs": values.get("cidrs", []),
             "cidr_groups": values.get("cidr_groups", []),
             **{f: values.get(f) for f in QUOTA_FIELDS},
+            "max_parallel": values.get("max_parallel"),
+            "default_model": values.get("default_model"),
+            "allow_auto": values.get("allow_auto", False),
             "created_at": time.time(),
             "created_by": author,
             "revoked_at": None,
@@ -107,6 +161,7 @@ def update(bastion: Bastion, key_id: str, author: str = "cli", **fields: Any) ->
 
     with _group_lock(bastion, fields):
         values = _rules(bastion, fields)
+        _parallel_zone(bastion, values, author)
         record = bastion.keystore.update(key_id, change)
     if record is None:
         raise NotFound("key", key_id)

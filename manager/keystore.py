@@ -25,10 +25,12 @@ from manager.store import Store, StoreCorrupt
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 LIST_FIELDS = ("models", "endpoints", "cidrs", "cidr_groups")
+# traffic fields (schema 3): concurrent requests (NULL: unlimited), the model of a body without one, "auto"
+TRAFFIC_FIELDS = ("max_parallel", "default_model", "allow_auto")
 COLUMNS = ("id", "digest", "name", "enabled", "expires", "models", "endpoints", "rpm", "cidrs", "cidr_groups",
-           "created_at", "created_by", "revoked_at", *QUOTA_FIELDS)
+           "created_at", "created_by", "revoked_at", *QUOTA_FIELDS, *TRAFFIC_FIELDS)
 # every file is created at schema 1 and brought up to date by MIGRATIONS, so new and old files end up alike
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -61,10 +63,14 @@ MIGRATIONS: dict[int, list[str]] = {
     # quotas (NULL for existing keys: unlimited); the partial index finds the keys with one without a scan
     2: [*(f"ALTER TABLE keys ADD COLUMN {f} INTEGER" for f in QUOTA_FIELDS),
         f"CREATE INDEX keys_quotas ON keys (id) WHERE {_HAS_QUOTA}"],
+    3: ["ALTER TABLE keys ADD COLUMN max_parallel INTEGER", "ALTER TABLE keys ADD COLUMN default_model TEXT",
+        "ALTER TABLE keys ADD COLUMN allow_auto INTEGER NOT NULL DEFAULT 0",
+        "CREATE INDEX keys_parallel ON keys (max_parallel) WHERE max_parallel IS NOT NULL"],
 }
 DEFAULTS: dict[str, Any] = {"enabled": True, "expires": None, "models": [], "endpoints": [], "rpm": 0, "cidrs": [],
                             "cidr_groups": [], "created_at": 0.0, "created_by": "unknown", "revoked_at": None,
-                            **dict.fromkeys(QUOTA_FIELDS)}
+                            **dict.fromkeys(QUOTA_FIELDS), "max_parallel": None, "default_model": None,
+                            "allow_auto": False}
 
 
 def to_row(record: dict[str, Any]) -> tuple[Any, ...]:
@@ -78,6 +84,7 @@ def from_row(row: sqlite3.Row) -> dict[str, Any]:
     for c in LIST_FIELDS:
         record[c] = json.loads(record[c])
     record["enabled"] = bool(record["enabled"])
+    record["allow_auto"] = bool(record["allow_auto"])
     return record
 
 
@@ -193,6 +200,22 @@ class KeyStore:
     def with_quotas(self) -> list[str]:
         """Ids of the unrevoked keys with any quota: a read of the partial index, O(keys with quotas)."""
         rows = self._db().execute(f"SELECT id FROM keys WHERE ({_HAS_QUOTA}) AND revoked_at IS NULL")
+        return [r[0] for r in rows]
+
+    def has_parallel_limit(self, limit: int) -> bool:
+        """Whether an unrevoked key has this max_parallel (nginx then has its zone): one index lookup."""
+        return self._db().execute("SELECT 1 FROM keys WHERE max_parallel = ? AND revoked_at IS NULL LIMIT 1",
+                                  (limit,)).fetchone() is not None
+
+    def count_editing(self) -> int:
+        """Unrevoked keys with a default model or `allow_auto` (features that need njs; asked only without it)."""
+        return self._db().execute("SELECT COUNT(*) FROM keys WHERE (default_model IS NOT NULL OR allow_auto)"
+                                  " AND revoked_at IS NULL").fetchone()[0]
+
+    def parallel_limits(self) -> list[int]:
+        """The distinct `max_parallel` values of unrevoked keys: nginx has one connection zone per value."""
+        rows = self._db().execute("SELECT DISTINCT max_parallel FROM keys WHERE max_parallel IS NOT NULL"
+                                  " AND revoked_at IS NULL ORDER BY max_parallel")
         return [r[0] for r in rows]
 
     def count(self) -> int:

@@ -17,8 +17,12 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nginx_templates import TEMPLATE_DIR
+
+if TYPE_CHECKING:
+    from manager.context import Bastion
 
 MODULE = "ngx_http_js_module.so"
 DEFAULT_MODULES = "/usr/lib/nginx/modules"  # Debian's --modules-path
@@ -77,3 +81,9 @@ def detect(binary: str) -> Metering:
     if problem:
         return Metering(None, f"unavailable: nginx cannot load {module}: {problem}")
     return Metering(str(module), "njs")
+
+
+def body_edits(bastion: Bastion) -> bool:
+    """Whether nginx can edit request bodies and answers (meter.js): model aliases, default models and `auto`
+    need it (authsvc/aliases.py)."""
+    return detect(bastion.nginx.binary).module is not None

@@ -15,8 +15,9 @@ from urllib.parse import urlsplit
 
 from tinydb import Query
 
+from authsvc.aliases import AUTO
 from authsvc.files import write_atomic
-from manager import discovery, health
+from manager import discovery, health, metering, traffic
 from manager import validation as v
 from manager.errors import Conflict, NotFound
 
@@ -43,6 +44,40 @@ def upstream(field: str, value: Any) -> dict[str, Any]:
         "weight": v.integer(f"{field}.weight", value.get("weight", 1), 1, 100),
         "backup": v.boolean(f"{field}.backup", value.get("backup", False)),
     }
+
+
+MAX_ALIASES = 500
+
+
+def alias_map(field: str, value: Any) -> dict[str, str]:
+    """Model aliases of a pool: {public name: upstream model name}, exact names (no globs)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise v.ValidationError(field, "must be an object mapping public model names to upstream model names")
+    if len(value) > MAX_ALIASES:
+        raise v.ValidationError(field, f"at most {MAX_ALIASES} aliases")
+    out: dict[str, str] = {}
+    for public, target in value.items():
+        name = v.model(field, public)
+        if name == AUTO:
+            raise v.ValidationError(f"{field}.{name}", "`auto` cannot be an alias (it is resolved per key)")
+        out[name] = v.model(f"{field}.{name}", target)
+        if out[name] == name:
+            raise v.ValidationError(f"{field}.{name}", "an alias cannot name itself")
+    return out
+
+
+def check_aliases(bastion: Bastion, pool: dict[str, Any]) -> None:
+    """An alias must not shadow a name the pool lists itself, and needs nginx's njs module (which rewrites the
+    request body and the answer): without it aliases are refused here rather than sent upstream unknown."""
+    for name in pool.get("aliases") or {}:
+        if name in pool["models"]:
+            raise v.ValidationError(f"aliases.{name}", "is also in the pool's models list; remove it there or pick "
+                                    "another public name")
+    if pool.get("aliases") and not metering.body_edits(bastion):
+        raise v.ValidationError("aliases", "model aliases need nginx's njs module (libnginx-mod-http-js), which "
+                                "is unavailable or turned off (BASTION_NJS_MODULE=off)")
 
 
 def check_pool(pool: dict[str, Any]) -> None:
@@ -74,6 +109,8 @@ def public(pool: dict[str, Any], checks: dict[str, dict[str, Any]], discoveries:
     out = {k: x for k, x in pool.items() if k != "api_key"}
     out["api_key_set"] = bool(pool.get("api_key"))
     out["include_usage"] = pool.get("include_usage", True)  # pools older than the switch have it on
+    out.update(traffic.of(pool))
+    out["aliases"] = pool.get("aliases") or {}
     out["upstreams"] = [upstream_status(u, checks.get(u["url"]), pool["name"]) for u in pool["upstreams"]]
     found = {} if pool["models"] else discoveries.get(pool["name"], {})
     out["discovery_error"] = found.get("error")
@@ -127,8 +164,13 @@ def record_discovery(bastion: Bastion, errors: dict[str, str | None]) -> dict[st
 
 def add(bastion: Bastion, name: str, upstreams: list[Any], author: str = "cli", *, api_key: str | None = None,
         models: list[str] | None = None, method: str = "round_robin", tls_verify: bool = True,
-        include_usage: bool = True) -> dict[str, Any]:
-    """Create a pool and apply the nginx config. Models are discovered from the upstreams when not given."""
+        include_usage: bool = True, aliases: dict[str, str] | None = None,
+        **traffic_fields: Any) -> dict[str, Any]:
+    """Create a pool and apply the nginx config. Models are discovered from the upstreams when not given;
+    `traffic_fields`: retries, timeouts, websocket (manager/traffic.py)."""
+    unknown = set(traffic_fields) - set(traffic.POOL_FIELDS)
+    if unknown:
+        raise v.ValidationError(sorted(unknown)[0], "is not a pool field")
     if not isinstance(upstreams, list) or not upstreams:
         raise v.ValidationError("upstreams", "give at least one upstream URL")
     pool = {
@@ -139,11 +181,14 @@ def add(bastion: Bastion, name: str, upstreams: list[Any], author: str = "cli", 
         "models": v.models("models", models) if models else [],
         "tls_verify": v.boolean("tls_verify", tls_verify),
         "include_usage": v.boolean("include_usage", include_usage),
+        "aliases": alias_map("aliases", aliases),
         "discovered_models": [],
         "discovered_at": None,
         "created_at": time.time(),
+        **traffic.pool_fields(traffic_fields, defaults=True),
     }
     check_pool(pool)
+    check_aliases(bastion, pool)
     error = None
     if not pool["models"]:
         found = discovery.discover_pool_models(pool, bastion.settings()["ca_bundle"])
@@ -157,8 +202,10 @@ def add(bastion: Bastion, name: str, upstreams: list[Any], author: str = "cli", 
 
 
 def update(bastion: Bastion, name: str, author: str = "cli", **fields: Any) -> dict[str, Any]:
-    """Change method, api_key, models, tls_verify, include_usage or the whole upstream list of a pool."""
-    unknown = set(fields) - {"method", "api_key", "models", "upstreams", "tls_verify", "include_usage"}
+    """Change method, api_key, models, tls_verify, include_usage, aliases, traffic settings (manager/traffic.py)
+    or the whole upstream list of a pool."""
+    unknown = set(fields) - {"method", "api_key", "models", "upstreams", "tls_verify", "include_usage", "aliases",
+                             *traffic.POOL_FIELDS}
     if unknown:
         raise v.ValidationError(sorted(unknown)[0], "is not a pool field")
     with bastion.change(author, f"update pool {name} ({', '.join(sorted(fields))})", nginx=True) as db:
@@ -173,12 +220,17 @@ def update(bastion: Bastion, name: str, author: str = "cli", **fields: Any) -> d
             pool["tls_verify"] = v.boolean("tls_verify", fields["tls_verify"])
         if "include_usage" in fields:
             pool["include_usage"] = v.boolean("include_usage", fields["include_usage"])
+        if "aliases" in fields:
+            pool["aliases"] = alias_map("aliases", fields["aliases"])
         if "upstreams" in fields:
             ups = fields["upstreams"]
             if not isinstance(ups, list) or not ups:
                 raise v.ValidationError("upstreams", "give at least one upstream URL")
             pool["upstreams"] = [upstream(f"upstreams[{i}]", u) for i, u in enumerate(ups)]
+        pool.update(traffic.pool_fields(fields, defaults=False))
         check_pool(pool)
+        if {"aliases", "models"} & fields.keys():
+            check_aliases(bastion, pool)
         db.table("pools").update(pool, Pool.name == name)
     if "models" in fields and not pool["models"]:  # back to discovery: ask the upstreams now
         refresh_discovered(bastion, only=name)
@@ -248,13 +300,18 @@ def refresh_discovered(bastion: Bastion, only: str | None = None) -> list[str]:
 # Routes: explicit model → pools mappings, checked before the pools' own model lists.
 
 def all_routes(bastion: Bastion) -> list[dict[str, Any]]:
-    return bastion.store.table("routes").all()
+    return [{"mode": "fallback", **r} for r in bastion.store.table("routes").all()]  # older routes: fallback
 
 
-def set_route(bastion: Bastion, model: str, pools: list[str], author: str = "cli") -> dict[str, Any]:
-    route = {"model": v.model("model", model, allow_glob=True), "pools": v.string_list("pools", pools, v.name)}
+def set_route(bastion: Bastion, model: str, pools: list[str], author: str = "cli",
+              mode: str = "fallback") -> dict[str, Any]:
+    """`mode`: fallback (the pools in order, the next when one fails before answering) or balance (each
+    request starts at the next pool in turn, then falls back across the others)."""
+    route = {"model": v.model("model", model, allow_glob=True), "pools": v.string_list("pools", pools, v.name),
+             "mode": traffic.route_mode("mode", mode)}
     if not route["pools"]:
         raise v.ValidationError("pools", "give at least one pool")
+    traffic.check_route_pools(route["pools"])
     with bastion.change(author, f"route {route['model']} to {', '.join(route['pools'])}") as db:
         known = {p["name"] for p in db.table("pools").all()}
         for i, p in enumerate(route["pools"]):

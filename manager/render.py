@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
-from manager import cidr_groups
+from manager import capacity, cidr_groups, traffic
 from manager.metering import METER_JS
 from manager.settings import ADMIN_BODY_LIMIT_KB
 from nginx_templates import TEMPLATE_DIR
@@ -68,6 +68,8 @@ class RenderInput:
     # certificate name → {names, fullchain, key, digest} of each certificate whose files were readable
     certificates: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: _EMPTY)
     njs_module: str | None = None  # path of the njs module: token metering on (manager/metering.py)
+    open_files: int = capacity.UNLIMITED  # the open-file hard limit of nginx's processes
+    parallel_limits: tuple[int, ...] = ()  # the keys' distinct max_parallel values: one limit_conn zone each
 
 
 def render(inp: RenderInput, generation: int) -> dict[str, str]:
@@ -83,12 +85,19 @@ def render(inp: RenderInput, generation: int) -> dict[str, str]:
 def _context(inp: RenderInput, generation: int) -> dict[str, Any]:
     settings = inp.settings
     groups = {**cidr_groups.BUILTIN, **{g["name"]: g for g in inp.tables["cidr_groups"]}}
+    connections, open_files = capacity.nginx_limits(settings["max_streams"], inp.open_files)
     return {
         "generation": generation,
         "njs_module": inp.njs_module,
+        # the zone of limit 1 is always there: a value nginx has no zone for (after a rollback) falls back to it
+        "parallel_limits": sorted({1, *inp.parallel_limits}),
         "worker_user": inp.worker_user,
+        "worker_connections": connections,
+        "worker_rlimit_nofile": open_files,
         "paths": inp.paths,
-        "pools": [pool_view(p, inp.down, inp.resolved) for p in inp.tables["pools"] if p["upstreams"]],
+        # `index`: names the pool's nginx variables (a pool name may hold '-', which variable names cannot)
+        "pools": [{**pool_view(p, inp.down, inp.resolved), **traffic.view(p, settings), "index": i}
+                  for i, p in enumerate(p for p in inp.tables["pools"] if p["upstreams"])],
         "public_listen": settings["public_listen"],
         "admin_listen": settings["admin_listen"],
         "server_name": settings["server_name"] or "_",

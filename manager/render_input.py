@@ -19,7 +19,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from authsvc.files import write_atomic
-from manager import custom_config, generations, health, metering
+from manager import capacity, custom_config, generations, health, metering
 from manager import settings as settings_mod
 from manager.certs import manage as certs
 from manager.certs import pem
@@ -41,6 +41,7 @@ class Observation:
     worker_user: str | None
     certificates: Mapping[str, Mapping[str, Any]]  # the certificates nginx can serve (see `servable`)
     njs_module: str | None = None  # the njs module to load for token metering (manager/metering.py)
+    open_files: int = capacity.UNLIMITED  # the open-file hard limit nginx will have (manager/capacity.py)
 
 
 def freeze(value: Any) -> Any:
@@ -104,7 +105,7 @@ def observe(bastion: Bastion, remember: bool = False) -> Observation:
         write_atomic(cache_file, json.dumps({**fallback, **resolved}, sort_keys=True).encode())
     return Observation(freeze(resolved), freeze(fallback), frozenset(health.down_urls(bastion)),
                        worker_user(bastion.dirs.root), freeze(servable(bastion)),
-                       metering.detect(bastion.nginx.binary).module)
+                       metering.detect(bastion.nginx.binary).module, capacity.hard_limit())
 
 
 def servable(bastion: Bastion) -> dict[str, dict[str, Any]]:
@@ -132,9 +133,10 @@ def servable(bastion: Bastion) -> dict[str, dict[str, Any]]:
     return result
 
 
-def gather(bastion: Bastion, observed: Observation | None = None) -> RenderInput:
+def gather(bastion: Bastion, observed: Observation | None = None, extra_parallel: int | None = None) -> RenderInput:
     """The input of a rendering: the store read once (call under the store lock to apply what it holds) plus
-    `observed` (observed now when not given). Raises StoreCorrupt when the store cannot be read."""
+    `observed` (observed now when not given), and the keys' max_parallel values (plus `extra_parallel`, a value
+    about to be given to a key). Raises StoreCorrupt when the store cannot be read."""
     observed = observed or observe(bastion)
     tables = generations.config_state(bastion.store)
     settings = settings_mod.effective(tables["settings"][0] if tables["settings"] else {})
@@ -153,4 +155,6 @@ def gather(bastion: Bastion, observed: Observation | None = None) -> RenderInput
         paths=freeze({name: str(path) for name, path in paths.items()}),
         certificates=observed.certificates,
         njs_module=observed.njs_module,
+        open_files=observed.open_files,
+        parallel_limits=tuple(sorted({*bastion.keystore.parallel_limits(), *filter(None, [extra_parallel])})),
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from manager import cidr_groups, custom_config
+from manager import capacity, cidr_groups, custom_config
 from manager import validation as v
 from manager.certs import checks as cert_checks
 
@@ -27,7 +27,9 @@ DEFAULTS: dict[str, Any] = {
     "connect_timeout": 5,
     "max_fails": 3,
     "fail_timeout": 10,
+    "max_streams": 5000,  # concurrent streams nginx makes room for (manager/capacity.py)
     "default_pool": None,
+    "auto_models": [],  # what "model": "auto" resolves to: the first with a live pool (keys with allow_auto)
     "discovery_interval": 60,
     "health_interval": 10,
     "health_fails": 2,
@@ -87,6 +89,15 @@ def model_prices(field: str, value: Any) -> dict[str, dict[str, float]]:
 
 LISTENERS = ("public_listen", "admin_listen", "http_listen", "https_listen")
 
+def auto_models(field: str, value: Any) -> list[str]:
+    """The models `"model": "auto"` may stand for, in order: exact names (no globs), never `auto` itself."""
+    names = v.models(field, value, max_items=100)
+    for i, name in enumerate(names):
+        if name == "auto":
+            raise v.ValidationError(f"{field}[{i}]", "cannot be `auto` itself")
+    return names
+
+
 def _day_retention(field: str, days: int) -> int:
     """Month quotas add up the day rollups of the calendar month so far: they must be kept that long."""
     if 0 < days < 31:
@@ -105,7 +116,9 @@ VALIDATORS = {
     "connect_timeout": lambda f, x: v.integer(f, x, 1, 300),
     "max_fails": lambda f, x: v.integer(f, x, 0, 100),
     "fail_timeout": lambda f, x: v.integer(f, x, 1, 3600),
+    "max_streams": lambda f, x: capacity.check(f, v.integer(f, x, 100, 1_000_000)),
     "default_pool": lambda f, x: None if x in (None, "") else v.name(f, x),
+    "auto_models": auto_models,
     "discovery_interval": lambda f, x: v.integer(f, x, 5, 86400),
     "health_interval": lambda f, x: v.integer(f, x, 0, 3600),
     "health_fails": lambda f, x: v.integer(f, x, 1, 20),

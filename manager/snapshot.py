@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from authsvc.files import write_atomic
 from authsvc.snapshot import STATUS_FILE
-from manager import cidr_groups
+from manager import cidr_groups, generations, health, metering
 
 if TYPE_CHECKING:
     from manager.context import Bastion
@@ -26,12 +26,17 @@ def pool_models(pool: dict[str, Any]) -> list[str]:
 def build(bastion: Bastion, only_pools: set[str] | None = None) -> dict[str, Any]:
     """The gate's view; `only_pools` limits pools (and routes to them) to those nginx has right now."""
     store = bastion.store
-    pools = [{"name": p["name"], "models": pool_models(p), "include_usage": p.get("include_usage", True)}
+    # while nginx changes, WebSocket only where the live generation has the location for it too
+    websocket = None if only_pools is None else generations.live_websocket_pools(bastion.dirs)
+    down = health.down_urls(bastion)  # read once: a pool is live while one of its upstreams is not down
+    pools = [{"name": p["name"], "models": pool_models(p), "include_usage": p.get("include_usage", True),
+              "websocket": p.get("websocket", False) and (websocket is None or p["name"] in websocket),
+              "aliases": p.get("aliases") or {}, "live": any(u["url"] not in down for u in p["upstreams"])}
              for p in store.table("pools").all()
              if p["upstreams"] and (only_pools is None or p["name"] in only_pools)]
     names = {p["name"] for p in pools}
-    routes = [{"model": r["model"], "pools": [p for p in r["pools"] if p in names]}
-              for r in store.table("routes").all()]
+    routes = [{"model": r["model"], "pools": [p for p in r["pools"] if p in names],
+               "mode": r.get("mode", "fallback")} for r in store.table("routes").all()]
     settings = bastion.settings()
     default_pool = settings["default_pool"]
     return {
@@ -40,6 +45,8 @@ def build(bastion: Bastion, only_pools: set[str] | None = None) -> dict[str, Any
         "routes": [r for r in routes if r["pools"]],
         "default_pool": default_pool if default_pool in names else None,
         "bruteforce": bruteforce_policy(bastion, settings),
+        "auto_models": settings["auto_models"],
+        "body_edits": metering.body_edits(bastion),
     }
 
 
@@ -72,3 +79,17 @@ def gate_problems(bastion: Bastion) -> list[str]:
                                                             ("keys_problem", "key store unreadable"),
                                                             ("quotas_problem", "quota figures unreadable"))
             if isinstance(status, dict) and status.get(field)]
+
+
+def edit_problems(bastion: Bastion) -> list[str]:
+    """What is configured but cannot work because nginx cannot edit request bodies (njs unavailable): model
+    aliases, keys' default models and `auto` (their requests get 503 body_edit_unavailable)."""
+    if metering.body_edits(bastion):
+        return []
+    problems = [f"pool {p['name']} has model aliases, which need njs (unavailable): requests for them get 503"
+                for p in bastion.store.table("pools").all() if p.get("aliases")]
+    keys = bastion.keystore.count_editing()
+    if keys:
+        problems.append(f"{keys} key(s) have a default model or allow_auto, which need njs (unavailable): those "
+                        "requests get 503")
+    return problems

@@ -25,7 +25,7 @@ from typing import Any
 
 import requests
 
-from manager import environment, generations, health, pools, quotas, snapshot
+from manager import capacity, environment, generations, health, pools, quotas, snapshot
 from manager import settings as settings_mod
 from manager.apply import healthz_url, recover
 from manager.certs import manage as cert_manage
@@ -236,6 +236,7 @@ class Supervisor:
 
     def start(self) -> None:
         dirs, bastion = self.bastion.dirs, self.bastion
+        capacity.raise_soft_limit()  # nginx, the gate and the manager inherit it: every stream is open files
         self.echo("applying nginx configuration...")
         try:
             recover(bastion)  # an apply killed mid-way: keep its generation if nginx takes it, else go back

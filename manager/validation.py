@@ -87,8 +87,8 @@ def string_list(field: str, value: Any, item: Any, *, max_items: int = 500) -> l
     return out
 
 
-def models(field: str, value: Any, *, allow_glob: bool = False) -> list[str]:
-    return string_list(field, value, lambda f, v: model(f, v, allow_glob=allow_glob))
+def models(field: str, value: Any, *, allow_glob: bool = False, max_items: int = 500) -> list[str]:
+    return string_list(field, value, lambda f, v: model(f, v, allow_glob=allow_glob), max_items=max_items)
 
 
 def endpoint(field: str, value: Any) -> str:

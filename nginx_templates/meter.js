@@ -4,6 +4,8 @@
 // that did not ask (X-Bastion-Usage, authsvc/include_usage.py): then the usage event the upstream adds for it, and
 // the "usage":null it may add to every chunk, are taken out again, whole events at a time, so the client gets
 // exactly the stream it would have got without Bastion. See docs/operations.md, "Token metering".
+// For a model alias (X-Bastion-Public-Model, authsvc/aliases.py) the top-level "model" of the answer (the JSON
+// body, each SSE event, each NDJSON line) is set to the public name the client asked for; nothing else changes.
 //
 // njs gives each request its own copy of these globals: they are the request's state. The hot path (every
 // chunk of a stream) finds line ends with single-byte searches, looks at the last bytes of each line and
@@ -25,6 +27,8 @@ var OUTPUT_TOKENS = '"output_tokens"';
 var PROMPT_EVAL_COUNT = '"prompt_eval_count"';
 var EVAL_COUNT = '"eval_count"';
 var DONE = "[DONE]";
+var MODEL = '"model"';
+var RESPONSE = '"response"';
 var DONE_TRUE = '"done":true';
 var DONE_TRUE_SPACED = '"done": true';
 
@@ -43,6 +47,12 @@ var parts = []; // json: the body so far (its tail past JSON_KEEP)
 var size = 0;
 var lastAt = 0; // ms: the last bytes from the upstream
 var req = null; // the request, to set the token variables (js_var) once they are known
+var rename = null; // a model alias: the public name as a JSON string Buffer (the answer's "model" becomes it)
+var partial = false; // rename: the bytes sent last ended inside a line (the next line start is not one)
+var jsonState = null; // rename of a JSON answer: the scanner's state until the top-level "model" is found
+var jsonHeld = null; // its bytes not yet sent (a top-level string cut by the end of a chunk)
+var NAME_KEEP = 256; // rename: a top-level string cut longer than this cannot be the key "model": not held
+var nested = false; // rename: the Responses API's events, whose model is "response":{"model":...}
 
 function header(r) {
     req = r;
@@ -53,8 +63,14 @@ function header(r) {
         return;
     }
     var type = (r.headersOut["Content-Type"] || "").toLowerCase();
+    var alias = r.variables.bastion_public_model;
+    if (alias && r.status === 200) {
+        rename = Buffer.from(JSON.stringify(alias));
+        delete r.headersOut["Content-Length"]; // the public name may be longer or shorter
+    }
     if (type.indexOf("text/event-stream") === 0) {
         kind = "sse";
+        nested = r.uri === "/v1/responses";
         needsMark = r.uri === "/v1/chat/completions" || r.uri === "/v1/completions"; // (a regex costs µs)
         strip = Boolean(r.variables.bastion_usage_insert) && r.status === 200;
         if (strip) {
@@ -76,7 +92,11 @@ function body(r, data, flags) {
     if (kind === "sse" || kind === "ndjson") {
         stream(r, data, flags);
     } else {
-        r.sendBuffer(data, flags);
+        if (rename && kind === "json" && jsonState !== false) {
+            renameJson(r, data, flags);
+        } else {
+            r.sendBuffer(data, flags);
+        }
         if (kind === "json") {
             keep(data);
         }
@@ -93,22 +113,26 @@ function body(r, data, flags) {
 // never occurs inside a multibyte character, so a line is always whole UTF-8). Passed on at once untouched,
 // or in strip mode up to its last complete event, without what include_usage added.
 function stream(r, data, flags) {
-    if (!strip) {
+    var holding = strip || rename !== null; // lines (events) go on once complete, maybe changed
+    if (!holding) {
         r.sendBuffer(data, flags); // first: the client never waits for the meter
     }
     var buf = restSize ? held(data) : data;
     var end = flags.last ? buf.length : boundary(buf);
-    if (strip && buf.length - end > HOLD_KEEP) {
+    if (holding && buf.length - end > HOLD_KEEP) {
         end = buf.length; // no event ends: let it through rather than hold the stream back
     }
-    if (end < buf.length && !hold(buf.slice(end)) && strip) {
+    if (end < buf.length && !hold(buf.slice(end)) && holding) {
         end = buf.length;
     }
     var out = scan(buf, end);
-    if (strip) {
+    if (holding) {
         var events = out === null ? buf.slice(0, end) : out.length === 1 ? out[0] : Buffer.concat(out);
         if (events.length || flags.last) {
             r.sendBuffer(events, flags.last ? flags : {last: false, flush: true});
+        }
+        if (end > 0) {
+            partial = buf[end - 1] !== 10;
         }
     }
 }
@@ -156,6 +180,12 @@ function scan(buf, end) {
         var nl = buf.indexOf(10, start);
         var stop = nl === -1 || nl >= end ? end : nl + 1;
         var verdict = kind === "sse" ? sseLine(buf, start, stop) : ndjsonLine(buf, start, stop);
+        if (rename !== null && verdict !== null && !(partial && start === 0)) {
+            var renamed = verdict === true ? renameLine(buf, start, stop) : renameLine(verdict, 0, verdict.length);
+            if (renamed !== null) {
+                verdict = renamed;
+            }
+        }
         if (verdict !== true) {
             out = out || [];
             if (start > kept) {
@@ -572,20 +602,213 @@ function tokens(prompt, completion, total) {
     v.bastion_total_tokens = total;
 }
 
-// The request body towards the upstream: as the client sent it (bytes as read), or with the text the gate
-// asked for inserted at the byte offset it named (X-Bastion-Usage: "<offset> <text>").
+// The request body towards the upstream: as the client sent it (bytes as read), or with the byte edits the
+// gate named (X-Bastion-Edit: [[start, end, text], ...] in body order, authsvc/aliases.py): the model an alias,
+// a default model or "auto" stands for, and stream_options.include_usage. Edits that do not fit the body are
+// not applied at all (the gate computed them on this very body, so that does not happen).
 function requestBody(r) {
-    var text = r.requestText;
-    if (text === undefined) {
+    var ask = r.variables.bastion_body_edits;
+    if (!ask) {
+        var text = r.requestText;
+        return text === undefined ? "" : text;
+    }
+    var buf = r.requestBuffer;
+    if (buf === undefined) {
         return "";
     }
-    var ask = r.variables.bastion_usage_insert;
-    var space = ask ? ask.indexOf(" ") : -1;
-    var at = space > 0 ? Number(ask.slice(0, space)) : NaN;
-    if (!(at >= 0 && at <= text.length)) {
-        return text;
+    var edits = parse(ask);
+    var out = [];
+    var at = 0;
+    for (var i = 0; Array.isArray(edits) && i < edits.length; i++) {
+        var e = edits[i];
+        if (!Array.isArray(e) || !(e[0] >= at && e[1] >= e[0] && e[1] <= buf.length) || typeof e[2] !== "string") {
+            return buf.toString();
+        }
+        out.push(buf.slice(at, e[0]), Buffer.from(e[2]));
+        at = e[1];
     }
-    return text.slice(0, at) + ask.slice(space + 1) + text.slice(at);
+    out.push(buf.slice(at));
+    return Buffer.concat(out).toString();
+}
+
+// ---- model aliases: the answer's top-level "model" becomes the public name -----------------------------------
+
+// The line buf[start, stop) with its top-level "model" string replaced by the public name, or null (no such
+// key: a line without "model" costs one search). SSE: the JSON after "data:"; NDJSON: the whole line.
+function renameLine(buf, start, stop) {
+    var from = start;
+    if (kind === "sse") {
+        if (stop - start < 7 || buf[start] !== 100 || buf[start + 1] !== 97) { // "da(ta:)"
+            return null;
+        }
+        from = start + 5;
+    }
+    var key = buf.indexOf(MODEL, from);
+    if (key === -1 || key >= stop) {
+        return null;
+    }
+    var found = modelSpan(buf.slice(0, stop), from, {depth: 0, str: false, esc: false, nest: nested, inside: false});
+    if (found === null || found.at === undefined) {
+        return null;
+    }
+    return Buffer.concat([buf.slice(start, found.at), rename, buf.slice(found.stop, stop)]);
+}
+
+// A JSON answer: bytes go on as soon as they cannot hold the top-level "model" any more; once it is replaced
+// (or cannot be: none, not a string, a cut string too long) the rest passes untouched.
+function renameJson(r, data, flags) {
+    var buf = jsonHeld ? Buffer.concat([jsonHeld, data]) : data;
+    jsonHeld = null;
+    jsonState = jsonState || {depth: 0, str: false, esc: false};
+    var found = modelSpan(buf, 0, jsonState);
+    if (found !== null && found.at !== undefined) {
+        jsonState = false;
+        r.sendBuffer(Buffer.concat([buf.slice(0, found.at), rename, buf.slice(found.stop)]), flags);
+        return;
+    }
+    if (found === null || flags.last || buf.length - found.resume > HOLD_KEEP) {
+        jsonState = false; // no top-level model (or it cannot be told): the answer as it is
+        r.sendBuffer(buf, flags);
+        return;
+    }
+    if (found.resume > 0) {
+        r.sendBuffer(buf.slice(0, found.resume), {last: false, flush: true});
+    }
+    if (found.resume < buf.length) {
+        jsonHeld = buf.slice(found.resume);
+    }
+}
+
+// Where the top-level "model" string value of the JSON object starting at or after `i` is: {at, stop} (its
+// quotes included), {resume} (the bytes from `resume` on are needed again with more: a top-level string cut by
+// the end; `st` keeps depth and string state for what was read) or null (no top-level model string). Strings
+// are skipped with searches, so what the model wrote (in strings: quotes escaped) is never taken for a key.
+// With `st.nest` the model wanted is the one of the top-level "response" object (Responses API events).
+function modelSpan(buf, i, st) {
+    var n = buf.length;
+    if (st.str) { // inside a nested string since the last chunk
+        var lo = st.esc ? i + 1 : i;
+        if (lo > n) {
+            return {resume: n};
+        }
+        var q = closeQuote(buf, lo, lo);
+        if (q === -1) {
+            st.esc = escapesNext(buf, lo);
+            return {resume: n};
+        }
+        st.str = false;
+        st.esc = false;
+        i = q + 1;
+    }
+    var quote = -2;
+    var open = -2;
+    var list = -2;
+    var shut = -2;
+    var endList = -2;
+    for (;;) {
+        quote = quote === -1 || quote >= i ? quote : buf.indexOf(34, i);
+        open = open === -1 || open >= i ? open : buf.indexOf(123, i);
+        list = list === -1 || list >= i ? list : buf.indexOf(91, i);
+        shut = shut === -1 || shut >= i ? shut : buf.indexOf(125, i);
+        endList = endList === -1 || endList >= i ? endList : buf.indexOf(93, i);
+        var j = first(first(first(quote, open), first(list, shut)), endList);
+        if (j === -1) {
+            return {resume: n};
+        }
+        var b = buf[j];
+        i = j + 1;
+        if (b === 123 || b === 91) {
+            st.depth++;
+        } else if (b === 125 || b === 93) {
+            if (--st.depth <= 0) {
+                return null; // the top-level object ended
+            }
+            if (st.depth === 1 && st.inside) {
+                return null; // the "response" object ended without a model
+            }
+        } else if (st.depth === 0) {
+            return null; // not an object
+        } else {
+            var e = closeQuote(buf, j + 1, j + 1);
+            if (e === -1) {
+                if (st.depth > 1 || n - j > NAME_KEEP) { // not the key "model": skipped
+                    st.str = true;
+                    st.esc = escapesNext(buf, j + 1);
+                    return {resume: n};
+                }
+                return {resume: j};
+            }
+            if (st.nest && st.depth === 1 && e - j === 9 && buf.indexOf(RESPONSE, j) === j) {
+                var after = spaces(buf, e + 1);
+                var open2 = after < n && buf[after] === 58 ? spaces(buf, after + 1) : after;
+                if (open2 >= n) {
+                    return {resume: j};
+                }
+                st.inside = buf[after] === 58 && buf[open2] === 123; // the key, its object: the model is inside
+            } else if (st.depth === (st.inside ? 2 : 1) && (st.inside || !st.nest) && e - j === 6
+                    && buf.indexOf(MODEL, j) === j) {
+                var colon = spaces(buf, e + 1);
+                if (colon >= n) {
+                    return {resume: j};
+                }
+                if (buf[colon] === 58) { // the key "model"
+                    var v = spaces(buf, colon + 1);
+                    if (v >= n) {
+                        return {resume: j};
+                    }
+                    if (buf[v] !== 34) {
+                        return null; // not a string
+                    }
+                    var ve = closeQuote(buf, v + 1, v + 1);
+                    if (ve === -1) {
+                        return n - j > NAME_KEEP ? null : {resume: j};
+                    }
+                    return {at: v, stop: ve + 1};
+                }
+            }
+            i = e + 1;
+        }
+    }
+}
+
+// The smaller of two indexes, -1 standing for none.
+function first(a, b) {
+    return a === -1 ? b : b === -1 ? a : a < b ? a : b;
+}
+
+// The first quote at or after `from` not escaped by backslashes at or after `lo`, or -1.
+function closeQuote(buf, from, lo) {
+    var i = from - 1;
+    for (;;) {
+        i = buf.indexOf(34, i + 1);
+        if (i === -1) {
+            return -1;
+        }
+        var slashes = 0;
+        while (i - 1 - slashes >= lo && buf[i - 1 - slashes] === 92) {
+            slashes++;
+        }
+        if (slashes % 2 === 0) {
+            return i;
+        }
+    }
+}
+
+// Whether buf ends with an odd run of backslashes (from `lo` on): the next chunk's first byte is escaped.
+function escapesNext(buf, lo) {
+    var slashes = 0;
+    while (buf.length - 1 - slashes >= lo && buf[buf.length - 1 - slashes] === 92) {
+        slashes++;
+    }
+    return slashes % 2 === 1;
+}
+
+// The first index at or after `i` that is not JSON whitespace.
+function spaces(buf, i) {
+    while (i < buf.length && (buf[i] === 32 || buf[i] === 10 || buf[i] === 13 || buf[i] === 9)) {
+        i++;
+    }
+    return i;
 }
 
 export default {header, body, outcome, requestBody};

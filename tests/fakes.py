@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import os
+import socket
 import sys
 import threading
 import time
@@ -23,7 +27,8 @@ class FakeUpstream:
     `prompt_logprobs` adds vLLM's `prompt_logprobs` (tokens such as "usage") after the usage.
     Knobs for broken streams: `cut_after` events the connection is closed without ending the stream,
     `stall_after` events it goes silent for `stall` seconds; `split` sends each event in two pieces, cut
-    inside the first "é" (give the text one with `suffix`)."""
+    inside the first "é" (give the text one with `suffix`); `fail_status` answers every POST with that error,
+    `delay` holds every POST's answer (head included) that many seconds."""
 
     def __init__(self, name: str, models: list[str], chunk_delay: float = 0.0, chunks: int = 5, port: int = 0,
                  api_key: str | None = None):
@@ -44,6 +49,8 @@ class FakeUpstream:
         self.cut_after: int | None = None
         self.stall_after: int | None = None
         self.stall = 0.0
+        self.fail_status: int | None = None  # every POST answered with this error status (e.g. 503 overloaded)
+        self.delay = 0.0  # seconds before answering a POST (its head too): a slow first byte
         self.requests: list[dict[str, Any]] = []
         self.stream_finished = threading.Event()
         handler = type("Handler", (_Handler,), {"upstream": self})
@@ -178,6 +185,12 @@ class _Handler(BaseHTTPRequestHandler):
         if self._refused():
             return
         up = self.upstream
+        if up.delay:
+            time.sleep(up.delay)
+        if up.fail_status is not None:
+            self._json({"error": {"message": f"{up.name} is unavailable", "type": "server_error", "param": None,
+                                  "code": "overloaded"}}, up.fail_status)
+            return
         try:
             body = json.loads(entry["body"] or b"{}")
         except ValueError:
@@ -244,3 +257,90 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(up.answer)
         else:
             self._json({"upstream": up.name, "path": self.path, "model": model})
+
+
+WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC11B85"
+
+
+def ws_accept(key: str) -> str:
+    """Sec-WebSocket-Accept for a Sec-WebSocket-Key (RFC 6455 §4.2.2)."""
+    return base64.b64encode(hashlib.sha1((key + WS_GUID).encode()).digest()).decode()
+
+
+def ws_frame(payload: bytes, mask: bool) -> bytes:
+    """One final text frame (clients mask theirs, servers do not)."""
+    head = bytes([0x81])
+    size = len(payload)
+    length = bytes([size]) if size < 126 else bytes([126]) + size.to_bytes(2, "big")
+    if not mask:
+        return head + length + payload
+    key = os.urandom(4)
+    return head + bytes([length[0] | 0x80]) + length[1:] + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+def ws_read(sock: socket.socket) -> bytes:
+    """The payload of one frame (short frames, masked or not)."""
+    def exactly(n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            piece = sock.recv(n - len(data))
+            if not piece:
+                raise ConnectionError("closed inside a frame")
+            data += piece
+        return data
+    _, second = exactly(2)
+    size = second & 0x7F
+    if size == 126:
+        size = int.from_bytes(exactly(2), "big")
+    key = exactly(4) if second & 0x80 else b""
+    payload = exactly(size)
+    return bytes(b ^ key[i % 4] for i, b in enumerate(payload)) if key else payload
+
+
+class FakeWebSocket:
+    """A realtime-API upstream: answers a WebSocket handshake (101) and echoes each text frame back prefixed
+    with its name, recording each handshake's request line and headers. The stdlib has no WebSocket server;
+    this is the least of RFC 6455 that a proxy test needs."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.handshakes: list[dict[str, Any]] = []
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                piece = conn.recv(4096)
+                if not piece:
+                    return
+                head += piece
+            line, *fields = head.split(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")
+            headers = {k.strip().lower(): v.strip() for k, _, v in (f.partition(":") for f in fields)}
+            self.handshakes.append({"line": line, "headers": headers})
+            if headers.get("upgrade", "").lower() != "websocket" or "sec-websocket-key" not in headers:
+                body = json.dumps({"upstream": self.name, "websocket": False}).encode()
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                             + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+                return
+            conn.sendall(("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                          f"Sec-WebSocket-Accept: {ws_accept(headers['sec-websocket-key'])}\r\n\r\n").encode())
+            try:
+                while True:
+                    conn.sendall(ws_frame(self.name.encode() + b": " + ws_read(conn), mask=False))
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.sock.close()

@@ -164,7 +164,7 @@ def test_drift_detected(api: Stack, token: str) -> None:
     conf = api.data_dir / "nginx" / "live" / "nginx.conf"
     original = conf.read_text()
     try:
-        conf.write_text(original.replace("worker_connections 4096;", "worker_connections 1024;"))
+        conf.write_text(original.replace("worker_connections 11024;", "worker_connections 1024;"))
         status = call(api, "GET", "/api/v1/config", token).json()
         assert status["drift"] is True and "+    worker_connections 1024;" in status["drift_diff"]
     finally:
@@ -208,6 +208,10 @@ INJECTIONS = [
     ("/api/v1/keys", {"name": "k", "colour": "red"}, "colour"),
     ("/api/v1/cidr-groups", {"name": "g", "allow": ["10.0.0.1/33"]}, "allow[0]"),
     ("/api/v1/routes", {"model": "m", "pools": ["ghost"]}, "pools[0]"),
+    ("/api/v1/routes", {"model": "m", "pools": ["main"], "mode": "random"}, "mode"),
+    ("/api/v1/pools", {"name": "x", "upstreams": ["http://h:80"], "retry_statuses": [404]}, "retry_statuses[0]"),
+    ("/api/v1/pools", {"name": "x", "upstreams": ["http://h:80"], "read_timeout": 0}, "read_timeout"),
+    ("/api/v1/pools", {"name": "x", "upstreams": ["http://h:80"], "websocket": "on"}, "websocket"),
     ("/api/v1/users", {"username": "eve", "password": "short"}, "password"),
     ("/api/v1/users", {"username": "eve", "password": "long-enough", "role": "root"}, "role"),
     ("/auth/token", {"username": ["admin"], "password": 1}, None),

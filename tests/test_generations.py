@@ -128,7 +128,7 @@ def test_config_reads_neither_render_nor_resolve(tmp_path: Path, monkeypatch: py
     users.create(bastion, "admin", "right-password", "admin")
     pools.add(bastion, "gpu", ["http://gpu.example:8000"], models=["m"])
     conf = bastion.dirs.nginx_conf
-    conf.write_text(conf.read_text().replace("worker_connections 4096;", "worker_connections 1024;"))
+    conf.write_text(conf.read_text().replace("worker_connections 11024;", "worker_connections 1024;"))
     app = create_app({"DATA_DIR": str(data_dir)})
     client = app.test_client()
     token = client.post("/auth/token", json={"username": "admin", "password": "right-password"}).json["token"]
@@ -146,7 +146,7 @@ def test_config_reads_neither_render_nor_resolve(tmp_path: Path, monkeypatch: py
     status = reads["/api/v1/config"].json
     assert status["drift"] is True and "+    worker_connections 1024;" in status["drift_diff"]
     default = reads["/nginx/config/get-default"].json["config"]
-    assert "worker_connections 4096;" in default and "server 10.0.0.5:8000" in default
+    assert "worker_connections 11024;" in default and "server 10.0.0.5:8000" in default
 
 
 # ---- applies killed mid-way ----

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -164,6 +165,54 @@ def test_health_checks_take_a_dead_upstream_out_and_back(running) -> None:
             time.sleep(0.3)
     finally:
         revived.close()
+
+
+def _open_files(pid: int) -> tuple[int, int]:
+    """A process's (soft, hard) open-file limits, from /proc."""
+    for line in (Path("/proc") / str(pid) / "limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError(f"no open-file limit for {pid}")
+
+
+def _children(parent: int) -> list[int]:
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
+            and (p / "stat").read_text().rsplit(")", 1)[1].split()[1] == str(parent)]
+
+
+def test_up_makes_room_for_max_streams(tmp_path: Path) -> None:
+    """Started with the usual soft limit of 1,024 open files, `bastion up` raises it for its children, and
+    nginx's workers get room for max_streams streams (two connections each): 5,000 by default."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 11_280:
+        pytest.skip(f"the open-file hard limit is {hard}")
+    stack = Stack(tmp_path / "data")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+    try:
+        stack.start()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    try:
+        master = int((stack.data_dir / "nginx" / "nginx.pid").read_text())
+        workers = _children(master)
+        assert workers and all(_open_files(w) == (11_280, 11_280) for w in workers)
+        conf = (stack.data_dir / "nginx" / "live" / "nginx.conf").read_text()
+        assert "worker_connections 11024;" in conf
+        assert _open_files(stack.proc.pid)[0] == hard  # the supervisor, hence the gate and the manager
+
+        out = stack.cli("settings", "set", "max_streams", str(hard), ok=False)
+        assert "max_streams" in out and "ulimit -Hn" in out
+        assert "worker_connections 11024;" in (stack.data_dir / "nginx" / "live" / "nginx.conf").read_text()
+        stack.cli("settings", "set", "max_streams", "1000")
+        workers = _children(int((stack.data_dir / "nginx" / "nginx.pid").read_text()))
+        deadline = time.monotonic() + 10  # the reload replaces the workers
+        while time.monotonic() < deadline and any(_open_files(w)[0] != 3280 for w in workers):
+            time.sleep(0.1)
+            workers = _children(master)
+        assert workers and all(_open_files(w)[0] == 3280 for w in workers)
+    finally:
+        stack.stop()
 
 
 def test_sigterm_cuts_streams_at_the_stop_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

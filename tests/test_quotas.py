@@ -16,7 +16,7 @@ from authsvc import quotas as q
 from authsvc.gate import Gate
 from authsvc.snapshot import KEYS_DB, KeyRule
 from manager import keys as keys_mod
-from manager import quotas
+from manager import keystore, quotas
 from manager import validation as v
 from manager.context import Bastion
 from manager.datadir import DataDir
@@ -216,11 +216,12 @@ def test_key_store_of_schema_1_is_migrated_keeping_its_keys(tmp_path: Path) -> N
     store = KeyStore(path)
     old = store.get("old1")
     assert old["name"] == "old" and old["rpm"] == 7 and old["tpm"] is None and old["requests_per_day"] is None
+    assert old["max_parallel"] is None and old["default_model"] is None and old["allow_auto"] is False
     store.update("old1", lambda _: {"tpm": 9})
     assert store.with_quotas() == ["old1"]
     assert KeyStore(path).get("old1")["tpm"] == 9  # opening again migrates nothing twice
     check = sqlite3.connect(path)
-    assert check.execute("SELECT schema FROM meta").fetchone()[0] == 2
+    assert check.execute("SELECT schema FROM meta").fetchone()[0] == keystore.SCHEMA_VERSION
     plan = check.execute("EXPLAIN QUERY PLAN SELECT id FROM keys WHERE (tpm IS NOT NULL OR tokens_per_day IS NOT"
                          " NULL OR tokens_per_month IS NOT NULL OR requests_per_day IS NOT NULL) AND revoked_at IS"
                          " NULL").fetchall()

@@ -128,7 +128,9 @@ def golden_input(tls: bool = False, njs: bool = False) -> RenderInput:
          "upstreams": [{"url": "https://api.example.com:443"}]},
         {"name": "selfsigned", "tls_verify": False, "upstreams": [{"url": "https://[::1]:8443"}]},
         {"name": "gpu", "method": "hash", "upstreams": [{"url": "http://gpu.example:8000"},
-                                                         {"url": "http://gone.example:8000"}]},
+                                                         {"url": "http://gone.example:8000"}],
+         "retries": 0, "retry_timeout": 0, "retry_statuses": [429, 503], "connect_timeout": 2, "read_timeout": 30,
+         "websocket": True},
         {"name": "empty", "upstreams": []},
     ]
     stored = {"public_cidr_groups": ["office"], "admin_cidr_groups": ["private", "vanished"],
@@ -148,7 +150,8 @@ def golden_input(tls: bool = False, njs: bool = False) -> RenderInput:
         custom_config="server { listen 127.0.0.1:65001; return 204; }", resolved=freeze(resolved),
         down=frozenset({"http://127.0.0.1:8001"}), worker_user=None,
         paths=freeze({k: f"{GOLDEN_ROOT}/{v}" for k, v in {**paths, "acme_webroot": "acme-webroot"}.items()}),
-        certificates=freeze(GOLDEN_CERTIFICATES if tls else {}), njs_module=NJS_MODULE if njs else None)
+        certificates=freeze(GOLDEN_CERTIFICATES if tls else {}), njs_module=NJS_MODULE if njs else None,
+        parallel_limits=(2, 5) if njs else ())
 
 
 NJS_MODULE = "/usr/lib/nginx/modules/ngx_http_js_module.so"  # Debian's

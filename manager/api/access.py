@@ -30,7 +30,7 @@ SETTINGS = obj(public_listen=STR, admin_listen=STR, server_name=NULLABLE_STR, pu
                http_listen=NULLABLE_STR, https_listen=NULLABLE_STR,
                https_public_port={"type": ["integer", "null"]}, acme_server=STR, acme_email=NULLABLE_STR,
                acme_ca_bundle=NULLABLE_STR, acme_key_type={"type": "string", "enum": ["ecdsa", "rsa"]},
-               dns_propagation_seconds=INT, hsts=BOOL, model_prices=MODEL_PRICES)
+               dns_propagation_seconds=INT, hsts=BOOL, model_prices=MODEL_PRICES, auto_models=STR_LIST)
 
 
 @groups_bp.op("GET", "", "List CIDR groups", response={"type": "array", "items": GROUP})

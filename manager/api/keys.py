@@ -27,7 +27,9 @@ QUOTA = {"type": ["integer", "null"], "minimum": 1, "maximum": keys_mod.QUOTA_MA
 KEY_FIELDS = {"name": STR, "models": STR_LIST, "endpoints": STR_LIST, "rpm": INT,
               "expires": {"type": ["string", "number", "null"]}, "cidrs": STR_LIST, "cidr_groups": STR_LIST,
               "enabled": BOOL, "tpm": QUOTA, "tokens_per_day": QUOTA, "tokens_per_month": QUOTA,
-              "requests_per_day": QUOTA}
+              "requests_per_day": QUOTA,
+              "max_parallel": {"type": ["integer", "null"], "minimum": 1, "maximum": keys_mod.MAX_PARALLEL},
+              "default_model": {"type": ["string", "null"]}, "allow_auto": BOOL}
 EDITABLE = set(KEY_FIELDS)
 KEY = obj(id=STR, key=STR, status=STR, created_at=NUM, created_by=STR, revoked_at=NULLABLE_NUM,
           last_used=NULLABLE_NUM, **{**KEY_FIELDS, "expires": NULLABLE_NUM})

@@ -228,7 +228,7 @@ def health():
     except StoreCorrupt:  # the data plane still serves the live generation; the message names the file
         store = "unreadable (see the manager log; management answers 503 until it is repaired)"
     # the gate keeps serving what it has; a problem here means changes (a revoked key!) do not reach it
-    gate = snapshot.gate_problems(b)
+    gate = snapshot.gate_problems(b) + snapshot.edit_problems(b)
     return jsonify(status="ok" if store == "ok" and not gate else "degraded", generation=generations.live(b.dirs),
                    nginx_running=b.nginx.master_pid() is not None, store=store, gate=gate,
                    token_metering=metering.detect(b.nginx.binary).status)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from flask import jsonify, request
 
 from manager import pools as pools_mod
+from manager import traffic
 from manager import validation as v
 from manager.api.base import (
     BOOL,
@@ -27,6 +28,11 @@ routes_bp = ApiBlueprint("routes", __name__, url_prefix="/api/v1/routes")
 UPSTREAM = obj(["url"], url=STR, weight=INT, backup=BOOL, down=BOOL)
 UPSTREAM_IN = {"oneOf": [STR, UPSTREAM]}
 NULLABLE_STR = {"type": ["string", "null"]}
+NULLABLE_INT = {"type": ["integer", "null"]}
+# retries inside the pool, timeouts, WebSocket pass-through (manager/traffic.py)
+TRAFFIC = {"retries": INT, "retry_timeout": INT,
+           "retry_statuses": {"type": "array", "items": {"type": "integer", "enum": list(traffic.RETRY_STATUSES)}},
+           "connect_timeout": NULLABLE_INT, "read_timeout": NULLABLE_INT, "websocket": BOOL}
 # as shown: with the last health check (health unknown until the first; error e.g. a refused API key)
 UPSTREAM_STATUS = obj(["url"], url=STR, weight=INT, backup=BOOL, down=BOOL,
                       health={"type": "string", "enum": ["up", "down", "unknown"]}, error=NULLABLE_STR,
@@ -34,11 +40,13 @@ UPSTREAM_STATUS = obj(["url"], url=STR, weight=INT, backup=BOOL, down=BOOL,
 POOL_FIELDS = {"upstreams": {"type": "array", "items": UPSTREAM_IN, "minItems": 1},
                "api_key": {"type": ["string", "null"]}, "models": STR_LIST,
                "method": {"type": "string", "enum": list(v.BALANCING_METHODS)}, "tls_verify": BOOL,
-               "include_usage": BOOL}
+               "include_usage": BOOL, "aliases": {"type": "object", "additionalProperties": STR}, **TRAFFIC}
 POOL = obj(name=STR, method=STR, upstreams={"type": "array", "items": UPSTREAM_STATUS}, models=STR_LIST,
            discovered_models=STR_LIST, discovered_at=NULLABLE_NUM, created_at=NUM, api_key_set=BOOL,
-           tls_verify=BOOL, include_usage=BOOL, discovery_error=NULLABLE_STR, discovery_error_since=NULLABLE_NUM)
-ROUTE = obj(["model", "pools"], model=STR, pools=STR_LIST)
+           tls_verify=BOOL, include_usage=BOOL, aliases={"type": "object", "additionalProperties": STR},
+           discovery_error=NULLABLE_STR, discovery_error_since=NULLABLE_NUM, **TRAFFIC)
+ROUTE = obj(["model", "pools"], model=STR, pools=STR_LIST,
+            mode={"type": "string", "enum": list(traffic.ROUTE_MODES)})
 
 
 @bp.op("GET", "", "List pools", response={"type": "array", "items": POOL})
@@ -102,8 +110,9 @@ def list_routes():
 
 @routes_bp.op("POST", "", "Create or replace the route for a model", body=ROUTE, response=ROUTE)
 def set_route():
-    body = fields(json_body(), {"model", "pools"}, {"model", "pools"})
-    return jsonify(pools_mod.set_route(bastion(), body["model"], body["pools"], author()))
+    body = fields(json_body(), {"model", "pools", "mode"}, {"model", "pools"})
+    return jsonify(pools_mod.set_route(bastion(), body["model"], body["pools"], author(),
+                                       mode=body.get("mode", "fallback")))
 
 
 @routes_bp.op("DELETE", "/<path:model>", "Remove the route for a model", response=obj(success=BOOL))

@@ -8,7 +8,7 @@ import time
 import click
 
 from authsvc import bodies
-from manager import configuration, generations, metering
+from manager import configuration, generations, metering, snapshot
 from manager import metrics as metrics_mod
 from manager import settings as settings_mod
 from manager import usage_queries as q
@@ -245,6 +245,8 @@ def print_status(b: Bastion) -> None:
                f"{'running' if b.nginx.master_pid() else 'not running'}; "
                + (f"DRIFT: changed by hand: {', '.join(changed)}" if changed else "no drift"))
     click.echo(f"token metering: {metering.detect(b.nginx.binary).status}")
+    for problem in snapshot.edit_problems(b):
+        click.echo(f"warning: {problem}")
 
 
 @config.command("show")

@@ -10,15 +10,54 @@ from authsvc.quotas import iso as quotas_iso
 from manager import keys as keys_mod
 from manager import pools as pools_mod
 from manager import quotas as quotas_mod
+from manager import traffic
 from manager import validation as v
 from manager.cli import csv, fmt_time, main, print_table, with_bastion
 from manager.context import Bastion
 
 # ---- pools and routes ---------------------------------------------------------------------------------
 
+def traffic_options(command):
+    """The options of a pool's traffic settings (manager/traffic.py); unset ones are not passed on."""
+    options = [
+        click.option("--retries", type=int, help="Other upstreams of the pool tried before the first byte "
+                     "(connect errors, timeouts, --retry-status answers; default 2)."),
+        click.option("--retry-timeout", type=int, help="Seconds after which no other upstream is tried "
+                     "(0: no limit; default 30)."),
+        click.option("--retry-status", "retry_statuses", type=click.Choice([str(s) for s in traffic.RETRY_STATUSES]),
+                     multiple=True, help="Upstream status retried elsewhere (repeat; default 502 503 504)."),
+        click.option("--connect-timeout", type=int, help="Seconds to connect to an upstream (default: setting)."),
+        click.option("--read-timeout", type=int, help="Seconds without a byte from the upstream, before the "
+                     "first one and between chunks (default: setting)."),
+        click.option("--websocket/--no-websocket", default=None, help="Pass WebSocket upgrades (realtime APIs)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def traffic_given(given: dict) -> dict:
+    """The traffic options given on the command line, as pool fields."""
+    out = {k: given.pop(k) for k in list(given) if k in traffic.POOL_FIELDS}
+    if out.get("retry_statuses"):
+        out["retry_statuses"] = [int(s) for s in out["retry_statuses"]]
+    return {k: x for k, x in out.items() if x not in (None, ())}
+
+
 @main.group()
 def pools() -> None:
     """Upstream pools: named groups of LLM servers."""
+
+
+def alias_dict(pairs: tuple[str, ...]) -> dict[str, str]:
+    """--alias PUBLIC=UPSTREAM options as {public: upstream} (names are checked by manager/pools.py)."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        public, sep, upstream = pair.partition("=")
+        if not sep or public.strip() in out:
+            raise click.UsageError(f"--alias {pair!r}: give PUBLIC=UPSTREAM, each public name once")
+        out[public.strip()] = upstream.strip()
+    return out
 
 
 @pools.command("add")
@@ -33,14 +72,18 @@ def pools() -> None:
               help="Check https upstreams' certificates against the system CAs.")
 @click.option("--include-usage/--no-include-usage", default=True, show_default=True,
               help="Ask for stream_options.include_usage on streamed OpenAI requests (token metering).")
+@click.option("--alias", "alias_pairs", multiple=True, metavar="PUBLIC=UPSTREAM",
+              help="Serve the upstream model UPSTREAM under the public name PUBLIC (repeat for several; needs njs).")
+@traffic_options
 @with_bastion
 def pools_add(b: Bastion, name: str, urls: tuple[str, ...], backup_urls: tuple[str, ...], api_key: str | None,
-              models: str | None, weight: int, method: str, tls_verify: bool, include_usage: bool) -> None:
+              models: str | None, weight: int, method: str, tls_verify: bool, include_usage: bool,
+              alias_pairs: tuple[str, ...], **more: object) -> None:
     """Add a pool and apply the nginx configuration."""
     ups = [{"url": u, "weight": weight} for u in urls] + [{"url": u, "backup": True} for u in backup_urls]
     click.echo(f"adding pool {name} and applying nginx configuration...")
     pool = pools_mod.add(b, name, ups, api_key=api_key, models=csv(models), method=method, tls_verify=tls_verify,
-                         include_usage=include_usage)
+                         include_usage=include_usage, aliases=alias_dict(alias_pairs), **traffic_given(more))
     served = pool["models"] or pool["discovered_models"]
     source = "configured" if pool["models"] else "discovered"
     if served:
@@ -60,13 +103,21 @@ def pools_add(b: Bastion, name: str, urls: tuple[str, ...], backup_urls: tuple[s
 @click.option("--tls-verify/--no-tls-verify", default=None, help="Check https upstreams' certificates.")
 @click.option("--include-usage/--no-include-usage", default=None,
               help="Ask for stream_options.include_usage on streamed OpenAI requests.")
+@click.option("--alias", "alias_pairs", multiple=True, metavar="PUBLIC=UPSTREAM",
+              help="Replace the pool's model aliases with these (repeat for several).")
+@click.option("--no-aliases", is_flag=True, help="Remove every model alias of the pool.")
+@traffic_options
 @with_bastion
 def pools_update(b: Bastion, name: str, method: str | None, api_key: str | None, models: str | None,
-                 tls_verify: bool | None, include_usage: bool | None) -> None:
+                 tls_verify: bool | None, include_usage: bool | None, alias_pairs: tuple[str, ...],
+                 no_aliases: bool, **more: object) -> None:
     """Change a pool and apply the nginx configuration."""
+    if alias_pairs and no_aliases:
+        raise click.UsageError("give --alias or --no-aliases, not both")
+    aliases = {} if no_aliases else alias_dict(alias_pairs) if alias_pairs else None
     given = (("method", method), ("api_key", api_key), ("models", csv(models)), ("tls_verify", tls_verify),
-             ("include_usage", include_usage))
-    changes = {k: x for k, x in given if x is not None}
+             ("include_usage", include_usage), ("aliases", aliases))
+    changes = {k: x for k, x in given if x is not None} | traffic_given(more)
     if not changes:
         raise click.UsageError("nothing to change: give at least one option")
     pools_mod.update(b, name, **changes)
@@ -105,7 +156,9 @@ def pools_list(b: Bastion, as_json: bool) -> None:
         return u["url"] + (" (backup)" if u["backup"] else "") + (" (DOWN)" if u["down"] else "")
 
     print_table([{"name": p["name"], "method": p["method"], "upstreams": " ".join(map(upstream, p["upstreams"])),
-                  "models": ",".join(p["models"] or p["discovered_models"]) or "-", "status": pool_status(p)}
+                  "models": ",".join([*(p["models"] or p["discovered_models"]),
+                                      *(f"{a}={u}" for a, u in p["aliases"].items())]) or "-",
+                  "status": pool_status(p)}
                  for p in rows], ["name", "method", "upstreams", "models", "status"])
 
 
@@ -144,18 +197,20 @@ def routes() -> None:
 
 @routes.command("set")
 @click.argument("model")
-@click.option("--pool", "pool_names", multiple=True, required=True)
+@click.option("--pool", "pool_names", multiple=True, required=True, help="A pool (repeat: tried in this order).")
+@click.option("--mode", type=click.Choice(traffic.ROUTE_MODES), default="fallback", show_default=True,
+              help="fallback: the pools in order; balance: each request starts at the next pool in turn.")
 @with_bastion
-def routes_set(b: Bastion, model: str, pool_names: tuple[str, ...]) -> None:
-    route = pools_mod.set_route(b, model, list(pool_names))
-    click.echo(f"{route['model']} -> {', '.join(route['pools'])}")
+def routes_set(b: Bastion, model: str, pool_names: tuple[str, ...], mode: str) -> None:
+    route = pools_mod.set_route(b, model, list(pool_names), mode=mode)
+    click.echo(f"{route['model']} -> {', '.join(route['pools'])} ({route['mode']})")
 
 
 @routes.command("list")
 @with_bastion
 def routes_list(b: Bastion) -> None:
-    print_table([{"model": r["model"], "pools": ",".join(r["pools"])} for r in pools_mod.all_routes(b)],
-                ["model", "pools"])
+    print_table([{"model": r["model"], "pools": ",".join(r["pools"]), "mode": r.get("mode", "fallback")}
+                 for r in pools_mod.all_routes(b)], ["model", "pools", "mode"])
 
 
 @routes.command("remove")
@@ -187,16 +242,22 @@ def key_rule_options(fn):
         click.option("--tokens-per-day", help="Tokens per UTC day, or none."),
         click.option("--tokens-per-month", help="Tokens per UTC month, or none."),
         click.option("--requests-per-day", help="Requests per UTC day, or none."),
+        click.option("--max-parallel", help="Requests in flight at once (nginx answers 429 beyond), or none."),
+        click.option("--default-model", help="Model for a request body without one ('' = none; needs njs)."),
+        click.option("--allow-auto/--no-allow-auto", default=None,
+                     help='Let "model": "auto" pick the first live model of the auto_models setting.'),
     ]
     for option in reversed(options):
         fn = option(fn)
     return fn
 
 
-def key_rules(models, endpoints, rpm, expires, cidrs, cidr_groups, **quotas) -> dict:
+def key_rules(models, endpoints, rpm, expires, cidrs, cidr_groups, max_parallel, default_model, allow_auto,
+              **quotas) -> dict:
     """The options given; a quota given as `none` stays in, as None (unlimited), and is validated by keys.py."""
     given = {"models": csv(models), "endpoints": csv(endpoints), "rpm": rpm, "expires": expires,
-             "cidrs": csv(cidrs), "cidr_groups": csv(cidr_groups)}
+             "cidrs": csv(cidrs), "cidr_groups": csv(cidr_groups), "max_parallel": max_parallel,
+             "default_model": default_model, "allow_auto": allow_auto}
     return {k: x for k, x in given.items() if x is not None} | {k: x for k, x in quotas.items() if x is not None}
 
 
@@ -236,15 +297,16 @@ def keys_show(b: Bastion, key_id: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({**record, "quotas": state}, indent=2))
         return
-    for name in ("id", "name", "key", "status", "models", "endpoints", "rpm", "cidrs", "cidr_groups"):
-        value = record[name]
+    for name in ("id", "name", "key", "status", "models", "endpoints", "rpm", "max_parallel", "default_model",
+                 "allow_auto", "cidrs", "cidr_groups"):
+        value = record[name] if record[name] is not None else "-"
         if isinstance(value, list):  # an empty list allows everything, except for groups: none
             value = ",".join(value) or ("-" if name == "cidr_groups" else "*")
-        click.echo(f"{name + ':':13} {value}")
+        click.echo(f"{name + ':':15} {value}")
     for name in ("expires", "created_at", "last_used"):
-        click.echo(f"{name + ':':13} {fmt_time(record[name])}")
+        click.echo(f"{name + ':':15} {fmt_time(record[name])}")
     if not state:
-        click.echo("quotas:       none")
+        click.echo("quotas:         none")
         return
     click.echo("")
     print_table([{"quota": name, "limit": s["limit"], "used": s["used"], "remaining": s["remaining"],
