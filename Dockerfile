@@ -59,12 +59,12 @@ ENV PATH=/opt/bastion/bin:$PATH \
     BASTION_HTTP_LISTEN=0.0.0.0:8880 \
     BASTION_HTTPS_LISTEN=0.0.0.0:8443 \
     BASTION_HTTPS_PUBLIC_PORT=443 \
-    BASTION_STOP_TIMEOUT=7
+    BASTION_STOP_TIMEOUT=6
 VOLUME /data
 EXPOSE 8080 8081 8880 8443
 USER bastion
 WORKDIR /data
-# `bastion up` stops every child on SIGTERM: nginx gracefully (streams in flight get BASTION_STOP_TIMEOUT, 7 s,
+# `bastion up` stops every child on SIGTERM: nginx gracefully (streams in flight get BASTION_STOP_TIMEOUT, 6 s,
 # so a 10 s `docker stop` still ends with exit code 0), then the gate and the manager
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=30s --timeout=10s --start-period=60s --retries=3 CMD ["bastion", "healthcheck"]
