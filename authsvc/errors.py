@@ -10,6 +10,7 @@ OPENAI_TYPES = {
     401: "invalid_request_error",
     403: "permission_error",
     404: "invalid_request_error",
+    405: "invalid_request_error",
     413: "invalid_request_error",
     429: "requests",
     503: "server_error",

@@ -7,7 +7,6 @@ Everything it needs is in memory (`SnapshotSource`); it does no disk I/O per req
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -18,11 +17,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
-from authsvc import aliases, bodies, errors, include_usage, quotas
+from authsvc import aliases, bodies, errors, include_usage, model_lists, quotas, routes
 from authsvc import keys as keyformat
+from authsvc.anonymous import AnonymousLimiter
 from authsvc.bruteforce import LOG_HEADER, BlockBoard, FailureGuard
 from authsvc.ratelimit import RateLimiter
-from authsvc.snapshot import KeyRule, Snapshot, SnapshotSource, StatusBoard
+from authsvc.snapshot import KeyRule, Snapshot, SnapshotSource, StatusBoard, model_variants
 
 MODEL_REQUIRED = frozenset(
     {
@@ -60,7 +60,8 @@ class Reply(Exception):
 
 
 STATUS_TEXT = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-               429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable"}
+               405: "Method Not Allowed", 429: "Too Many Requests", 500: "Internal Server Error",
+               503: "Service Unavailable"}
 
 
 def error(status: int, message: str, code: str | None, ollama: bool, param: str | None = None,
@@ -76,8 +77,11 @@ class Gate:
         self.limiter = RateLimiter()
         self.clock = clock
         self.guard = FailureGuard(clock)
+        self.anonymous = AnonymousLimiter()
         self.quotas = quotas.QuotaFile(snapshot_path.with_name("run") / quotas.QUOTAS_FILE)
         self.quotas.load()
+        self.running = model_lists.RunningFile(snapshot_path.with_name("run") / model_lists.RUNNING_FILE)
+        self.running.load()
         self.passed: dict[str, tuple[int, int]] = {}  # key -> (UTC day, requests let through), request quotas only
         # decisions by "allow", "answer" (served here), "refuse:<code>", "error:<code>": one increment a request,
         # published by StatusBoard for /metrics (granian runs the gate in one thread)
@@ -89,12 +93,13 @@ class Gate:
         gate = cls(data_dir / "snapshot.json", (data_dir / "pepper").read_bytes().strip())
         quotas.QuotaBoard(gate.quotas).start()
         BlockBoard(gate.guard, data_dir / "run").start()
+        model_lists.RunningBoard(gate.running).start()
         StatusBoard(gate.source, data_dir / "run", gate.decisions, gate.status).start()
         return gate
 
     def status(self) -> dict[str, Any]:
         """For the manager's health check, beside the snapshot's (`StatusBoard`)."""
-        return {"quotas_problem": self.quotas.problem or None}
+        return {"quotas_problem": self.quotas.problem or None, "running_problem": self.running.problem or None}
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
         try:
@@ -124,7 +129,7 @@ class Gate:
         self.refuse_blocked(address, snap, ollama)
         presented = self.identify(environ, snap)
         try:
-            if not (ollama or path.startswith("/v1/")):
+            if not (ollama or path.startswith("/v1/") or snap.passthrough.pools(path)):
                 raise error(404, f"Unknown path {path}", "not_found", ollama)
             if not canonical(path):
                 raise error(400, "The path must not contain empty, '.' or '..' segments.", "invalid_path", ollama)
@@ -134,6 +139,7 @@ class Gate:
             # key proves its secret, so a forgotten client behind a shared address does not block everyone
             if presented is None:
                 self.guard.failed(address, snap.bruteforce)
+            self.limit_unauthenticated(address, snap, ollama)
             raise
         try:
             headers = self.route(environ, path, snap, key, ollama)
@@ -156,11 +162,46 @@ class Gate:
         raise error(429, f"Too many failed authentication attempts from your address; try again in {retry} s.",
                     "too_many_failed_attempts", ollama, headers=headers)
 
+    def limit_unauthenticated(self, address: str, snap: Snapshot, ollama: bool) -> None:
+        """Past `unauthenticated_rpm` refusals a minute, an address without a valid key gets a 429 instead."""
+        wait, refused = self.anonymous.hit(address, snap.unauthenticated_rpm)
+        if wait:
+            retry = max(1, math.ceil(wait))
+            headers = [("Retry-After", str(retry))]
+            if refused > 1:  # one log line per run of refusals; /metrics counts them all
+                headers.append((LOG_HEADER, "0"))
+            raise error(429, f"Too many requests without a valid API key from your address; try again in {retry} s.",
+                        "too_many_unauthenticated_requests", ollama, headers=headers)
+
+    @staticmethod
+    def check_method(environ: dict[str, Any], path: str, ollama: bool) -> None:
+        """A known route called with another method: 405 with `Allow` (not the upstream's answer, nor a
+        misleading 400 for a GET without a body)."""
+        method = environ.get("REQUEST_METHOD", "GET")
+        allow = routes.wrong_method(path, method)
+        if allow is not None:
+            raise error(405, f"{method} is not allowed on {path}; use {allow}.", "method_not_allowed", ollama,
+                        headers=[("Allow", allow)])
+
+    @staticmethod
+    def native_pools(path: str, snap: Snapshot, key: KeyRule, ollama: bool) -> tuple[str, ...]:
+        """The pools whose pass-through list takes this path (empty for /v1 and /api). A key reaches them only
+        through an endpoint list that names them (docs/decisions.md)."""
+        if ollama or path.startswith("/v1/"):
+            return ()
+        pools = snap.passthrough.pools(path)
+        if pools and not key.endpoints:
+            raise error(403, f"This API key may not use {path}: pass-through routes need a key whose endpoint "
+                        "list names them", "endpoint_not_allowed", ollama)
+        return pools
+
     def route(self, environ: dict[str, Any], path: str, snap: Snapshot, key: KeyRule,
               ollama: bool) -> list[tuple[str, str]]:
         """Checks that need the key, then the pool for the request's model."""
         if not key.allows_endpoint(path):
             raise error(403, f"This API key may not use {path}", "endpoint_not_allowed", ollama)
+        self.check_method(environ, path, ollama)
+        native = self.native_pools(path, snap, key, ollama)
         limits = self.check_quotas(key, ollama) if key.quotas else []
         if key.rpm:
             decision = self.limiter.hit(key.id, key.rpm)
@@ -171,7 +212,7 @@ class Gate:
         # nginx passes the client's Upgrade as X-Bastion-Upgrade; a WebSocket handshake is a GET (RFC 6455)
         if environ.get("REQUEST_METHOD") == "GET" and environ.get("HTTP_X_BASTION_UPGRADE", "").lower() == "websocket":
             return self.websocket(environ, snap, key, ollama)
-        if environ.get("REQUEST_METHOD") == "GET":
+        if environ.get("REQUEST_METHOD") in routes.GET:  # nginx sends no body for HEAD
             self.serve_model_lists(path, snap, key, ollama, limits)
         inserted = False
         try:
@@ -187,15 +228,21 @@ class Gate:
         if key.max_parallel:  # nginx counts the key's requests in flight (limit_conn in the pool location)
             limits = [*limits, ("X-Bastion-Parallel", str(key.max_parallel))]
         if model is None:
-            if snap.default_pool is None:
-                raise error(503, "No upstream pool is configured", "no_pool", ollama)
-            return [("X-Accel-Redirect", f"@pool_{snap.default_pool}"), ("X-Bastion-Key", key.id), *limits]
+            pool = native[0] if native else snap.lists.default(ollama, snap.default_pool)
+            if pool is None:
+                api = "Ollama" if ollama else "OpenAI"
+                raise error(503, f"No upstream pool speaks the {api} API" if snap.default_pool
+                            else "No upstream pool is configured", "no_pool", ollama)
+            return [("X-Accel-Redirect", f"@pool_{pool}"), ("X-Bastion-Key", key.id), *limits]
         asked, chain = model, ()
-        if model == aliases.AUTO and key.allow_auto and not inserted:
+        if model == aliases.AUTO and key.allow_auto and not inserted and not native:
             model, pool = resolve_auto(snap, key, ollama)
             chain = (pool,)
         if not chain:
             pools, balanced = snap.route_for(model) if key.allows_model(model) else ((), False)
+            # a pass-through path goes to the pools that declared it and serve the model, whatever API they
+            # speak; otherwise an OpenAI-only pool never gets /api/*, nor falls back to one
+            pools = tuple(p for p in pools if p in native) if native else snap.lists.speaking(pools, ollama)
             if not pools:
                 raise error(404, f"The model `{model}` does not exist or you do not have access to it.",
                             "model_not_found", ollama, param="model")
@@ -245,7 +292,7 @@ class Gate:
             raise error(400, "A WebSocket request names its model once in the query string (?model=...).",
                         "missing_model", ollama, param="model")
         model = checked_model(found[0], ollama)
-        pools = snap.pools_for(model) if key.allows_model(model) else ()
+        pools = snap.lists.speaking(snap.pools_for(model), ollama) if key.allows_model(model) else ()
         if not pools:
             raise error(404, f"The model `{model}` does not exist or you do not have access to it.",
                         "model_not_found", ollama, param="model")
@@ -349,24 +396,24 @@ class Gate:
 
     def serve_model_lists(self, path: str, snap: Snapshot, key: KeyRule, ollama: bool,
                           limits: list[tuple[str, str]]) -> None:
-        """Answer /v1/models, /v1/models/<id> and /api/tags from the snapshot, filtered for the key."""
+        """Answer /v1/models, /v1/models/<id>, /api/tags, /api/ps and /api/version from memory, filtered for
+        the key (authsvc/model_lists.py)."""
+        lists, allows = snap.lists, key.allows_model if key.models else None
         if path == "/v1/models":
-            data = [{"id": m, "object": "model", "created": 0, "owned_by": pool}
-                    for m, pool in snap.models if key.allows_model(m)]
-            raise Reply(200, json.dumps({"object": "list", "data": data}).encode(), limits)
+            raise Reply(200, lists.openai.body(allows), limits)
         if path.startswith("/v1/models/"):
             wanted = path[len("/v1/models/"):]
-            entry = snap.model_entry(wanted)
-            if entry and key.allows_model(entry[0]):
-                model, pool = entry
-                body = {"id": model, "object": "model", "created": 0, "owned_by": pool}
-                raise Reply(200, json.dumps(body).encode(), limits)
+            entry = lists.model(wanted, model_variants, allows)
+            if entry is not None:
+                raise Reply(200, entry, limits)
             raise error(404, f"The model `{wanted}` does not exist or you do not have access to it.",
                         "model_not_found", ollama, param="model")
         if path == "/api/tags":
-            tags = [{"name": m, "model": m, "modified_at": "1970-01-01T00:00:00Z", "size": 0, "digest": "",
-                     "details": {}} for m, _ in snap.models if key.allows_model(m)]
-            raise Reply(200, json.dumps({"models": tags}).encode(), limits)
+            raise Reply(200, lists.tags.body(allows), limits)
+        if path == "/api/ps":
+            raise Reply(200, self.running.body(lists, allows), limits)
+        if path == "/api/version":
+            raise Reply(200, lists.version, limits)
 
     @staticmethod
     def requested_model(environ: dict[str, Any], path: str, ollama: bool, restricted: bool) -> str | None:
@@ -417,10 +464,11 @@ def defaultable(environ: dict[str, Any], key: KeyRule, path: str, ollama: bool) 
 
 def resolve_auto(snap: Snapshot, key: KeyRule, ollama: bool) -> tuple[str, str]:
     """(model, pool) for `"model": "auto"`: the first model of the `auto_models` setting the key may use that
-    has a live pool (one with an upstream the health checks have not marked down), and that pool."""
+    has a live pool speaking the request's API (one with an upstream the health checks have not marked down),
+    and that pool."""
     for model in snap.auto_models:
         if key.allows_model(model):
-            for pool in snap.pools_for(model):
+            for pool in snap.lists.speaking(snap.pools_for(model), ollama):
                 if pool in snap.live:
                     return model, pool
     why = "no model is configured for it" if not snap.auto_models else "none of its models has a live upstream"

@@ -24,10 +24,13 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
+from authsvc import model_lists
+from authsvc.anonymous import DEFAULT_RPM as DEFAULT_UNAUTHENTICATED_RPM
 from authsvc.bruteforce import Policy
 from authsvc.files import write_atomic
 from authsvc.networks import Network, admits
 from authsvc.quotas import FIELDS as QUOTA_FIELDS
+from authsvc.routes import PassThrough
 
 log = logging.getLogger(__name__)
 
@@ -147,16 +150,18 @@ class Snapshot:
     routes: dict[str, tuple[str, ...]] = field(default_factory=dict)  # explicit routes by exact model name
     glob_routes: tuple[tuple[str, tuple[str, ...]], ...] = ()
     served: dict[str, tuple[str, ...]] = field(default_factory=dict)  # the pools' own model lists
-    models: tuple[tuple[str, str], ...] = ()  # (model id, owning pool) for /v1/models
     default_pool: str | None = None
     bruteforce: Policy = field(default_factory=Policy)
     usage_pools: frozenset[str] = frozenset()  # pools asked for stream usage (authsvc/include_usage.py)
+    passthrough: PassThrough = field(default_factory=PassThrough)  # pools' extra upstream paths (routes.py)
+    unauthenticated_rpm: int = DEFAULT_UNAUTHENTICATED_RPM  # per address, requests without a valid key
     balanced: frozenset[str] = frozenset()  # routes (exact or glob) whose requests start at each pool in turn
     websocket_pools: frozenset[str] = frozenset()  # pools that pass WebSocket upgrades (realtime APIs)
     aliases: dict[tuple[str, str], str] = field(default_factory=dict)  # (pool, public name) -> upstream name
     live: frozenset[str] = frozenset()  # pools with an upstream the health checks have not marked down
     auto_models: tuple[str, ...] = ()  # what "model": "auto" may resolve to, in order
     body_edits: bool = False  # nginx can edit request bodies (njs): aliases, default models and auto work
+    lists: model_lists.ModelLists = field(default_factory=model_lists.ModelLists)  # APIs, lists the gate serves
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Snapshot:
@@ -190,6 +195,8 @@ class Snapshot:
             default_pool=data.get("default_pool") or (pool_names[0] if pool_names else None),
             bruteforce=Policy.from_dict(data.get("bruteforce") or {}),
             usage_pools=frozenset(p["name"] for p in data.get("pools", []) if p.get("include_usage", True)),
+            passthrough=PassThrough((p["name"], p.get("passthrough") or ()) for p in data.get("pools", [])),
+            unauthenticated_rpm=int(data.get("unauthenticated_rpm", DEFAULT_UNAUTHENTICATED_RPM)),
             balanced=balanced,
             websocket_pools=frozenset(p["name"] for p in data.get("pools", []) if p.get("websocket")),
             aliases=aliases,
@@ -197,8 +204,9 @@ class Snapshot:
             auto_models=tuple(data.get("auto_models", ())),
             body_edits=bool(data.get("body_edits", False)),
         )
-        # every exactly named model, owned by the pool its requests would go to
-        snapshot.models = tuple(sorted((m, snapshot.pools_for(m)[0]) for m in {*served, *routes}))
+        # every exactly named model, listed with the pool its requests would go to
+        snapshot.lists = model_lists.build(data, {*served, *routes}, snapshot.pools_for, snapshot.default_pool,
+                                           model_variants)
         return snapshot
 
     def pools_for(self, model: str) -> tuple[str, ...]:
@@ -227,14 +235,6 @@ class Snapshot:
         for variant in model_variants(model):
             if (upstream := self.aliases.get((pool, variant))) is not None:
                 return upstream
-        return None
-
-    def model_entry(self, model: str) -> tuple[str, str] | None:
-        """(listed id, owning pool) for /v1/models/<id>, Ollama short names included."""
-        owners = dict(self.models)
-        for variant in model_variants(model):
-            if variant in owners:
-                return variant, owners[variant]
         return None
 
 

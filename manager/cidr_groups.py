@@ -11,15 +11,12 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from tinydb import Query
-
 from manager import validation as v
 from manager.errors import Conflict, NotFound
 
 if TYPE_CHECKING:
     from manager.context import Bastion
 
-Group = Query()
 BUILTIN: dict[str, dict[str, Any]] = {
     "private": {
         "name": "private",
@@ -33,7 +30,7 @@ ATTACH_SETTINGS = ("public_cidr_groups", "admin_cidr_groups", "bruteforce_exempt
 
 
 def all_groups(bastion: Bastion) -> list[dict[str, Any]]:
-    return [*BUILTIN.values(), *({**g, "builtin": False} for g in bastion.store.table("cidr_groups").all())]
+    return [*BUILTIN.values(), *({**g, "builtin": False} for g in bastion.store.all("cidr_groups"))]
 
 
 def by_name(bastion: Bastion) -> dict[str, dict[str, Any]]:
@@ -86,31 +83,31 @@ def _checked(name: Any, allow: Any, deny: Any) -> dict[str, Any]:
 
 def create(bastion: Bastion, name: Any, allow: Any = None, deny: Any = None, author: str = "cli") -> dict[str, Any]:
     group = _checked(name, allow, deny)
-    with bastion.change(author, f"create CIDR group {group['name']}") as db:
+    with bastion.change(author, f"create CIDR group {group['name']}"):
         if group["name"] in by_name(bastion):
             raise Conflict("name", f"a CIDR group named {group['name']!r} already exists")
-        db.table("cidr_groups").insert({**group, "created_at": time.time()})
+        bastion.store.insert("cidr_groups", {**group, "created_at": time.time()})
     return get(bastion, group["name"])
 
 
 def update(bastion: Bastion, name: str, allow: Any = None, deny: Any = None, author: str = "cli") -> dict[str, Any]:
     if name in BUILTIN:
         raise Conflict("name", f"the built-in group {name!r} cannot be changed; create your own")
-    with bastion.change(author, f"update CIDR group {name}", nginx=True) as db:
+    with bastion.change(author, f"update CIDR group {name}", nginx=True):
         current = get(bastion, name)
         group = _checked(name, current["allow"] if allow is None else allow, current["deny"] if deny is None else deny)
-        db.table("cidr_groups").update(group, Group.name == name)
+        bastion.store.update("cidr_groups", group, name=name)
     return get(bastion, name)
 
 
 def remove(bastion: Bastion, name: str, author: str = "cli") -> None:
     if name in BUILTIN:
         raise Conflict("name", f"the built-in group {name!r} cannot be removed")
-    with bastion.change(author, f"remove CIDR group {name}") as db:
+    with bastion.change(author, f"remove CIDR group {name}"):
         get(bastion, name)
         settings = bastion.settings()
         users = [s for s in ATTACH_SETTINGS if name in settings[s]]
         users += [f"key {key_id}" for key_id in bastion.keystore.using_group(name)]
         if users:
             raise Conflict("name", f"CIDR group {name!r} is attached to {', '.join(users)}; detach it first")
-        db.table("cidr_groups").remove(Group.name == name)
+        bastion.store.remove("cidr_groups", name=name)

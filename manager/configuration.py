@@ -5,9 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from tinydb.table import Document
-
-from manager import cidr_groups, generations
+from manager import generations
 from manager import settings as settings_mod
 from manager import validation as v
 from manager.apply import ApplyResult
@@ -35,12 +33,9 @@ def rollback(bastion: Bastion, generation: Any, author: str) -> ApplyResult:
     except (OSError, ValueError):
         raise NotFound("generation", str(generation)) from None
     before = generations.live(bastion.dirs)
-    with bastion.change(author, f"roll back configuration to generation {generation}", nginx=True) as db:
+    with bastion.change(author, f"roll back configuration to generation {generation}", nginx=True):
         for name in generations.CONFIG_TABLES:
-            table = db.table(name)
-            table.truncate()
-            for i, doc in enumerate(state.get(name, []), start=1):
-                table.insert(Document(doc, doc_id=i))
+            bastion.store.replace_all(name, state.get(name, []))
     after = generations.live(bastion.dirs)
     changed = after != before
     return ApplyResult(after, changed=changed, reloaded=changed and bastion.nginx.master_pid() is not None)
@@ -53,10 +48,9 @@ def write_default(bastion: Bastion, domain: Any, cidrs: Any, author: str) -> dic
     if not allow:
         raise v.ValidationError("cidrGroups", "give at least one network")
     with bastion.change(author, f"write default config for {server_name} (admin from {', '.join(allow)})",
-                        nginx=True) as db:
-        table = db.table("cidr_groups")
+                        nginx=True):
         group = {"name": DEFAULT_GROUP, "allow": allow, "deny": []}
-        table.upsert(group, cidr_groups.Group.name == DEFAULT_GROUP)
+        bastion.store.upsert("cidr_groups", group, name=DEFAULT_GROUP)
         bastion.store.update_settings(server_name=server_name, admin_cidr_groups=[DEFAULT_GROUP])
     return bastion.settings()
 

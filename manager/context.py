@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from functools import cached_property
 from typing import Any
-
-from tinydb import TinyDB
 
 from manager import admin_guard, generations
 from manager import apply as applier
@@ -15,11 +13,14 @@ from manager import settings as settings_mod
 from manager.audit import Audit
 from manager.datadir import DataDir
 from manager.keystore import KeyStore, migrate_from
-from manager.logins import LEGACY_TABLES, LoginState, drop_legacy_tables
+from manager.logins import LoginState, drop_legacy_tables
 from manager.nginx import Nginx
 from manager.snapshot import publish
-from manager.store import Store, StoreCorrupt
+from manager.store import Store, StoreCorrupt, StoreNewer
 from manager.usage import Usage
+
+# store.json's layout: 1 keys moved to keys.sqlite3, 2 sign-in state moved to auth.sqlite3
+STORE_VERSION = 2
 
 
 class Bastion:
@@ -28,15 +29,26 @@ class Bastion:
         dirs.ensure()
         self.store = Store(dirs.store)
         self.nginx = Nginx(dirs, nginx_binary)
-        with suppress(StoreCorrupt):  # an unreadable store is reported by whoever needs it; upgrades wait
-            self._upgrade_store(self.store.db.tables())
+        try:
+            self._upgrade_store()
+        except StoreNewer:
+            raise
+        except StoreCorrupt:  # an unreadable store is reported by whoever needs it; upgrades wait
+            pass
 
-    def _upgrade_store(self, tables: set[str]) -> None:
-        """What older versions kept in store.json: keys move to SQLite, sign-in state is dropped."""
-        if "keys" in tables:
-            migrate_from(self.store, self.keystore)
-        if tables & set(LEGACY_TABLES):
-            drop_legacy_tables(self.store)
+    def _upgrade_store(self) -> None:
+        """Bring store.json to STORE_VERSION, one step at a time; each step is idempotent (a crash before the
+        version is written runs it again). A store written by a newer Bastion is refused, never rewritten."""
+        version = self.store.version()
+        if version > STORE_VERSION:
+            raise StoreNewer(f"{self.store.path} was written by a newer Bastion (store version {version}, this "
+                             f"one knows {STORE_VERSION}); upgrade Bastion or restore a backup")
+        for step in range(version + 1, STORE_VERSION + 1):
+            if step == 1:  # keys move to their SQLite store (manager/keystore.py)
+                migrate_from(self.store, self.keystore)
+            elif step == 2:  # sign-in state moves to auth.sqlite3 (manager/logins.py); what was kept is dropped
+                drop_legacy_tables(self.store)
+            self.store.set_version(step)
 
     @cached_property
     def keystore(self) -> KeyStore:
@@ -76,18 +88,18 @@ class Bastion:
         return result
 
     @contextmanager
-    def change(self, author: str, action: str, *, nginx: bool = False) -> Iterator[TinyDB]:
+    def change(self, author: str, action: str, *, nginx: bool = False) -> Iterator[Store]:
         """One change to the configuration, all or nothing, recorded in the audit log.
 
         Runs under the store lock; afterwards publishes the snapshot, or applies the nginx config first when
         `nginx` is set. If anything fails (validation, `nginx -t`, reload) the store is put back as it was.
         An nginx change that would lock the requesting admin out of the admin listener is refused first.
         """
-        with self.store.transaction() as db:
+        with self.store.transaction():
             before = self.store.dump()
             guard = admin_guard.LockoutGuard(self) if nginx else None
             try:
-                yield db
+                yield self.store
                 if guard:
                     guard.check(self)
                     # first stop the gate from choosing pools that are about to leave nginx's config

@@ -11,7 +11,8 @@ from urllib.parse import urlsplit
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
-from manager import capacity, cidr_groups, traffic
+from authsvc import routes
+from manager import capacity, cidr_groups, cors, traffic
 from manager.metering import METER_JS
 from manager.settings import ADMIN_BODY_LIMIT_KB
 from nginx_templates import TEMPLATE_DIR
@@ -116,6 +117,8 @@ def _context(inp: RenderInput, generation: int) -> dict[str, Any]:
         "ca_bundle": settings["ca_bundle"],
         "admin_error_pages": ADMIN_ERROR_PAGES,
         "admin_body_limit_kb": ADMIN_BODY_LIMIT_KB,
+        "cors": cors.view(settings),
+        "openai_alias": routes.ALIAS_REGEX if settings["openai_paths_without_v1"] else None,
         **_tls(settings, inp.certificates),
     }
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from manager import capacity, cidr_groups, custom_config
+from authsvc.anonymous import DEFAULT_RPM as DEFAULT_UNAUTHENTICATED_RPM
+from manager import capacity, cidr_groups, cors, custom_config
 from manager import validation as v
 from manager.certs import checks as cert_checks
 
@@ -45,6 +46,15 @@ DEFAULTS: dict[str, Any] = {
     "bruteforce_block": 60,
     "bruteforce_max_block": 3600,
     "bruteforce_exempt_cidr_groups": [],
+    # requests without a valid key, per address (IPv4, or IPv6 /64) a minute; 0: no limit
+    "unauthenticated_rpm": DEFAULT_UNAUTHENTICATED_RPM,
+    # /chat/completions, /models... as aliases of the /v1 paths (authsvc/routes.py)
+    "openai_paths_without_v1": True,
+    # browsers (manager/cors.py): off while cors_origins is empty
+    "cors_origins": [],
+    "cors_methods": list(cors.DEFAULT_METHODS),
+    "cors_headers": ["*"],
+    "cors_credentials": False,
     # certificates (docs/certificates.md); the listeners are stored now, nginx serves them with the TLS work
     "http_listen": None,
     "https_listen": None,
@@ -143,6 +153,9 @@ VALIDATORS = {
     "dns_propagation_seconds": lambda f, x: v.integer(f, x, 0, 3600),
     "hsts": v.boolean,
     "model_prices": model_prices,
+    "unauthenticated_rpm": lambda f, x: v.integer(f, x, 0, 1_000_000),
+    "openai_paths_without_v1": v.boolean,
+    **cors.VALIDATORS,
 }
 
 
@@ -170,8 +183,9 @@ def validate(bastion: Bastion, values: dict[str, Any]) -> dict[str, Any]:
             for other in LISTENERS[:i]:
                 if merged[key] and merged[key] == merged[other]:
                     raise v.ValidationError(key, f"{merged[key]} is already the address of {other}")
-    if out.get("default_pool") and not bastion.store.table("pools").search(
-            lambda p: p["name"] == out["default_pool"]):
+    if set(cors.VALIDATORS) & out.keys():
+        cors.check({**bastion.settings(), **out}, out.keys())
+    if out.get("default_pool") and not bastion.store.find("pools", name=out["default_pool"]):
         raise v.ValidationError("default_pool", f"unknown pool {out['default_pool']!r}")
     return out
 

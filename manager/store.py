@@ -13,19 +13,26 @@ import json
 import os
 import secrets
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from tinydb import TinyDB
 from tinydb.storages import Storage
+from tinydb.table import Document
 
 from authsvc.files import write_atomic
+
+VERSION_TABLE = "store_version"
 
 
 class StoreCorrupt(RuntimeError):
     """The store file exists but cannot be read; nothing was written."""
+
+
+class StoreNewer(StoreCorrupt):
+    """The store was written by a newer version of Bastion; nothing was written."""
 
 
 def create_secret(path: Path) -> None:
@@ -121,6 +128,54 @@ class Store:
         # No query cache: another process may have changed the file since the last search.
         return self.db.table(name, cache_size=0)
 
+    # The resource modules (pools, users, CIDR groups...) find and change documents through these, by field
+    # values, never with TinyDB's queries or document ids: how a document is found is this module's business.
+    # A match is field=value pairs, all of which must hold; a set as the value matches any of its members.
+    # Writes belong inside `transaction()` (Bastion.change() holds it).
+
+    def all(self, table: str) -> list[dict[str, Any]]:
+        return [dict(doc) for doc in self.table(table).all()]
+
+    def find(self, table: str, **match: Any) -> dict[str, Any] | None:
+        found = self.table(table).get(_matching(match))
+        return dict(found) if found is not None else None
+
+    def count(self, table: str, **match: Any) -> int:
+        return self.table(table).count(_matching(match))
+
+    def insert(self, table: str, doc: dict[str, Any]) -> None:
+        self.table(table).insert(doc)
+
+    def update(self, table: str, changes: dict[str, Any] | Callable[[dict[str, Any]], None], **match: Any) -> int:
+        """Set `changes` (or apply the function) on every matching document; returns how many matched."""
+        return len(self.table(table).update(changes, _matching(match)))
+
+    def upsert(self, table: str, doc: dict[str, Any], **match: Any) -> None:
+        self.table(table).upsert(doc, _matching(match))
+
+    def remove(self, table: str, **match: Any) -> int:
+        return len(self.table(table).remove(_matching(match)))
+
+    def tables(self) -> set[str]:
+        return self.db.tables()
+
+    def drop(self, table: str) -> None:
+        self.db.drop_table(table)
+
+    def replace_all(self, table: str, docs: list[dict[str, Any]]) -> None:
+        """The table's documents become `docs`, in this order (a rollback to a kept generation)."""
+        self.table(table).truncate()
+        self.table(table).insert_multiple(docs)
+
+    def version(self) -> int:
+        """The layout version of the file (manager/context.py STORE_VERSION); 0 before versions were kept."""
+        doc = self.table(VERSION_TABLE).get(doc_id=1)
+        return int((doc or {}).get("version", 0))
+
+    def set_version(self, version: int) -> None:
+        with self.transaction():
+            self.table(VERSION_TABLE).upsert(Document({"version": version}, doc_id=1))
+
     def get_setting(self, key: str, default: Any = None) -> Any:
         doc = self.table("settings").get(doc_id=1)
         return (doc or {}).get(key, default)
@@ -135,3 +190,10 @@ class Store:
                 table.insert(values)
             else:
                 table.update(values, doc_ids=[1])
+
+
+def _matching(match: dict[str, Any]) -> Callable[[Mapping[str, Any]], bool]:
+    if not match:
+        raise ValueError("a store lookup needs at least one field to match")
+    pairs = tuple(match.items())
+    return lambda doc: all(doc.get(k) in x if isinstance(x, set | frozenset) else doc.get(k) == x for k, x in pairs)

@@ -25,7 +25,7 @@ from typing import Any
 
 import requests
 
-from manager import capacity, environment, generations, health, pools, quotas, snapshot
+from manager import capacity, environment, generations, health, pools, quotas, running, snapshot
 from manager import settings as settings_mod
 from manager.apply import healthz_url, recover
 from manager.certs import manage as cert_manage
@@ -286,6 +286,9 @@ class Supervisor:
             Periodic("model discovery and DNS", lambda: self.settings()["discovery_interval"], self._refresh,
                      self.stopping),
             Periodic("health checks", health_interval, lambda: health.check(self.bastion), self.stopping),
+            # the Ollama upstreams' running models, for the gate's /api/ps (polled even with health checks off)
+            Periodic("running models", lambda: health_interval() or 10.0, lambda: running.poll(self.bastion),
+                     self.stopping),
             Periodic("log upkeep", lambda: 1.0, self._log_upkeep, self.stopping),
             Periodic("snapshot repair", lambda: 2.0, self._repair_snapshot, self.stopping),
             # looks every minute, renews at most twice a day (manage.RENEWAL_CHECK_EVERY), failures recorded

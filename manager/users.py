@@ -10,8 +10,6 @@ import secrets
 import time
 from typing import TYPE_CHECKING, Any
 
-from tinydb import Query
-
 from manager import environment
 from manager import validation as v
 from manager.errors import Conflict, NotFound
@@ -19,7 +17,6 @@ from manager.errors import Conflict, NotFound
 if TYPE_CHECKING:
     from manager.context import Bastion
 
-User = Query()
 ROLES = ("admin", "viewer")
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
 MIN_PASSWORD = 8
@@ -59,7 +56,7 @@ def public(user: dict[str, Any]) -> dict[str, Any]:
 
 
 def find(bastion: Bastion, username: str) -> dict[str, Any] | None:
-    return bastion.store.table("users").get(User.username == username)
+    return bastion.store.find("users", username=username)
 
 
 def _get(bastion: Bastion, username: str) -> dict[str, Any]:
@@ -74,7 +71,7 @@ def get(bastion: Bastion, username: str) -> dict[str, Any]:
 
 
 def all_users(bastion: Bastion) -> list[dict[str, Any]]:
-    return [public(u) for u in bastion.store.table("users").all()]
+    return [public(u) for u in bastion.store.all("users")]
 
 
 def create(bastion: Bastion, username: Any, password_: Any, role: Any = "viewer",
@@ -87,10 +84,10 @@ def create(bastion: Bastion, username: Any, password_: Any, role: Any = "viewer"
         "token_version": 0,
         "created_at": time.time(),
     }
-    with bastion.change(author, f"create user {user['username']}") as db:
-        if db.table("users").contains(User.username == user["username"]):
+    with bastion.change(author, f"create user {user['username']}"):
+        if bastion.store.find("users", username=user["username"]):
             raise Conflict("username", f"user {user['username']!r} already exists")
-        db.table("users").insert(user)
+        bastion.store.insert("users", user)
     return public(user)
 
 
@@ -104,25 +101,25 @@ def update(bastion: Bastion, username: str, author: str = "cli", **fields: Any) 
         values["role"] = v.choice("role", fields["role"], ROLES)
     if "password" in fields:
         values["password_hash"] = hash_password(password("password", fields["password"]))
-    with bastion.change(author, f"update user {username} ({', '.join(sorted(fields))})") as db:
+    with bastion.change(author, f"update user {username} ({', '.join(sorted(fields))})"):
         user = _get(bastion, username)
         if values.get("role") == "viewer" and user["role"] == "admin" and _admins(bastion) == 1:
             raise Conflict("role", "the last admin cannot become a viewer")
         values["token_version"] = user.get("token_version", 0) + 1
-        db.table("users").update(values, User.username == username)
+        bastion.store.update("users", values, username=username)
     return get(bastion, username)
 
 
 def remove(bastion: Bastion, username: str, author: str = "cli") -> None:
-    with bastion.change(author, f"remove user {username}") as db:
+    with bastion.change(author, f"remove user {username}"):
         user = _get(bastion, username)
         if user["role"] == "admin" and _admins(bastion) == 1:
             raise Conflict("username", "the last admin cannot be removed")
-        db.table("users").remove(User.username == username)
+        bastion.store.remove("users", username=username)
 
 
 def _admins(bastion: Bastion) -> int:
-    return len(bastion.store.table("users").search(User.role == "admin"))
+    return bastion.store.count("users", role="admin")
 
 
 def authenticate(bastion: Bastion, username: str, password_: str) -> dict[str, Any] | None:
@@ -134,7 +131,7 @@ def authenticate(bastion: Bastion, username: str, password_: str) -> dict[str, A
 
 def ensure_admin(bastion: Bastion) -> str | None:
     """On first start create `admin`; returns the generated password (None when set by env or not needed)."""
-    if bastion.store.table("users").all():
+    if bastion.store.all("users"):
         return None
     given = environment.secret(environment.ADMIN_PASSWORD)  # the variable or the file BASTION_ADMIN_PASSWORD_FILE
     pw = given or secrets.token_urlsafe(15)

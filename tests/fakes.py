@@ -14,6 +14,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 
+def ollama_details(model: str) -> dict[str, Any]:
+    return {"parent_model": "", "format": "gguf", "family": "llama", "families": ["llama"],
+            "parameter_size": "8.0B", "quantization_level": "Q4_K_M"}
+
+
 class FakeUpstream:
     """An OpenAI + Ollama compatible server on a free port, answering with its `name` in every reply. With
     `api_key` it answers 401 (OpenAI-shaped) to every request without `Authorization: Bearer <api_key>`.
@@ -28,11 +33,18 @@ class FakeUpstream:
     Knobs for broken streams: `cut_after` events the connection is closed without ending the stream,
     `stall_after` events it goes silent for `stall` seconds; `split` sends each event in two pieces, cut
     inside the first "é" (give the text one with `suffix`); `fail_status` answers every POST with that error,
-    `delay` holds every POST's answer (head included) that many seconds."""
+    `delay` holds every POST's answer (head included) that many seconds.
+
+    `apis` says which APIs it speaks, as a real server would: "openai" (/v1/*, as vLLM) and/or "ollama" (/api/*
+    and `GET /`, answered exactly as Ollama does, so the real `ollama` library validates them); the other
+    API's paths get the 404 such a server gives. `running`: the models /api/ps reports (default: the first)."""
 
     def __init__(self, name: str, models: list[str], chunk_delay: float = 0.0, chunks: int = 5, port: int = 0,
-                 api_key: str | None = None):
+                 api_key: str | None = None, apis: tuple[str, ...] = ("openai", "ollama")):
         self.name = name
+        self.apis = apis
+        self.running: list[str] | None = None
+        self.version = "0.6.5"
         self.api_key = api_key
         self.models = models
         self.chunk_delay = chunk_delay
@@ -165,24 +177,72 @@ class _Handler(BaseHTTPRequestHandler):
                               "param": None, "code": "invalid_api_key"}}, 401)
         return True
 
+    def _unspoken(self) -> bool:
+        """Answer 404 to a path of an API this server does not speak (as vLLM does to /api/*, Ollama to /)."""
+        up, path = self.upstream, self.path
+        ollama = path.startswith("/api/") or path == "/"
+        spoken = "ollama" in up.apis if ollama else ("openai" in up.apis or not path.startswith("/v1/"))
+        if spoken:
+            return False
+        if ollama:  # vLLM / FastAPI
+            self._json({"detail": "Not Found"}, 404)
+        else:  # Ollama (Go's net/http)
+            data = b"404 page not found"
+            self.send_response(404)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        return True
+
+    def _tag(self, model: str) -> dict[str, Any]:
+        """An /api/tags entry as Ollama 0.6 lists it (digest and size derived from the name)."""
+        digest = hashlib.sha256(model.encode()).hexdigest()
+        return {"name": model, "model": model, "modified_at": "2025-03-14T09:26:53.123456789+01:00",
+                "size": 4_661_224_676 + len(model), "digest": digest, "details": ollama_details(model)}
+
+    def do_HEAD(self) -> None:
+        self._record()
+        if self.path == "/" and "ollama" in self.upstream.apis:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.send_header("Content-Length", "17")
+            self.end_headers()
+        else:
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
     def do_GET(self) -> None:
         self._record()
-        if self._refused():
+        if self._refused() or self._unspoken():
             return
         up = self.upstream
         if self.path == "/v1/models":
-            self._json({"object": "list", "data": [{"id": m, "object": "model", "owned_by": up.name}
-                                                   for m in up.models]})
+            self._json({"object": "list", "data": [{"id": m, "object": "model", "created": 1_700_000_000 + i,
+                                                    "owned_by": f"{up.name}-org"} for i, m in enumerate(up.models)]})
         elif self.path == "/api/tags":
-            self._json({"models": [{"name": m, "model": m} for m in up.models]})
+            self._json({"models": [self._tag(m) for m in up.models]})
+        elif self.path == "/api/ps":
+            running = up.models[:1] if up.running is None else up.running
+            self._json({"models": [{**{k: x for k, x in self._tag(m).items() if k != "modified_at"},
+                                    "expires_at": "2099-01-01T00:00:00.000000000Z", "size_vram": 5_000_000_000,
+                                    "context_length": 4096} for m in running]})
         elif self.path == "/api/version":
-            self._json({"version": "0.0.0-" + up.name})
+            self._json({"version": up.version})
+        elif self.path == "/":
+            data = b"Ollama is running"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
         else:
             self._json({"upstream": up.name, "path": self.path})
 
     def do_POST(self) -> None:
         entry = self._record()
-        if self._refused():
+        if self._refused() or self._unspoken():
             return
         up = self.upstream
         if up.delay:
@@ -230,6 +290,31 @@ class _Handler(BaseHTTPRequestHandler):
                 message["tool_calls"] = [{"function": {"name": "f", "arguments": json.loads(up.tool_args)}}]
             self._json({"model": model, "message": message, "done": True, "done_reason": "stop",
                         "prompt_eval_count": 9, "eval_count": up.chunks})
+        elif self.path == "/api/show":
+            name = body.get("model") or body.get("name") or ""
+            if name not in up.models and f"{name}:latest" not in up.models:
+                self._json({"error": f"model '{name}' not found"}, 404)
+            else:
+                self._json({"license": "", "modelfile": f"FROM {name}\n", "parameters": "stop \"<|eot_id|>\"",
+                            "template": "{{ .Prompt }}", "details": ollama_details(name),
+                            "model_info": {"general.architecture": "llama", "general.parameter_count": 8030261248,
+                                           "llama.context_length": 131072},
+                            "capabilities": ["completion"], "modified_at": "2025-03-14T09:26:53.123456789+01:00"})
+        elif self.path == "/api/generate":
+            pieces = [{"model": model, "created_at": "2024-01-01T00:00:00Z", "response": f"{up.name}-{i}{up.suffix}",
+                       "done": False} for i in range(up.chunks)]
+            last = {"model": model, "created_at": "2024-01-01T00:00:00Z", "response": "", "done": True,
+                    "done_reason": "stop", "context": [1, 2, 3], "total_duration": 1000, "load_duration": 10,
+                    "prompt_eval_count": 9, "prompt_eval_duration": 100, "eval_count": up.chunks,
+                    "eval_duration": 500}
+            if body.get("stream") is False:
+                self._json({**last, "response": "".join(p["response"] for p in pieces)})
+            else:
+                self._stream("application/x-ndjson", [json.dumps(x, ensure_ascii=False).encode() + b"\n"
+                                                      for x in (*pieces, last)])
+        elif self.path == "/api/embed":
+            self._json({"model": model, "embeddings": [[0.1, 0.2, 0.3]], "total_duration": 1000,
+                        "load_duration": 10, "prompt_eval_count": 1})
         elif self.path == "/api/chat":
             lines = [json.dumps({"model": model, "created_at": "2024-01-01T00:00:00Z",
                                  "message": {"role": "assistant", "content": f"{up.name}-{i}{up.suffix}"},

@@ -208,6 +208,8 @@ INJECTIONS = [
     ("/api/v1/keys", {"name": "k", "colour": "red"}, "colour"),
     ("/api/v1/cidr-groups", {"name": "g", "allow": ["10.0.0.1/33"]}, "allow[0]"),
     ("/api/v1/routes", {"model": "m", "pools": ["ghost"]}, "pools[0]"),
+    ("/api/v1/pools", {"name": "p2", "upstreams": ["http://127.0.0.1:9"], "models": ["m"],
+                       "passthrough": ["/tokenize", "/v1/x"]}, "passthrough[1]"),
     ("/api/v1/routes", {"model": "m", "pools": ["main"], "mode": "random"}, "mode"),
     ("/api/v1/pools", {"name": "x", "upstreams": ["http://h:80"], "retry_statuses": [404]}, "retry_statuses[0]"),
     ("/api/v1/pools", {"name": "x", "upstreams": ["http://h:80"], "read_timeout": 0}, "read_timeout"),
@@ -240,6 +242,17 @@ def test_wrong_body_types_and_sizes(api: Stack, token: str) -> None:
     assert r.status_code == 413 and r.json()["success"] is False
     r = call(api, "PATCH", "/api/v1/settings", token, json={"body_limit_mb": True})
     assert r.status_code == 400 and r.json()["error"]["field"] == "body_limit_mb"
+    before = (api.data_dir / "store.json").read_bytes()
+    for body, field in (({"cors_origins": ["https://a.example.com/x"]}, "cors_origins[0]"),
+                        ({"cors_origins": "https://a.example.com"}, "cors_origins"),
+                        ({"cors_origins": ["*"], "cors_credentials": True}, "cors_credentials"),
+                        ({"unauthenticated_rpm": "lots"}, "unauthenticated_rpm")):
+        r = call(api, "PATCH", "/api/v1/settings", token, json=body)
+        assert r.status_code == 400 and r.json()["error"]["field"] == field, r.text
+    assert (api.data_dir / "store.json").read_bytes() == before
+    shown = call(api, "GET", "/api/v1/settings", token).json()
+    assert shown["cors_origins"] == [] and shown["openai_paths_without_v1"] is True
+    assert shown["unauthenticated_rpm"] == 60
 
 
 def test_authentication_required(api: Stack) -> None:

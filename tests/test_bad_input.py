@@ -86,6 +86,23 @@ BAD_COMMANDS = [
     (["keys", "create", "ok", "--cidrs", "10.0.0.1/33"], "cidrs[0]"),
     (["keys", "create", "ok", "--cidrs", "0.0.0.0/0; allow all"], "cidrs[0]"),
     (["keys", "create", "ok", "--endpoints", "/v1/{x}"], "endpoints[0]"),
+    (["settings", "set", "cors_origins", "https://app.example.com/"], "cors_origins[0]"),
+    (["settings", "set", "cors_origins", "https://app.example.com/path"], "cors_origins[0]"),
+    (["settings", "set", "cors_origins", "app.example.com"], "cors_origins[0]"),
+    (["settings", "set", "cors_origins", 'https://a.example.com";return 200;#'], "cors_origins[0]"),
+    (["settings", "set", "cors_origins", "null"], "cors_origins"),
+    (["settings", "set", "cors_origins", "*,https://app.example.com"], "cors_origins"),
+    (["settings", "set", "cors_methods", "GET,PO ST"], "cors_methods[1]"),
+    (["settings", "set", "cors_headers", "Authorization,X-Bad;"], "cors_headers[1]"),
+    (["settings", "set", "cors_credentials", "yes"], "cors_credentials"),
+    (["settings", "set", "unauthenticated_rpm", "1000001"], "unauthenticated_rpm"),
+    (["settings", "set", "openai_paths_without_v1", "1"], "openai_paths_without_v1"),
+    (["pools", "update", "main", "--passthrough", "/tokenize,/v1/tokenize"], "passthrough[1]"),
+    (["pools", "update", "main", "--passthrough", "/../etc"], "passthrough[0]"),
+    (["pools", "update", "main", "--passthrough", "/x;return 200"], "passthrough[0]"),
+    (["pools", "update", "main", "--passthrough", "/completions"], "passthrough[0]"),
+    (["pools", "add", "p2", "--url", "http://127.0.0.1:9", "--models", "m", "--passthrough", "/a*b"],
+     "passthrough[0]"),
     (["keys", "create", "ok", "--max-parallel", "0"], "max_parallel"),
     (["keys", "create", "ok", "--max-parallel", "2; limit_conn x 9"], "max_parallel"),
     (["keys", "create", "ok", "--default-model", "a b"], "default_model"),
@@ -106,6 +123,20 @@ def test_bad_input_is_refused_and_changes_nothing(data_dir: Path, args: list[str
     result = run(data_dir, *args)
     assert result.exit_code != 0
     assert f"Error: {field}" in result.output, result.output
+    assert fingerprint(data_dir) == before
+
+
+def test_cors_credentials_refused_with_any_origin(data_dir: Path) -> None:
+    assert run(data_dir, "settings", "set", "cors_origins", "*").exit_code == 0
+    before = fingerprint(data_dir)
+    result = run(data_dir, "settings", "set", "cors_credentials", "true")
+    assert result.exit_code != 0 and "Error: cors_credentials" in result.output, result.output
+    assert fingerprint(data_dir) == before
+    assert run(data_dir, "settings", "set", "cors_origins", "https://app.example.com").exit_code == 0
+    assert run(data_dir, "settings", "set", "cors_credentials", "true").exit_code == 0
+    before = fingerprint(data_dir)
+    result = run(data_dir, "settings", "set", "cors_origins", "*")
+    assert result.exit_code != 0 and "Error: cors_origins" in result.output, result.output
     assert fingerprint(data_dir) == before
 
 

@@ -376,3 +376,17 @@ def test_an_ollama_stream_falls_back_too(stack: Stack, key: str) -> None:
     assert rec["pool"] == "live"
     if metering.detect(NGINX).module:
         assert (rec["outcome"], rec["total_tokens"]) == ("completed", "14")
+
+
+def test_a_fallback_goes_only_to_pools_that_take_the_same_body(tmp_path: Path) -> None:
+    """The gate edits the body for the first pool (a model alias): a pool that knows the model under another
+    upstream name is left out of the chain, one under the same name stays in."""
+    token = keyformat.generate()[1]
+    write_snapshot(tmp_path / "snapshot.json", [key_entry(token)], body_edits=True,
+                   pools=[{"name": "a", "models": [], "aliases": {"pub": "up-a"}},
+                          {"name": "b", "models": [], "aliases": {"pub": "up-b"}},
+                          {"name": "c", "models": [], "aliases": {"pub": "up-a"}}],
+                   routes=[{"model": "pub", "pools": ["a", "b", "c"]}])
+    call = Call(Gate(tmp_path / "snapshot.json", PEPPER), "/v1/chat/completions", token, {"model": "pub"})
+    assert (call.headers["X-Accel-Redirect"], call.headers["X-Bastion-Fallback"]) == ("@then_a", "a,c")
+    assert "up-a" in call.headers["X-Bastion-Edit"]

@@ -84,7 +84,7 @@ def test_allowed_request_is_redirected_to_the_model_pool(gate: Gate, token: str)
     assert Call(gate, "/api/chat", token, {"model": "llama3"}).headers["X-Accel-Redirect"] == "@pool_main"
     assert Call(gate, "/api/show", token, {"name": "nomic"}).headers["X-Accel-Redirect"] == "@pool_embed"
     # endpoints without a model go to the default (first) pool
-    assert Call(gate, "/api/version", token, method="GET").headers["X-Accel-Redirect"] == "@pool_main"
+    assert Call(gate, "/v1/files", token, method="GET").headers["X-Accel-Redirect"] == "@pool_main"
 
 
 @pytest.mark.parametrize("bad", [None, "", "sk-abc", "bst_short_x", "bst_aaaaaaaaaaaa_" + "b" * 40])
@@ -338,7 +338,8 @@ def test_ollama_model_rules_mirror_ollama(tmp_path: Path, token: str) -> None:
     assert Call(gate, "/api/pull", token, {"MODEL": "secret-model"}).status == 404
     assert Call(gate, "/api/pull", token, {"name": "llama3"}).status == 200
     # a restricted key's JSON body must name a model
-    assert Call(gate, "/api/ps", token, {"verbose": True}).status == 400
+    assert Call(gate, "/api/ps", token, {"verbose": True}).status == 405  # GET only
+    assert Call(gate, "/api/extra", token, {"verbose": True}).status == 400
 
 
 def test_huge_multipart_bodies_are_refused_fast(tmp_path: Path, token: str) -> None:

@@ -512,8 +512,8 @@ def test_metered_tokens_count_against_a_daily_quota(metered: Stack, up: FakeUpst
 def test_the_body_towards_the_upstream_keeps_its_framing(metered: Stack, key: str, up: FakeUpstream) -> None:
     """proxy_set_body sends the body nginx read: with its length, also for a chunked upload, and no
     Content-Length at all for a request without a body."""
-    assert metered.get("/api/version", key).status_code == 200
-    got = [r for r in up.requests if r["path"] == "/api/version"][-1]
+    assert metered.get("/v1/files", key).status_code == 200
+    got = [r for r in up.requests if r["path"] == "/v1/files"][-1]
     assert "Content-Length" not in got["headers"] and got["body"] == b""
     body = b'{"model": "meter-model", "messages": [], "stream": true}'
     r = metered.post("/v1/chat/completions", key, data=iter([body[:10], body[10:]]),

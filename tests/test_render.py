@@ -119,7 +119,8 @@ GOLDEN_ROOT = "/srv/bastion-golden"  # the data dir named in the golden files
 
 def golden_input(tls: bool = False, njs: bool = False) -> RenderInput:
     """A fixed input touching every feature of the templates (`tls`: with the HTTP and HTTPS listeners, two
-    certificates and HSTS; `njs`: with token metering)."""
+    certificates, HSTS and CORS for two origins with credentials; `njs`: with token metering, CORS for any
+    origin and no /v1-less paths)."""
     pools_ = [
         {"name": "local", "method": "least_conn", "models": ["m1"],
          "upstreams": [{"url": "http://127.0.0.1:8000", "weight": 3},
@@ -137,6 +138,10 @@ def golden_input(tls: bool = False, njs: bool = False) -> RenderInput:
               "trusted_proxies": ["192.0.2.0/24"], "server_name": "llm.example.com", "read_timeout": 700}
     if tls:
         stored.update(http_listen="127.0.0.1:8880", https_listen="127.0.0.1:8443", hsts=True)
+        stored.update(cors_origins=["https://app.example.com", "http://localhost:3000"], cors_credentials=True)
+    if njs:
+        stored.update(cors_origins=["*"], cors_headers=["Authorization", "Content-Type"],
+                      openai_paths_without_v1=False)
     tables = {"pools": pools_, "routes": [], "settings": [stored],
               "cidr_groups": [{"name": "office", "allow": ["10.1.0.0/16"], "deny": ["10.1.2.0/24"]}]}
     resolved = {"127.0.0.1:8000": ["127.0.0.1:8000"], "127.0.0.1:8001": ["127.0.0.1:8001"],

@@ -22,11 +22,11 @@ from authsvc import keys as keyformat
 from authsvc.snapshot import KEYS_DB
 from manager import cidr_groups
 from manager import keys as keys_mod
-from manager.context import Bastion
+from manager.context import STORE_VERSION, Bastion
 from manager.datadir import DataDir
 from manager.errors import Conflict
 from manager.keystore import KeyStore, migrate_from
-from manager.store import Store
+from manager.store import Store, StoreNewer
 from tests.conftest import NGINX, Stack
 
 ROUNDS = 5
@@ -158,6 +158,50 @@ def test_move_from_store_json_is_idempotent_and_keeps_newer_rows(tmp_path: Path)
     assert migrate_from(store, keys) == 0
     assert "keys" not in json.loads((tmp_path / "store.json").read_text())
     assert [k["revoked_at"] for k in keys.all(include_revoked=True)] == [5.0, None, None]
+
+
+def test_a_store_of_every_older_version_is_brought_up_to_date(tmp_path: Path) -> None:
+    """Today's store.json before versions were kept (keys and sign-in state inside) becomes version
+    STORE_VERSION on first open: keys in SQLite, the old tables gone, the rest untouched; opening it again
+    changes nothing."""
+    write_legacy_keys(tmp_path, 2)
+    legacy = json.loads((tmp_path / "store.json").read_text())
+    legacy["login_failures"] = {"1": {"subject": "admin", "failures": 3}}
+    legacy["settings"] = {"1": {"read_timeout": 900}}
+    (tmp_path / "store.json").write_text(json.dumps(legacy))
+    bastion = Bastion(DataDir.at(tmp_path))
+    data = json.loads((tmp_path / "store.json").read_text())
+    assert bastion.store.version() == STORE_VERSION
+    assert not {"keys", "login_failures"} & data.keys() and data["settings"] == {"1": {"read_timeout": 900}}
+    assert len(bastion.keystore.all(include_revoked=True)) == 2
+    before = (tmp_path / "store.json").read_bytes()
+    Bastion(DataDir.at(tmp_path))
+    assert (tmp_path / "store.json").read_bytes() == before
+
+
+def test_a_store_from_a_newer_bastion_is_refused_and_left_alone(tmp_path: Path) -> None:
+    (tmp_path / "store.json").write_text(json.dumps({"store_version": {"1": {"version": STORE_VERSION + 1}}}))
+    with pytest.raises(StoreNewer, match="newer Bastion"):
+        Bastion(DataDir.at(tmp_path))
+    assert json.loads((tmp_path / "store.json").read_text()) == {"store_version": {"1": {"version": STORE_VERSION + 1}}}
+
+
+def test_the_store_finds_documents_by_field_values(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store.json")
+    with store.transaction():
+        store.insert("pools", {"name": "a", "method": "hash"})
+        store.insert("pools", {"name": "b", "method": "hash"})
+        store.insert("pools", {"name": "c", "method": "least_conn"})
+    assert store.find("pools", name="b") == {"name": "b", "method": "hash"}
+    assert store.find("pools", name="x") is None and store.count("pools", method="hash") == 2
+    with store.transaction():
+        assert store.update("pools", {"method": "random_two"}, name={"a", "c"}) == 2
+        assert store.remove("pools", name="b", method="least_conn") == 0
+        store.upsert("pools", {"name": "d", "method": "hash"}, name="d")
+    assert [(p["name"], p["method"]) for p in store.all("pools")] == [("a", "random_two"), ("b", "hash"),
+                                                                       ("c", "random_two"), ("d", "hash")]
+    with pytest.raises(ValueError):
+        store.find("pools")  # a lookup without a field would silently take the first document
 
 
 def test_group_in_use_by_a_key_cannot_be_removed(tmp_path: Path) -> None:

@@ -259,6 +259,7 @@ def test_rotation_with_real_nginx_loses_and_doubles_nothing(stack: Stack) -> Non
     """A real master and its workers: lines written between the move and SIGUSR1 land in the moved file;
     afterwards nginx writes a new access.log. Ingestion by the supervisor runs concurrently all along."""
     stack.cli("settings", "set", "bruteforce_max_failures", "0")  # keyless probes make the log lines here
+    stack.cli("settings", "set", "unauthenticated_rpm", "0")
     logs = stack.data_dir / "logs"
     usage = Usage(stack.data_dir / "usage.sqlite3", logs / "access.log")
     master = int((stack.data_dir / "nginx" / "nginx.pid").read_text())
@@ -311,6 +312,7 @@ def test_record_start_in_a_uri_is_escaped_by_real_nginx(stack: Stack) -> None:
     """The reasoning behind splitting torn lines, checked against nginx itself; and a client cannot hide a
     request from usage with a raw line separator in its URI."""
     stack.cli("settings", "set", "bruteforce_max_failures", "0")  # keyless probes make the log lines here
+    stack.cli("settings", "set", "unauthenticated_rpm", "0")
     r = requests.get(stack.base + "/v1/x%22B1%091%E2%80%A8", headers={"X-Request-ID": "escape-probe"},
                      timeout=10)
     assert r.status_code in (401, 404)

@@ -21,7 +21,7 @@ MODEL_PRICES = {"type": "object", "maxProperties": settings_mod.MAX_PRICED_MODEL
                 "additionalProperties": obj(["input", "output"], input=PRICE, output=PRICE)}
 SETTINGS = obj(public_listen=STR, admin_listen=STR, server_name=NULLABLE_STR, public_cidr_groups=STR_LIST,
                admin_cidr_groups=STR_LIST, trusted_proxies=STR_LIST, body_limit_mb=INT, read_timeout=INT,
-               connect_timeout=INT, max_fails=INT, fail_timeout=INT, default_pool=NULLABLE_STR,
+               connect_timeout=INT, max_fails=INT, fail_timeout=INT, max_streams=INT, default_pool=NULLABLE_STR,
                discovery_interval=INT, health_interval=INT, health_fails=INT, custom_config=STR, ca_bundle=STR,
                usage_retention_days=INT, usage_minute_retention_days=INT,
                usage_hour_retention_days=INT, usage_day_retention_days=INT, log_max_mb=INT,
@@ -30,7 +30,9 @@ SETTINGS = obj(public_listen=STR, admin_listen=STR, server_name=NULLABLE_STR, pu
                http_listen=NULLABLE_STR, https_listen=NULLABLE_STR,
                https_public_port={"type": ["integer", "null"]}, acme_server=STR, acme_email=NULLABLE_STR,
                acme_ca_bundle=NULLABLE_STR, acme_key_type={"type": "string", "enum": ["ecdsa", "rsa"]},
-               dns_propagation_seconds=INT, hsts=BOOL, model_prices=MODEL_PRICES, auto_models=STR_LIST)
+               dns_propagation_seconds=INT, hsts=BOOL, model_prices=MODEL_PRICES, auto_models=STR_LIST,
+               unauthenticated_rpm=INT, openai_paths_without_v1=BOOL, cors_origins=STR_LIST, cors_methods=STR_LIST,
+               cors_headers=STR_LIST, cors_credentials=BOOL)
 
 
 @groups_bp.op("GET", "", "List CIDR groups", response={"type": "array", "items": GROUP})

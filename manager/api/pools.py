@@ -40,11 +40,16 @@ UPSTREAM_STATUS = obj(["url"], url=STR, weight=INT, backup=BOOL, down=BOOL,
 POOL_FIELDS = {"upstreams": {"type": "array", "items": UPSTREAM_IN, "minItems": 1},
                "api_key": {"type": ["string", "null"]}, "models": STR_LIST,
                "method": {"type": "string", "enum": list(v.BALANCING_METHODS)}, "tls_verify": BOOL,
-               "include_usage": BOOL, "aliases": {"type": "object", "additionalProperties": STR}, **TRAFFIC}
+               "include_usage": BOOL, "passthrough": STR_LIST,
+               "aliases": {"type": "object", "additionalProperties": STR}, **TRAFFIC,
+               "api_kinds": {"type": ["array", "null"], "items": {"type": "string", "enum": ["openai", "ollama"]}}}
 POOL = obj(name=STR, method=STR, upstreams={"type": "array", "items": UPSTREAM_STATUS}, models=STR_LIST,
            discovered_models=STR_LIST, discovered_at=NULLABLE_NUM, created_at=NUM, api_key_set=BOOL,
-           tls_verify=BOOL, include_usage=BOOL, aliases={"type": "object", "additionalProperties": STR},
-           discovery_error=NULLABLE_STR, discovery_error_since=NULLABLE_NUM, **TRAFFIC)
+           tls_verify=BOOL, include_usage=BOOL, passthrough=STR_LIST,
+           aliases={"type": "object", "additionalProperties": STR},
+           discovery_error=NULLABLE_STR, discovery_error_since=NULLABLE_NUM,
+           **TRAFFIC, api_kinds=STR_LIST, detected_api_kinds={"type": ["array", "null"], "items": STR},
+           effective_api_kinds=STR_LIST, ollama_version=NULLABLE_STR)
 ROUTE = obj(["model", "pools"], model=STR, pools=STR_LIST,
             mode={"type": "string", "enum": list(traffic.ROUTE_MODES)})
 

@@ -72,18 +72,22 @@ def alias_dict(pairs: tuple[str, ...]) -> dict[str, str]:
               help="Check https upstreams' certificates against the system CAs.")
 @click.option("--include-usage/--no-include-usage", default=True, show_default=True,
               help="Ask for stream_options.include_usage on streamed OpenAI requests (token metering).")
+@click.option("--passthrough", help="Comma-separated extra upstream paths (exact, or a prefix ending in *).")
 @click.option("--alias", "alias_pairs", multiple=True, metavar="PUBLIC=UPSTREAM",
               help="Serve the upstream model UPSTREAM under the public name PUBLIC (repeat for several; needs njs).")
 @traffic_options
+@click.option("--api-kinds", help="Comma-separated APIs the upstreams speak: openai, ollama (default: detect).")
 @with_bastion
 def pools_add(b: Bastion, name: str, urls: tuple[str, ...], backup_urls: tuple[str, ...], api_key: str | None,
               models: str | None, weight: int, method: str, tls_verify: bool, include_usage: bool,
-              alias_pairs: tuple[str, ...], **more: object) -> None:
+              passthrough: str | None, alias_pairs: tuple[str, ...], api_kinds: str | None, **more: object) -> None:
     """Add a pool and apply the nginx configuration."""
     ups = [{"url": u, "weight": weight} for u in urls] + [{"url": u, "backup": True} for u in backup_urls]
     click.echo(f"adding pool {name} and applying nginx configuration...")
     pool = pools_mod.add(b, name, ups, api_key=api_key, models=csv(models), method=method, tls_verify=tls_verify,
-                         include_usage=include_usage, aliases=alias_dict(alias_pairs), **traffic_given(more))
+                         include_usage=include_usage, aliases=alias_dict(alias_pairs), api_kinds=csv(api_kinds),
+                         passthrough=csv(passthrough),
+                         **traffic_given(more))
     served = pool["models"] or pool["discovered_models"]
     source = "configured" if pool["models"] else "discovered"
     if served:
@@ -93,6 +97,8 @@ def pools_add(b: Bastion, name: str, urls: tuple[str, ...], backup_urls: tuple[s
         click.echo(f"pool {name} added; no models found: {why}")
     if pool["discovery_error"] and served:
         click.echo(f"warning: {pool['discovery_error']}", err=True)
+    detected = "configured" if pool["api_kinds"] else "detected" if pool["detected_api_kinds"] else "not detected"
+    click.echo(f"APIs ({detected}): {', '.join(pool['effective_api_kinds'])}")
 
 
 @pools.command("update")
@@ -103,20 +109,23 @@ def pools_add(b: Bastion, name: str, urls: tuple[str, ...], backup_urls: tuple[s
 @click.option("--tls-verify/--no-tls-verify", default=None, help="Check https upstreams' certificates.")
 @click.option("--include-usage/--no-include-usage", default=None,
               help="Ask for stream_options.include_usage on streamed OpenAI requests.")
+@click.option("--passthrough", help="Comma-separated extra upstream paths ('' = none).")
 @click.option("--alias", "alias_pairs", multiple=True, metavar="PUBLIC=UPSTREAM",
               help="Replace the pool's model aliases with these (repeat for several).")
 @click.option("--no-aliases", is_flag=True, help="Remove every model alias of the pool.")
 @traffic_options
+@click.option("--api-kinds", help="Comma-separated APIs the upstreams speak: openai, ollama ('' = detect).")
 @with_bastion
 def pools_update(b: Bastion, name: str, method: str | None, api_key: str | None, models: str | None,
-                 tls_verify: bool | None, include_usage: bool | None, alias_pairs: tuple[str, ...],
-                 no_aliases: bool, **more: object) -> None:
+                 tls_verify: bool | None, include_usage: bool | None, passthrough: str | None,
+                 alias_pairs: tuple[str, ...], no_aliases: bool, api_kinds: str | None, **more: object) -> None:
     """Change a pool and apply the nginx configuration."""
     if alias_pairs and no_aliases:
         raise click.UsageError("give --alias or --no-aliases, not both")
     aliases = {} if no_aliases else alias_dict(alias_pairs) if alias_pairs else None
     given = (("method", method), ("api_key", api_key), ("models", csv(models)), ("tls_verify", tls_verify),
-             ("include_usage", include_usage), ("aliases", aliases))
+             ("include_usage", include_usage), ("aliases", aliases), ("api_kinds", csv(api_kinds)),
+             ("passthrough", csv(passthrough)))
     changes = {k: x for k, x in given if x is not None} | traffic_given(more)
     if not changes:
         raise click.UsageError("nothing to change: give at least one option")
@@ -156,10 +165,11 @@ def pools_list(b: Bastion, as_json: bool) -> None:
         return u["url"] + (" (backup)" if u["backup"] else "") + (" (DOWN)" if u["down"] else "")
 
     print_table([{"name": p["name"], "method": p["method"], "upstreams": " ".join(map(upstream, p["upstreams"])),
+                  "apis": ",".join(p["effective_api_kinds"]),
                   "models": ",".join([*(p["models"] or p["discovered_models"]),
                                       *(f"{a}={u}" for a, u in p["aliases"].items())]) or "-",
                   "status": pool_status(p)}
-                 for p in rows], ["name", "method", "upstreams", "models", "status"])
+                 for p in rows], ["name", "method", "upstreams", "apis", "models", "status"])
 
 
 def pool_status(pool: dict) -> str:
