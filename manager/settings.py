@@ -58,6 +58,7 @@ DEFAULTS: dict[str, Any] = {
     # certificates (docs/certificates.md); the listeners are stored now, nginx serves them with the TLS work
     "http_listen": None,
     "https_listen": None,
+    "https_public_port": None,  # the port clients reach HTTPS on, when it differs (containers, port forwards)
     "acme_server": "https://acme-v02.api.letsencrypt.org/directory",
     "acme_email": None,
     "acme_ca_bundle": None,
@@ -144,6 +145,7 @@ VALIDATORS = {
     "bruteforce_max_block": lambda f, x: v.integer(f, x, 1, 30 * 86400),
     "http_listen": cert_checks.nullable(v.listen),
     "https_listen": cert_checks.nullable(v.listen),
+    "https_public_port": cert_checks.nullable(lambda f, x: v.integer(f, x, 1, 65535)),
     "acme_server": cert_checks.acme_url,
     "acme_email": cert_checks.email,
     "acme_ca_bundle": cert_checks.nullable(v.file_path),
