@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import json
 import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -36,6 +37,7 @@ MODEL_LIST_LIMIT = 4 * 1024 * 1024
 DEFAULT_DEADLINE = 5.0
 MAX_PARALLEL = 8  # requests at once when many upstreams are asked (discovery, health checks)
 CHUNK = 64 * 1024
+ERROR_LIMIT = 16 * 1024  # bytes of an error answer read for its message
 AUTH_STATUSES = (401, 403)
 KEY_REJECTED = "upstream rejected the pool's API key"
 KEY_NEEDED = "upstream needs an API key"
@@ -68,6 +70,14 @@ def get(url: str, *, api_key: str | None = None, verify: bool | str = True, max_
     """GET `url` (with `Authorization: Bearer api_key` when given). Returns a 2xx answer; raises OutboundError
     for anything else. `verify`: True (system CAs), a CA bundle path, or False. Without `read_body` only the
     status line and headers are read (enough to know the server is alive)."""
+    return send("GET", url, api_key=api_key, verify=verify, max_bytes=max_bytes, deadline=deadline,
+                read_body=read_body)
+
+
+def send(method: str, url: str, *, json_body: Any = None, api_key: str | None = None, verify: bool | str = True,
+         max_bytes: int = MODEL_LIST_LIMIT, deadline: float = DEFAULT_DEADLINE, read_body: bool = True) -> Answer:
+    """`method` `url` with `json_body` (when not None) as JSON; otherwise as `get`. A refusal's own words
+    (Ollama's `{"error": ...}`) are kept in the OutboundError when the answer is small JSON."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise OutboundError(f"{printable(url)} is not an http(s) URL")
@@ -97,10 +107,15 @@ def get(url: str, *, api_key: str | None = None, verify: bool | str = True, max_
         headers = {"Accept": "application/json", "User-Agent": "Bastion"}
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
-        conn.request("GET", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""), headers=headers)
+        payload = None
+        if json_body is not None:
+            payload = json.dumps(json_body).encode()
+            headers["Content-Type"] = "application/json"
+        conn.request(method, (parts.path or "/") + (f"?{parts.query}" if parts.query else ""), body=payload,
+                     headers=headers)
         resp = conn.getresponse()
         answer_headers = {k.lower(): v for k, v in resp.getheaders()}
-        _check_status(resp.status, answer_headers, api_key)
+        _check_status(resp.status, answer_headers, api_key, resp if method != "GET" else None)
         body = _read(resp, answer_headers, max_bytes) if read_body else b""
         if cut.is_set():  # an answer cut short by the watchdog can look complete
             raise OutboundError(_timeout(deadline))
@@ -122,6 +137,61 @@ def get(url: str, *, api_key: str | None = None, verify: bool | str = True, max_
     finally:
         watchdog.cancel()
         watchdog_sock.close()
+        if conn is not None:
+            conn.close()
+        sock.close()
+
+
+def stream_lines(method: str, url: str, *, json_body: Any = None, api_key: str | None = None,
+                 verify: bool | str = True, deadline: float = DEFAULT_DEADLINE, idle: float = 300.0,
+                 max_line: int = 64 * 1024) -> Iterator[bytes]:
+    """The lines of a long answer (Ollama's NDJSON progress), as they come. `deadline` bounds the connection
+    and the answer's head; after it, each line must come within `idle` seconds (a pull takes as long as it
+    takes, but an upstream gone silent fails). A line longer than `max_line` fails; nothing is kept."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise OutboundError(f"{printable(url)} is not an http(s) URL")
+    https = parts.scheme == "https"
+    host, port = parts.hostname, parts.port or (443 if https else 80)
+    sock = _connect(host, port, time.monotonic() + deadline, deadline)
+    conn: http.client.HTTPConnection | None = None
+    try:
+        sock.settimeout(deadline)
+        try:
+            if https:
+                sock = _tls_context(verify).wrap_socket(sock, server_hostname=host)
+                conn = http.client.HTTPSConnection(host, port)
+            else:
+                conn = http.client.HTTPConnection(host, port)
+            conn.sock = sock
+            headers = {"Accept": "application/x-ndjson", "User-Agent": "Bastion", "Content-Type": "application/json"}
+            if api_key:
+                headers["Authorization"] = f"Bearer {api_key}"
+            payload = json.dumps(json_body).encode() if json_body is not None else None
+            conn.request(method, parts.path or "/", body=payload, headers=headers)
+            resp = conn.getresponse()
+            _check_status(resp.status, {k.lower(): v for k, v in resp.getheaders()}, api_key, resp)
+        except ssl.SSLCertVerificationError as e:
+            raise OutboundError(f"TLS verification failed: {e.verify_message or e.reason}") from None
+        except TimeoutError:
+            raise OutboundError(_timeout(deadline)) from None
+        except (OSError, http.client.HTTPException) as e:
+            raise OutboundError(f"the connection failed ({getattr(e, 'strerror', None) or e})") from None
+        sock.settimeout(idle)
+        while True:
+            try:
+                line = resp.readline(max_line + 1)
+            except TimeoutError:
+                raise OutboundError(f"nothing from the upstream for {idle:g} s") from None
+            except (OSError, http.client.HTTPException) as e:
+                raise OutboundError(f"the answer broke off ({getattr(e, 'strerror', None) or e})") from None
+            if not line:
+                return
+            if len(line) > max_line:
+                raise OutboundError(f"a line of the answer is longer than {_size(max_line)}")
+            if line.strip():
+                yield line
+    finally:
         if conn is not None:
             conn.close()
         sock.close()
@@ -185,9 +255,14 @@ def _tls_context(verify: bool | str) -> ssl.SSLContext:
         raise OutboundError(f"cannot read the CA bundle {verify} ({e.strerror or e})") from None
 
 
-def _check_status(status: int, headers: dict[str, str], api_key: str | None) -> None:
+def _check_status(status: int, headers: dict[str, str], api_key: str | None,
+                  resp: http.client.HTTPResponse | None = None) -> None:
     if 200 <= status < 300:
         return
+    if resp is not None and status >= 400 and status not in AUTH_STATUSES:
+        said = _said(resp)
+        if said:
+            raise OutboundError(f"the upstream answered HTTP {status}: {said}", status)
     if 300 <= status < 400:
         location = printable(headers.get("location", "nowhere"))
         raise OutboundError(f"the upstream answered with a redirect to {location}; Bastion does not follow "
@@ -195,6 +270,18 @@ def _check_status(status: int, headers: dict[str, str], api_key: str | None) -> 
     if status in AUTH_STATUSES:
         raise OutboundError(KEY_REJECTED if api_key else KEY_NEEDED, status)
     raise OutboundError(f"the upstream answered HTTP {status}", status)
+
+
+def _said(resp: http.client.HTTPResponse) -> str | None:
+    """The `error` of a small JSON refusal (Ollama: {"error": "model 'x' not found"}), printable."""
+    try:
+        data = bodies.loads(resp.read(ERROR_LIMIT + 1)[:ERROR_LIMIT])
+    except (ValueError, OSError, http.client.HTTPException):
+        return None
+    error = data.get("error") if isinstance(data, dict) else None
+    if isinstance(error, dict):  # OpenAI's shape
+        error = error.get("message")
+    return printable(error) if isinstance(error, str) and error else None
 
 
 def _read(resp: http.client.HTTPResponse, headers: dict[str, str], max_bytes: int) -> bytes:

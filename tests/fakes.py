@@ -37,7 +37,10 @@ class FakeUpstream:
 
     `apis` says which APIs it speaks, as a real server would: "openai" (/v1/*, as vLLM) and/or "ollama" (/api/*
     and `GET /`, answered exactly as Ollama does, so the real `ollama` library validates them); the other
-    API's paths get the 404 such a server gives. `running`: the models /api/ps reports (default: the first)."""
+    API's paths get the 404 such a server gives. `running`: the models /api/ps reports (default: the first).
+    /api/pull streams Ollama's progress lines (`pull_steps` of them, `pull_delay` apart; a name starting with
+    "missing" fails as an unknown model does, with an `error` line) and adds the model; /api/delete removes one
+    (404 with Ollama's error when it is not there)."""
 
     def __init__(self, name: str, models: list[str], chunk_delay: float = 0.0, chunks: int = 5, port: int = 0,
                  api_key: str | None = None, apis: tuple[str, ...] = ("openai", "ollama")):
@@ -63,6 +66,8 @@ class FakeUpstream:
         self.stall = 0.0
         self.fail_status: int | None = None  # every POST answered with this error status (e.g. 503 overloaded)
         self.delay = 0.0  # seconds before answering a POST (its head too): a slow first byte
+        self.pull_steps = 4  # progress lines of a layer's download in /api/pull (chunk_delay apart)
+        self.pull_delay = 0.0  # seconds between those lines
         self.requests: list[dict[str, Any]] = []
         self.stream_finished = threading.Event()
         handler = type("Handler", (_Handler,), {"upstream": self})
@@ -240,6 +245,52 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._json({"upstream": up.name, "path": self.path})
 
+    def do_DELETE(self) -> None:
+        entry = self._record()
+        if self._refused() or self._unspoken():
+            return
+        up = self.upstream
+        try:
+            name = json.loads(entry["body"] or b"{}").get("model", "")
+        except (ValueError, AttributeError):
+            name = ""
+        if self.path != "/api/delete":
+            self._json({"error": "not found"}, 404)
+        elif name not in up.models:
+            self._json({"error": f"model '{name}' not found"}, 404)
+        else:
+            up.models.remove(name)
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    def _pull(self, name: str) -> None:
+        """Ollama's /api/pull stream, as 0.6 sends it (a layer's digest cut to 12 characters in the status)."""
+        up = self.upstream
+        digest = "sha256:" + hashlib.sha256(name.encode()).hexdigest()
+        total = 4_661_224_676
+        lines: list[dict[str, Any]] = [{"status": "pulling manifest"}]
+        if name.startswith("missing"):
+            lines.append({"error": "pull model manifest: file does not exist"})
+        else:
+            lines += [{"status": f"pulling {digest[7:19]}", "digest": digest, "total": total,
+                       "completed": total * i // up.pull_steps} for i in range(up.pull_steps + 1)]
+            lines += [{"status": "verifying sha256 digest"}, {"status": "writing manifest"}, {"status": "success"}]
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-ndjson")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for i, line in enumerate(lines):
+            if i:
+                time.sleep(up.pull_delay)
+            data = json.dumps(line).encode() + b"\n"
+            self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+            self.wfile.flush()
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+        if not name.startswith("missing") and name not in up.models:
+            up.models.append(name)
+
     def do_POST(self) -> None:
         entry = self._record()
         if self._refused() or self._unspoken():
@@ -290,6 +341,8 @@ class _Handler(BaseHTTPRequestHandler):
                 message["tool_calls"] = [{"function": {"name": "f", "arguments": json.loads(up.tool_args)}}]
             self._json({"model": model, "message": message, "done": True, "done_reason": "stop",
                         "prompt_eval_count": 9, "eval_count": up.chunks})
+        elif self.path == "/api/pull":
+            self._pull(body.get("model") or body.get("name") or "")
         elif self.path == "/api/show":
             name = body.get("model") or body.get("name") or ""
             if name not in up.models and f"{name}:latest" not in up.models:
