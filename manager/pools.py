@@ -139,6 +139,7 @@ def public(pool: dict[str, Any], checks: dict[str, dict[str, Any]], discoveries:
     out["detected_api_kinds"] = state.get("kinds")
     out["effective_api_kinds"] = effective_kinds(pool, state)
     out["ollama_version"] = state.get("version")
+    out["model_details"] = state.get("info") or {}  # per API kind, model -> what the upstreams report about it
     found = {} if pool["models"] else state
     out["discovery_error"] = found.get("error")
     out["discovery_error_since"] = found.get("error_since")

@@ -49,7 +49,9 @@ POOL = obj(name=STR, method=STR, upstreams={"type": "array", "items": UPSTREAM_S
            aliases={"type": "object", "additionalProperties": STR},
            discovery_error=NULLABLE_STR, discovery_error_since=NULLABLE_NUM,
            **TRAFFIC, api_kinds=STR_LIST, detected_api_kinds={"type": ["array", "null"], "items": STR},
-           effective_api_kinds=STR_LIST, ollama_version=NULLABLE_STR)
+           effective_api_kinds=STR_LIST, ollama_version=NULLABLE_STR,
+           model_details={"type": "object", "additionalProperties": {
+               "type": "object", "additionalProperties": {"type": "object"}}})
 ROUTE = obj(["model", "pools"], model=STR, pools=STR_LIST,
             mode={"type": "string", "enum": list(traffic.ROUTE_MODES)})
 
