@@ -30,7 +30,9 @@ export async function request(method, path, { body, query, raw = false } = {}) {
     if (qs) url += (url.includes("?") ? "&" : "?") + qs;
   }
   const headers = { Accept: "application/json" };
-  if (method !== "GET" && method !== "HEAD") headers["X-CSRF-Token"] = csrfToken();
+  // on every call: some admin reads act too (listing an upstream's Ollama models asks the upstream), and the
+  // manager wants the token for those as for changes
+  headers["X-CSRF-Token"] = csrfToken();
   const init = { method, headers, credentials: "same-origin" };
   if (body !== undefined) {
     headers["Content-Type"] = "application/json";
@@ -82,6 +84,11 @@ export const api = {
   refreshPool: (name) => post(`/api/v1/pools/${enc(name)}/refresh`),
   addUpstream: (name, upstream) => post(`/api/v1/pools/${enc(name)}/upstreams`, upstream),
   removeUpstream: (name, url) => del(`/api/v1/pools/${enc(name)}/upstreams`, undefined, { url }),
+  ollamaModels: (name, upstream) => get(`/api/v1/pools/${enc(name)}/ollama/models`, { upstream }),
+  deleteOllamaModel: (name, upstream, model) =>
+    del(`/api/v1/pools/${enc(name)}/ollama/models`, undefined, { upstream, model }),
+  ollamaPulls: (name) => get(`/api/v1/pools/${enc(name)}/ollama/pulls`),
+  pullOllamaModel: (name, upstream, model) => post(`/api/v1/pools/${enc(name)}/ollama/pulls`, { upstream, model }),
   routes: () => get("/api/v1/routes"),
   setRoute: (model, pools, mode) => post("/api/v1/routes", mode ? { model, pools, mode } : { model, pools }),
   removeRoute: (model) => del(`/api/v1/routes/${enc(model)}`),

@@ -12,7 +12,8 @@ function control(name, value, readonly) {
   if (value && typeof value === "object") {
     return h("textarea", { name, rows: 4, readonly, value: JSON.stringify(value, null, 2), dataset: { kind: "json" } });
   }
-  return h("input", { name, value: value ?? "", readonly });
+  // a setting that may be unset (null): empty means null again, digits a number (e.g. https_public_port)
+  return h("input", { name, value: value ?? "", readonly, dataset: value === null ? { nullable: "1" } : undefined });
 }
 
 function read(input) {
@@ -24,7 +25,10 @@ function read(input) {
       throw Object.assign(new Error(`${input.name}: not valid JSON (${e.message})`), { field: input.name });
     }
   }
-  return input.value.trim() === "" && NULLABLE.has(input.name) ? null : input.value.trim();
+  const text = input.value.trim();
+  if (text === "" && (NULLABLE.has(input.name) || input.dataset.nullable)) return null;
+  if (input.dataset.nullable && /^\d+$/.test(text)) return Number(text);
+  return text;
 }
 
 /** `names`: the settings shown; `hints`: name → text. Calls `saved(settings)` after a change. */

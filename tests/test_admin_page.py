@@ -188,9 +188,18 @@ def test_admin_runs_bastion_from_the_browser(web: Watched, site: Stack, xss_upst
     dialog.get_by_label("Requests per minute").fill("120")
     dialog.get_by_label("Tokens per day").fill("50000")
     dialog.get_by_label("Expires").fill("30d")
+    dialog.get_by_label("Requests at once").fill("3")
+    dialog.get_by_label("Default model").fill("safe-model")
+    dialog.get_by_label('Allow "model": "auto"', exact=False).check()
     dialog.get_by_role("button", name="Save").click()
     row.get_by_text("120 rpm").wait_for()
     row.get_by_text("50,000 tok/day").wait_for()
+    row.get_by_text("3 at once").wait_for()
+    row.get_by_text("default safe-model").wait_for()
+    row.get_by_text("auto allowed").wait_for()
+    stored = next(k for k in requests.get(site.admin + "/api/v1/keys", timeout=10, headers={
+        "Authorization": f"Bearer {site.admin_token()}"}).json() if k["name"] == "browser key")
+    assert (stored["max_parallel"], stored["default_model"], stored["allow_auto"]) == (3, "safe-model", True)
     row.get_by_role("button", name="Disable").click()
     row.get_by_text("disabled", exact=True).wait_for()
     assert refused_soon(site, secret), "a disabled key still works"
@@ -316,6 +325,70 @@ def test_playground_streams_through_the_public_listener(web: Watched, site: Stac
         slow.close()
 
 
+def test_pools_page_shows_what_a_pool_speaks_and_manages_ollama_models(web: Watched, site: Stack) -> None:
+    up = FakeUpstream("ollama-page", ["llama3:latest", XSS])
+    up.pull_delay = 0.4
+    try:
+        page = web.page
+        web.login("admin", ADMIN_PASSWORD)
+        web.go("pools")
+        page.get_by_role("button", name="Add pool").click()
+        dialog = page.get_by_role("dialog")
+        dialog.get_by_label("Name", exact=True).fill("olla")
+        dialog.get_by_label("Upstreams", exact=True).fill(up.url)
+        dialog.get_by_label("Ollama (/api/*)").check()
+        dialog.get_by_label("Aliases").fill("chat-small = llama3:latest")
+        dialog.get_by_label("Pass-through paths").fill("/tokenize")
+        dialog.get_by_role("button", name="Add").click()
+        card = page.locator("section.pool", has=page.get_by_role("heading", name="olla", exact=True))
+        card.get_by_text("Ollama API").wait_for()
+        assert card.get_by_text("OpenAI API").count() == 0  # set to Ollama only
+        card.get_by_text("Ollama 0.6.5").wait_for()
+        card.locator(".pool-facts", has_text="Aliases").get_by_text("chat-small").wait_for()
+        card.locator(".pool-facts", has_text="Pass-through paths").get_by_text("/tokenize").wait_for()
+        details = card.locator("tr", has_text="llama3:latest")
+        assert "Q4_K_M" in details.inner_text() and "8.0B" in details.inner_text(), details.inner_text()
+        assert page.locator("img[src=x]").count() == 0  # the hostile name is no markup (nor routable: not listed)
+        pool = requests.get(site.admin + "/api/v1/pools/olla", timeout=10,
+                            headers={"Authorization": f"Bearer {site.admin_token()}"}).json()
+        assert pool["api_kinds"] == ["ollama"] and pool["aliases"] == {"chat-small": "llama3:latest"}
+        assert pool["passthrough"] == ["/tokenize"]
+
+        # the models on the upstream: pull one (progress shown while it runs), delete one
+        card.get_by_role("button", name="Ollama models").click()
+        dialog = page.get_by_role("dialog")
+        dialog.locator("tr", has_text="llama3:latest").wait_for()
+        dialog.get_by_label("Model to pull").fill("qwen2.5:0.5b")
+        dialog.get_by_role("button", name="Pull", exact=True).click()
+        dialog.get_by_role("progressbar", name="Pulling qwen2.5:0.5b").wait_for()
+        dialog.locator(".pull", has_text="qwen2.5:0.5b").get_by_text(re.compile(r"of 4\.7 GB \(\d+ %\)")).wait_for()
+        dialog.locator(".pull", has_text="qwen2.5:0.5b").get_by_text("done", exact=True).wait_for(timeout=20_000)
+        dialog.locator("tr", has_text="qwen2.5:0.5b").wait_for()  # the list was asked again
+        web.allowed.append("/api/v1/pools/olla/ollama/pulls")
+        dialog.get_by_label("Model to pull").fill("bad name;")
+        dialog.get_by_role("button", name="Pull", exact=True).click()
+        dialog.locator(".error-box", has_text="model").wait_for()
+        web.allowed.clear()
+        dialog.get_by_label("Model to pull").fill("missing-model")
+        dialog.get_by_role("button", name="Pull", exact=True).click()
+        dialog.locator(".pull", has_text="missing-model").get_by_text(
+            "pull model manifest: file does not exist").wait_for()
+        dialog.locator("tr", has_text="llama3:latest").get_by_role("button", name="Delete").click()
+        page.get_by_role("dialog", name="Delete llama3:latest?").get_by_role("button", name="Delete").click()
+        page.get_by_text("llama3:latest deleted").wait_for()
+        dialog.locator("tr", has_text="llama3:latest").wait_for(state="detached")
+        assert "llama3:latest" not in up.models and "qwen2.5:0.5b" in up.models
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "pools-ollama-models.png"))
+        dialog.get_by_role("button", name="Close").click()
+        card.locator("code.model", has_text="qwen2.5:0.5b").wait_for()  # discovered again after the changes
+        web.check()
+    finally:
+        requests.delete(site.admin + "/api/v1/pools/olla", timeout=30,
+                        headers={"Authorization": f"Bearer {site.admin_token()}"})
+        up.close()
+
+
 def key_id(stack: Stack, name: str) -> str:
     token = stack.admin_token()
     keys = requests.get(stack.admin + "/api/v1/keys", headers={"Authorization": f"Bearer {token}"}, timeout=10).json()
@@ -345,6 +418,35 @@ def test_settings_and_network_name_the_refused_field(web: Watched, site: Stack) 
     assert page.evaluate("document.activeElement.name") == "read_timeout"
     page.reload()
     assert page.get_by_label("Read timeout").input_value() == before  # nothing was changed
+
+    # every setting has a control, on the settings page or the network page (the custom config has its own page)
+    from manager.settings import DEFAULTS
+
+    web.go("settings")
+    on_settings = set(page.eval_on_selector_all("main [name]", "els => els.map(e => e.name)"))
+    web.go("network")
+    on_network = set(page.eval_on_selector_all("main [name]", "els => els.map(e => e.name)"))
+    missing = set(DEFAULTS) - on_settings - on_network - {"custom_config"}
+    assert not missing, missing
+    assert {"cors_origins", "cors_credentials", "trusted_proxies", "unauthenticated_rpm"} <= on_network
+    # network settings are saved from their page
+    page.get_by_label("Trusted proxies").fill("10.9.0.0/16")
+    page.get_by_label("Unauthenticated rpm").fill("90")
+    page.locator("section", has=page.get_by_label("Trusted proxies")).get_by_role("button", name="Save").click()
+    page.get_by_text("Saved: trusted_proxies, unauthenticated_rpm").wait_for()
+    page.get_by_label("Cors origins").fill("https://app.example.test")
+    page.get_by_label("Cors credentials").check()
+    page.locator("section", has=page.get_by_label("Cors origins")).get_by_role("button", name="Save").click()
+    page.get_by_text("Saved: cors_origins, cors_credentials").wait_for()
+    token = site.admin_token()
+    auth = {"Authorization": f"Bearer {token}"}
+    now = requests.get(site.admin + "/api/v1/settings", headers=auth, timeout=10).json()
+    assert now["trusted_proxies"] == ["10.9.0.0/16"] and now["unauthenticated_rpm"] == 90
+    assert now["cors_origins"] == ["https://app.example.test"] and now["cors_credentials"] is True
+    r = requests.patch(site.admin + "/api/v1/settings", headers=auth, timeout=30, json={
+        "trusted_proxies": [], "unauthenticated_rpm": DEFAULTS["unauthenticated_rpm"], "cors_origins": [],
+        "cors_credentials": False})
+    assert r.status_code == 200, r.text
     web.check()
 
 
@@ -423,7 +525,8 @@ def test_viewer_sees_no_edit_controls_and_gets_403(web: Watched, site: Stack) ->
     page = web.page
     web.login("viewer", VIEWER_PASSWORD)
     for route, controls in [("keys", ["Create key", "Edit", "Revoke", "Disable"]),
-                            ("pools", ["Add pool", "Edit", "Remove", "Add upstream", "Add route"]),
+                            ("pools", ["Add pool", "Edit", "Remove", "Add upstream", "Add route", "Ollama models",
+                                       "Refresh models"]),
                             ("config", ["Render and apply", "Apply change", "Roll back", "Show diff"]),
                             ("network", ["Add CIDR group", "Edit", "Remove", "Save", "Lift every block"]),
                             ("certificates", ["Obtain", "Upload", "Cloudflare token"]),

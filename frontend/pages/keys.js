@@ -89,8 +89,11 @@ export async function render(ctx) {
 function limits(k) {
   const parts = [];
   if (k.rpm) parts.push(`${num(k.rpm)} rpm`);
+  if (k.max_parallel) parts.push(`${num(k.max_parallel)} at once`);
   for (const [name, label] of QUOTAS) if (k[name]) parts.push(`${num(k[name])} ${label.toLowerCase().replace("tokens per ", "tok/").replace("requests per ", "req/")}`);
   if (k.cidrs.length || k.cidr_groups.length) parts.push(`from ${[...k.cidr_groups, ...k.cidrs].join(", ")}`);
+  if (k.default_model) parts.push(`default ${k.default_model}`);
+  if (k.allow_auto) parts.push("auto allowed");
   return parts.length ? parts.join(" · ") : h("span", { class: "muted" }, "none");
 }
 
@@ -113,7 +116,13 @@ async function keyForm(ctx, key) {
       "e.g. /v1/chat/completions; empty: every endpoint."),
     h("div", { class: "grid2" },
       field("Requests per minute", input("rpm", { type: "number", min: 0, value: key?.rpm || "" }), "Empty or 0: no limit."),
+      field("Requests at once", input("max_parallel", { type: "number", min: 1, value: key?.max_parallel ?? "" }),
+        "Requests in flight (streams included); empty: no limit."),
       QUOTAS.map(([name, label]) => field(label, input(name, { type: "number", min: 1, value: key?.[name] ?? "" })))),
+    field("Default model", input("default_model", { value: key?.default_model ?? "", placeholder: "none" }),
+      "Used when a request names no model."),
+    h("label", { class: "check" }, h("input", { type: "checkbox", name: "allow_auto", checked: key?.allow_auto ?? false }),
+      "Allow \"model\": \"auto\" (the first live model of the auto_models setting)"),
     field("Expires", input("expires", { value: isoDate(key?.expires), placeholder: "never",
       dataset: { original: isoDate(key?.expires) } }),
       "A duration such as 30d or 12h, or a date such as 2027-01-31; empty: never."),
@@ -130,7 +139,9 @@ function readForm(form, creating) {
     expires: get("expires") || null, cidrs: list(get("cidrs")), enabled: form.elements.enabled.checked,
     cidr_groups: [...form.querySelectorAll("input[name=cidr_groups]:checked")].map((b) => b.value),
   };
-  for (const [name] of QUOTAS) out[name] = get(name) ? Number(get(name)) : null;
+  for (const name of [...QUOTAS.map(([n]) => n), "max_parallel"]) out[name] = get(name) ? Number(get(name)) : null;
+  out.default_model = get("default_model") || null;
+  out.allow_auto = form.elements.allow_auto.checked;
   if (!creating && get("expires") === form.elements.expires.dataset.original) delete out.expires; // unchanged
   if (creating) for (const [k, v] of Object.entries(out)) if (v === null || (Array.isArray(v) && !v.length)) delete out[k];
   return out;

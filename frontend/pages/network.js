@@ -1,24 +1,31 @@
-// Network: CIDR groups (named allow/deny lists), which groups guard the listeners, trusted proxies, CORS
-// origins, and the addresses blocked for sending invalid keys.
+// Network: CIDR groups (named allow/deny lists), which groups guard the listeners, trusted proxies, the
+// limit on requests without a key, CORS for browsers, and the addresses blocked for sending invalid keys.
 import { clear, confirmDialog, field, h, list, modal, num, table, toast, when } from "../dom.js";
 import { settingsForm } from "../settings-form.js";
 
 export const title = "Network";
-const NAMES = ["public_cidr_groups", "admin_cidr_groups", "metrics_cidr_groups", "trusted_proxies", "cors_origins",
-  "bruteforce_exempt_cidr_groups"];
+const NAMES = ["public_cidr_groups", "admin_cidr_groups", "metrics_cidr_groups", "trusted_proxies",
+  "bruteforce_exempt_cidr_groups", "unauthenticated_rpm"];
+const CORS = ["cors_origins", "cors_methods", "cors_headers", "cors_credentials"];
 const HINTS = {
   public_cidr_groups: "Who may reach the public listener (empty: everyone).",
   admin_cidr_groups: "Who may reach this page and the management API. Bastion refuses a change that locks you out.",
   trusted_proxies: "Addresses whose X-Forwarded-For is believed (the client address is taken from it).",
-  cors_origins: "Web pages (origins) allowed to call the public API from a browser; * for any.",
+  cors_origins: "Web pages (origins) allowed to call the public API from a browser, e.g. https://app.example.com; * for any; empty: CORS off.",
+  cors_methods: "Methods such pages may use.",
+  cors_headers: "Request headers they may send; * for any.",
+  metrics_cidr_groups: "Who may read /metrics without signing in.",
+  bruteforce_exempt_cidr_groups: "Networks never blocked for sending invalid keys.",
+  unauthenticated_rpm: "Requests without a valid key per address (IPv4, or IPv6 /64) a minute; 0: no limit.",
 };
 
 export async function render(ctx) {
   const { api, admin, root } = ctx;
-  const groups = h("div"), access = h("div"), blocks = h("div");
+  const groups = h("div"), access = h("div"), cors = h("div"), blocks = h("div");
   clear(root, h("div", { class: "page-head" }, h("h1", {}, "Network"),
     admin ? h("button", { class: "primary", onclick: () => groupDialog(null) }, "Add CIDR group") : null),
   h("h2", {}, "CIDR groups"), groups, h("h2", {}, "Listeners and proxies"), access,
+  h("h2", {}, "Browsers (CORS)"), cors,
   h("div", { class: "page-head" }, h("h2", {}, "Blocked addresses"),
     admin ? h("button", { class: "small", onclick: clearAll }, "Lift every block") : null), blocks);
 
@@ -32,6 +39,7 @@ export async function render(ctx) {
         h("button", { class: "small danger", onclick: () => removeGroup(g) }, "Remove")) : null],
     ], groupList));
     clear(access, h("section", { class: "card" }, settingsForm(ctx, settings, NAMES, { hints: HINTS, saved: load })));
+    clear(cors, h("section", { class: "card" }, settingsForm(ctx, settings, CORS, { hints: HINTS, saved: load })));
     clear(blocks, table([
       ["Address", (b) => h("code", {}, b.address)], ["Since", (b) => when(b.since)], ["Until", (b) => when(b.until)],
       ["Failures", (b) => num(b.failures)], ["Refused", (b) => num(b.refused)],

@@ -1,11 +1,15 @@
-// Pools and their upstreams (health, last error, discovered models), and routes (model → pools). The upstream
-// API key is write-only: the page only learns whether one is set.
-import { ago, badge, clear, confirmDialog, field, h, list, modal, table, toast } from "../dom.js";
+// Pools and their upstreams (health, last error), the APIs they speak, their models with the details the
+// upstreams report, aliases and pass-through paths; routes (model → pools); for Ollama upstreams the models on
+// one upstream: list, pull (a job polled for its progress) and delete. The upstream API key is write-only: the
+// page only learns whether one is set.
+import { ago, badge, clear, confirmDialog, errorBox, field, h, list, modal, num, table, toast, when } from "../dom.js";
 
 export const title = "Pools";
 const METHODS = ["round_robin", "least_conn", "hash", "random_two"];
 const RETRY_STATUSES = [429, 500, 502, 503, 504];
 const HEALTH_KIND = { up: "ok", down: "bad", unknown: "" };
+const KINDS = ["openai", "ollama"];
+const PULL_KIND = { running: "", done: "ok", failed: "bad", interrupted: "warn" };
 
 export async function render(ctx) {
   const { api, admin, root } = ctx;
@@ -47,9 +51,60 @@ async function act(fn, message) {
   }
 }
 
+/** The APIs the pool speaks: set by the operator, else detected (never detected: both, so nothing is cut off). */
+function kindBadges(pool) {
+  const set = pool.api_kinds?.length;
+  const detected = pool.detected_api_kinds;
+  const how = set ? "set" : detected ? "detected" : "not detected yet";
+  return h("span", { class: "kinds", title: `API kinds ${how}` }, (pool.effective_api_kinds || KINDS).map((k) =>
+    badge(k === "openai" ? "OpenAI API" : "Ollama API", set || detected ? "ok" : "")),
+    h("span", { class: "hint" }, ` ${how}`),
+    pool.ollama_version ? badge(`Ollama ${pool.ollama_version}`) : null);
+}
+
+const speaksOllama = (pool) => (pool.effective_api_kinds || KINDS).includes("ollama");
+
+function size(bytes) {
+  if (bytes === null || bytes === undefined) return "—";
+  const units = ["B", "KB", "MB", "GB", "TB"];
+  let n = bytes, i = 0;
+  while (n >= 1000 && i < units.length - 1) { n /= 1000; i += 1; }
+  return `${num(n, i ? 1 : 0)} ${units[i]}`;
+}
+
+/** One model's details, merged over the kinds that reported it (Ollama's /api/tags says the most). */
+function details(pool, model) {
+  const all = pool.model_details || {};
+  const o = all.ollama?.[model], a = all.openai?.[model];
+  const parts = [];
+  if (o?.details) {
+    const d = o.details;
+    for (const x of [d.family, d.parameter_size, d.quantization_level, d.format]) if (x) parts.push(x);
+  }
+  if (o?.size) parts.push(size(o.size));
+  if (a?.owned_by) parts.push(`owned by ${a.owned_by}`);
+  if (a?.created) parts.push(`created ${when(a.created)}`);
+  return parts;
+}
+
+function modelTable(pool) {
+  const configured = pool.models.length > 0;
+  const names = configured ? pool.models : pool.discovered_models;
+  const all = pool.model_details || {};
+  const kinds = (m) => KINDS.filter((k) => all[k]?.[m]).map((k) => (k === "openai" ? "OpenAI" : "Ollama")).join(", ");
+  return h("div", { class: "models" },
+    h("h3", {}, configured ? "Models (configured)" : "Discovered models",
+      pool.discovered_at && !configured ? h("span", { class: "hint" }, ` asked ${ago(pool.discovered_at)}`) : null),
+    table([
+      ["Model", (m) => h("code", { class: "model" }, m)],
+      ["Listed by", (m) => kinds(m) || "—"],
+      ["Details", (m) => details(pool, m).join(" · ") || h("span", { class: "muted" }, "—")],
+    ], names, { empty: "None." }));
+}
+
 function poolCard(ctx, pool, reload) {
   const { api, admin } = ctx;
-  const models = pool.models.length ? pool.models : pool.discovered_models;
+  const aliases = Object.entries(pool.aliases || {});
   return h("section", { class: "card pool", "aria-labelledby": `pool-${pool.name}` },
     h("div", { class: "page-head" },
       h("h2", { id: `pool-${pool.name}` }, pool.name),
@@ -60,6 +115,8 @@ function poolCard(ctx, pool, reload) {
       admin ? h("div", { class: "row-actions" },
         h("button", { class: "small", onclick: () => poolDialog(ctx, pool, reload) }, "Edit"),
         h("button", { class: "small", onclick: () => upstreamDialog(ctx, pool, reload) }, "Add upstream"),
+        speaksOllama(pool) ? h("button", { class: "small", onclick: () => ollamaDialog(ctx, pool, reload) },
+          "Ollama models") : null,
         h("button", { class: "small", onclick: async () => {
           await act(() => api.refreshPool(pool.name), `${pool.name}: models refreshed`);
           await reload();
@@ -81,9 +138,12 @@ function poolCard(ctx, pool, reload) {
         await reload();
       } }, "Remove") : null],
     ], pool.upstreams),
-    h("p", {}, h("strong", {}, pool.models.length ? "Models: " : "Discovered models: "),
-      models.length ? models.map((m, i) => [i ? ", " : "", h("code", { class: "model" }, m)]) : h("span", { class: "muted" }, "none"),
-      pool.discovered_at ? h("span", { class: "hint" }, ` (asked ${ago(pool.discovered_at)})`) : null),
+    h("p", { class: "pool-facts" }, h("strong", {}, "APIs: "), kindBadges(pool)),
+    aliases.length ? h("p", { class: "pool-facts" }, h("strong", {}, "Aliases: "), aliases.map(([from, to], i) =>
+      [i ? ", " : "", h("code", {}, from), " → ", h("code", {}, to)])) : null,
+    pool.passthrough?.length ? h("p", { class: "pool-facts" }, h("strong", {}, "Pass-through paths: "),
+      pool.passthrough.map((p, i) => [i ? ", " : "", h("code", {}, p)])) : null,
+    modelTable(pool),
     pool.discovery_error ? h("div", { class: "error-box" }, `Discovery failed: ${pool.discovery_error}`) : null);
 }
 
@@ -104,6 +164,17 @@ function parseUpstreams(text) {
   });
 }
 
+/** "public = upstream" per line → {public: upstream}. */
+function parseAliases(text) {
+  const out = {};
+  for (const line of text.split("\n").map((l) => l.trim()).filter(Boolean)) {
+    const m = line.match(/^(\S+)\s*(?:=|→|->)\s*(\S+)$/);
+    if (!m) throw Object.assign(new Error(`aliases: "${line}" is not "public name = upstream model"`), { field: "aliases" });
+    out[m[1]] = m[2];
+  }
+  return out;
+}
+
 async function poolDialog(ctx, pool, reload) {
   const creating = !pool;
   const method = h("select", { name: "method" }, METHODS.map((m) => h("option", { value: m, selected: pool?.method === m }, m)));
@@ -118,6 +189,15 @@ async function poolDialog(ctx, pool, reload) {
     field("Upstream API key", { name: "api_key", type: "password", autocomplete: "new-password",
       placeholder: pool?.api_key_set ? "set (unchanged when empty)" : "none" }, "Write-only: it is never shown again."),
     pool?.api_key_set ? h("label", { class: "check" }, h("input", { type: "checkbox", name: "remove_key" }), "Remove the API key") : null,
+    h("fieldset", {}, h("legend", {}, "APIs it speaks (none ticked: detect)"),
+      KINDS.map((k) => h("label", { class: "check" }, h("input", { type: "checkbox", name: "api_kinds", value: k,
+        checked: pool?.api_kinds?.includes(k) }), k === "openai" ? "OpenAI (/v1/*)" : "Ollama (/api/*)")),
+      pool?.detected_api_kinds ? h("small", { class: "hint" }, `Detected: ${pool.detected_api_kinds.join(", ") || "none"}`) : null),
+    field("Aliases", h("textarea", { name: "aliases", rows: 2, placeholder: "gpt-4o = llama3.1:70b",
+      value: Object.entries(pool?.aliases || {}).map(([a, b]) => `${a} = ${b}`).join("\n") }),
+    "One per line: the public name = the upstream's model name."),
+    field("Pass-through paths", { name: "passthrough", value: pool?.passthrough?.join(", ") ?? "",
+      placeholder: "none" }, "Other upstream paths served through Bastion, e.g. /v1/rerank (comma-separated)."),
     h("label", { class: "check" }, h("input", { type: "checkbox", name: "tls_verify", checked: pool ? pool.tls_verify : true }),
       "Verify the upstreams' TLS certificates"),
     h("label", { class: "check" }, h("input", { type: "checkbox", name: "include_usage", checked: pool ? pool.include_usage : true }),
@@ -146,6 +226,9 @@ async function poolDialog(ctx, pool, reload) {
         retries: number(e.retries) ?? 0, retry_timeout: number(e.retry_timeout) ?? 0,
         connect_timeout: number(e.connect_timeout), read_timeout: number(e.read_timeout), websocket: e.websocket.checked,
         retry_statuses: [...f.querySelectorAll("input[name=retry_statuses]:checked")].map((b) => Number(b.value)) };
+      fields.api_kinds = [...f.querySelectorAll("input[name=api_kinds]:checked")].map((b) => b.value);
+      fields.aliases = parseAliases(e.aliases.value);
+      fields.passthrough = list(e.passthrough.value);
       if (e.api_key.value) fields.api_key = e.api_key.value;
       else if (e.remove_key?.checked) fields.api_key = null;
       if (creating) return ctx.api.createPool({ name: e.name.value.trim(), ...fields });
@@ -188,4 +271,98 @@ async function routeDialog(ctx, pools, reload) {
     toast("route saved");
     await reload();
   }
+}
+
+/** The models on one Ollama upstream of the pool: list, delete, pull (a job the manager runs; polled here). */
+async function ollamaDialog(ctx, pool, reload) {
+  const { api } = ctx;
+  const upstream = h("select", { name: "upstream" }, pool.upstreams.map((u) => h("option", { value: u.url }, u.url)));
+  const models = h("div", { "aria-live": "polite" });
+  const jobs = h("div", { class: "pulls", "aria-live": "polite" });
+  const name = h("input", { name: "model", placeholder: "qwen2.5:0.5b", autocomplete: "off" });
+  const problem = h("div");
+  let timer = null, open = true, changed = false, lastRunning = 0;
+
+  async function loadModels() {
+    clear(models, h("p", { class: "hint" }, "Asking the upstream…"));
+    try {
+      const list = await api.ollamaModels(pool.name, upstream.value);
+      clear(models, table([
+        ["Model", (m) => h("code", { class: "model" }, m.name)],
+        ["Size", (m) => size(m.size)],
+        ["Details", (m) => [m.details?.family, m.details?.parameter_size, m.details?.quantization_level]
+          .filter(Boolean).join(" · ") || "—"],
+        ["Modified", (m) => (m.modified_at ? when(Date.parse(m.modified_at) / 1000) : "—")],
+        ["", (m) => h("button", { type: "button", class: "small danger", onclick: () => remove(m.name) }, "Delete")],
+      ], list, { empty: "No models on this upstream." }));
+    } catch (error) {
+      clear(models, errorBox(error));
+    }
+  }
+
+  async function remove(model) {
+    if (!(await confirmDialog(`Delete ${model}?`, `It is deleted from ${upstream.value}; pulling it again downloads it again.`,
+      "Delete"))) return;
+    try {
+      await api.deleteOllamaModel(pool.name, upstream.value, model);
+      toast(`${model} deleted`);
+      changed = true;
+    } catch (error) { toast(error.message, "error"); }
+    await loadModels();
+  }
+
+  function progress(job) {
+    const share = job.total ? job.completed / job.total : null;
+    return h("div", { class: "pull" },
+      h("div", {}, h("code", {}, job.model), " ", badge(job.state, PULL_KIND[job.state]), " ",
+        h("span", { class: "hint" }, job.upstream)),
+      job.state === "running" ? h("progress", { max: 1, value: share ?? undefined,
+        "aria-label": `Pulling ${job.model}` }) : null,
+      h("div", { class: "hint pull-status" }, job.error || job.status,
+        share !== null && job.state === "running" ? ` — ${size(job.completed)} of ${size(job.total)} (${Math.floor(share * 100)} %)` : ""));
+  }
+
+  async function poll() {
+    timer = null;
+    if (!open) return;
+    let list = [];
+    try { list = await api.ollamaPulls(pool.name); } catch (error) { clear(jobs, errorBox(error)); return; }
+    if (!open) return;
+    clear(jobs, list.length ? list.map(progress) : h("p", { class: "empty" }, "No pulls in the last hour."));
+    const running = list.filter((j) => j.state === "running").length;
+    if (running < lastRunning) { changed = true; await loadModels(); } // a pull ended: the list changed
+    lastRunning = running;
+    if (running && open) timer = setTimeout(poll, 1000);
+  }
+
+  async function pull() {
+    clear(problem);
+    try {
+      await api.pullOllamaModel(pool.name, upstream.value, name.value.trim());
+      toast(`pulling ${name.value.trim()}`);
+      name.value = "";
+      lastRunning += 1; // a pull that ends before the first poll still reloads the models
+      if (timer) clearTimeout(timer);
+      await poll();
+    } catch (error) {
+      clear(problem, errorBox(error));
+      name.focus();
+    }
+  }
+
+  upstream.addEventListener("change", loadModels);
+  name.addEventListener("keydown", (e) => { if (e.key === "Enter") { e.preventDefault(); pull(); } });
+  const body = h("div", { class: "ollama" },
+    field("Upstream", upstream),
+    h("h3", {}, "Models on the upstream"), models,
+    h("h3", {}, "Pull a model"),
+    h("div", { class: "inline-form" }, field("Model to pull", name, "A name from the Ollama library, e.g. llama3.2:1b."),
+      h("button", { type: "button", class: "primary", onclick: pull }, "Pull")),
+    problem, jobs);
+  const done = modal(`Ollama models of ${pool.name}`, body, { submitLabel: null, cancelLabel: "Close" });
+  await Promise.all([loadModels(), poll()]);
+  await done;
+  open = false;
+  if (timer) clearTimeout(timer);
+  if (changed) await reload();
 }
