@@ -358,7 +358,7 @@ async function ollamaDialog(ctx, pool, reload) {
     h("h3", {}, "Pull a model"),
     h("div", { class: "inline-form" }, field("Model to pull", name, "A name from the Ollama library, e.g. llama3.2:1b."),
       h("button", { type: "button", class: "primary", onclick: pull }, "Pull")),
-    problem, jobs);
+    problem, h("h3", {}, "Pulls"), jobs);
   const done = modal(`Ollama models of ${pool.name}`, body, { submitLabel: null, cancelLabel: "Close" });
   await Promise.all([loadModels(), poll()]);
   await done;
