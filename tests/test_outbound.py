@@ -46,6 +46,9 @@ class LocalServer:
                 with contextlib.suppress(OSError):  # the client hung up: what the caps are for
                     respond(self)
 
+            do_POST = do_GET
+            do_DELETE = do_GET
+
             def write(self, data: bytes) -> None:
                 self.wfile.write(data)
                 self.wfile.flush()
@@ -152,6 +155,49 @@ def test_slow_drip_is_cut_at_the_total_deadline(serve, phase: str) -> None:
         started = time.monotonic()
         assert health.probe(server.url, None, True) == (False, "no complete answer within 3 s")
         assert time.monotonic() - started < 4.5
+
+
+def test_streamed_lines_come_as_sent_and_an_upstream_gone_silent_fails(serve) -> None:
+    """Ollama's pull progress: each line as it comes; silence past `idle` and an endless line are failures."""
+    from manager import outbound
+
+    def silent_after_one(h: BaseHTTPRequestHandler) -> None:
+        h.send_response(200)
+        h.send_header("Content-Type", "application/x-ndjson")
+        h.end_headers()
+        h.write(b'{"status": "pulling manifest"}\n')
+        time.sleep(3)
+
+    lines, started = [], time.monotonic()
+    with pytest.raises(outbound.OutboundError, match=r"nothing from the upstream for 0.5 s"):
+        for line in outbound.stream_lines("POST", serve(silent_after_one).url + "/api/pull", json_body={"model": "m"},
+                                          idle=0.5):
+            lines.append(line)
+    assert lines == [b'{"status": "pulling manifest"}\n'] and time.monotonic() - started < 2.5
+
+    def endless_line(h: BaseHTTPRequestHandler) -> None:
+        h.send_response(200)
+        h.end_headers()
+        for _ in range(100):
+            h.write(b"x" * 8192)
+
+    with pytest.raises(outbound.OutboundError, match="a line of the answer is longer than 64 KB"):
+        list(outbound.stream_lines("POST", serve(endless_line).url + "/api/pull", idle=2))
+
+
+def test_a_refusal_keeps_the_upstreams_own_words(serve) -> None:
+    from manager import outbound
+
+    def not_found(h: BaseHTTPRequestHandler) -> None:
+        body = b'{"error": "model \'x\' not found"}'
+        h.send_response(404)
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        h.write(body)
+
+    with pytest.raises(outbound.OutboundError, match="HTTP 404: model 'x' not found") as e:
+        outbound.send("DELETE", serve(not_found).url + "/api/delete", json_body={"model": "x"})
+    assert e.value.status == 404
 
 
 def test_refused_key_is_named_and_never_retried_elsewhere() -> None:
