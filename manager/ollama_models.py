@@ -194,7 +194,13 @@ def _pull(bastion: Bastion, pool: dict[str, Any], job: dict[str, Any], path: Pat
             save()
         if job["status"] != "success":
             raise outbound.OutboundError("the upstream ended the pull without saying it succeeded")
-        job["state"] = "done"
+        job["status"] = "success; asking the pool's upstreams for their models"
+        save(force=True)
+        try:  # before the job is done: once it is, the pool serves the new model
+            pools_mod.refresh_discovered(bastion, only=job["pool"])
+        except Exception:
+            log.exception("model discovery after the pull of %s failed", job["model"])
+        job["status"], job["state"] = "success", "done"
     except outbound.OutboundError as e:
         job["state"], job["error"] = "failed", str(e)
     except Exception as e:  # a job must always end, whatever broke
@@ -203,8 +209,3 @@ def _pull(bastion: Bastion, pool: dict[str, Any], job: dict[str, Any], path: Pat
     job["finished"] = time.time()
     save(force=True)
     log.info("ollama pull of %s on %s: %s", job["model"], job["upstream"], job["error"] or "done")
-    if job["state"] == "done":
-        try:
-            pools_mod.refresh_discovered(bastion, only=job["pool"])
-        except Exception:
-            log.exception("model discovery after the pull of %s failed", job["model"])

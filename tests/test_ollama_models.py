@@ -148,3 +148,22 @@ def test_viewer_gets_403(stack: Stack, admin: requests.Session, ollama: FakeUpst
     assert requests.delete(f"{base}/models", params={"upstream": ollama.url, "model": "llama3:latest"}, headers=auth,
                            timeout=10).status_code == 403
     assert "llama3:latest" in ollama.models
+
+
+def test_a_pull_whose_worker_died_shows_as_interrupted(stack: Stack, admin: requests.Session,
+                                                         ollama: FakeUpstream) -> None:
+    import json
+
+    now = time.time()
+    folder = stack.data_dir / "run" / "ollama-pulls"
+    folder.mkdir(exist_ok=True)
+    dead = {"id": "0123456789abcdef", "pool": "oll", "upstream": ollama.url, "model": "ghost:1b", "author": "admin",
+            "state": "running", "status": "pulling abc", "total": 10, "completed": 5, "error": None,
+            "started": now - 5, "updated": now - 5, "finished": None, "pid": 2**22 + 12345}  # above pid_max
+    (folder / "0123456789abcdef.json").write_text(json.dumps(dead))
+    [job] = [j for j in pulls(stack, admin) if j["model"] == "ghost:1b"]
+    assert job["state"] == "interrupted" and "pull again" in job["error"], job
+    old = {**dead, "id": "fedcba9876543210", "model": "old:1b", "state": "done", "finished": now - 7200}
+    (folder / "fedcba9876543210.json").write_text(json.dumps(old))
+    assert not [j for j in pulls(stack, admin) if j["model"] == "old:1b"]
+    assert not (folder / "fedcba9876543210.json").exists()  # finished over an hour ago: dropped
