@@ -419,6 +419,20 @@ def test_settings_and_network_name_the_refused_field(web: Watched, site: Stack) 
     page.reload()
     assert page.get_by_label("Read timeout").input_value() == before  # nothing was changed
 
+    # an unset setting (null) is set and unset again from its empty field (a number for a port)
+    port = page.get_by_label("Https public port")
+    port.fill("8443")
+    page.locator("section", has=port).get_by_role("button", name="Save").click()
+    page.get_by_text("Saved: https_public_port").wait_for()
+    token = site.admin_token()
+    settings = lambda: requests.get(site.admin + "/api/v1/settings", timeout=10,  # noqa: E731
+                                    headers={"Authorization": f"Bearer {token}"}).json()
+    assert settings()["https_public_port"] == 8443
+    port.fill("")
+    page.locator("section", has=port).get_by_role("button", name="Save").click()
+    page.locator(".toast", has_text="Saved: https_public_port").nth(1).wait_for()
+    assert settings()["https_public_port"] is None
+
     # every setting has a control, on the settings page or the network page (the custom config has its own page)
     from manager.settings import DEFAULTS
 
