@@ -24,6 +24,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from authsvc import balance
+
 log = logging.getLogger(__name__)
 
 OPENAI, OLLAMA = "openai", "ollama"
@@ -196,12 +198,16 @@ def version_key(version: str) -> tuple[int, ...]:
 
 
 class RunningFile:
-    """The Ollama upstreams' running models as the manager last polled them ({"pools": {pool: [entry...]}}),
-    re-read only when the file changed; whatever cannot be read, the last good list stays."""
+    """The Ollama upstreams' running models as the manager last polled them ({"pools": {pool: [entry...]},
+    "upstreams": {url: {"models": [...], "waiting": n}}}), re-read only when the file changed; whatever cannot be
+    read, the last good list stays."""
 
     def __init__(self, path: Path):
         self.path = path
         self.entries: tuple[tuple[str, str, bytes], ...] = ()  # (pool, model, JSON entry)
+        # per upstream URL: models loaded and requests waiting, for model-aware pools (authsvc/balance.py)
+        self.loads: dict[str, balance.Load] = {}
+        self.generation = 0  # one more at every load that changed anything
         self.problem = ""
         self._stamp: tuple[int, int, int] | None = None
 
@@ -216,8 +222,13 @@ class RunningFile:
         self._stamp = stamp
         try:
             data = json.loads(self.path.read_bytes())
-            self.entries = tuple((pool, entry["name"], dumps(entry)) for pool, running in data["pools"].items()
-                                 for entry in running)  # one reference swap: the request thread sees old or new
+            entries = tuple((pool, entry["name"], dumps(entry)) for pool, running in data["pools"].items()
+                            for entry in running)
+            loads = {url: balance.Load(frozenset(load["models"]), int(load.get("waiting") or 0))
+                     for url, load in data.get("upstreams", {}).items()}
+            # reference swaps: the request thread sees the old or the new, the figures before their generation
+            self.entries, self.loads = entries, loads
+            self.generation += 1
         except (OSError, ValueError, KeyError, TypeError) as e:
             if str(e) != self.problem:
                 log.error("ignoring unreadable %s (keeping the running models loaded): %s", self.path, e)
