@@ -1,0 +1,103 @@
+"""Model-aware balancing with real nginx, the real gate and manager, and fake Ollama upstreams that charge a
+model-load delay (manager/balancing.py, authsvc/balance.py)."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import requests
+
+from tests.conftest import Stack
+from tests.fakes import FakeUpstream
+from tests.test_metering import record
+
+LOAD = 0.3
+
+
+@pytest.fixture(scope="module")
+def ollamas() -> Iterator[dict[str, FakeUpstream]]:
+    made = {name: FakeUpstream(name, ["m1", "m2", "m3"]) for name in ("ola", "olb", "olc")}
+    for up, loaded in zip(made.values(), (["m1"], ["m2"], ["m3"]), strict=True):
+        up.load_delay, up.max_loaded, up.running = LOAD, 1, loaded
+    yield made
+    for up in made.values():
+        up.close()
+
+
+def polled(stack: Stack, urls: set[str], timeout: float = 15) -> dict:
+    """run/ollama-ps.json once it has figures for every one of `urls`."""
+    path = stack.data_dir / "run" / "ollama-ps.json"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            data = json.loads(path.read_text())
+            if urls <= set(data.get("upstreams", {})):
+                return data
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"no figures for {urls}")
+
+
+@pytest.fixture(scope="module")
+def key(stack: Stack, ollamas: dict[str, FakeUpstream]) -> str:
+    stack.cli("settings", "set", "health_interval", "1")
+    stack.cli("pools", "add", "ol", "--url", ollamas["ola"].url, "--url", ollamas["olb"].url, "--models", "m1,m2",
+              "--model-aware")
+    k = stack.key("balance")
+    polled(stack, {ollamas["ola"].url, ollamas["olb"].url})
+    time.sleep(0.5)  # the gate loads the file within 0.25 s
+    return k
+
+
+def chat(stack: Stack, key: str, model: str, request_id: str = "") -> tuple[str, float]:
+    started = time.monotonic()
+    r = requests.post(stack.base + "/api/chat", json={"model": model, "stream": False, "messages": []},
+                      headers={"Authorization": f"Bearer {key}", "X-Request-ID": request_id or uuid.uuid4().hex},
+                      timeout=20)
+    assert r.status_code == 200, r.text
+    return r.json()["message"]["content"].removeprefix("hello from "), time.monotonic() - started
+
+
+def test_requests_go_to_the_upstream_that_has_their_model_loaded(stack: Stack, key: str,
+                                                                  ollamas: dict[str, FakeUpstream]) -> None:
+    before = ollamas["ola"].loads + ollamas["olb"].loads
+    answered = [chat(stack, key, model) for model in ("m1", "m2", "m1", "m1", "m2", "m2", "m1", "m2")]
+    assert [name for name, _ in answered] == ["ola", "olb", "ola", "ola", "olb", "olb", "ola", "olb"]
+    assert ollamas["ola"].loads + ollamas["olb"].loads == before  # no model was loaded again
+    assert max(t for _, t in answered) < LOAD
+
+
+def test_round_robin_when_off(stack: Stack, key: str, ollamas: dict[str, FakeUpstream]) -> None:
+    """The same requests without the setting: nginx alternates, so models load (what the setting saves)."""
+    stack.cli("pools", "update", "ol", "--no-model-aware")
+    try:
+        time.sleep(0.5)
+        before = ollamas["ola"].loads + ollamas["olb"].loads
+        answered = {chat(stack, key, "m1")[0] for _ in range(4)}
+        assert answered == {"ola", "olb"} and ollamas["ola"].loads + ollamas["olb"].loads > before
+    finally:
+        stack.cli("pools", "update", "ol", "--model-aware")
+        ollamas["ola"].running, ollamas["olb"].running = ["m1"], ["m2"]
+        time.sleep(0.5)
+
+
+def test_nginx_still_fails_over_when_the_picked_upstream_dies(stack: Stack, key: str,
+                                                               ollamas: dict[str, FakeUpstream]) -> None:
+    stack.cli("pools", "add", "ol3", "--url", ollamas["olc"].url, "--url", ollamas["ola"].url, "--models", "m3",
+              "--model-aware", "--retries", "1")
+    polled(stack, {ollamas["olc"].url})
+    time.sleep(0.5)
+    assert chat(stack, key, "m3")[0] == "olc"  # where m3 is loaded
+    ollamas["olc"].close()  # dies; the gate's figures still say m3 is loaded there
+    name, _ = chat(stack, key, "m3", request_id := f"bal-{uuid.uuid4().hex[:12]}")
+    assert name == "ola"
+    # nginx tried olc first, as the gate said (refused), then the pool's other upstream, before the first byte
+    rec = record(stack, request_id)
+    assert (rec["pool"], rec["status"]) == ("ol3", "200")
+    tried = f"127.0.0.1:{ollamas['olc'].port}, 127.0.0.1:{ollamas['ola'].port}"
+    assert rec["upstream_addr"].rpartition(" : ")[2] == tried  # after the gate's socket
