@@ -72,11 +72,25 @@ def test_a_model_loaded_nowhere_stays_where_it_was_sent_until_the_figures_change
     assert picks(b, "cold", loads, 5) == [first] * 5  # it is loading there
     now[0] += PLACED_TTL + 1
     again = picks(b, "cold", loads, 3)  # the upstream never showed it: forgotten, placed anew
-    assert again[0] != first and again == [again[0]] * 3
+    assert again == [again[0]] * 3 and b.placed[("p", "cold")] == (again[0], now[0])
     fresh = Balancer(clock=lambda: now[0])
     assert picks(fresh, "cold2", loads, 2) == [0, 0]
     moved = {**loads, C: Load(frozenset({"cold2"}))}  # the figures say where it is loaded: they win
     assert picks(fresh, "cold2", moved, 2, generation=2) == [2, 2]
+
+
+def test_between_polls_the_gate_counts_the_loads_it_caused() -> None:
+    """One model fits on each: m3 sent to A replaces m1 there, whatever the older figures say."""
+    loads = {A: Load(frozenset({"m1"})), B: Load(frozenset({"m2"}))}
+    b = Balancer()
+    assert picks(b, "m3", loads, 2, THREE[:2]) == [0, 0]
+    assert picks(b, "m1", loads, 2, THREE[:2]) == [1, 1]  # not back to A, where m3 is now
+    assert picks(b, "m2", loads, 1, THREE[:2]) == [0]  # B holds m1 now, A is least busy
+    two = {A: Load(frozenset({"m1", "m2"})), B: Load(frozenset())}  # A was seen holding two
+    b = Balancer()
+    assert picks(b, "m3", two, 1, THREE[:2]) == [0]  # loaded nowhere, a tie: A in turn; one of m1, m2 stays
+    kept = [m for m in ("m1", "m2") if m in b.believed[A]]
+    assert len(kept) == 1 and picks(b, kept[0], two, 1, THREE[:2]) == [0]
 
 
 def test_memory_stays_bounded() -> None:
