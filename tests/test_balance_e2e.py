@@ -4,9 +4,13 @@ model-load delay (manager/balancing.py, authsvc/balance.py)."""
 from __future__ import annotations
 
 import json
+import os
+import ssl
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import requests
@@ -101,3 +105,40 @@ def test_nginx_still_fails_over_when_the_picked_upstream_dies(stack: Stack, key:
     assert (rec["pool"], rec["status"]) == ("ol3", "200")
     tried = f"127.0.0.1:{ollamas['olc'].port}, 127.0.0.1:{ollamas['ola'].port}"
     assert rec["upstream_addr"].rpartition(" : ")[2] == tried  # after the gate's socket
+
+
+@pytest.fixture(scope="module")
+def tls_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[list[FakeUpstream], Path]]:
+    """Two https Ollama upstreams (a self-signed certificate for localhost), m5 loaded on one, m6 on the other."""
+    root = tmp_path_factory.mktemp("tls-upstreams")
+    cert, key = root / "cert.pem", root / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    made = [FakeUpstream(name, ["m5", "m6"]) for name in ("tlsa", "tlsb")]
+    for up, loaded in zip(made, (["m5"], ["m6"]), strict=True):
+        up.server.socket = context.wrap_socket(up.server.socket, server_side=True)
+        up.url = f"https://localhost:{up.port}"
+        up.load_delay, up.max_loaded, up.running = LOAD, 1, loaded
+    yield made, cert
+    for up in made:
+        up.close()
+
+
+def test_https_pools_keep_tls_verification_and_keepalive(stack: Stack, key: str,
+                                                         tls_pair: tuple[list[FakeUpstream], Path]) -> None:
+    """With the variable proxy_pass: the certificate is verified against the pool's name (ca_bundle), and each
+    upstream's block reuses its connections."""
+    ups, cert = tls_pair
+    stack.cli("settings", "set", "ca_bundle", str(cert))
+    stack.cli("pools", "add", "olt", "--url", ups[0].url, "--url", ups[1].url, "--models", "m5,m6", "--model-aware")
+    polled(stack, {up.url for up in ups})
+    time.sleep(0.5)
+    answered = [chat(stack, key, model)[0] for model in ("m5", "m6") * 6]
+    assert answered == ["tlsa", "tlsb"] * 6 and ups[0].loads + ups[1].loads == 0
+    workers = os.cpu_count() or 1  # worker_processes auto: each worker keeps its own idle connections
+    for up in ups:
+        peers = {r["peer"][1] for r in up.requests if r["method"] == "POST"}
+        assert len(peers) <= workers < 6
