@@ -142,3 +142,29 @@ def test_https_pools_keep_tls_verification_and_keepalive(stack: Stack, key: str,
     for up in ups:
         peers = {r["peer"][1] for r in up.requests if r["method"] == "POST"}
         assert len(peers) <= workers < 6
+
+
+def test_a_route_falls_back_from_a_model_aware_pool_and_the_pick_stays_with_its_pool(
+        stack: Stack, key: str, ollamas: dict[str, FakeUpstream]) -> None:
+    """Both upstreams of `sick` list m1 loaded but answer 503: the gate picks one, nginx tries it and the other,
+    then the route's next pool `ol` (model-aware too), where the first pool's pick does not apply."""
+    sick = [FakeUpstream(name, ["m1"]) for name in ("sick1", "sick2")]
+    try:
+        for up in sick:
+            up.fail_status, up.running = 503, ["m1"]
+        stack.cli("pools", "add", "sick", "--url", sick[0].url, "--url", sick[1].url, "--models", "m1",
+                  "--model-aware")
+        stack.cli("routes", "set", "m1", "--pool", "sick", "--pool", "ol")
+        polled(stack, {up.url for up in sick})
+        time.sleep(0.5)
+        ollamas["ola"].running, ollamas["olb"].running = ["m2"], ["m2"]  # the figures still say m1 on ola
+        name, _ = chat(stack, key, "m1", request_id := f"bal-{uuid.uuid4().hex[:12]}")
+        rec = record(stack, request_id)
+        assert rec["pool"] == "ol" and rec["status"] == "200"
+        hops = rec["upstream_addr"].split(" : ")
+        assert len(hops) == 3 and len(hops[1].split(", ")) == 2  # gate, both sick upstreams, then ol
+        assert name in ("ola", "olb")
+    finally:
+        stack.cli("routes", "remove", "m1")
+        for up in sick:
+            up.close()
