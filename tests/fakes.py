@@ -70,6 +70,7 @@ class FakeUpstream:
         self.max_loaded = 1
         self.loads = 0
         self.load_lock = threading.Lock()
+        self.metrics: str | None = None  # the Prometheus text of GET /metrics (vLLM's), when set
         self.requests: list[dict[str, Any]] = []
         self.stream_finished = threading.Event()
         handler = type("Handler", (_Handler,), {"upstream": self})
@@ -253,6 +254,13 @@ class _Handler(BaseHTTPRequestHandler):
                                     "context_length": 4096} for m in running]})
         elif self.path == "/api/version":
             self._json({"version": up.version})
+        elif self.path == "/metrics" and up.metrics is not None:
+            data = up.metrics.encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
         elif self.path == "/":
             data = b"Ollama is running"
             self.send_response(200)

@@ -168,3 +168,29 @@ def test_a_route_falls_back_from_a_model_aware_pool_and_the_pick_stays_with_its_
         stack.cli("routes", "remove", "m1")
         for up in sick:
             up.close()
+
+
+def test_vllm_upstreams_get_requests_by_their_queue(stack: Stack, key: str) -> None:
+    """OpenAI-only upstreams answering /metrics as vLLM does: the one with the shorter queue gets the requests
+    until the gate's own count evens them out."""
+    vllms = [FakeUpstream(name, ["meta/llama-8b"], apis=("openai",)) for name in ("busy", "idle")]
+    try:
+        for up, waiting in zip(vllms, (6, 0), strict=True):
+            up.metrics = ("# TYPE vllm:num_requests_waiting gauge\n"
+                          f'vllm:num_requests_waiting{{engine="0",model_name="meta/llama-8b"}} {waiting}.0\n')
+        stack.cli("pools", "add", "vl", "--url", vllms[0].url, "--url", vllms[1].url, "--models", "meta/llama-8b",
+                  "--model-aware")
+        data = polled(stack, {up.url for up in vllms})
+        assert data["upstreams"][vllms[0].url] == {"models": ["meta/llama-8b"], "waiting": 6}
+        time.sleep(0.5)
+        answered = []
+        for _ in range(4):
+            r = requests.post(stack.base + "/v1/chat/completions", json={"model": "meta/llama-8b", "messages": []},
+                              headers={"Authorization": f"Bearer {key}"}, timeout=20)
+            assert r.status_code == 200, r.text
+            answered.append(r.json()["choices"][0]["message"]["content"].removeprefix("hello from "))
+        assert answered == ["idle"] * 4
+    finally:
+        stack.cli("pools", "remove", "vl")
+        for up in vllms:
+            up.close()
