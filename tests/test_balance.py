@@ -14,9 +14,12 @@ from authsvc import keys as keyformat
 from authsvc.balance import HEADER, PLACED_TTL, Balancer, Choice, Load
 from authsvc.gate import Gate
 from authsvc.model_lists import RUNNING_FILE
-from manager import balancing, running, traffic
+from manager import balancing, generations, pools, running, traffic
+from manager.context import Bastion
+from manager.datadir import DataDir
 from manager.render import pool_view
 from manager.validation import ValidationError
+from tests.conftest import needs_nginx
 from tests.test_gate import PEPPER, Call, key_entry, write_snapshot
 
 A, B, C = "http://a:1", "http://b:1", "http://c:1"
@@ -180,3 +183,27 @@ def test_the_gate_never_names_a_down_upstream(tmp_path: Path) -> None:
     write_loads(tmp_path, {A: {"models": []}, B: {"models": ["m1"]}})
     assert g.running.load()
     assert {Call(g, "/api/chat", token, {"model": "m1"}).headers[HEADER] for _ in range(3)} == {"ol:0"}
+
+
+@needs_nginx
+def test_model_aware_pools_of_every_method_pass_nginx_t(tmp_path: Path) -> None:
+    """Blocks per upstream beside hash / random_two pools (no `backup` allowed there), an unresolved https
+    host, a backup upstream, and a route across model-aware pools: nginx -t passes and the maps are there."""
+    bastion = Bastion(DataDir.at(tmp_path / "data"))
+    pools.add(bastion, "hashed", ["http://127.0.0.1:8000", "http://127.0.0.1:8001"], models=["m1"], method="hash",
+              model_aware=True)
+    pools.add(bastion, "rand", ["https://api.example.invalid:8443", "https://api.example.invalid:8444"],
+              models=["m1"], method="random_two", model_aware=True, api_key="sk-x")
+    pools.add(bastion, "with-backup", [{"url": "http://127.0.0.1:8002"}, {"url": "http://127.0.0.1:8003"},
+                                       {"url": "http://127.0.0.1:8004", "backup": True}], models=["m2"],
+              model_aware=True)
+    pools.add(bastion, "plain", ["http://127.0.0.1:8005"], models=["m1"])
+    pools.set_route(bastion, "m1", ["hashed", "rand", "plain"])
+    text = generations.joined(generations.files(bastion.dirs, generations.live(bastion.dirs)))
+    for fragment in ("upstream pool_hashed__1 {", "server 127.0.0.1:8000 max_fails=3 fail_timeout=10s backup;",
+                     '"rand:1" pool_rand__1;', "proxy_pass https://$bastion_target_1;",
+                     "upstream pool_with-backup__1 {", "proxy_pass http://pool_plain;",
+                     "set $bastion_upstream $bastion_gate_upstream;"):
+        assert fragment in text, fragment
+    assert "pool_with-backup__2" not in text  # a backup upstream is never picked
+    bastion.nginx.test(bastion.dirs.nginx_conf)
