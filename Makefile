@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: run test bench install system-deps lint clean
+.PHONY: run test test-container bench install system-deps lint clean
 
 run: install
 	$(VENV)/bin/bastion up
@@ -11,6 +11,13 @@ run: install
 test: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q
+
+# The image built and run with a real engine (podman + runc, base image from debootstrap; root only), see
+# tests/test_container.py. Images are cached in /var/tmp/bastion-container-test (BASTION_CONTAINER_CACHE).
+test-container: install
+	@for tool in podman runc debootstrap; do command -v $$tool >/dev/null || [ -x /usr/sbin/$$tool ] || \
+		{ $(MAKE) system-deps PACKAGES="podman runc debootstrap" && break; }; done
+	BASTION_CONTAINER_TEST=1 $(VENV)/bin/pytest -q -s -p no:cacheprovider tests/test_container.py
 
 bench: install
 	@command -v wrk >/dev/null || $(MAKE) system-deps PACKAGES=wrk

@@ -1,4 +1,4 @@
-"""Model- and load-aware choice of the upstream inside a pool (docs/decisions.md, decision 36).
+"""Model- and load-aware choice of the upstream inside a pool (docs/decisions.md, decision 38).
 
 For a pool with `model_aware` on, the gate names the upstream nginx should try first (`X-Bastion-Upstream:
 <pool>:<index>`; nginx fails over to the pool's others before the first byte, manager/balancing.py). It chooses

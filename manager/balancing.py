@@ -1,4 +1,4 @@
-"""Model- and load-aware balancing inside a pool (docs/decisions.md, decision 36): what nginx and the gate get.
+"""Model- and load-aware balancing inside a pool (docs/decisions.md, decision 38): what nginx and the gate get.
 
 For a pool with `model_aware` on and at least two primary (non-backup) upstreams, nginx gets one more upstream
 block per primary upstream i, `pool_<name>__<i>`, in which upstream i's servers are the primaries and every other

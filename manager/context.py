@@ -7,8 +7,6 @@ from contextlib import contextmanager
 from functools import cached_property
 from typing import Any
 
-from tinydb import TinyDB
-
 from manager import admin_guard, generations
 from manager import apply as applier
 from manager import settings as settings_mod
@@ -90,18 +88,18 @@ class Bastion:
         return result
 
     @contextmanager
-    def change(self, author: str, action: str, *, nginx: bool = False) -> Iterator[TinyDB]:
+    def change(self, author: str, action: str, *, nginx: bool = False) -> Iterator[Store]:
         """One change to the configuration, all or nothing, recorded in the audit log.
 
         Runs under the store lock; afterwards publishes the snapshot, or applies the nginx config first when
         `nginx` is set. If anything fails (validation, `nginx -t`, reload) the store is put back as it was.
         An nginx change that would lock the requesting admin out of the admin listener is refused first.
         """
-        with self.store.transaction() as db:
+        with self.store.transaction():
             before = self.store.dump()
             guard = admin_guard.LockoutGuard(self) if nginx else None
             try:
-                yield db
+                yield self.store
                 if guard:
                     guard.check(self)
                     # first stop the gate from choosing pools that are about to leave nginx's config

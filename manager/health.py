@@ -65,7 +65,7 @@ def check(bastion: Bastion) -> list[str]:
     previous = load(bastion)
     state: dict[str, dict[str, Any]] = {}
     changes: list[str] = []
-    targets = [(pool, upstream["url"]) for pool in bastion.store.table("pools").all()
+    targets = [(pool, upstream["url"]) for pool in bastion.store.all("pools")
                for upstream in pool["upstreams"]]
 
     def probe_target(target: tuple[dict[str, Any], str]) -> tuple[bool, str | None]:

@@ -225,10 +225,10 @@ class KeyStore:
 def migrate_from(store: Store, keys: KeyStore) -> int:
     """Move store.json's "keys" table into `keys`: insert-or-ignore, then drop the table, both under the store
     lock. A crash in between leaves both copies; the next run inserts nothing new and drops the table."""
-    with store.transaction() as db:
-        if "keys" not in db.tables():
+    with store.transaction():
+        if "keys" not in store.tables():
             return 0
-        moved = keys.insert_missing(dict(doc) for doc in db.table("keys").all())
-        db.drop_table("keys")
+        moved = keys.insert_missing(store.all("keys"))
+        store.drop("keys")
     log.info("moved %d keys from %s to %s", moved, store.path, keys.path)
     return moved

@@ -294,8 +294,8 @@ def _fields(record: Record) -> tuple[int, int, float, float]:
 def drop_legacy_tables(store: Store) -> None:
     """Older versions kept this state in store.json; it is dropped there (lockouts are not carried over)."""
     try:
-        with store.transaction() as db:
+        with store.transaction():
             for name in LEGACY_TABLES:
-                db.drop_table(name)
+                store.drop(name)
     except (OSError, StoreCorrupt) as e:
         log.warning("could not drop the old sign-in tables from %s (%s); they are ignored", store.path, e)

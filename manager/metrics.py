@@ -216,7 +216,7 @@ def _upstreams(out: Exposition, bastion: Bastion) -> None:
     out.family("bastion_upstream_up", "gauge",
                "1 when the active health check finds the upstream alive, 0 when it is marked down; absent before "
                "the first check or with health_interval 0.")
-    for pool in bastion.store.table("pools").all():
+    for pool in bastion.store.all("pools"):
         for upstream in pool["upstreams"]:
             if (check := checks.get(upstream["url"])) is not None:
                 out.sample("bastion_upstream_up", {"pool": pool["name"], "upstream": upstream["url"]},

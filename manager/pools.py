@@ -13,8 +13,6 @@ import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from tinydb import Query
-
 from authsvc import routes
 from authsvc.aliases import AUTO
 from authsvc.files import write_atomic
@@ -26,8 +24,6 @@ if TYPE_CHECKING:
     from manager.context import Bastion
 
 log = logging.getLogger(__name__)
-Pool = Query()
-Route = Query()
 METHODS_WITHOUT_BACKUP = ("hash", "random_two")  # nginx refuses `backup` with these balancers
 
 
@@ -121,7 +117,7 @@ def effective_kinds(pool: dict[str, Any], found: dict[str, Any] | None) -> list[
 
 
 def _find(bastion: Bastion, name: str) -> dict[str, Any]:
-    record = bastion.store.table("pools").get(Pool.name == name)
+    record = bastion.store.find("pools", name=name)
     if record is None:
         raise NotFound("pool", name)
     return record
@@ -162,7 +158,7 @@ def upstream_status(up: dict[str, Any], check: dict[str, Any] | None, pool_name:
 
 def all_pools(bastion: Bastion) -> list[dict[str, Any]]:
     checks, discoveries = health.load(bastion), discovery_state(bastion)
-    return [public(p, checks, discoveries) for p in bastion.store.table("pools").all()]
+    return [public(p, checks, discoveries) for p in bastion.store.all("pools")]
 
 
 def get(bastion: Bastion, name: str) -> dict[str, Any]:
@@ -185,7 +181,7 @@ def record_discovery(bastion: Bastion, found: dict[str, discovery.Discovery]) ->
     versions and model details, so it is published again when they changed."""
     now = time.time()
     with bastion.store.transaction():  # the supervisor and the manager both discover
-        known = {p["name"] for p in bastion.store.table("pools").all()}
+        known = {p["name"] for p in bastion.store.all("pools")}
         state = {name: s for name, s in discovery_state(bastion).items() if name in known}
         facts_changed = False
         for name, result in found.items():
@@ -240,10 +236,10 @@ def add(bastion: Bastion, name: str, upstreams: list[Any], author: str = "cli", 
     if not pool["models"]:
         pool["discovered_models"] = found.models or []
         pool["discovered_at"] = time.time()
-    with bastion.change(author, f"add pool {pool['name']}", nginx=True) as db:
-        if db.table("pools").contains(Pool.name == pool["name"]):
+    with bastion.change(author, f"add pool {pool['name']}", nginx=True):
+        if bastion.store.find("pools", name=pool["name"]):
             raise Conflict("name", f"a pool named {pool['name']!r} already exists")
-        db.table("pools").insert(pool)
+        bastion.store.insert("pools", pool)
     return public(pool, {}, record_discovery(bastion, {pool["name"]: found}))
 
 
@@ -256,7 +252,7 @@ def update(bastion: Bastion, name: str, author: str = "cli", **fields: Any) -> d
                              *traffic.POOL_FIELDS}
     if unknown:
         raise v.ValidationError(sorted(unknown)[0], "is not a pool field")
-    with bastion.change(author, f"update pool {name} ({', '.join(sorted(fields))})", nginx=True) as db:
+    with bastion.change(author, f"update pool {name} ({', '.join(sorted(fields))})", nginx=True):
         pool = _find(bastion, name)
         if "method" in fields:
             pool["method"] = v.choice("method", fields["method"], v.BALANCING_METHODS)
@@ -283,7 +279,7 @@ def update(bastion: Bastion, name: str, author: str = "cli", **fields: Any) -> d
         check_pool(pool)
         if {"aliases", "models"} & fields.keys():
             check_aliases(bastion, pool)
-        db.table("pools").update(pool, Pool.name == name)
+        bastion.store.update("pools", pool, name=name)
     if "models" in fields and not pool["models"]:  # back to discovery: ask the upstreams now
         refresh_discovered(bastion, only=name)
     return get(bastion, name)
@@ -291,34 +287,34 @@ def update(bastion: Bastion, name: str, author: str = "cli", **fields: Any) -> d
 
 def add_upstream(bastion: Bastion, name: str, value: Any, author: str = "cli") -> dict[str, Any]:
     """Append one upstream (read and written under one lock, so concurrent edits are never lost)."""
-    with bastion.change(author, f"add upstream to pool {name}", nginx=True) as db:
+    with bastion.change(author, f"add upstream to pool {name}", nginx=True):
         pool = _find(bastion, name)
         pool["upstreams"].append(upstream(f"upstreams[{len(pool['upstreams'])}]", value))
         check_pool(pool)
-        db.table("pools").update(pool, Pool.name == name)
+        bastion.store.update("pools", pool, name=name)
     return get(bastion, name)
 
 
 def remove_upstream(bastion: Bastion, name: str, url: Any, author: str = "cli") -> dict[str, Any]:
     normalised = v.upstream_url("url", url)
-    with bastion.change(author, f"remove upstream {normalised} from pool {name}", nginx=True) as db:
+    with bastion.change(author, f"remove upstream {normalised} from pool {name}", nginx=True):
         pool = _find(bastion, name)
         remaining = [u for u in pool["upstreams"] if u["url"] != normalised]
         if len(remaining) == len(pool["upstreams"]):
             raise NotFound("upstream", f"{normalised} in pool {name}")
         if not remaining:
             raise Conflict("url", "a pool needs at least one upstream; remove the pool instead")
-        db.table("pools").update({"upstreams": remaining}, Pool.name == name)
+        bastion.store.update("pools", {"upstreams": remaining}, name=name)
     return get(bastion, name)
 
 
 def remove(bastion: Bastion, name: str, author: str = "cli") -> None:
-    with bastion.change(author, f"remove pool {name}", nginx=True) as db:
+    with bastion.change(author, f"remove pool {name}", nginx=True):
         _find(bastion, name)
-        users = [r["model"] for r in db.table("routes").all() if name in r["pools"]]
+        users = [r["model"] for r in bastion.store.all("routes") if name in r["pools"]]
         if users:
             raise Conflict("name", f"pool {name!r} is used by the routes for {', '.join(users)}; remove them first")
-        db.table("pools").remove(Pool.name == name)
+        bastion.store.remove("pools", name=name)
         if bastion.store.get_setting("default_pool") == name:
             bastion.store.update_settings(default_pool=None)
 
@@ -330,7 +326,7 @@ def refresh_discovered(bastion: Bastion, only: str | None = None) -> list[str]:
     discovered: dict[str, list[str]] = {}
     results: dict[str, discovery.Discovery] = {}
     ca_bundle = bastion.settings()["ca_bundle"]
-    for pool in bastion.store.table("pools").all():
+    for pool in bastion.store.all("pools"):
         if only and pool["name"] != only:
             continue
         found = results[pool["name"]] = discovery.discover_pool_models(pool, ca_bundle)
@@ -344,8 +340,8 @@ def refresh_discovered(bastion: Bastion, only: str | None = None) -> list[str]:
         def set_models(doc: dict[str, Any]) -> None:
             doc.update(discovered_models=discovered[doc["name"]], discovered_at=time.time())
 
-        with bastion.change("discovery", f"models discovered for {summary}") as db:
-            db.table("pools").update(set_models, Pool.name.one_of(list(discovered)))
+        with bastion.change("discovery", f"models discovered for {summary}"):
+            bastion.store.update("pools", set_models, name=set(discovered))
     if results:
         record_discovery(bastion, results)
     return list(discovered)
@@ -354,7 +350,7 @@ def refresh_discovered(bastion: Bastion, only: str | None = None) -> list[str]:
 # Routes: explicit model → pools mappings, checked before the pools' own model lists.
 
 def all_routes(bastion: Bastion) -> list[dict[str, Any]]:
-    return [{"mode": "fallback", **r} for r in bastion.store.table("routes").all()]  # older routes: fallback
+    return [{"mode": "fallback", **r} for r in bastion.store.all("routes")]  # older routes: fallback
 
 
 def set_route(bastion: Bastion, model: str, pools: list[str], author: str = "cli",
@@ -366,16 +362,16 @@ def set_route(bastion: Bastion, model: str, pools: list[str], author: str = "cli
     if not route["pools"]:
         raise v.ValidationError("pools", "give at least one pool")
     traffic.check_route_pools(route["pools"])
-    with bastion.change(author, f"route {route['model']} to {', '.join(route['pools'])}") as db:
-        known = {p["name"] for p in db.table("pools").all()}
+    with bastion.change(author, f"route {route['model']} to {', '.join(route['pools'])}"):
+        known = {p["name"] for p in bastion.store.all("pools")}
         for i, p in enumerate(route["pools"]):
             if p not in known:
                 raise v.ValidationError(f"pools[{i}]", f"unknown pool {p!r}")
-        db.table("routes").upsert(route, Route.model == route["model"])
+        bastion.store.upsert("routes", route, model=route["model"])
     return route
 
 
 def remove_route(bastion: Bastion, model: str, author: str = "cli") -> None:
-    with bastion.change(author, f"remove route {model}") as db:
-        if not db.table("routes").remove(Route.model == model):
+    with bastion.change(author, f"remove route {model}"):
+        if not bastion.store.remove("routes", model=model):
             raise NotFound("route", model)

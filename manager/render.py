@@ -127,7 +127,8 @@ def _tls(settings: Mapping[str, Any], certificates: Mapping[str, Mapping[str, An
     """The HTTP listener (ACME challenges, then the redirect) and one HTTPS server per certificate: only when
     `https_listen` is set and a certificate can be served, so nginx never starts without one."""
     https = settings["https_listen"] if certificates else None
-    port = https.rpartition(":")[2] if https else ""
+    # the redirect names the port clients reach: in a container 8443 is published as 443
+    port = str(settings.get("https_public_port") or https.rpartition(":")[2]) if https else ""
     return {
         "http_listen": settings["http_listen"],
         "https_listen": https,

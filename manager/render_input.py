@@ -100,7 +100,7 @@ def observe(bastion: Bastion, remember: bool = False) -> Observation:
         fallback = {k: tuple(v) for k, v in json.loads(cache_file.read_text()).items()}
     except (OSError, ValueError, AttributeError):
         fallback = {}
-    resolved = _resolve_all(bastion.store.table("pools").all(), {}, fallback)
+    resolved = _resolve_all(bastion.store.all("pools"), {}, fallback)
     if remember:
         write_atomic(cache_file, json.dumps({**fallback, **resolved}, sort_keys=True).encode())
     return Observation(freeze(resolved), freeze(fallback), frozenset(health.down_urls(bastion)),

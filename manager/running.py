@@ -7,7 +7,7 @@ loads that file off the request path (authsvc/model_lists.py) and filters it by 
 Each entry keeps only Ollama's known fields, of the expected types; an upstream that does not answer
 contributes nothing (its models are not running anywhere a client could reach them right now).
 
-The same file carries, per upstream URL, what model-aware balancing needs (authsvc/balance.py, decision 36):
+The same file carries, per upstream URL, what model-aware balancing needs (authsvc/balance.py, decision 38):
 the models an upstream has loaded (its /api/ps) and, for the live upstreams of model-aware pools that do not
 answer /api/ps, vLLM's queue from `GET /metrics` (the same limits, 1 MB): the `num_requests_waiting` gauge and
 the models its `model_name` labels name. No inference request is ever sent.
@@ -117,7 +117,7 @@ def poll(bastion: Bastion) -> bool:
     settings = bastion.settings()
     found = pools.discovery_state(bastion)
     down = health.down_urls(bastion)
-    all_pools = bastion.store.table("pools").all()
+    all_pools = bastion.store.all("pools")
     targets = [(pool, up["url"]) for pool in all_pools
                if OLLAMA in pools.effective_kinds(pool, found.get(pool["name"]))
                for up in pool["upstreams"] if up["url"] not in down]

@@ -58,6 +58,7 @@ DEFAULTS: dict[str, Any] = {
     # certificates (docs/certificates.md); the listeners are stored now, nginx serves them with the TLS work
     "http_listen": None,
     "https_listen": None,
+    "https_public_port": None,  # the port clients reach HTTPS on, when it differs (containers, port forwards)
     "acme_server": "https://acme-v02.api.letsencrypt.org/directory",
     "acme_email": None,
     "acme_ca_bundle": None,
@@ -144,6 +145,7 @@ VALIDATORS = {
     "bruteforce_max_block": lambda f, x: v.integer(f, x, 1, 30 * 86400),
     "http_listen": cert_checks.nullable(v.listen),
     "https_listen": cert_checks.nullable(v.listen),
+    "https_public_port": cert_checks.nullable(lambda f, x: v.integer(f, x, 1, 65535)),
     "acme_server": cert_checks.acme_url,
     "acme_email": cert_checks.email,
     "acme_ca_bundle": cert_checks.nullable(v.file_path),
@@ -183,8 +185,7 @@ def validate(bastion: Bastion, values: dict[str, Any]) -> dict[str, Any]:
                     raise v.ValidationError(key, f"{merged[key]} is already the address of {other}")
     if set(cors.VALIDATORS) & out.keys():
         cors.check({**bastion.settings(), **out}, out.keys())
-    if out.get("default_pool") and not bastion.store.table("pools").search(
-            lambda p: p["name"] == out["default_pool"]):
+    if out.get("default_pool") and not bastion.store.find("pools", name=out["default_pool"]):
         raise v.ValidationError("default_pool", f"unknown pool {out['default_pool']!r}")
     return out
 

@@ -60,11 +60,11 @@ def build(bastion: Bastion, only_pools: set[str] | None = None) -> dict[str, Any
               "websocket": p.get("websocket", False) and (websocket is None or p["name"] in websocket),
               "aliases": p.get("aliases") or {}, "live": any(u["url"] not in down for u in p["upstreams"]),
               **api_facts(p, found.get(p["name"])), **model_aware(p, down)}
-             for p in store.table("pools").all()
+             for p in store.all("pools")
              if p["upstreams"] and (only_pools is None or p["name"] in only_pools)]
     names = {p["name"] for p in pools}
     routes = [{"model": r["model"], "pools": [p for p in r["pools"] if p in names],
-               "mode": r.get("mode", "fallback")} for r in store.table("routes").all()]
+               "mode": r.get("mode", "fallback")} for r in store.all("routes")]
     settings = bastion.settings()
     default_pool = settings["default_pool"]
     return {
@@ -117,7 +117,7 @@ def edit_problems(bastion: Bastion) -> list[str]:
     if metering.body_edits(bastion):
         return []
     problems = [f"pool {p['name']} has model aliases, which need njs (unavailable): requests for them get 503"
-                for p in bastion.store.table("pools").all() if p.get("aliases")]
+                for p in bastion.store.all("pools") if p.get("aliases")]
     keys = bastion.keystore.count_editing()
     if keys:
         problems.append(f"{keys} key(s) have a default model or allow_auto, which need njs (unavailable): those "

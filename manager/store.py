@@ -146,8 +146,8 @@ class Store:
     def insert(self, table: str, doc: dict[str, Any]) -> None:
         self.table(table).insert(doc)
 
-    def update(self, table: str, changes: dict[str, Any], **match: Any) -> int:
-        """Set `changes` on every matching document; returns how many matched."""
+    def update(self, table: str, changes: dict[str, Any] | Callable[[dict[str, Any]], None], **match: Any) -> int:
+        """Set `changes` (or apply the function) on every matching document; returns how many matched."""
         return len(self.table(table).update(changes, _matching(match)))
 
     def upsert(self, table: str, doc: dict[str, Any], **match: Any) -> None:
@@ -155,6 +155,12 @@ class Store:
 
     def remove(self, table: str, **match: Any) -> int:
         return len(self.table(table).remove(_matching(match)))
+
+    def tables(self) -> set[str]:
+        return self.db.tables()
+
+    def drop(self, table: str) -> None:
+        self.db.drop_table(table)
 
     def replace_all(self, table: str, docs: list[dict[str, Any]]) -> None:
         """The table's documents become `docs`, in this order (a rollback to a kept generation)."""

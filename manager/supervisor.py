@@ -25,7 +25,7 @@ from typing import Any
 
 import requests
 
-from manager import capacity, generations, health, pools, quotas, running, snapshot
+from manager import capacity, environment, generations, health, pools, quotas, running, snapshot
 from manager import settings as settings_mod
 from manager.apply import healthz_url, recover
 from manager.certs import manage as cert_manage
@@ -176,8 +176,9 @@ class Supervisor:
         self.stopping = threading.Event()
         self._settings: dict[str, Any] | None = None
         dirs = bastion.dirs
-        # children get no BASTION_ADMIN_PASSWORD: the admin user exists before they start
-        self.env = {k: x for k, x in os.environ.items() if k != "BASTION_ADMIN_PASSWORD"}
+        # children get no secrets from the environment: the admin user and the Cloudflare token exist by now
+        self.env = environment.child_env(os.environ)
+        self.stop_timeout = environment.stop_timeout()
         self.env.update(BASTION_DATA_DIR=str(dirs.root), BASTION_NGINX=bastion.nginx.binary)
         self.gate = Child(
             "authsvc",
@@ -355,7 +356,7 @@ class Supervisor:
 
     def shutdown(self) -> None:
         self.stopping.set()
-        self.nginx.stop(signal.SIGQUIT)  # graceful: in-flight streams finish
+        self.nginx.stop(signal.SIGQUIT, self.stop_timeout)  # graceful: in-flight streams finish, within the budget
         for child in (self.manager, self.gate):
             child.stop()
         with contextlib.suppress(Exception):  # a last read of the log must not block shutdown

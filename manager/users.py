@@ -10,6 +10,7 @@ import secrets
 import time
 from typing import TYPE_CHECKING, Any
 
+from manager import environment
 from manager import validation as v
 from manager.errors import Conflict, NotFound
 
@@ -132,7 +133,7 @@ def ensure_admin(bastion: Bastion) -> str | None:
     """On first start create `admin`; returns the generated password (None when set by env or not needed)."""
     if bastion.store.all("users"):
         return None
-    given = os.environ.get("BASTION_ADMIN_PASSWORD")
+    given = environment.secret(environment.ADMIN_PASSWORD)  # the variable or the file BASTION_ADMIN_PASSWORD_FILE
     pw = given or secrets.token_urlsafe(15)
     create(bastion, "admin", pw, "admin", author="init")
     return None if given else pw

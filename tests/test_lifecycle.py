@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -212,3 +213,35 @@ def test_up_makes_room_for_max_streams(tmp_path: Path) -> None:
         assert workers and all(_open_files(w)[0] == 3280 for w in workers)
     finally:
         stack.stop()
+
+
+def test_sigterm_cuts_streams_at_the_stop_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A container engine kills after its grace period: `up` ends streams at BASTION_STOP_TIMEOUT and exits 0."""
+    monkeypatch.setenv("BASTION_STOP_TIMEOUT", "1")
+    up = FakeUpstream("slow", ["slow-model"], chunk_delay=1.0, chunks=8)  # an 8 s stream
+    stack = Stack(tmp_path / "data")
+    got: list[bytes] = []
+
+    def consume(r: requests.Response) -> None:
+        with contextlib.suppress(requests.RequestException):
+            got.extend(line for line in r.iter_lines() if line)
+
+    try:
+        stack.start()
+        stack.cli("pools", "add", "slow", "--url", up.url)
+        key = stack.key("k")
+        r = stack.post("/v1/chat/completions", key, json={"model": "slow-model", "stream": True}, stream=True)
+        assert r.status_code == 200
+        reader = threading.Thread(target=consume, args=(r,))
+        reader.start()
+        time.sleep(1.5)  # under way
+        started = time.monotonic()
+        stack.proc.send_signal(signal.SIGTERM)
+        stack.proc.wait(15)
+        took = time.monotonic() - started
+        reader.join(10)
+        assert stack.proc.returncode == 0 and took < 4, took  # not the 6.5 s the stream had left
+        assert 1 < len(got) < 9 and got[-1] != b"data: [DONE]", got
+    finally:
+        stack.stop()
+        up.close()

@@ -19,6 +19,7 @@ from manager.metering import METER_JS
 from manager.nginx import Nginx
 from manager.render import RenderInput, render
 from manager.render_input import freeze, gather
+from manager.validation import ValidationError
 from nginx_templates import TEMPLATE_DIR
 from tests.conftest import needs_nginx
 
@@ -268,3 +269,10 @@ def test_only_certificates_nginx_can_load_are_rendered(bastion: Bastion, caplog:
     assert "return 308 https://$host:8443$request_uri;" in text
     bastion.apply("test")
     assert "server_name a.example.test;" in live_text(bastion)
+    # published on another port (a container's 8443 as 443): the redirect names the port clients reach
+    settings_mod.update(bastion, {"https_public_port": 443})
+    assert "return 308 https://$host$request_uri;" in live_text(bastion)
+    settings_mod.update(bastion, {"https_public_port": "9443"})
+    assert "return 308 https://$host:9443$request_uri;" in live_text(bastion)
+    with pytest.raises(ValidationError):
+        settings_mod.update(bastion, {"https_public_port": 0})

@@ -42,6 +42,14 @@ def logout():
     return response
 
 
+@bp.op("GET", "/me", "Who is signed in (the page's role-aware view; the session cookie itself is HttpOnly)",
+       response=obj(username=STR, role=STR, expiresAt=INT, via_cookie=BOOL))
+def me():
+    identity = g.identity
+    return jsonify(username=identity.username, role=identity.role, expiresAt=int(identity.exp),
+                   via_cookie=identity.via_cookie)
+
+
 @bp.op("POST", "/token", "Get a bearer JWT for scripts", body=CREDENTIALS,
        response=obj(token=STR, expiresAt=INT), public=True)
 def token():
