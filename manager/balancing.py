@@ -14,8 +14,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-HEADER = "X-Bastion-Upstream"
-
 
 def choices(pool: Mapping[str, Any]) -> list[int]:
     """The upstreams (by index) the gate may pick in `pool`: none unless it is model-aware with two or more

@@ -71,10 +71,6 @@ def ask_running(url: str, api_key: str | None, verify: bool | str) -> list[dict[
     return [e for e in map(entry, listed[:MAX_RUNNING]) if e is not None]
 
 
-def upstream_running(url: str, api_key: str | None, verify: bool | str) -> list[dict[str, Any]]:
-    return ask_running(url, api_key, verify) or []
-
-
 def queue(text: str) -> dict[str, Any] | None:
     """vLLM's Prometheus text: {"models": the model_name labels, "waiting": the sum of num_requests_waiting};
     None when the text has no such metric (not vLLM)."""
