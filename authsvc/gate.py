@@ -21,6 +21,7 @@ from authsvc import aliases, balance, bodies, errors, include_usage, model_lists
 from authsvc import keys as keyformat
 from authsvc.anonymous import AnonymousLimiter
 from authsvc.bruteforce import LOG_HEADER, BlockBoard, FailureGuard
+from authsvc.files import Reloader
 from authsvc.ratelimit import RateLimiter
 from authsvc.snapshot import KeyRule, Snapshot, SnapshotSource, StatusBoard, model_variants
 
@@ -92,9 +93,9 @@ class Gate:
     @classmethod
     def from_data_dir(cls, data_dir: Path) -> Gate:
         gate = cls(data_dir / "snapshot.json", (data_dir / "pepper").read_bytes().strip())
-        quotas.QuotaBoard(gate.quotas).start()
+        Reloader("quota-figures", gate.quotas.load, quotas.CHECK_INTERVAL).start()
         BlockBoard(gate.guard, data_dir / "run").start()
-        model_lists.RunningBoard(gate.running).start()
+        Reloader("ollama-running", gate.running.load, model_lists.CHECK_INTERVAL).start()
         StatusBoard(gate.source, data_dir / "run", gate.decisions, gate.status).start()
         return gate
 

@@ -7,8 +7,8 @@ once per snapshot, when a list is first asked for, with the details the upstream
 them by the key's allow-list and encodes them, as before; an unrestricted key gets the whole body, encoded once.
 
 /api/ps: the gate does no I/O per request, so the manager polls the Ollama upstreams' /api/ps and writes the
-running models to `run/ollama-ps.json` (manager/running.py); `RunningBoard` loads that file when it changes,
-off the request path (docs/decisions.md, decision 34).
+running models to `run/ollama-ps.json` (manager/running.py); a `Reloader` thread (authsvc/files.py) loads
+that file when it changes, off the request path (docs/decisions.md, decision 34).
 """
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -249,19 +247,3 @@ class RunningFile:
                 seen.add(model)
                 out.append(entry)
         return b'{"models":[' + b",".join(out) + b"]}"
-
-
-class RunningBoard(threading.Thread):
-    """Loads `RunningFile` when it changes, off the request path."""
-
-    def __init__(self, running: RunningFile):
-        super().__init__(name="ollama-running", daemon=True)
-        self.file = running
-
-    def run(self) -> None:
-        while True:
-            time.sleep(CHECK_INTERVAL)
-            try:
-                self.file.load()
-            except Exception:  # never let the thread die: the list would silently freeze
-                log.exception("loading the running models failed")
