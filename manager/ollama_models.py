@@ -8,7 +8,7 @@ A pull takes minutes to hours, longer than a page stays open, and Ollama cancels
 away: so the manager pulls in a thread and writes the job's progress to `run/ollama-pulls/<id>.json`
 (gunicorn runs two workers: a poll may reach the other one), at most twice a second. A job whose worker died
 (its process is gone, or it has been silent longer than the idle limit allows) is shown as interrupted.
-See docs/decisions.md, decision 38.
+See docs/decisions.md, decision 40.
 """
 
 from __future__ import annotations
