@@ -72,10 +72,13 @@ function size(bytes) {
   return `${num(n, i ? 1 : 0)} ${units[i]}`;
 }
 
+// a model named e.g. "constructor" must not find Object.prototype's
+const own = (obj, key) => (obj && Object.hasOwn(obj, key) ? obj[key] : undefined);
+
 /** One model's details, merged over the kinds that reported it (Ollama's /api/tags says the most). */
 function details(pool, model) {
   const all = pool.model_details || {};
-  const o = all.ollama?.[model], a = all.openai?.[model];
+  const o = own(all.ollama, model), a = own(all.openai, model);
   const parts = [];
   if (o?.details) {
     const d = o.details;
@@ -91,7 +94,7 @@ function modelTable(pool) {
   const configured = pool.models.length > 0;
   const names = configured ? pool.models : pool.discovered_models;
   const all = pool.model_details || {};
-  const kinds = (m) => KINDS.filter((k) => all[k]?.[m]).map((k) => (k === "openai" ? "OpenAI" : "Ollama")).join(", ");
+  const kinds = (m) => KINDS.filter((k) => own(all[k], m)).map((k) => (k === "openai" ? "OpenAI" : "Ollama")).join(", ");
   return h("div", { class: "models" },
     h("h3", {}, configured ? "Models (configured)" : "Discovered models",
       pool.discovered_at && !configured ? h("span", { class: "hint" }, ` asked ${ago(pool.discovered_at)}`) : null),
