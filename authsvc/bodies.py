@@ -40,6 +40,7 @@ def _refuse_constant(name: str) -> Any:
 
 
 _DECODER = json.JSONDecoder(parse_constant=_refuse_constant)  # built once: json.loads(**kw) builds one per call
+_SCAN = _DECODER.scan_once
 _NOT_SKELETON = bytes(b for b in range(256) if b not in b'[]{}"\\/bfnrtu')  # brackets, quotes and escapes
 _DEPTH_STEP = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
@@ -82,7 +83,15 @@ def loads(raw: bytes | str) -> Any:
 
 def _parse(text: str) -> Any:
     try:
-        return _DECODER.decode(text)
+        # JSONDecoder.decode without its two Python wrappers (the C scanner, then only whitespace may follow);
+        # anything else goes through decode itself, which raises the usual error
+        try:
+            value, end = _SCAN(text, _WHITESPACE.match(text).end())
+        except StopIteration:
+            return _DECODER.decode(text)
+        if end != len(text) and _WHITESPACE.match(text, end).end() != len(text):
+            return _DECODER.decode(text)
+        return value
     except RecursionError:  # check_depth prevents it; a caller deep in its own stack still gets a ValueError
         raise TooDeep("the JSON nests too deeply") from None
 
