@@ -20,6 +20,8 @@ from itertools import accumulate
 from json.decoder import scanstring  # type: ignore[attr-defined]
 from typing import Any
 
+import orjson
+
 # The lowest nesting limit among common JSON parsers (serde_json 128, pydantic 200, Python ~1000): deeper bodies
 # are refused before they reach any parser. Real requests nest below 20 (JSON schemas included).
 MAX_DEPTH = 128
@@ -94,6 +96,22 @@ def _parse(text: str) -> Any:
         return value
     except RecursionError:  # check_depth prevents it; a caller deep in its own stack still gets a ValueError
         raise TooDeep("the JSON nests too deeply") from None
+
+
+def _request_body(raw: bytes) -> Any:
+    """`loads(raw)`, sooner: orjson first, the strict parser for whatever orjson refuses, so the same bodies are
+    refused with the same errors. Where orjson accepts a body the two agree (RFC 8259 both; repeated keys: the
+    last value, at the first's place), but for integers beyond 64 bits, which orjson makes floats: of the values
+    the gate reads only `stream`'s type could show it (include_usage.stream_type_error), so a float there is
+    parsed again the strict way."""
+    check_depth(raw)  # orjson allows 1024 levels
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return loads(raw)
+    if type(body) is dict and type(body.get("stream")) is float:
+        return loads(raw)
+    return body
 
 
 def _top_level_keys(text: str) -> Iterator[tuple[str, str]]:
@@ -184,8 +202,7 @@ def json_document(raw: bytes, ollama: bool) -> tuple[str | Any | None, Any]:
     OpenAI-style endpoints: the exact key `model`, written once and without escapes; another spelling (`MODEL`:
     Ollama's /v1 reads it, pydantic does not) is refused. Ollama routes (`ollama`): `model` in any case, else
     `name`, like Ollama's Go decoder (two spellings of one key are refused: Go keeps the last, Python both)."""
-    text = _text(raw)
-    body = _parse(text)
+    body = _request_body(raw)
     if not isinstance(body, dict):
         return None, body
     if ollama:
@@ -193,7 +210,7 @@ def json_document(raw: bytes, ollama: bool) -> tuple[str | Any | None, Any]:
     # Python's dict hides a repeated or escaped `model`; cheap bytes checks say when to look at the keys
     first = _MODEL_KEY.search(raw)
     if (first and _MODEL_KEY.search(raw, first.end())) or _LETTER_ESCAPE.search(raw):
-        written = [w for w, key in _top_level_keys(text) if key == "model"]
+        written = [w for w, key in _top_level_keys(_text(raw)) if key == "model"]
         if len(written) > 1:
             raise Ambiguous("the key `model` is given more than once")
         if written and written[0] != '"model"':

@@ -251,7 +251,8 @@ class Gate:
             chain = self.chain(pools, balanced)
         # the body is edited for the first pool: a fallback goes only to pools that take the same body
         upstream_name = snap.alias_for(chain[0], model)
-        chain = tuple(p for p in chain if snap.alias_for(p, model) == upstream_name)
+        if len(chain) > 1:
+            chain = tuple(p for p in chain if snap.alias_for(p, model) == upstream_name)
         headers = [("X-Accel-Redirect", f"@then_{chain[0]}" if len(chain) > 1 else f"@pool_{chain[0]}"),
                    ("X-Bastion-Key", key.id), ("X-Bastion-Model", model), *limits]
         if len(chain) > 1:  # nginx goes on to the next pool when one fails before the first byte (_fallback.j2)
@@ -261,7 +262,7 @@ class Gate:
         if choice.upstream:  # the answer names the upstream's model: meter.js reports the public one
             headers.append((aliases.PUBLIC_HEADER, model))
         if path in include_usage.ENDPOINTS:  # the same body goes to every pool of the chain: all must take it
-            insert = self.usage_insertion(environ, key, all(p in snap.usage_pools for p in chain), ollama)
+            insert = self.usage_insertion(environ, key, snap.usage_pools.issuperset(chain), ollama)
             if insert:
                 headers.append((include_usage.HEADER, insert))
                 edits += aliases.usage_edit(insert)
