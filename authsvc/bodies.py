@@ -48,13 +48,14 @@ _DEPTH_STEP = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 # \u0040-\u007f: the only escapes that can spell an ASCII letter of a key (clients escape non-ASCII, not letters)
 _LETTER_ESCAPE = re.compile(rb"\\u00[4-7][0-9A-Fa-f]")
+_QUOTED: dict[str, bytes] = {}  # check_plain_keys: a key name as a JSON string, in bytes
 _MODEL_KEY = re.compile(rb'"model"[ \t\n\r]*:')  # `model` written as a key, at any level
 
 
 def check_depth(raw: bytes, limit: int = MAX_DEPTH) -> None:
     """Raise TooDeep when brackets outside strings nest deeper than `limit`. Ordinary bodies have fewer
     brackets than the limit in all, which two `count`s prove; only the others are scanned."""
-    if raw.count(b"[") + raw.count(b"{") <= limit:
+    if len(raw) <= limit or raw.count(b"[") + raw.count(b"{") <= limit:
         return
     skeleton = raw.translate(None, _NOT_SKELETON)
     if b"\\" in skeleton:  # drop escaped backslashes, then escaped quotes: every quote left delimits a string
@@ -176,8 +177,15 @@ def check_plain_keys(raw: bytes, names: tuple[str, ...]) -> None:
     """Raise Ambiguous when one of `names` is a top-level key of the JSON object `raw` given more than once or
     written with escapes (parsers keep different ones of repeated keys). Two cheap bytes checks first: only a
     body that may have such a key has its keys read."""
-    if not _LETTER_ESCAPE.search(raw) and all(raw.count(f'"{name}"'.encode()) <= 1 for name in names):
-        return
+    if not _LETTER_ESCAPE.search(raw):
+        for name in names:
+            quoted = _QUOTED.get(name)
+            if quoted is None:
+                quoted = _QUOTED[name] = f'"{name}"'.encode()  # a few fixed names: never grows beyond them
+            if raw.count(quoted) > 1:
+                break
+        else:
+            return
     written: dict[str, list[str]] = {}
     for spelled, key in _top_level_keys(_text(raw)):
         if key in names:

@@ -82,8 +82,10 @@ def metered_insertion(raw: bytes, body: dict[str, Any], pool_asks: bool) -> str 
     if not isinstance(body, dict):
         return None
     for key in body:  # Ollama's Go decoder matches keys in any case, C parsers end a key at NUL
+        if key in _KEYS:
+            continue
         meant = key.lower().split("\0")[0]
-        if key not in _KEYS and meant in _KEYS:
+        if meant in _KEYS:
             raise Unmeterable(f"The request body is ambiguous: the key `{meant}` must be written {meant!r}, "
                               f"not {key[:20]!r}.", param=meant)
     try:
