@@ -2,8 +2,8 @@
 
 `Gate.__call__` on a WSGI environ shaped like granian's, for the request shapes that matter on the hot path:
 the benchmark's chat completion (bench/bench.py REQUEST_BODY) with a key without and with a model allow-list, a
-streamed request that gets `include_usage` added, a key with an rpm and a daily token quota, an Ollama
-/api/chat, and a refused wrong key. Each shape: the best of BENCH_GATE_REPEAT (default 25) timings of
+12 KB conversation, a streamed request that gets `include_usage` added, a key with an rpm and a daily token
+quota, an Ollama /api/chat, and a refused wrong key. Each shape: the best of BENCH_GATE_REPEAT (default 25) timings of
 BENCH_GATE_CALLS (default 2,000) calls, in µs of the process's CPU time per decision (CPU time, not wall time,
 and the minimum: the machine is shared, so other programs only ever add to a timing).
 `--profile SHAPE` prints cProfile's top functions for one shape instead.
@@ -40,6 +40,10 @@ REPEAT = int(os.environ.get("BENCH_GATE_REPEAT", "25"))
 PEPPER = b"bench-pepper"
 STREAM_BODY = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True},
                          separators=(",", ":")).encode()
+# a conversation of 20 messages, 12 KB: real chat bodies are rarely as small as the benchmark's
+LONG_BODY = json.dumps({"model": MODEL, "messages": [{"role": "user" if i % 2 else "assistant",
+                                                      "content": "hello world " * 50} for i in range(20)]},
+                       separators=(",", ":")).encode()
 OLLAMA_BODY = json.dumps({"model": "llama3", "messages": [{"role": "user", "content": "hi"}], "stream": False},
                          separators=(",", ":")).encode()
 
@@ -92,6 +96,7 @@ def shapes(tokens: dict[str, str]) -> dict[str, tuple[dict[str, Any], str]]:
         "chat": (environ(chat, tokens["plain"], REQUEST_BODY), "200 OK"),
         "chat, allow-list": (environ(chat, tokens["allow_list"], REQUEST_BODY), "200 OK"),
         "chat, rpm + quota": (environ(chat, tokens["limits"], REQUEST_BODY), "200 OK"),
+        "chat, 12 KB body": (environ(chat, tokens["plain"], LONG_BODY), "200 OK"),
         "stream + include_usage": (environ(chat, tokens["plain"], STREAM_BODY), "200 OK"),
         "ollama /api/chat": (environ("/api/chat", tokens["plain"], OLLAMA_BODY), "200 OK"),
         "wrong key (401)": (environ(chat, wrong, REQUEST_BODY), "401 Unauthorized"),
