@@ -80,7 +80,7 @@ class KeyRule:
     allow_auto: bool = False
     _model_cache: dict[str, bool] = field(default_factory=dict)
     # SHA-256 of the last secret that matched `digest` (authsvc.gate.Gate.identify): a repeat skips the HMAC
-    seen: bytes = b""
+    seen: bytes = field(default=b"", compare=False, repr=False)
 
     @property
     def token_quota(self) -> bool:
