@@ -121,36 +121,19 @@ def _request_body(raw: bytes) -> Any:
     return body
 
 
-def _top_level_keys(text: str) -> Iterator[tuple[str, str]]:
-    """(key as written, key decoded) for each member of the top-level object of a valid JSON object text.
-    Values are skipped with the C scanner, so this costs about one more parse."""
+def _top_level_members(text: str) -> Iterator[tuple[str, str, int, int]]:
+    """(key as written, key decoded, value start, value end in characters) for each member of the top-level
+    object of a valid JSON object text. Values are skipped with the C scanner: about one more parse."""
     i = _WHITESPACE.match(text).end() + 1  # past "{"
     while True:
         i = _WHITESPACE.match(text, i).end()
         if text[i] == "}":
             return
         key, end = scanstring(text, i + 1)
-        yield text[i:end], key
-        i = _WHITESPACE.match(text, _WHITESPACE.match(text, end).end() + 1).end()  # past ":"
-        _, i = _DECODER.scan_once(text, i)
-        i = _WHITESPACE.match(text, i).end()
-        if text[i] == "}":
-            return
-        i += 1  # past ","
-
-
-def _top_level_members(text: str) -> Iterator[tuple[str, int, int]]:
-    """(key decoded, value start, value end) for each member of the top-level object of a valid JSON object
-    text, in characters."""
-    i = _WHITESPACE.match(text).end() + 1  # past "{"
-    while True:
-        i = _WHITESPACE.match(text, i).end()
-        if text[i] == "}":
-            return
-        key, end = scanstring(text, i + 1)
+        written = text[i:end]
         i = _WHITESPACE.match(text, _WHITESPACE.match(text, end).end() + 1).end()  # past ":"
         _, after = _DECODER.scan_once(text, i)
-        yield key, i, after
+        yield written, key, i, after
         i = _WHITESPACE.match(text, after).end()
         if text[i] == "}":
             return
@@ -163,7 +146,7 @@ def model_span(raw: bytes, ollama: bool) -> tuple[int, int] | None:
     on a body `json_document` accepted (so no key is repeated or ambiguous)."""
     text = _text(raw)
     spans: dict[str, tuple[int, int, bool]] = {}
-    for key, start, end in _top_level_members(text):
+    for _, key, start, end in _top_level_members(text):
         name = key.lower() if ollama else key
         if name == "model" or (ollama and name == "name"):
             spans[name] = (start, end, bool(_parse(text[start:end])))
@@ -193,7 +176,7 @@ def check_plain_keys(raw: bytes, names: tuple[str, ...]) -> None:
         else:
             return
     written: dict[str, list[str]] = {}
-    for spelled, key in _top_level_keys(_text(raw)):
+    for spelled, key, _, _ in _top_level_members(_text(raw)):
         if key in names:
             written.setdefault(key, []).append(spelled)
     for key, spellings in written.items():
@@ -224,7 +207,7 @@ def json_document(raw: bytes, ollama: bool) -> tuple[str | Any | None, Any]:
     # Python's dict hides a repeated or escaped `model`; cheap bytes checks say when to look at the keys
     first = _MODEL_KEY.search(raw)
     if (first and _MODEL_KEY.search(raw, first.end())) or letter_escape(raw):
-        written = [w for w, key in _top_level_keys(_text(raw)) if key == "model"]
+        written = [w for w, key, _, _ in _top_level_members(_text(raw)) if key == "model"]
         if len(written) > 1:
             raise Ambiguous("the key `model` is given more than once")
         if written and written[0] != '"model"':

@@ -1,10 +1,16 @@
-"""Writing a file so readers see either the old or the new one, never half of one (shared with the manager)."""
+"""Files shared with the manager: writing one so readers see the old or the new one, never half of one; and
+re-reading one in the background."""
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o600, *, durable: bool = True) -> None:
@@ -29,3 +35,21 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600, *, durable: bool = 
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+class Reloader(threading.Thread):
+    """Calls `load()` every `interval` seconds, off the request path, for as long as the process runs. A failure
+    is logged and tried again next time: a dead thread would freeze what it keeps fresh, silently."""
+
+    def __init__(self, name: str, load: Callable[[], object], interval: float):
+        super().__init__(name=name, daemon=True)
+        self.load = load
+        self.interval = interval
+
+    def run(self) -> None:
+        while True:
+            time.sleep(self.interval)
+            try:
+                self.load()
+            except Exception:
+                log.exception("%s: loading failed", self.name)

@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
-from authsvc import aliases, bodies, errors, include_usage, model_lists, quotas, routes
+from authsvc import aliases, balance, bodies, errors, include_usage, model_lists, quotas, routes
 from authsvc import keys as keyformat
 from authsvc.anonymous import AnonymousLimiter
 from authsvc.bruteforce import LOG_HEADER, BlockBoard, FailureGuard
+from authsvc.files import Reloader
 from authsvc.ratelimit import RateLimiter
 from authsvc.snapshot import KeyRule, Snapshot, SnapshotSource, StatusBoard, model_variants
 
@@ -89,13 +90,14 @@ class Gate:
         # published by StatusBoard for /metrics (granian runs the gate in one thread)
         self.decisions: Counter[str] = Counter()
         self.turns: dict[tuple[str, ...], int] = {}  # balanced routes: requests started so far, by chain
+        self.balancer = balance.Balancer()  # model-aware pools: the upstream each request tries first
 
     @classmethod
     def from_data_dir(cls, data_dir: Path) -> Gate:
         gate = cls(data_dir / "snapshot.json", (data_dir / "pepper").read_bytes().strip())
-        quotas.QuotaBoard(gate.quotas).start()
+        Reloader("quota-figures", gate.quotas.load, quotas.CHECK_INTERVAL).start()
         BlockBoard(gate.guard, data_dir / "run").start()
-        model_lists.RunningBoard(gate.running).start()
+        Reloader("ollama-running", gate.running.load, model_lists.CHECK_INTERVAL).start()
         StatusBoard(gate.source, data_dir / "run", gate.decisions, gate.status).start()
         return gate
 
@@ -268,6 +270,11 @@ class Gate:
                 edits += aliases.usage_edit(insert)
         if edits:
             headers.append((aliases.EDIT_HEADER, aliases.edit_header(edits)))
+        if snap.balance and chain[0] in snap.balance:  # a model-aware pool: the upstream to try first
+            pick = self.balancer.pick(chain[0], snap.balance[chain[0]], model_variants(upstream_name or model),
+                                      self.running.loads, self.running.generation)
+            if pick is not None:
+                headers.append((balance.HEADER, f"{chain[0]}:{pick}"))
         return headers
 
     def chain(self, pools: tuple[str, ...], balanced: bool) -> tuple[str, ...]:

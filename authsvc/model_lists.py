@@ -7,8 +7,8 @@ once per snapshot, when a list is first asked for, with the details the upstream
 them by the key's allow-list and encodes them, as before; an unrestricted key gets the whole body, encoded once.
 
 /api/ps: the gate does no I/O per request, so the manager polls the Ollama upstreams' /api/ps and writes the
-running models to `run/ollama-ps.json` (manager/running.py); `RunningBoard` loads that file when it changes,
-off the request path (docs/decisions.md, decision 34).
+running models to `run/ollama-ps.json` (manager/running.py); a `Reloader` thread (authsvc/files.py) loads
+that file when it changes, off the request path (docs/decisions.md, decision 34).
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from authsvc import balance
 
 log = logging.getLogger(__name__)
 
@@ -196,12 +196,16 @@ def version_key(version: str) -> tuple[int, ...]:
 
 
 class RunningFile:
-    """The Ollama upstreams' running models as the manager last polled them ({"pools": {pool: [entry...]}}),
-    re-read only when the file changed; whatever cannot be read, the last good list stays."""
+    """The Ollama upstreams' running models as the manager last polled them ({"pools": {pool: [entry...]},
+    "upstreams": {url: {"models": [...], "waiting": n}}}), re-read only when the file changed; whatever cannot be
+    read, the last good list stays."""
 
     def __init__(self, path: Path):
         self.path = path
         self.entries: tuple[tuple[str, str, bytes], ...] = ()  # (pool, model, JSON entry)
+        # per upstream URL: models loaded and requests waiting, for model-aware pools (authsvc/balance.py)
+        self.loads: dict[str, balance.Load] = {}
+        self.generation = 0  # one more at every load that changed anything
         self.problem = ""
         self._stamp: tuple[int, int, int] | None = None
 
@@ -216,8 +220,13 @@ class RunningFile:
         self._stamp = stamp
         try:
             data = json.loads(self.path.read_bytes())
-            self.entries = tuple((pool, entry["name"], dumps(entry)) for pool, running in data["pools"].items()
-                                 for entry in running)  # one reference swap: the request thread sees old or new
+            entries = tuple((pool, entry["name"], dumps(entry)) for pool, running in data["pools"].items()
+                            for entry in running)
+            loads = {url: balance.Load(frozenset(load["models"]), int(load.get("waiting") or 0))
+                     for url, load in data.get("upstreams", {}).items()}
+            # reference swaps: the request thread sees the old or the new, the figures before their generation
+            self.entries, self.loads = entries, loads
+            self.generation += 1
         except (OSError, ValueError, KeyError, TypeError) as e:
             if str(e) != self.problem:
                 log.error("ignoring unreadable %s (keeping the running models loaded): %s", self.path, e)
@@ -238,19 +247,3 @@ class RunningFile:
                 seen.add(model)
                 out.append(entry)
         return b'{"models":[' + b",".join(out) + b"]}"
-
-
-class RunningBoard(threading.Thread):
-    """Loads `RunningFile` when it changes, off the request path."""
-
-    def __init__(self, running: RunningFile):
-        super().__init__(name="ollama-running", daemon=True)
-        self.file = running
-
-    def run(self) -> None:
-        while True:
-            time.sleep(CHECK_INTERVAL)
-            try:
-                self.file.load()
-            except Exception:  # never let the thread die: the list would silently freeze
-                log.exception("loading the running models failed")

@@ -3,7 +3,7 @@ manager publishes, the window arithmetic, and the loader that keeps the figures 
 
 After every ingestion of the usage log the manager computes, from the rollups, the consumption of each key that
 has a quota (manager/quotas.py) and writes it atomically to `run/quotas.json` when it changed. `QuotaFile.load()`
-looks at that file's stat and re-reads it only when it changed; `QuotaBoard`, a daemon thread, calls it every
+looks at that file's stat and re-reads it only when it changed; a `Reloader` thread (authsvc/files.py) calls it every
 0.25 s, so the request path never touches the disk.
 
 Figures carry the start of the periods they count, so the gate ages them itself: the sliding minute decays as
@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -166,19 +165,3 @@ class QuotaFile:
             return False
         self.problem = ""
         return True
-
-
-class QuotaBoard(threading.Thread):
-    """Loads `QuotaFile` when it changes, off the request path."""
-
-    def __init__(self, quota_file: QuotaFile):
-        super().__init__(name="quota-figures", daemon=True)
-        self.file = quota_file
-
-    def run(self) -> None:
-        while True:
-            time.sleep(CHECK_INTERVAL)
-            try:
-                self.file.load()
-            except Exception:  # never let the thread die: the figures would silently freeze
-                log.exception("loading quota figures failed")

@@ -24,7 +24,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
-from authsvc import model_lists
+from authsvc import balance, model_lists
 from authsvc.anonymous import DEFAULT_RPM as DEFAULT_UNAUTHENTICATED_RPM
 from authsvc.bruteforce import Policy
 from authsvc.files import write_atomic
@@ -164,6 +164,8 @@ class Snapshot:
     auto_models: tuple[str, ...] = ()  # what "model": "auto" may resolve to, in order
     body_edits: bool = False  # nginx can edit request bodies (njs): aliases, default models and auto work
     lists: model_lists.ModelLists = field(default_factory=model_lists.ModelLists)  # APIs, lists the gate serves
+    # model-aware pools: the upstreams the gate picks among (authsvc/balance.py)
+    balance: dict[str, tuple[balance.Choice, ...]] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Snapshot:
@@ -205,6 +207,9 @@ class Snapshot:
             live=frozenset(p["name"] for p in data.get("pools", []) if p.get("live", True)),
             auto_models=tuple(data.get("auto_models", ())),
             body_edits=bool(data.get("body_edits", False)),
+            balance={p["name"]: tuple(balance.Choice(int(c["index"]), str(c["url"]), bool(c["live"]))
+                                      for c in p["balance"])
+                     for p in data.get("pools", []) if p.get("balance")},
         )
         # every exactly named model, listed with the pool its requests would go to
         snapshot.lists = model_lists.build(data, {*served, *routes}, snapshot.pools_for, snapshot.default_pool,

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from authsvc import routes
-from manager import capacity, cidr_groups, cors, traffic
+from manager import balancing, capacity, cidr_groups, cors, traffic
 from manager.metering import METER_JS
 from manager.settings import ADMIN_BODY_LIMIT_KB
 from nginx_templates import TEMPLATE_DIR
@@ -160,13 +160,13 @@ def pool_view(pool: Mapping[str, Any], down: frozenset[str], resolved: Mapping[s
     """A pool as the templates see it: one server line per resolved address (a placeholder marked down when
     the host did not resolve), and how to reach the first upstream (scheme, Host, TLS name, key)."""
     servers = []
-    for up in pool["upstreams"]:
+    for i, up in enumerate(pool["upstreams"]):
         common = {"weight": up.get("weight", 1), "backup": up.get("backup", False)}
         addresses = resolved.get(host_port(up["url"]), ())
         note = "failed its health checks" if up["url"] in down else None
-        servers += [{"address": a, "down": bool(note), "note": note, **common} for a in addresses]
+        servers += [{"address": a, "down": bool(note), "note": note, "upstream": i, **common} for a in addresses]
         if not addresses:
-            servers.append({"address": "127.0.0.1:9", "down": True,
+            servers.append({"address": "127.0.0.1:9", "down": True, "upstream": i,
                             "note": f"{urlsplit(up['url']).hostname} did not resolve at apply time", **common})
     first = urlsplit(pool["upstreams"][0]["url"])
     default_port = 443 if first.scheme == "https" else 80
@@ -182,4 +182,6 @@ def pool_view(pool: Mapping[str, Any], down: frozenset[str], resolved: Mapping[s
         # the upstream's 401/403 to the pool's own key is the gateway's fault: 502 upstream_auth_failed
         "intercept_auth": bool(pool.get("api_key")),
         "tls_verify": pool.get("tls_verify", True),
+        # model-aware balancing: one block per upstream the gate may pick (manager/balancing.py)
+        "choices": balancing.blocks(pool, servers),
     }

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from authsvc.files import write_atomic
 from authsvc.snapshot import STATUS_FILE, model_variants
-from manager import cidr_groups, generations, health, metering
+from manager import balancing, cidr_groups, generations, health, metering
 from manager import pools as pools_mod
 
 if TYPE_CHECKING:
@@ -41,6 +41,13 @@ def api_facts(pool: dict[str, Any], found: dict[str, Any] | None) -> dict[str, A
     return out
 
 
+def model_aware(pool: dict[str, Any], down: set[str]) -> dict[str, Any]:
+    """The upstreams the gate picks among in a model-aware pool (manager/balancing.py); nothing otherwise, so
+    other pools' snapshots stay as they were."""
+    view = balancing.gate_view(pool, down)
+    return {"balance": view} if view else {}
+
+
 def build(bastion: Bastion, only_pools: set[str] | None = None) -> dict[str, Any]:
     """The gate's view; `only_pools` limits pools (and routes to them) to those nginx has right now."""
     store = bastion.store
@@ -52,7 +59,7 @@ def build(bastion: Bastion, only_pools: set[str] | None = None) -> dict[str, Any
               "passthrough": p.get("passthrough") or [],
               "websocket": p.get("websocket", False) and (websocket is None or p["name"] in websocket),
               "aliases": p.get("aliases") or {}, "live": any(u["url"] not in down for u in p["upstreams"]),
-              **api_facts(p, found.get(p["name"]))}
+              **api_facts(p, found.get(p["name"])), **model_aware(p, down)}
              for p in store.all("pools")
              if p["upstreams"] and (only_pools is None or p["name"] in only_pools)]
     names = {p["name"] for p in pools}

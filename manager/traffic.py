@@ -42,6 +42,8 @@ POOL_FIELDS: dict[str, tuple[Callable[[str, Any], Any], Any]] = {
     "connect_timeout": (_nullable(lambda f, x: v.integer(f, x, 1, 300)), None),
     "read_timeout": (_nullable(lambda f, x: v.integer(f, x, 1, 86400)), None),
     "websocket": (v.boolean, False),
+    # the gate picks the upstream that has the model loaded / the shortest queue (manager/balancing.py)
+    "model_aware": (v.boolean, False),
 }
 
 
@@ -81,4 +83,5 @@ def view(pool: Mapping[str, Any], settings: Mapping[str, Any]) -> dict[str, Any]
         # failed) and 504 (timed out), and the upstream statuses the pool retries
         "fallback_statuses": sorted({502, 504, *statuses}),
         "websocket": t["websocket"],
+        "model_aware": t["model_aware"],
     }

@@ -63,6 +63,14 @@ class FakeUpstream:
         self.stall = 0.0
         self.fail_status: int | None = None  # every POST answered with this error status (e.g. 503 overloaded)
         self.delay = 0.0  # seconds before answering a POST (its head too): a slow first byte
+        # model loading, as Ollama does it: with `load_delay`, a POST for a model that is not loaded waits that
+        # long (its head too) while the model loads; at most `max_loaded` stay loaded (the least recently used
+        # goes), listed by /api/ps; `loads` counts them
+        self.load_delay = 0.0
+        self.max_loaded = 1
+        self.loads = 0
+        self.load_lock = threading.Lock()
+        self.metrics: str | None = None  # the Prometheus text of GET /metrics (vLLM's), when set
         self.requests: list[dict[str, Any]] = []
         self.stream_finished = threading.Event()
         handler = type("Handler", (_Handler,), {"upstream": self})
@@ -168,6 +176,22 @@ class _Handler(BaseHTTPRequestHandler):
                  for e in events]
         self._stream("text/event-stream", [*lines, b"data: [DONE]\n\n"])
 
+    def _load(self, entry: dict[str, Any]) -> None:
+        """Load the request's model unless it is loaded (one load at a time, as Ollama's scheduler)."""
+        up = self.upstream
+        try:
+            model = json.loads(entry["body"] or b"{}").get("model")
+        except (ValueError, AttributeError):
+            return
+        if not isinstance(model, str):
+            return
+        with up.load_lock:
+            loaded = list(up.running or [])
+            if model not in loaded:
+                time.sleep(up.load_delay)
+                up.loads += 1
+            up.running = ([model] + [m for m in loaded if m != model])[: up.max_loaded]
+
     def _refused(self) -> bool:
         """Answer 401 when the upstream wants a key and did not get it."""
         key = self.upstream.api_key
@@ -230,6 +254,13 @@ class _Handler(BaseHTTPRequestHandler):
                                     "context_length": 4096} for m in running]})
         elif self.path == "/api/version":
             self._json({"version": up.version})
+        elif self.path == "/metrics" and up.metrics is not None:
+            data = up.metrics.encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
         elif self.path == "/":
             data = b"Ollama is running"
             self.send_response(200)
@@ -247,6 +278,8 @@ class _Handler(BaseHTTPRequestHandler):
         up = self.upstream
         if up.delay:
             time.sleep(up.delay)
+        if up.load_delay:
+            self._load(entry)
         if up.fail_status is not None:
             self._json({"error": {"message": f"{up.name} is unavailable", "type": "server_error", "param": None,
                                   "code": "overloaded"}}, up.fail_status)

@@ -149,13 +149,15 @@ def test_admin_runs_bastion_from_the_browser(web: Watched, site: Stack, xss_upst
     card.get_by_text("API key set").wait_for()
     assert "upstream-secret-1" not in page.content()
     assert page.locator("img[src=x]").count() == 0
-    card.get_by_role("button", name="Edit").click()  # traffic settings: retries, WebSocket
+    card.get_by_role("button", name="Edit").click()  # traffic settings: retries, WebSocket, model-aware
     dialog = page.get_by_role("dialog")
     dialog.get_by_label("Retries").fill("1")
     dialog.get_by_label("WebSocket pass-through").check()
+    dialog.get_by_label("Model-aware", exact=False).check()
     dialog.get_by_role("button", name="Save").click()
     card.get_by_text("1 retries").wait_for()
     card.get_by_text("WebSocket", exact=True).wait_for()
+    card.get_by_text("model-aware", exact=True).wait_for()
     page.get_by_role("button", name="Add route").click()
     dialog = page.get_by_role("dialog")
     dialog.get_by_label("Model", exact=True).fill("safe-*")

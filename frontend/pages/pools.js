@@ -57,6 +57,7 @@ function poolCard(ctx, pool, reload) {
       pool.tls_verify ? null : badge("TLS not verified", "warn"),
       pool.retries !== undefined ? badge(`${pool.retries} retries`) : null,
       pool.websocket ? badge("WebSocket") : null,
+      pool.model_aware ? badge("model-aware") : null,
       admin ? h("div", { class: "row-actions" },
         h("button", { class: "small", onclick: () => poolDialog(ctx, pool, reload) }, "Edit"),
         h("button", { class: "small", onclick: () => upstreamDialog(ctx, pool, reload) }, "Add upstream"),
@@ -135,7 +136,9 @@ async function poolDialog(ctx, pool, reload) {
         h("input", { type: "checkbox", name: "retry_statuses", value: code,
           checked: (pool?.retry_statuses ?? [502, 503, 504]).includes(code) }), String(code)))),
       h("label", { class: "check" }, h("input", { type: "checkbox", name: "websocket", checked: pool?.websocket ?? false }),
-        "WebSocket pass-through")));
+        "WebSocket pass-through"),
+      h("label", { class: "check" }, h("input", { type: "checkbox", name: "model_aware", checked: pool?.model_aware ?? false }),
+        "Model-aware: send each request to the upstream that has its model loaded, else the shortest queue")));
   const saved = await modal(creating ? "Add pool" : `Edit pool ${pool.name}`, form, {
     submitLabel: creating ? "Add" : "Save",
     onSubmit: (f) => {
@@ -145,6 +148,7 @@ async function poolDialog(ctx, pool, reload) {
         models: list(e.models.value), tls_verify: e.tls_verify.checked, include_usage: e.include_usage.checked,
         retries: number(e.retries) ?? 0, retry_timeout: number(e.retry_timeout) ?? 0,
         connect_timeout: number(e.connect_timeout), read_timeout: number(e.read_timeout), websocket: e.websocket.checked,
+        model_aware: e.model_aware.checked,
         retry_statuses: [...f.querySelectorAll("input[name=retry_statuses]:checked")].map((b) => Number(b.value)) };
       if (e.api_key.value) fields.api_key = e.api_key.value;
       else if (e.remove_key?.checked) fields.api_key = null;

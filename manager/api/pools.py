@@ -29,10 +29,11 @@ UPSTREAM = obj(["url"], url=STR, weight=INT, backup=BOOL, down=BOOL)
 UPSTREAM_IN = {"oneOf": [STR, UPSTREAM]}
 NULLABLE_STR = {"type": ["string", "null"]}
 NULLABLE_INT = {"type": ["integer", "null"]}
-# retries inside the pool, timeouts, WebSocket pass-through (manager/traffic.py)
+# retries inside the pool, timeouts, WebSocket pass-through, model-aware balancing (manager/traffic.py)
 TRAFFIC = {"retries": INT, "retry_timeout": INT,
            "retry_statuses": {"type": "array", "items": {"type": "integer", "enum": list(traffic.RETRY_STATUSES)}},
-           "connect_timeout": NULLABLE_INT, "read_timeout": NULLABLE_INT, "websocket": BOOL}
+           "connect_timeout": NULLABLE_INT, "read_timeout": NULLABLE_INT, "websocket": BOOL,
+           "model_aware": BOOL}
 # as shown: with the last health check (health unknown until the first; error e.g. a refused API key)
 UPSTREAM_STATUS = obj(["url"], url=STR, weight=INT, backup=BOOL, down=BOOL,
                       health={"type": "string", "enum": ["up", "down", "unknown"]}, error=NULLABLE_STR,

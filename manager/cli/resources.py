@@ -30,6 +30,9 @@ def traffic_options(command):
         click.option("--read-timeout", type=int, help="Seconds without a byte from the upstream, before the "
                      "first one and between chunks (default: setting)."),
         click.option("--websocket/--no-websocket", default=None, help="Pass WebSocket upgrades (realtime APIs)."),
+        click.option("--model-aware/--no-model-aware", default=None, help="Send each request to the upstream "
+                     "that has its model loaded, else the shortest queue (Ollama /api/ps, vLLM /metrics; default "
+                     "off)."),
     ]
     for option in reversed(options):
         command = option(command)
