@@ -21,6 +21,7 @@ test-container: install
 
 bench: install
 	@command -v wrk >/dev/null || $(MAKE) system-deps PACKAGES=wrk
+	$(PY) bench/gate_micro.py
 	$(PY) bench/bench.py
 	$(PY) bench/keys.py
 	$(PY) bench/usage_ingest.py

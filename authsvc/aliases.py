@@ -24,6 +24,7 @@ from authsvc import bodies
 AUTO = "auto"
 EDIT_HEADER = "X-Bastion-Edit"
 PUBLIC_HEADER = "X-Bastion-Public-Model"
+_COMPACT = json.JSONEncoder(separators=(",", ":"))  # built once: json.dumps with options builds one per call
 
 
 @dataclass(slots=True)
@@ -68,4 +69,4 @@ def usage_edit(insert: str | None) -> list[tuple[int, int, str]]:
 
 def edit_header(edits: list[tuple[int, int, str]]) -> str:
     """The X-Bastion-Edit value: the edits in body order, as compact JSON (ASCII: it is an HTTP header)."""
-    return json.dumps(sorted(edits, key=lambda e: (e[0], e[1])), separators=(",", ":"))
+    return _COMPACT.encode(sorted(edits, key=lambda e: (e[0], e[1])))

@@ -20,6 +20,8 @@ from itertools import accumulate
 from json.decoder import scanstring  # type: ignore[attr-defined]
 from typing import Any
 
+import orjson
+
 # The lowest nesting limit among common JSON parsers (serde_json 128, pydantic 200, Python ~1000): deeper bodies
 # are refused before they reach any parser. Real requests nest below 20 (JSON schemas included).
 MAX_DEPTH = 128
@@ -40,18 +42,26 @@ def _refuse_constant(name: str) -> Any:
 
 
 _DECODER = json.JSONDecoder(parse_constant=_refuse_constant)  # built once: json.loads(**kw) builds one per call
+_SCAN = _DECODER.scan_once
 _NOT_SKELETON = bytes(b for b in range(256) if b not in b'[]{}"\\/bfnrtu')  # brackets, quotes and escapes
 _DEPTH_STEP = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 # \u0040-\u007f: the only escapes that can spell an ASCII letter of a key (clients escape non-ASCII, not letters)
 _LETTER_ESCAPE = re.compile(rb"\\u00[4-7][0-9A-Fa-f]")
+_QUOTED: dict[str, bytes] = {}  # check_plain_keys: a key name as a JSON string, in bytes
 _MODEL_KEY = re.compile(rb'"model"[ \t\n\r]*:')  # `model` written as a key, at any level
+
+
+def letter_escape(raw: bytes) -> bool:
+    """Whether the body escapes an ASCII letter (`\\u0040`-`\\u007f`); a body without a backslash (found with
+    memchr, many times faster than the regex) has none."""
+    return b"\\" in raw and _LETTER_ESCAPE.search(raw) is not None
 
 
 def check_depth(raw: bytes, limit: int = MAX_DEPTH) -> None:
     """Raise TooDeep when brackets outside strings nest deeper than `limit`. Ordinary bodies have fewer
     brackets than the limit in all, which two `count`s prove; only the others are scanned."""
-    if raw.count(b"[") + raw.count(b"{") <= limit:
+    if len(raw) <= limit or raw.count(b"[") + raw.count(b"{") <= limit:
         return
     skeleton = raw.translate(None, _NOT_SKELETON)
     if b"\\" in skeleton:  # drop escaped backslashes, then escaped quotes: every quote left delimits a string
@@ -82,9 +92,33 @@ def loads(raw: bytes | str) -> Any:
 
 def _parse(text: str) -> Any:
     try:
-        return _DECODER.decode(text)
+        # JSONDecoder.decode without its two Python wrappers (the C scanner, then only whitespace may follow);
+        # anything else goes through decode itself, which raises the usual error
+        try:
+            value, end = _SCAN(text, _WHITESPACE.match(text).end())
+        except StopIteration:
+            return _DECODER.decode(text)
+        if end != len(text) and _WHITESPACE.match(text, end).end() != len(text):
+            return _DECODER.decode(text)
+        return value
     except RecursionError:  # check_depth prevents it; a caller deep in its own stack still gets a ValueError
         raise TooDeep("the JSON nests too deeply") from None
+
+
+def _request_body(raw: bytes) -> Any:
+    """`loads(raw)`, sooner: orjson first, the strict parser for whatever orjson refuses, so the same bodies are
+    refused with the same errors. Where orjson accepts a body the two agree (RFC 8259 both; repeated keys: the
+    last value, at the first's place), but for integers beyond 64 bits, which orjson makes floats: of the values
+    the gate reads only `stream`'s type could show it (include_usage.stream_type_error), so a float there is
+    parsed again the strict way."""
+    check_depth(raw)  # orjson allows 1024 levels
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return loads(raw)
+    if type(body) is dict and type(body.get("stream")) is float:
+        return loads(raw)
+    return body
 
 
 def _top_level_members(text: str) -> Iterator[tuple[str, str, int, int]]:
@@ -132,8 +166,15 @@ def check_plain_keys(raw: bytes, names: tuple[str, ...]) -> None:
     """Raise Ambiguous when one of `names` is a top-level key of the JSON object `raw` given more than once or
     written with escapes (parsers keep different ones of repeated keys). Two cheap bytes checks first: only a
     body that may have such a key has its keys read."""
-    if not _LETTER_ESCAPE.search(raw) and all(raw.count(f'"{name}"'.encode()) <= 1 for name in names):
-        return
+    if not letter_escape(raw):
+        for name in names:
+            quoted = _QUOTED.get(name)
+            if quoted is None:
+                quoted = _QUOTED[name] = f'"{name}"'.encode()  # a few fixed names: never grows beyond them
+            if raw.count(quoted) > 1:
+                break
+        else:
+            return
     written: dict[str, list[str]] = {}
     for spelled, key, _, _ in _top_level_members(_text(raw)):
         if key in names:
@@ -158,16 +199,15 @@ def json_document(raw: bytes, ollama: bool) -> tuple[str | Any | None, Any]:
     OpenAI-style endpoints: the exact key `model`, written once and without escapes; another spelling (`MODEL`:
     Ollama's /v1 reads it, pydantic does not) is refused. Ollama routes (`ollama`): `model` in any case, else
     `name`, like Ollama's Go decoder (two spellings of one key are refused: Go keeps the last, Python both)."""
-    text = _text(raw)
-    body = _parse(text)
+    body = _request_body(raw)
     if not isinstance(body, dict):
         return None, body
     if ollama:
         return _ollama_model(body), body
     # Python's dict hides a repeated or escaped `model`; cheap bytes checks say when to look at the keys
     first = _MODEL_KEY.search(raw)
-    if (first and _MODEL_KEY.search(raw, first.end())) or _LETTER_ESCAPE.search(raw):
-        written = [w for w, key, _, _ in _top_level_members(text) if key == "model"]
+    if (first and _MODEL_KEY.search(raw, first.end())) or letter_escape(raw):
+        written = [w for w, key, _, _ in _top_level_members(_text(raw)) if key == "model"]
         if len(written) > 1:
             raise Ambiguous("the key `model` is given more than once")
         if written and written[0] != '"model"':

@@ -26,7 +26,6 @@ STREAM_ENDPOINTS = ENDPOINTS | {"/v1/responses"}  # OpenAI routes whose `stream`
 HEADER = "X-Bastion-Usage"
 TOP_LEVEL = '"stream_options":{"include_usage":true},'  # after the body's "{": the body has a model, so a comma
 _OPTIONS_KEY = re.compile(rb'"stream_options"[ \t\n\r]*:[ \t\n\r]*\{')
-_ESCAPE = re.compile(rb"\\u00[4-7][0-9A-Fa-f]")  # an escaped ASCII letter could spell `stream_options`
 _ABSENT = object()
 _KEYS = ("stream", "stream_options")
 _JSON_TYPES = {str: "a string", int: "an integer", float: "a number", list: "an array", dict: "an object"}
@@ -69,7 +68,7 @@ def _inside(raw: bytes, options: dict[str, Any]) -> str | None:
     """Inside the client's own stream_options object: only when it is the one plain `"stream_options": {` of
     the body (another one may be nested, e.g. in a tool's schema, or the top-level one written with escapes)."""
     found = _OPTIONS_KEY.findall(raw)
-    if len(found) != 1 or raw.count(b'"stream_options"') != 1 or _ESCAPE.search(raw):
+    if len(found) != 1 or raw.count(b'"stream_options"') != 1 or bodies.letter_escape(raw):
         return None
     at = _OPTIONS_KEY.search(raw).end()  # type: ignore[union-attr]
     return f"{at} \"include_usage\":true{',' if options else ''}"
@@ -82,8 +81,10 @@ def metered_insertion(raw: bytes, body: dict[str, Any], pool_asks: bool) -> str 
     if not isinstance(body, dict):
         return None
     for key in body:  # Ollama's Go decoder matches keys in any case, C parsers end a key at NUL
+        if key in _KEYS:
+            continue
         meant = key.lower().split("\0")[0]
-        if key not in _KEYS and meant in _KEYS:
+        if meant in _KEYS:
             raise Unmeterable(f"The request body is ambiguous: the key `{meant}` must be written {meant!r}, "
                               f"not {key[:20]!r}.", param=meant)
     try:

@@ -79,6 +79,8 @@ class KeyRule:
     default_model: str | None = None
     allow_auto: bool = False
     _model_cache: dict[str, bool] = field(default_factory=dict)
+    # SHA-256 of the last secret that matched `digest` (authsvc.gate.Gate.identify): a repeat skips the HMAC
+    seen: bytes = field(default=b"", compare=False, repr=False)
 
     @property
     def token_quota(self) -> bool:

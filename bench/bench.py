@@ -453,13 +453,18 @@ def print_rss(rss: dict[str, dict[str, int]]) -> None:
         print(f"  {name:<12} total {sum(roles.values()) / 1024:6.1f}   ({detail})")
 
 
-def print_targets(bare: Measurement, bastion: Measurement, unmetered: Measurement) -> None:
+def cpu_us_per_request(m: Measurement, role: str) -> float:
+    """CPU of a role during a throughput run, per request served, in µs."""
+    requests = m.throughput.rps * SECONDS
+    return m.cpu.get(role, 0.0) / 100 * SECONDS / requests * 1e6 if requests else 0.0
+
+
+def print_targets(bare: Measurement, bastion: Measurement, unmetered: Measurement, gate_only: Measurement) -> None:
     ratio = bastion.throughput.rps / bare.throughput.rps if bare.throughput.rps else 0.0
     metering = bastion.throughput.rps / unmetered.throughput.rps if unmetered.throughput.rps else 0.0
-    requests = bastion.throughput.rps * SECONDS
 
     def us_per_request(role: str) -> float:  # CPU of a role in the Bastion run, per request
-        return bastion.cpu.get(role, 0.0) / 100 * SECONDS / requests * 1e6 if requests else 0.0
+        return cpu_us_per_request(bastion, role)
 
     added_p50 = (bastion.latency.p50_ms or 0.0) - (bare.latency.p50_ms or 0.0)
     added_p99 = (bastion.latency.p99_ms or 0.0) - (bare.latency.p99_ms or 0.0)
@@ -468,7 +473,8 @@ def print_targets(bare: Measurement, bastion: Measurement, unmetered: Measuremen
     print(f"throughput ratio with token metering / without: {metering:.3f}")
     print(f"CPU per request: gate (granian) {us_per_request('granian'):.1f} us, nginx {us_per_request('nginx'):.1f} us "
           f"(both hops), supervisor {us_per_request('supervisor'):.1f} us (usage ingestion of the log line, and the "
-          f"rest of its work)")
+          f"rest of its work); gate only: gate (granian) {cpu_us_per_request(gate_only, 'granian'):.1f} us "
+          f"(bench/gate_micro.py gives the gate's own code alone)")
     print("\ntargets")
     print(f"  throughput >= {TARGET_RATIO}x bare nginx at {THROUGHPUT_CONNECTIONS} connections: "
           f"{'MET' if ratio >= TARGET_RATIO else 'NOT MET'} ({ratio:.3f}x)")
@@ -522,7 +528,7 @@ def run(tmp: Path) -> None:
                                        {"nginx": gate.pids(), "granian": stack_groups.get("granian", [])})
         print_results(results)
         print_rss({"bare nginx": rss_by_role({"nginx": bare.pids()}), "Bastion": rss_by_role(bastion_groups(stack))})
-        print_targets(results["bare nginx"], results["Bastion"], results["no metering"])
+        print_targets(results["bare nginx"], results["Bastion"], results["no metering"], results["gate only"])
 
 
 def main() -> int:

@@ -104,6 +104,15 @@ def test_tampered_secret_is_refused(gate: Gate, token: str) -> None:
     assert Call(gate, "/v1/models", tampered, method="GET").status == 401
 
 
+def test_a_key_seen_before_does_not_let_another_secret_in(gate: Gate, token: str) -> None:
+    """identify() skips the HMAC for the secret that matched last: only for that very secret."""
+    assert Call(gate, "/v1/models", token, method="GET").status == 200
+    assert Call(gate, "/v1/models", token, method="GET").status == 200
+    tampered = token[:-1] + ("A" if token[-1] != "A" else "B")
+    assert Call(gate, "/v1/models", tampered, method="GET").status == 401
+    assert Call(gate, "/v1/models", token, method="GET").status == 200
+
+
 def test_ollama_errors_are_ollama_shaped(gate: Gate, token: str) -> None:
     c = Call(gate, "/api/chat", None, {"model": "llama3"})
     assert c.status == 401 and isinstance(c.json()["error"], str)
