@@ -581,8 +581,13 @@ function outcome(r) {
         var status = Number(v.status);
         return status === 504 ? "timeout" : status === 499 ? "client_cut" : status >= 500 ? "upstream_cut" : "completed";
     }
+    // the end mark ([DONE], done: true, the last event) went to the client: whole, even if the client closed
+    // before nginx passed on the upstream's last (empty) buffer
+    if (finished) {
+        return "completed";
+    }
     if (ended) {
-        return finished || !needsMark ? "completed" : "upstream_cut";
+        return needsMark ? "upstream_cut" : "completed";
     }
     // cut before its end: nginx finishes the request normally after an upstream error, but terminates it when
     // the client went away (or was too slow to read)

@@ -64,6 +64,7 @@ class FakeUpstream:
         self.cut_after: int | None = None
         self.stall_after: int | None = None
         self.stall = 0.0
+        self.linger = 0.0  # seconds between a stream's last line and its terminating chunk
         self.fail_status: int | None = None  # every POST answered with this error status (e.g. 503 overloaded)
         self.delay = 0.0  # seconds before answering a POST (its head too): a slow first byte
         self.pull_steps = 4  # progress lines of a layer's download in /api/pull (pull_delay apart)
@@ -148,6 +149,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self.wfile.flush()
                 if cut:
                     time.sleep(0.01)
+        time.sleep(up.linger)
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
         up.stream_finished.set()

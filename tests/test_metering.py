@@ -274,6 +274,7 @@ def up(fakes: dict[str, FakeUpstream]) -> Iterator[FakeUpstream]:
     meter.tool_args = meter.answer = None
     meter.answer_type = "application/json"
     meter.cut_after = meter.stall_after = None
+    meter.linger = 0.0
 
 
 @pytest.fixture(scope="module")
@@ -314,6 +315,23 @@ def test_sdk_stream_without_include_usage_gets_no_usage_but_is_metered(metered: 
     rec = record(metered, request_id)
     assert tokens(rec) == ("11", "8", "19")
     assert (rec["outcome"], rec["pool"], rec["status"]) == ("completed", "meter", "200")
+
+
+@needs_njs
+def test_a_client_that_leaves_right_after_done_got_the_whole_stream(metered: Stack, key: str,
+                                                                   up: FakeUpstream) -> None:
+    """The client reads `data: [DONE]` and closes while the upstream has yet to end its body: the client got the
+    whole answer, so the record says completed, with the counts (it said client_cut, by a race, before)."""
+    up.linger = 1.0
+    request_id = rid()
+    with requests.post(metered.base + "/v1/chat/completions", stream=True, timeout=10,
+                       headers={"Authorization": f"Bearer {key}", "X-Request-ID": request_id},
+                       json={"model": "meter-model", "messages": [], "stream": True}) as r:
+        for line in r.iter_lines():
+            if line == b"data: [DONE]":
+                break
+    rec = record(metered, request_id)
+    assert (rec["outcome"], tokens(rec)) == ("completed", ("11", "8", "19"))
 
 
 @needs_njs
