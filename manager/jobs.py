@@ -10,6 +10,7 @@ allows) is shown as interrupted. Finished jobs are listed for an hour. See docs/
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -105,8 +106,9 @@ class Jobs:
                                       "error": None, "started": now, "updated": now, "finished": None,
                                       "pid": os.getpid()})
         job.save(force=True)
+        first = self.shown(copy.deepcopy(job.data), now)  # the thread changes job.data from now on
         threading.Thread(target=self._run, args=(job, work, expected), daemon=True, name=thread_name).start()
-        return self.shown(job.data, now)
+        return first
 
     @staticmethod
     def _run(job: Job, work: Callable[[Job], None], expected: tuple[type, ...]) -> None:
