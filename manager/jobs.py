@@ -71,11 +71,12 @@ class Jobs:
             job = _read(path)
             if job is None:
                 continue
-            if job.get("state") != "running" and now - (job.get("finished") or now) > KEEP_FINISHED:
-                path.unlink(missing_ok=True)
+            shown = self.shown(job, now)
+            if shown["state"] != "running" and now - (job.get("finished") or job["updated"]) > KEEP_FINISHED:
+                path.unlink(missing_ok=True)  # ended (or interrupted) over an hour ago
                 continue
             if match(job):
-                jobs.append(self.shown(job, now))
+                jobs.append(shown)
         return sorted(jobs, key=lambda j: j["started"], reverse=True)
 
     def shown(self, job: dict[str, Any], now: float) -> dict[str, Any]:

@@ -26,19 +26,26 @@ export async function render(ctx) {
   }
 
   // obtain and renew run as jobs in the manager (they outlive the page); this polls the job and lists its steps
+  let followed = 0; // the job shown: a newer one stops the polling of the previous one
   async function follow(job) {
-    while (job.state === "running" && progress.isConnected) {
+    const mine = ++followed;
+    const current = () => mine === followed && progress.isConnected;
+    while (job.state === "running" && current()) {
       clear(progress, jobView(job));
       await new Promise((resolve) => setTimeout(resolve, 700));
-      try { job = await api.certificateJob(job.id); } catch (error) { clear(progress, errorBox(error)); return null; }
+      try { job = await api.certificateJob(job.id); } catch (error) {
+        if (current()) clear(progress, errorBox(error));
+        return null;
+      }
     }
-    if (!progress.isConnected) return null;
+    if (!current()) return null;
     clear(progress, jobView(job));
     await load();
     return job;
   }
 
   async function run(fields) {
+    followed += 1; // the job shown until now stops being polled
     clear(progress);
     let job;
     try { job = await api.startCertificateJob(fields); } catch (error) { clear(progress, errorBox(error)); return null; }
@@ -92,7 +99,7 @@ export async function render(ctx) {
   if (admin) { // a job started earlier (here, in another tab, by another admin) is followed to its end
     const jobs = await api.certificateJobs();
     const busy = jobs.find((j) => j.state === "running");
-    if (busy) await follow(busy);
+    if (busy) follow(busy); // not awaited: the page is ready while the job runs
   }
 }
 
