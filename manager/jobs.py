@@ -123,6 +123,7 @@ class Jobs:
             job.data["state"], job.data["error"] = "failed", f"internal error ({type(e).__name__})"
         job.data["finished"] = time.time()
         job.save(force=True)
+        log.info("job %s (%s): %s", job.data["id"], job.path.parent.name, job.data["error"] or "done")
 
 
 def _read(path: Path) -> dict[str, Any] | None:

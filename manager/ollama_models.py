@@ -113,31 +113,28 @@ def _pull(bastion: Bastion, pool: dict[str, Any], job: jobs.Job, verify: bool | 
     """Follow Ollama's /api/pull progress lines: {"status", "digest", "total", "completed"}, an {"error"} line
     when it fails, {"status": "success"} at the end."""
     data = job.data
-    try:
-        for line in outbound.stream_lines("POST", data["upstream"] + "/api/pull",
-                                          json_body={"model": data["model"], "stream": True},
-                                          api_key=pool.get("api_key"), verify=verify, idle=PULL_IDLE):
-            try:
-                event = json.loads(line)
-            except ValueError:
-                raise outbound.OutboundError("a progress line is not JSON") from None
-            if not isinstance(event, dict):
-                continue
-            if isinstance(event.get("error"), str):
-                raise outbound.OutboundError(outbound.printable(event["error"]))
-            if isinstance(event.get("status"), str):
-                data["status"] = outbound.printable(event["status"], 100)
-            total, completed = discovery.integer(event.get("total")), discovery.integer(event.get("completed"))
-            data["total"], data["completed"] = (total, completed) if total else (None, None)
-            job.save()
-        if data["status"] != "success":
-            raise outbound.OutboundError("the upstream ended the pull without saying it succeeded")
-        data["status"] = "success; asking the pool's upstreams for their models"
-        job.save(force=True)
-        try:  # before the job is done: once it is, the pool serves the new model
-            pools_mod.refresh_discovered(bastion, only=data["pool"])
-        except Exception:
-            log.exception("model discovery after the pull of %s failed", data["model"])
-        data["status"] = "success"
-    finally:
-        log.info("ollama pull of %s on %s ended", data["model"], data["upstream"])
+    for line in outbound.stream_lines("POST", data["upstream"] + "/api/pull",
+                                      json_body={"model": data["model"], "stream": True},
+                                      api_key=pool.get("api_key"), verify=verify, idle=PULL_IDLE):
+        try:
+            event = json.loads(line)
+        except ValueError:
+            raise outbound.OutboundError("a progress line is not JSON") from None
+        if not isinstance(event, dict):
+            continue
+        if isinstance(event.get("error"), str):
+            raise outbound.OutboundError(outbound.printable(event["error"]))
+        if isinstance(event.get("status"), str):
+            data["status"] = outbound.printable(event["status"], 100)
+        total, completed = discovery.integer(event.get("total")), discovery.integer(event.get("completed"))
+        data["total"], data["completed"] = (total, completed) if total else (None, None)
+        job.save()
+    if data["status"] != "success":
+        raise outbound.OutboundError("the upstream ended the pull without saying it succeeded")
+    data["status"] = "success; asking the pool's upstreams for their models"
+    job.save(force=True)
+    try:  # before the job is done: once it is, the pool serves the new model
+        pools_mod.refresh_discovered(bastion, only=data["pool"])
+    except Exception:
+        log.exception("model discovery after the pull of %s failed", data["model"])
+    data["status"] = "success"
