@@ -525,6 +525,83 @@ def test_certificates_and_users_pages(web: Watched, site: Stack) -> None:
     web.check()
 
 
+@pytest.fixture(scope="module")
+def acme_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, object]]:
+    """A stack whose HTTP listener answers a local Pebble's HTTP-01 challenges (as in test_tls.py)."""
+    from tests.acme import HAVE_PEBBLE, Pebble
+
+    if not HAVE_PEBBLE:
+        pytest.skip("pebble is not installed (apt-get install pebble; .ci/run does)")
+    root = tmp_path_factory.mktemp("acme-site")
+    pebble = Pebble(root / "pebble", webroot_server=False)
+    stack = Stack(root / "data")
+    try:
+        stack.start("--http", f"127.0.0.1:{pebble.http_port}")
+        for name, value in (("acme_server", pebble.directory), ("acme_ca_bundle", str(pebble.ca_bundle)),
+                            ("acme_email", "ops@example.test")):
+            stack.cli("settings", "set", name, value)
+        yield stack, pebble
+    finally:
+        stack.stop()
+        pebble.close()
+
+
+def watch_job(page) -> list[tuple[str, int]]:
+    """(state badge, steps listed) of the page's certificate job, sampled until the job ends."""
+    job = page.get_by_role("region", name="Certificate job")
+    job.wait_for()
+    seen: list[tuple[str, int]] = []
+    end = time.monotonic() + 60
+    while time.monotonic() < end:
+        state = job.locator(".badge").inner_text()
+        seen.append((state, job.locator("li").count()))
+        if state != "running":
+            return seen
+        time.sleep(0.05)
+    raise AssertionError(f"the job did not end: {seen[-5:]}")
+
+
+def test_certificate_obtain_and_renew_show_each_step_live(browser, acme_site: tuple[Stack, object]) -> None:
+    stack, pebble = acme_site
+    context = browser.new_context(viewport={"width": 1280, "height": 860})
+    context.set_default_timeout(10_000)
+    web = Watched(context, stack.admin)
+    page = web.page
+    web.login("admin", ADMIN_PASSWORD)
+    web.go("certificates")
+    page.get_by_role("button", name="Obtain").click()
+    dialog = page.get_by_role("dialog")
+    dialog.get_by_label("Domains").fill("live.example.test")
+    dialog.get_by_role("button", name="Obtain").click()
+    seen = watch_job(page)
+    assert seen[-1][0] == "done" and any(state == "running" and steps >= 2 for state, steps in seen), seen
+    job = page.get_by_role("region", name="Certificate job")
+    assert job.get_by_text("requesting the certificate live.example.test (http-01)").count() == 1
+    job.get_by_text("Successfully received certificate.").wait_for()
+    row = page.locator("tr", has_text="live.example.test")
+    row.get_by_text("acme", exact=True).wait_for()  # listed once the job ended
+    page.screenshot(path=str(ARTIFACTS / "certificates-obtained.png"), full_page=True)
+
+    row.get_by_role("button", name="Renew").click()
+    job.get_by_text("asking certbot to renew live.example.test if it is due").wait_for()
+    assert watch_job(page)[-1][0] == "done"
+    job.get_by_text("not due for renewal", exact=False).first.wait_for()
+
+    # the domain points elsewhere: the job fails with certbot's reason, nothing is listed
+    requests.post(f"{pebble.challtestsrv}/add-a", json={"host": "gone.example.test.", "addresses": ["127.0.0.2"]},
+                  timeout=5).raise_for_status()
+    page.get_by_role("button", name="Obtain").click()
+    dialog.get_by_label("Domains").fill("gone.example.test")
+    dialog.get_by_role("button", name="Obtain").click()
+    time.sleep(0.3)  # the previous job's view is replaced by the new one
+    job.get_by_text("Obtaining gone.example.test").wait_for()
+    assert watch_job(page)[-1][0] == "failed"
+    assert "Certbot failed to authenticate some domains" in job.get_by_role("alert").inner_text()
+    assert page.locator("tr", has_text="gone.example.test").count() == 0
+    web.check()
+    context.close()
+
+
 def test_session_cookie_is_http_only_and_csrf_is_enforced(web: Watched, site: Stack) -> None:
     web.login("admin", ADMIN_PASSWORD)
     cookies = {c["name"]: c for c in web.context.cookies()}

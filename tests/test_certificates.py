@@ -199,6 +199,115 @@ def test_dns01_through_the_cloudflare_plugin(api: Api, cloudflare: FakeCloudflar
     assert CLOUDFLARE_TOKEN not in everything + api.cli("certs", "list") + api.cli("settings", "show")
 
 
+# ---- background jobs (the admin page's live progress) -------------------------------------------------
+
+def follow_job(api: Api, job: dict, limit: float = 60) -> tuple[dict, list[int]]:
+    """Poll the job until it ends; returns its last record and how many steps each poll saw while it ran."""
+    seen = []
+    end = time.monotonic() + limit
+    while job["state"] == "running":
+        seen.append(len(job["steps"]))
+        assert time.monotonic() < end, job
+        time.sleep(0.05)
+        r = api.call("GET", f"/api/v1/certificates/jobs/{job['id']}")
+        assert r.status_code == 200, r.text
+        job = r.json
+    return job, seen
+
+
+def test_obtain_and_renew_jobs_show_each_step_as_it_happens(api: Api) -> None:
+    r = api.call("POST", "/api/v1/certificates/jobs", json={"action": "obtain", "domains": ["job.example.test"]})
+    assert r.status_code == 202, r.text
+    assert r.json["state"] == "running" and r.json["name"] == "job.example.test" and r.json["challenge"] == "http-01"
+    job, seen = follow_job(api, r.json)
+    assert job["state"] == "done" and job["error"] is None, job
+    steps = [s["text"] for s in job["steps"]]
+    assert steps[0].startswith("checking the http-01 prerequisites for job.example.test"), steps
+    assert "Successfully received certificate." in steps and steps[-1].startswith("certificate job.example.test from")
+    assert max(seen) >= 2 and len(set(seen) - {0}) >= 2, seen  # steps shown one by one while certbot ran
+    assert job["result"]["name"] == "job.example.test" and job["result"]["days_left"] > 30
+    assert [c["name"] for c in api.call("GET", "/api/v1/certificates").json] == ["job.example.test"]
+    assert [j["id"] for j in api.call("GET", "/api/v1/certificates/jobs").json] == [job["id"]]
+
+    r = api.call("POST", "/api/v1/certificates/jobs", json={"action": "renew", "name": "job.example.test",
+                                                            "force_renewal": True})
+    assert r.status_code == 202, r.text
+    job, _ = follow_job(api, r.json)
+    assert job["state"] == "done", job
+    steps = [s["text"] for s in job["steps"]]
+    assert steps[0] == "asking certbot to renew job.example.test (forced)" and steps[-1].startswith("renewed, valid")
+    assert "applying the nginx configuration" in steps and job["result"]["last_renewal"]["ok"] is True
+
+
+def test_a_failing_obtain_job_ends_failed_with_certbots_reason(api: Api, pebble: Pebble) -> None:
+    requests.post(f"{pebble.challtestsrv}/add-a", json={"host": "away.example.test.",
+                                                         "addresses": ["127.0.0.2"]}, timeout=5).raise_for_status()
+    r = api.call("POST", "/api/v1/certificates/jobs", json={"action": "obtain", "domains": ["away.example.test"]})
+    assert r.status_code == 202, r.text
+    job, _ = follow_job(api, r.json)
+    assert job["state"] == "failed" and job["result"] is None, job
+    assert "Certbot failed to authenticate some domains" in job["error"] and "127.0.0.2" in job["error"], job
+    assert job["steps"][-1]["text"] != job["error"] and api.call("GET", "/api/v1/certificates").json == []
+    assert any(e["action"].startswith("obtain certificate away.example.test (http-01) failed:")
+               for e in api.b.audit.entries())
+
+
+def test_dns01_job_never_shows_the_cloudflare_token(api: Api, cloudflare: FakeCloudflare) -> None:
+    api.cli("certs", "cloudflare-token", stdin="not-the-right-token\n")
+    r = api.call("POST", "/api/v1/certificates/jobs", json={"action": "obtain", "domains": ["tok.example.test"],
+                                                            "challenge": "dns-01"})
+    job, _ = follow_job(api, r.json)
+    assert job["state"] == "failed" and "Invalid access token" in job["error"], job
+    assert "not-the-right-token" not in json.dumps(job) + json.dumps(api.call("GET", "/api/v1/certificates/jobs").json)
+
+
+def test_job_requests_are_checked_before_anything_starts(api: Api) -> None:
+    from manager.certs.certbot import Certbot
+
+    for body, status, field in [
+            ({"action": "obtain", "domains": ["ok.example.test", "$(id).example.test"]}, 400, "domains[1]"),
+            ({"action": "obtain"}, 400, "domains"), ({"action": "revoke", "name": "x.example.test"}, 400, "action"),
+            ({"action": "obtain", "domains": ["ok.example.test"], "challenge": "tls-alpn-01"}, 400, "challenge"),
+            ({"action": "renew", "name": "missing.example.test"}, 404, None),
+            ({"action": "renew", "name": "../etc"}, 400, "name"),
+            ({"action": "renew", "name": "x.example.test", "domains": ["x.example.test"]}, 400, "action")]:
+        r = api.call("POST", "/api/v1/certificates/jobs", json=body)
+        assert r.status_code == status, (body, r.text)
+        if field:
+            assert r.json["error"]["field"] == field, (body, r.json)
+    with Certbot(api.dirs).lock():
+        r = api.call("POST", "/api/v1/certificates/jobs", json={"action": "obtain", "domains": ["ok.example.test"]})
+        assert r.status_code == 409 and "another certificate operation is running" in r.json["message"], r.text
+    assert api.call("GET", "/api/v1/certificates/jobs").json == [] and not api.certbot_ran()
+    for job_id in ("0123456789abcdef", "..", "../../etc/passwd"):
+        assert api.call("GET", f"/api/v1/certificates/jobs/{job_id}").status_code == 404
+
+
+def test_a_viewer_cannot_start_or_see_certificate_jobs(api: Api) -> None:
+    users.create(api.b, "watcher", "watcher-password", "viewer")
+    token = api.client.post("/auth/token", json={"username": "watcher", "password": "watcher-password"}).json
+    viewer = {"Authorization": f"Bearer {token['token']}"}
+    r = api.client.post("/api/v1/certificates/jobs", json={"action": "obtain", "domains": ["v.example.test"]},
+                        headers=viewer)
+    assert r.status_code == 403, r.text
+    assert api.client.get("/api/v1/certificates/jobs", headers=viewer).status_code == 403
+    assert api.client.get("/api/v1/certificates", headers=viewer).status_code == 200
+    assert not api.certbot_ran()
+
+
+def test_a_job_whose_worker_died_is_interrupted(api: Api) -> None:
+    now = time.time()
+    folder = api.dirs.run / "certificate-jobs"
+    folder.mkdir(parents=True)
+    dead = {"id": "0123456789abcdef", "action": "obtain", "name": "d.example.test", "domains": ["d.example.test"],
+            "challenge": "http-01", "force_renewal": False, "author": "root", "steps": [], "result": None,
+            "state": "running", "status": "starting", "error": None, "started": now, "updated": now,
+            "finished": None, "pid": 2**22 + 12345}  # above pid_max
+    (folder / "0123456789abcdef.json").write_text(json.dumps(dead))
+    job = api.call("GET", "/api/v1/certificates/jobs/0123456789abcdef").json
+    assert job["state"] == "interrupted" and "start it again" in job["error"] and "pid" not in job, job
+
+
 # ---- failures leave everything as it was ---------------------------------------------------------------
 
 def test_bad_cloudflare_token_is_a_clear_502(api: Api, cloudflare: FakeCloudflare) -> None:

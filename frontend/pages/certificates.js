@@ -1,5 +1,6 @@
 // TLS certificates: days left, obtain from the ACME server (HTTP-01 or Cloudflare DNS-01), upload PEM, renew,
-// remove. certbot runs inside the request, so obtaining and renewing show a running state until it answers.
+// remove. Obtaining and renewing run as jobs in the manager: the page polls the job and lists each step as it
+// happens (Bastion's checks and certbot's lines), then the certificate or certbot's reason.
 import { badge, clear, confirmDialog, errorBox, field, h, list, modal, table, toast, when } from "../dom.js";
 
 export const title = "Certificates";
@@ -24,19 +25,31 @@ export async function render(ctx) {
     ], await api.certificates(), { empty: "No certificates. Obtain one from Let's Encrypt or upload one." }));
   }
 
-  async function running(text, fn) {
-    const started = Date.now();
-    const line = h("p", { class: "notice" }, text);
-    clear(progress, line);
-    const timer = setInterval(() => clear(line, `${text} (${Math.round((Date.now() - started) / 1000)} s)`), 1000);
-    try {
-      const result = await fn();
-      clear(progress);
-      return result;
-    } catch (error) {
-      clear(progress, errorBox(error));
-      return null;
-    } finally { clearInterval(timer); }
+  // obtain and renew run as jobs in the manager (they outlive the page); this polls the job and lists its steps
+  let followed = 0; // the job shown: a newer one stops the polling of the previous one
+  async function follow(job) {
+    const mine = ++followed;
+    const current = () => mine === followed && progress.isConnected;
+    while (job.state === "running" && current()) {
+      clear(progress, jobView(job));
+      await new Promise((resolve) => setTimeout(resolve, 700));
+      try { job = await api.certificateJob(job.id); } catch (error) {
+        if (current()) clear(progress, errorBox(error));
+        return null;
+      }
+    }
+    if (!current()) return null;
+    clear(progress, jobView(job));
+    await load();
+    return job;
+  }
+
+  async function run(fields) {
+    followed += 1; // the job shown until now stops being polled
+    clear(progress);
+    let job;
+    try { job = await api.startCertificateJob(fields); } catch (error) { clear(progress, errorBox(error)); return null; }
+    return follow(job);
   }
 
   async function obtain() {
@@ -47,9 +60,8 @@ export async function render(ctx) {
       submitLabel: "Obtain", onSubmit: (f) => ({ domains: list(f.elements.domains.value), challenge: f.elements.challenge.value }),
     });
     if (!values) return;
-    const cert = await running(`Running certbot for ${values.domains.join(", ")}…`, () => api.obtainCertificate(values));
-    if (cert) toast(`certificate ${cert.name} obtained`);
-    await load();
+    const job = await run({ action: "obtain", ...values });
+    if (job?.state === "done") toast(`certificate ${job.name} obtained`);
   }
 
   async function upload() {
@@ -73,9 +85,8 @@ export async function render(ctx) {
   }
 
   async function renew(c) {
-    const result = await running(`Renewing ${c.name}…`, () => api.renewCertificate(c.name, false));
-    if (result) toast(result.message, result.ok ? "ok" : "error");
-    await load();
+    const job = await run({ action: "renew", name: c.name, force_renewal: false });
+    if (job?.state === "done") toast(job.status);
   }
 
   async function remove(c) {
@@ -85,4 +96,22 @@ export async function render(ctx) {
   }
 
   await load();
+  if (admin) { // a job started earlier (here, in another tab, by another admin) is followed to its end
+    const jobs = await api.certificateJobs();
+    const busy = jobs.find((j) => j.state === "running");
+    if (busy) follow(busy); // not awaited: the page is ready while the job runs
+  }
+}
+
+const JOB_KIND = { running: "", done: "ok", failed: "bad", interrupted: "warn" };
+
+/** A job as the page shows it: what it does, its state, each step so far, and certbot's reason if it failed. */
+function jobView(job) {
+  const verb = job.action === "obtain" ? `Obtaining ${job.name}` : `Renewing ${job.name}`;
+  const seconds = Math.round((job.finished ?? job.updated) - job.started);
+  return h("section", { class: "cert-job", "aria-label": "Certificate job" },
+    h("div", {}, h("strong", {}, verb), " ", badge(job.state, JOB_KIND[job.state]), " ",
+      h("span", { class: "hint" }, `${seconds} s`)),
+    h("ol", { class: "cert-steps" }, job.steps.map((step) => h("li", {}, step.text))),
+    job.error ? h("div", { class: "error-box", role: "alert" }, h("pre", { class: "cert-error" }, job.error)) : null);
 }

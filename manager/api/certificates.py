@@ -3,6 +3,8 @@
 An obtain runs certbot inside the request (seconds; the admin listener waits 300 s). A failure on the ACME
 side (server unreachable, challenge refused, Cloudflare refusing the token) is a 502 carrying certbot's own
 explanation; checks that fail before anything is asked are 400 (bad input) or 409 (missing prerequisite).
+`POST /jobs` runs an obtain or a renewal as a background job instead, which the admin page polls for each
+step (manager/certs/jobs.py).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from manager.api.base import (
     json_body,
     obj,
 )
-from manager.certs import manage
+from manager.certs import jobs, manage
 from manager.certs.certbot import CertbotFailed
 from manager.certs.preflight import AcmeUnavailable
 from manager.validation import boolean
@@ -37,6 +39,12 @@ CERTIFICATE = obj(name=STR, source={"type": "string", "enum": ["acme", "upload"]
                   not_before=NULLABLE_NUM, not_after=NULLABLE_NUM, days_left={"type": ["integer", "null"]},
                   last_renewal=RENEWAL, last_deployed=NULLABLE_NUM)
 RESULT = obj(name=STR, ok=BOOL, message=STR)
+JOB = obj(id=STR, action={"type": "string", "enum": ["obtain", "renew"]}, name=STR, domains=STR_LIST,
+          challenge={"type": ["string", "null"]}, force_renewal=BOOL, author=STR,
+          state={"type": "string", "enum": ["running", "done", "failed", "interrupted"]},
+          status=STR, steps={"type": "array", "items": obj(time={"type": "number"}, text=STR)},
+          error=NULLABLE_STR, result={"oneOf": [CERTIFICATE, {"type": "null"}]}, started={"type": "number"},
+          updated={"type": "number"}, finished=NULLABLE_NUM)
 
 
 @bp.app_errorhandler(CertbotFailed)
@@ -58,6 +66,27 @@ def obtain():
     body = fields(json_body(), {"domains", "challenge", "name"}, {"domains"})
     return jsonify(manage.obtain(bastion(), body["domains"], body.get("challenge", "http-01"), author(),
                                  name=body.get("name"))), 201
+
+
+@bp.op("GET", "/jobs", "The obtain and renewal jobs (running, and finished within the hour), newest first",
+       response={"type": "array", "items": JOB}, admin=True)
+def list_jobs():
+    return jsonify(jobs.list_jobs(bastion()))
+
+
+@bp.op("GET", "/jobs/<job_id>", "One obtain or renewal job: its steps so far, then the certificate or the error",
+       response=JOB, admin=True)
+def get_job(job_id: str):
+    return jsonify(jobs.get_job(bastion(), job_id))
+
+
+@bp.op("POST", "/jobs", "Obtain (domains, challenge, name) or renew (name, force_renewal) as a background job: "
+       "answers at once; poll the job for each step", body=obj(["action"], action={"type": "string", "enum":
+       ["obtain", "renew"]}, domains=STR_LIST, challenge=CHALLENGE, name=STR, force_renewal=BOOL),
+       response=JOB, status=202)
+def start_job():
+    body = fields(json_body(), {"action", "domains", "challenge", "name", "force_renewal"}, {"action"})
+    return jsonify(jobs.start(bastion(), body, author())), 202
 
 
 @bp.op("POST", "/upload", "Store an existing certificate chain and key (PEM), checked first",

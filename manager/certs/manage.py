@@ -80,7 +80,8 @@ def obtain(b: Bastion, domains: Any, challenge: Any, author: str, progress: Prog
     return status
 
 
-def renew(b: Bastion, author: str, name: str | None = None, force: bool = False) -> list[dict[str, Any]]:
+def renew(b: Bastion, author: str, name: str | None = None, force: bool = False,
+          progress: Progress = _quiet) -> list[dict[str, Any]]:
     """Renew the ACME certificates that are due (all, or `name`; `force`: even if not due). certbot runs the
     deploy hook (`bastion certs deployed`) after each renewal. Returns one result per certificate; failures
     are recorded in its status (last_renewal), logged and audited, never raised for a run over all of them."""
@@ -94,7 +95,7 @@ def renew(b: Bastion, author: str, name: str | None = None, force: bool = False)
     results = []
     with bot.lock():
         for lineage in [name] if name else bot.lineages():
-            results.append(_renew_one(b, bot, lineage, force, author))
+            results.append(_renew_one(b, bot, lineage, force, author, progress))
     if name and not results[0]["ok"]:
         raise CertbotFailed(results[0]["message"])
     return results
@@ -127,11 +128,13 @@ def scheduled_renewal(b: Bastion, author: str = "scheduler", now: float | None =
     return results
 
 
-def _renew_one(b: Bastion, bot: Certbot, name: str, force: bool, author: str) -> dict[str, Any]:
+def _renew_one(b: Bastion, bot: Certbot, name: str, force: bool, author: str,
+               progress: Progress = _quiet) -> dict[str, Any]:
     before = _summary(b, name, "acme")
     ca_bundle = b.settings()["acme_ca_bundle"]
     try:
-        bot.run(bot.renew(name, force), ca_bundle, secret=_stored_token(b.dirs.cloudflare_credentials))
+        progress(f"asking certbot to renew {name}" + (" (forced)" if force else " if it is due"))
+        bot.run(bot.renew(name, force), ca_bundle, progress, secret=_stored_token(b.dirs.cloudflare_credentials))
         after = _summary(b, name, "acme")
         renewed = after is not None and (before is None or after.serial != before.serial)
         expires = time.strftime("%Y-%m-%d", time.gmtime(after.not_after)) if after else "?"
@@ -139,6 +142,7 @@ def _renew_one(b: Bastion, bot: Certbot, name: str, force: bool, author: str) ->
                   else f"not due for renewal (valid until {expires})"}
         if renewed:
             b.audit.record(author, f"renew certificate {name}")
+            progress("applying the nginx configuration")
             serve(b, author, f"serve renewed certificate {name}", name)  # the deploy hook did, unless it failed
     except CertbotFailed as e:
         result = {"ok": False, "message": str(e)}
