@@ -53,3 +53,39 @@ class Reloader(threading.Thread):
                 self.load()
             except Exception:
                 log.exception("%s: loading failed", self.name)
+
+
+class WatchedFile:
+    """A file the gate re-reads only when it changed (inode, mtime, size), off the request path. Whatever cannot
+    be read, the last good contents stay; `problem` says why (for the manager's health check)."""
+
+    what = "contents"  # for the log
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.problem = ""
+        self._stamp: tuple[int, int, int] | None = None
+
+    def take(self, data: bytes) -> None:
+        """Parse and swap in the new contents (one reference swap: the request thread sees old or new)."""
+        raise NotImplementedError
+
+    def load(self) -> bool:
+        """Read the file if it changed; True when new contents were taken."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        try:
+            self.take(self.path.read_bytes())
+        except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+            if str(e) != self.problem:
+                log.error("ignoring unreadable %s (keeping the %s loaded): %s", self.path, self.what, e)
+            self.problem = str(e)
+            return False
+        self.problem = ""
+        return True

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from authsvc import balance
+from authsvc.files import WatchedFile
 
 log = logging.getLogger(__name__)
 
@@ -195,45 +195,28 @@ def version_key(version: str) -> tuple[int, ...]:
     return tuple(int(n) for n in version.split("-", 1)[0].split("+", 1)[0].split(".")[:4] if n.isdigit())
 
 
-class RunningFile:
+class RunningFile(WatchedFile):
     """The Ollama upstreams' running models as the manager last polled them ({"pools": {pool: [entry...]},
-    "upstreams": {url: {"models": [...], "waiting": n}}}), re-read only when the file changed; whatever cannot be
-    read, the last good list stays."""
+    "upstreams": {url: {"models": [...], "waiting": n}}}), re-read only when the file changed."""
+
+    what = "running models"
 
     def __init__(self, path: Path):
-        self.path = path
+        super().__init__(path)
         self.entries: tuple[tuple[str, str, bytes], ...] = ()  # (pool, model, JSON entry)
         # per upstream URL: models loaded and requests waiting, for model-aware pools (authsvc/balance.py)
         self.loads: dict[str, balance.Load] = {}
         self.generation = 0  # one more at every load that changed anything
-        self.problem = ""
-        self._stamp: tuple[int, int, int] | None = None
 
-    def load(self) -> bool:
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            return False
-        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
-        if stamp == self._stamp:
-            return False
-        self._stamp = stamp
-        try:
-            data = json.loads(self.path.read_bytes())
-            entries = tuple((pool, entry["name"], dumps(entry)) for pool, running in data["pools"].items()
-                            for entry in running)
-            loads = {url: balance.Load(frozenset(load["models"]), int(load.get("waiting") or 0))
-                     for url, load in data.get("upstreams", {}).items()}
-            # reference swaps: the request thread sees the old or the new, the figures before their generation
-            self.entries, self.loads = entries, loads
-            self.generation += 1
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            if str(e) != self.problem:
-                log.error("ignoring unreadable %s (keeping the running models loaded): %s", self.path, e)
-            self.problem = str(e)
-            return False
-        self.problem = ""
-        return True
+    def take(self, data: bytes) -> None:
+        parsed = json.loads(data)
+        entries = tuple((pool, entry["name"], dumps(entry)) for pool, running in parsed["pools"].items()
+                        for entry in running)
+        loads = {url: balance.Load(frozenset(load["models"]), int(load.get("waiting") or 0))
+                 for url, load in parsed.get("upstreams", {}).items()}
+        # reference swaps: the request thread sees the old or the new, the figures before their generation
+        self.entries, self.loads = entries, loads
+        self.generation += 1
 
     def body(self, lists: ModelLists, allows: Allows) -> bytes:
         """/api/ps: the running models of the pools that speak Ollama now, each model once, for the key; only

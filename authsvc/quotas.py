@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from authsvc.files import WatchedFile
 
 log = logging.getLogger(__name__)
 
@@ -136,32 +137,14 @@ def render(figures: dict[str, Consumption]) -> bytes:
     return json.dumps({"keys": keys}, separators=(",", ":")).encode()
 
 
-class QuotaFile:
-    """The published figures, re-read only when the file changed; whatever cannot be read, the last good ones
-    stay (and a missing file means nothing consumed yet)."""
+class QuotaFile(WatchedFile):
+    """The published figures, re-read only when the file changed (a missing file means nothing consumed yet)."""
+
+    what = "quota figures"
 
     def __init__(self, path: Path):
-        self.path = path
+        super().__init__(path)
         self.figures: dict[str, Consumption] = {}
-        self.problem = ""
-        self._stamp: tuple[int, int, int] | None = None
 
-    def load(self) -> bool:
-        """Read the file if it changed; True when new figures were taken."""
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            return False
-        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
-        if stamp == self._stamp:
-            return False
-        self._stamp = stamp
-        try:
-            self.figures = parse(self.path.read_bytes())  # one reference swap: the request thread sees old or new
-        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
-            if str(e) != self.problem:
-                log.error("ignoring unreadable %s (keeping the quota figures loaded): %s", self.path, e)
-            self.problem = str(e)
-            return False
-        self.problem = ""
-        return True
+    def take(self, data: bytes) -> None:
+        self.figures = parse(data)

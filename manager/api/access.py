@@ -6,7 +6,20 @@ from flask import g, jsonify
 
 from manager import cidr_groups, custom_config, users
 from manager import settings as settings_mod
-from manager.api.base import BOOL, INT, NUM, STR, STR_LIST, ApiBlueprint, author, bastion, fields, json_body, obj
+from manager.api.base import (
+    BOOL,
+    INT,
+    NULLABLE_STR,
+    NUM,
+    STR,
+    STR_LIST,
+    ApiBlueprint,
+    author,
+    bastion,
+    fields,
+    json_body,
+    obj,
+)
 
 groups_bp = ApiBlueprint("cidr_groups", __name__, url_prefix="/api/v1/cidr-groups", tag="cidr-groups")
 users_bp = ApiBlueprint("users", __name__, url_prefix="/api/v1/users")
@@ -15,7 +28,6 @@ settings_bp = ApiBlueprint("settings", __name__, url_prefix="/api/v1/settings")
 GROUP = obj(name=STR, allow=STR_LIST, deny=STR_LIST, builtin=BOOL)
 GROUP["additionalProperties"] = True
 USER = obj(username=STR, role=STR, created_at=NUM)
-NULLABLE_STR = {"type": ["string", "null"]}
 PRICE = {"type": "number", "minimum": 0, "maximum": settings_mod.MAX_PRICE}
 MODEL_PRICES = {"type": "object", "maxProperties": settings_mod.MAX_PRICED_MODELS,
                 "additionalProperties": obj(["input", "output"], input=PRICE, output=PRICE)}

@@ -134,6 +134,8 @@ NUM = {"type": "number"}
 BOOL = {"type": "boolean"}
 STR_LIST = {"type": "array", "items": STR}
 NULLABLE_NUM = {"type": ["number", "null"]}
+NULLABLE_STR = {"type": ["string", "null"]}
+NULLABLE_INT = {"type": ["integer", "null"]}
 OK = {"type": "object", "properties": {"success": BOOL, "message": STR}}
 
 

@@ -14,6 +14,7 @@ from flask import jsonify, request
 from manager.api.base import (
     BOOL,
     NULLABLE_NUM,
+    NULLABLE_STR,
     STR,
     STR_LIST,
     ApiBlueprint,
@@ -31,7 +32,6 @@ from manager.validation import boolean
 
 bp = ApiBlueprint("certificates", __name__, url_prefix="/api/v1/certificates")
 
-NULLABLE_STR = {"type": ["string", "null"]}
 CHALLENGE = {"type": "string", "enum": ["http-01", "dns-01"]}
 RENEWAL = {"type": ["object", "null"], "properties": {"time": {"type": "number"}, "ok": BOOL, "message": STR}}
 CERTIFICATE = obj(name=STR, source={"type": "string", "enum": ["acme", "upload"]},

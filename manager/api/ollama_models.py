@@ -9,7 +9,9 @@ from manager import ollama_models as om
 from manager import outbound
 from manager.api.base import (
     INT,
+    NULLABLE_INT,
     NULLABLE_NUM,
+    NULLABLE_STR,
     STR,
     ApiBlueprint,
     author,
@@ -23,8 +25,6 @@ from manager.errors import NotFound
 
 bp = ApiBlueprint("ollama", __name__, url_prefix="/api/v1/pools")
 
-NULLABLE_STR = {"type": ["string", "null"]}
-NULLABLE_INT = {"type": ["integer", "null"]}
 MODEL = {"type": "object", "required": ["name"], "properties": {
     "name": STR, "size": INT, "digest": STR, "modified_at": STR,
     "details": {"type": "object", "additionalProperties": True}}}

@@ -13,7 +13,9 @@ from manager import validation as v
 from manager.api.base import (
     BOOL,
     INT,
+    NULLABLE_INT,
     NULLABLE_NUM,
+    NULLABLE_STR,
     NUM,
     STR,
     STR_LIST,
@@ -38,8 +40,6 @@ GENERATION = obj(generation=INT, author=STR, time=NUM, sha256=STR, live=BOOL,
                  files={"type": "object", "additionalProperties": STR})  # file name → sha256
 APPLIED = obj(generation=INT, changed=BOOL, reloaded=BOOL)
 EPOCH = {"type": "number", "minimum": 0}
-NULLABLE_STR = {"type": ["string", "null"]}
-NULLABLE_INT = {"type": ["integer", "null"]}
 
 
 def _applied(result) -> dict:

@@ -10,7 +10,9 @@ from manager import validation as v
 from manager.api.base import (
     BOOL,
     INT,
+    NULLABLE_INT,
     NULLABLE_NUM,
+    NULLABLE_STR,
     NUM,
     STR,
     STR_LIST,
@@ -27,8 +29,6 @@ routes_bp = ApiBlueprint("routes", __name__, url_prefix="/api/v1/routes")
 
 UPSTREAM = obj(["url"], url=STR, weight=INT, backup=BOOL, down=BOOL)
 UPSTREAM_IN = {"oneOf": [STR, UPSTREAM]}
-NULLABLE_STR = {"type": ["string", "null"]}
-NULLABLE_INT = {"type": ["integer", "null"]}
 # retries inside the pool, timeouts, WebSocket pass-through, model-aware balancing (manager/traffic.py)
 TRAFFIC = {"retries": INT, "retry_timeout": INT,
            "retry_statuses": {"type": "array", "items": {"type": "integer", "enum": list(traffic.RETRY_STATUSES)}},
