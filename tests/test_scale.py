@@ -227,6 +227,19 @@ def test_admin_listener_waits_for_long_applies_and_answers_json(tmp_path: Path) 
     assert "default_type application/json;" in page and "return 504 '{" in page
 
 
+def _at_once(target, args: list[tuple]) -> None:
+    """Run `target(*a, ready)` for each `a` in its own process, all starting together, like the manager's workers
+    and CLI commands (spawned, not forked: SQLite forbids forking with a connection open); each must succeed."""
+    context = multiprocessing.get_context("spawn")
+    ready = context.Barrier(len(args))
+    workers = [context.Process(target=target, args=(*a, ready)) for a in args]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+        assert w.exitcode == 0
+
+
 def _create_keys(db: Path, start: int, ready) -> None:
     keys = KeyStore(db)
     ready.wait(60)  # all writers at once
@@ -238,15 +251,7 @@ def _create_keys(db: Path, start: int, ready) -> None:
 def test_concurrent_writers_get_distinct_growing_versions(tmp_path: Path) -> None:
     """The gate loads rows above the last version it saw: every write needs its own version, in commit order."""
     db = tmp_path / KEYS_DB
-    # separate processes, like the manager's workers and the CLI (never fork with a connection open: SQLite forbids it)
-    context = multiprocessing.get_context("spawn")
-    ready = context.Barrier(4)
-    workers = [context.Process(target=_create_keys, args=(db, n * 100, ready)) for n in range(4)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join(60)
-        assert w.exitcode == 0
+    _at_once(_create_keys, [(db, n * 100) for n in range(4)])
     keys = KeyStore(db)
     assert keys.count() == 100 and not any(k["enabled"] for k in keys.all())
     versions = [r[0] for r in keys._db().execute("SELECT version FROM keys")]
@@ -284,13 +289,6 @@ def test_concurrent_configuration_writers_lose_nothing(tmp_path: Path) -> None:
     """The manager's workers and CLI commands change store.json at once: each change is a locked
     read-modify-write (Store.transaction), so none is lost or interleaved."""
     Bastion(DataDir.at(tmp_path))  # the data dir and its store, once
-    context = multiprocessing.get_context("spawn")
-    ready = context.Barrier(4)
-    workers = [context.Process(target=_add_users, args=(tmp_path, n * 10, ready)) for n in range(4)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join(120)
-        assert w.exitcode == 0
+    _at_once(_add_users, [(tmp_path, n * 10) for n in range(4)])
     names = {u["username"] for u in users.all_users(Bastion(DataDir.at(tmp_path)))}
     assert names == {f"user{n * 10 + i}" for n in range(4) for i in range(5)}
