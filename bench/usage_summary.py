@@ -1,14 +1,15 @@
 """Usage queries over 1,000,000 synthetic records: `python bench/usage_summary.py [RECORDS]`.
 
 Builds a fresh usage.sqlite3 (in a temporary directory) with RECORDS requests spread over 30 days, ~100 keys of
-very different activity, 6 models on 3 pools, errors, cut streams and token counts; rows are inserted directly
-and rolled up by manager.usage's own roll-up (what ingestion does per batch, here in one go). Then times the
+very different activity, 6 models on 3 pools, errors, cut streams and token counts; records are stored directly
+in segments and rolled up by manager.usage's own `_add` (what ingestion does per batch). Then times the
 queries behind `/api/v1/usage/summary`, `/api/v1/usage` and `bastion usage`: best of 5 runs each, wall clock,
 warm page cache (the database is a few hundred MB; a summary reads only the rollups).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from manager import usage as usage_mod
 from manager import usage_queries as q
+from manager import usage_records
 from manager.usage import Usage
 
 DAYS = 30
@@ -56,12 +58,11 @@ def rows(n: int, rng: random.Random):
 
 def build(usage: Usage, n: int) -> float:
     start = time.perf_counter()
-    columns = q.RECORD_FIELDS[1:]  # all but the id
     with usage._connect() as db:
         db.execute("BEGIN")
-        db.executemany(f"INSERT INTO requests ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
-                       rows(n, random.Random(1)))
-        usage_mod._roll_up(db, 0)
+        generated = enumerate(rows(n, random.Random(1)), 1)
+        while chunk := list(itertools.islice(generated, 100_000)):
+            usage_mod._add(db, usage_records.from_rows((i, *row) for i, row in chunk))
         db.execute("COMMIT")
         db.execute("ANALYZE")
     return time.perf_counter() - start
@@ -116,7 +117,7 @@ def main() -> None:
         result = q.summary(usage, month, ("key",), "hour", PRICES)
         timed("  json.dumps of those rows (for comparison)", lambda: [json.dumps(result.rows)])
         timed("  their CSV", lambda: ["".join(q.to_csv(result.columns, result.rows))])
-        print("records (raw table):")
+        print("records (raw segments):")
         timed("newest 100", lambda: q.records(usage, q.Filters(), 100))
         timed("one key's newest 100", lambda: q.records(usage, q.Filters(key=usage_key(usage)), 100))
         page = q.records(usage, q.Filters(), 1000, offset=n // 2)

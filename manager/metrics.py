@@ -34,7 +34,7 @@ from authsvc.snapshot import STATUS_FILE
 from manager import cidr_groups, generations, health, pools, usage_queries
 from manager.nginx import local_url
 from manager.render import NGINX_STATUS_PATH
-from manager.usage import DURATION_BOUNDS, TTFB_BOUNDS
+from manager.usage_records import DURATION_BOUNDS, TTFB_BOUNDS
 
 if TYPE_CHECKING:
     from manager.context import Bastion

@@ -72,15 +72,16 @@ class Publisher:
         with self.bastion.usage.reader() as db:
             db.execute("BEGIN")  # one read snapshot: records added meanwhile are picked up next time
             try:
-                top = db.execute("SELECT COALESCE(MAX(id), 0) FROM requests").fetchone()[0]
+                top = db.execute("SELECT COALESCE(MAX(last_id), 0) FROM segments").fetchone()[0]
                 if self.last_id is None or top < self.last_id or time.monotonic() >= self._next_full:
                     todo = wanted  # first run, records deleted down to reused ids, or the periodic full run
                     self._next_full = time.monotonic() + FULL_INTERVAL
                 else:
                     todo = wanted - self.figures.keys()  # quotas new since the last run
                     if top > self.last_id and wanted:
-                        touched = {r[0] for r in db.execute("SELECT DISTINCT key FROM requests WHERE id > ?",
-                                                            (self.last_id,))}
+                        touched = {r[0] for r in db.execute(
+                            "SELECT DISTINCT key FROM segment_keys WHERE segment IN "
+                            "(SELECT id FROM segments WHERE last_id > ?)", (self.last_id,))}
                         todo |= wanted & touched
                 figures = {k: c for k, c in self.figures.items() if k in wanted}
                 for key in todo:

@@ -1,7 +1,7 @@
 """Usage analytics: nginx's usage log (manager/usage_log.py), ingested into SQLite, rolled up, and pruned.
 
 nginx writes the log (Python is never in the request path); `ingest()` reads from the saved offset to the
-last complete line and stores the offset in the same transaction as the rows and their rollups, so each line
+last complete line and stores the offset in the same transaction as the records and their rollups, so each line
 is counted once even when the supervisor and a CLI command ingest at the same time, and a transaction that
 fails (a full disk) is read again at the next run. The manager is the only writer.
 
@@ -9,6 +9,11 @@ Files are followed by inode, each with its own offset: after a rotation (`access
 `access.log.1`, nginx told to reopen) the rest of the old file, including lines nginx wrote to it before it
 reopened, is read before and alongside the new one. A file shorter than its offset was truncated in place and is
 read from its start.
+
+Records are kept in segments: a batch of them as one compressed Arrow table in a row of `segments`
+(manager/usage_records.py, decision 43), so a line costs about a microsecond of CPU to ingest instead of a
+SQLite row with its indexes (about ten). Small segments are merged (`_compact`); `segment_keys` says which
+segments hold a key's records. Queries read the segments of their time range (or key) and filter in Arrow.
 
 Rollups: each ingested batch is added to per-minute, per-hour and per-day rows by (key, model, pool), with
 request, error, outcome, token and byte counts and cumulative histograms of duration and time to first byte
@@ -28,52 +33,22 @@ import os
 import signal
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
-from manager.usage_log import Line, parse_lines
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from manager import usage_records as ur
+from manager.usage_records import ROLLUP_NAMES
 
 log = logging.getLogger(__name__)
 
-# upper bounds (seconds) of the histogram buckets; +Inf is the row's count
-DURATION_BOUNDS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
-TTFB_BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 SPANS = {"minute": 60, "hour": 3600, "day": 86400}
 TOTAL_SPAN = 0  # all-time rows (bucket 0): the counters of /metrics, never pruned
-OUTCOMES = ("completed", "upstream_cut", "client_cut", "timeout")
-
-REQUEST_COLUMNS = (
-    "id INTEGER PRIMARY KEY", "request_id TEXT", "start REAL NOT NULL", "end REAL NOT NULL", "key TEXT",
-    "model TEXT", "pool TEXT", "upstream TEXT", "status INTEGER", "upstream_status INTEGER",
-    "bytes_sent INTEGER", "request_length INTEGER", "ttfb REAL", "duration REAL", "method TEXT", "uri TEXT",
-    "remote_addr TEXT", "outcome TEXT", "prompt_tokens INTEGER", "completion_tokens INTEGER",
-    "total_tokens INTEGER")
-# an error status or a stream the upstream broke: what summaries call an error (a 504 that is also a timeout is
-# one error)
-FAILED = "status >= 400 OR outcome IN ('upstream_cut', 'timeout')"
-# (name, SQL over a `requests` row): the sums every rollup row keeps
-ROLLUP_SUMS = (
-    ("requests", "1"),
-    ("client_errors", "status BETWEEN 400 AND 499"),
-    ("server_errors", "status >= 500"),
-    *((outcome, f"outcome = '{outcome}'") for outcome in OUTCOMES[1:]),
-    ("failed", FAILED),
-    ("metered", "total_tokens IS NOT NULL"),
-    ("prompt_tokens", "prompt_tokens"),
-    ("completion_tokens", "completion_tokens"),
-    ("total_tokens", "total_tokens"),
-    ("bytes_sent", "bytes_sent"),
-    ("request_length", "request_length"),
-    ("duration_sum", "duration"),
-    ("ttfb_count", "ttfb IS NOT NULL"),
-    ("ttfb_sum", "ttfb"),
-    *((f"d{i}", f"duration <= {bound}") for i, bound in enumerate(DURATION_BOUNDS)),
-    *((f"t{i}", f"ttfb <= {bound}") for i, bound in enumerate(TTFB_BOUNDS)),
-)
-ROLLUP_NAMES = tuple(name for name, _ in ROLLUP_SUMS)
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 ROLLUPS_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS rollups (
     span INTEGER NOT NULL, bucket INTEGER NOT NULL, key TEXT NOT NULL, model TEXT NOT NULL, pool TEXT NOT NULL,
@@ -83,62 +58,96 @@ CREATE TABLE IF NOT EXISTS rollups (
 CREATE INDEX IF NOT EXISTS rollups_span_bucket ON rollups (span, bucket);
 """
 SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS requests ({", ".join(REQUEST_COLUMNS)});
-CREATE INDEX IF NOT EXISTS requests_key_start ON requests (key, start);
-CREATE INDEX IF NOT EXISTS requests_start ON requests (start);
+-- records by the thousand as compressed Arrow tables (manager/usage_records.py): ids first_id..last_id
+CREATE TABLE IF NOT EXISTS segments (
+    id INTEGER PRIMARY KEY, first_id INTEGER NOT NULL, last_id INTEGER NOT NULL, min_start REAL NOT NULL,
+    max_start REAL NOT NULL, rows INTEGER NOT NULL, data BLOB NOT NULL
+);
+-- which segments hold a key's records, and its latest end in each
+CREATE TABLE IF NOT EXISTS segment_keys (
+    key TEXT NOT NULL, segment INTEGER NOT NULL, last_end REAL NOT NULL, PRIMARY KEY (key, segment)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS segment_keys_segment ON segment_keys (segment);
 CREATE TABLE IF NOT EXISTS ingest_files (
     inode INTEGER PRIMARY KEY,
     offset INTEGER NOT NULL
 );
--- records kept from before the rollups (or their last change) that backfill() has yet to add to them
+-- records of the table before segments (`requests`, schema 4 and earlier) whose ids in (next_id, last_id] are
+-- still to be added to the rollups as backfill() moves them into segments
 CREATE TABLE IF NOT EXISTS rollup_backfill (next_id INTEGER NOT NULL, last_id INTEGER NOT NULL);
 {ROLLUPS_SCHEMA}"""
-# Placeholders are numbered as usage_log.FIELDS (?1 is the marker). SQL converts (in C, cheaper than Python):
-# numbers written as text take the columns' affinity; nginx writes "" or "-" for values it does not have.
-INSERT = """INSERT INTO requests (request_id, start, end, key, model, pool, upstream, status, upstream_status,
-    bytes_sent, request_length, ttfb, duration, method, uri, remote_addr, outcome, prompt_tokens,
-    completion_tokens, total_tokens)
-VALUES (?3, ?2 - ?11, ?2, NULLIF(?4, ''), NULLIF(?5, ''), NULLIF(?6, ''), NULLIF(?7, ''), ?8,
-    NULLIF(NULLIF(?12, ''), '-'), ?9, ?10, NULLIF(NULLIF(?13, ''), '-'), ?11, ?14, ?15, ?16, NULLIF(?17, ''),
-    NULLIF(?18, ''), NULLIF(?19, ''), NULLIF(?20, ''))"""
-# the new rows' per-minute sums (a temporary table), then added to each span's rows
-_BATCH_MINUTES = f"""INSERT INTO temp.batch
-SELECT CAST(end / 60 AS INTEGER) * 60, COALESCE(key, ''), COALESCE(model, ''), COALESCE(pool, ''),
-    {", ".join(f"TOTAL({sql})" for _, sql in ROLLUP_SUMS)}
-FROM requests WHERE id > ? AND id <= ? GROUP BY 1, 2, 3, 4"""
+# the columns the `requests` table of schema 4 and earlier gained over time (older ones are added to move it)
+LEGACY_COLUMNS = ("outcome TEXT", "prompt_tokens INTEGER", "completion_tokens INTEGER", "total_tokens INTEGER")
 _ADD_ROWS = f"""INSERT INTO rollups (span, bucket, key, model, pool, {", ".join(ROLLUP_NAMES)})
 SELECT ?1, {{bucket}}, key, model, pool, {", ".join(f"SUM({name})" for name in ROLLUP_NAMES)}
-FROM {{source}} WHERE {{where}} GROUP BY 2, 3, 4, 5
+FROM temp.batch GROUP BY 2, 3, 4, 5
 ON CONFLICT DO UPDATE SET {", ".join(f"{name} = {name} + excluded.{name}" for name in ROLLUP_NAMES)}"""
-_ADD_BATCH = _ADD_ROWS.format(bucket="minute / ?1 * ?1", source="temp.batch", where="true")
-_ADD_TOTAL = _ADD_ROWS.format(bucket="0", source="temp.batch", where="true")
+_ADD_BATCH = _ADD_ROWS.format(bucket="minute / ?1 * ?1")
+_ADD_TOTAL = _ADD_ROWS.format(bucket="0")
 BATCH_BYTES = 8 << 20
+SEGMENT_ROWS = 20_000  # a segment smaller than this is merged with the other small ones...
+COMPACT_AFTER = 16  # ...once there are this many
 # nginx's other logs in the same directory, rotated by size like access.log (nothing ingests them)
 OTHER_NGINX_LOGS = ("admin-access.log", "error.log")
-PRUNE_BATCH = 5000  # rows per DELETE: a few ms of write lock each
+PRUNE_BATCH = 5000  # rollup rows per DELETE: a few ms of write lock each
 PRUNE_PAUSE = 0.01  # seconds between batches, so ingestion and other writers get the lock
 PRUNE_INTERVAL = 300.0  # seconds between retention runs of maintain()
-BACKFILL_BATCH = 20_000  # records rolled up per transaction by backfill(): about 0.1 s of write lock
+BACKFILL_BATCH = 20_000  # records of the earlier table moved per transaction by backfill(): about 0.1 s of lock
 BACKFILL_BUDGET = 0.5  # seconds of backfill per maintain() call
 
 
-def _insert(db: sqlite3.Connection, lines: list[Line]) -> None:
-    """Insert the records and add them to the rollups."""
-    if not lines:
+def _has_legacy(db: sqlite3.Connection) -> bool:
+    return db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'requests'").fetchone() is not None
+
+
+def _next_id(db: sqlite3.Connection) -> int:
+    """The id of the next record: above every record kept, in segments or (until moved) in the earlier table."""
+    top = db.execute("SELECT COALESCE(MAX(last_id), 0) FROM segments").fetchone()[0]
+    if _has_legacy(db):
+        top = max(top, db.execute("SELECT COALESCE(MAX(id), 0) FROM requests").fetchone()[0])
+    return top + 1
+
+
+def _add(db: sqlite3.Connection, records: pa.Table, rolled_up: pa.Table | None = None) -> None:
+    """Keep `records` (with ids) in segments of at most SEGMENT_ROWS and add `rolled_up` (by default all of
+    them) to the rollups of every span."""
+    for offset in range(0, len(records), SEGMENT_ROWS):
+        _put_segment(db, records.slice(offset, SEGMENT_ROWS))
+    _roll_up(db, records if rolled_up is None else rolled_up)
+
+
+def _put_segment(db: sqlite3.Connection, records: pa.Table) -> None:
+    ids, starts = pc.min_max(records["id"]).as_py(), pc.min_max(records["start"]).as_py()
+    segment = db.execute(
+        "INSERT INTO segments (first_id, last_id, min_start, max_start, rows, data) VALUES (?, ?, ?, ?, ?, ?)",
+        (ids["min"], ids["max"], starts["min"], starts["max"], len(records), ur.encode(records))).lastrowid
+    db.executemany("INSERT INTO segment_keys (key, segment, last_end) VALUES (?, ?, ?)",
+                   [(key, segment, end) for key, end in ur.last_ends(records)])
+
+
+def _roll_up(db: sqlite3.Connection, records: pa.Table) -> None:
+    """Add `records` to the rollups of every span: their per-minute sums, then each span's rows from those."""
+    sums = ur.minute_sums(records)
+    if not sums:
         return
-    last_id = db.execute("SELECT COALESCE(MAX(id), 0) FROM requests").fetchone()[0]
-    db.executemany(INSERT, lines)
-    _roll_up(db, last_id)
-
-
-def _roll_up(db: sqlite3.Connection, after_id: int, up_to: int = 2**63 - 1) -> None:
-    """Add the records with ids above `after_id` (and at most `up_to`) to the rollups of every span."""
     db.execute(f"CREATE TEMP TABLE IF NOT EXISTS batch (minute, key, model, pool, {', '.join(ROLLUP_NAMES)})")
     db.execute("DELETE FROM temp.batch")
-    db.execute(_BATCH_MINUTES, (after_id, up_to))
+    db.executemany(f"INSERT INTO temp.batch VALUES ({', '.join('?' * (4 + len(ROLLUP_NAMES)))})", sums)
     for span in SPANS.values():
         db.execute(_ADD_BATCH, (span,))
     db.execute(_ADD_TOTAL, (TOTAL_SPAN,))
+
+
+def _drop_segments(db: sqlite3.Connection, ids: list[int]) -> None:
+    marks = ", ".join("?" * len(ids))
+    db.execute(f"DELETE FROM segment_keys WHERE segment IN ({marks})", ids)
+    db.execute(f"DELETE FROM segments WHERE id IN ({marks})", ids)
+
+
+def segments(db: sqlite3.Connection, where: str = "true", args: Sequence[Any] = ()) -> pa.Table:
+    """The records of the segments matching `where` (SQL over the segments table), in id order."""
+    blobs = [row[0] for row in db.execute(f"SELECT data FROM segments WHERE {where} ORDER BY id", args)]
+    return ur.decode(blobs)
 
 
 @contextmanager
@@ -180,49 +189,60 @@ class Usage:
     @staticmethod
     def _migrate(db: sqlite3.Connection) -> None:
         """Bring a database of an older schema up to SCHEMA_VERSION, once, whoever opens it first, in one short
-        transaction: version 0 kept one (inode, offset) row in `ingest_state`; before version 4 records had no
-        outcome or tokens and rollups were missing or had other columns. The rollups are made anew, empty, and
-        `backfill()` adds the records kept to them in small transactions (a big database takes minutes, which
-        must not lock out the manager, the CLI or ingestion)."""
+        transaction. Up to version 4 records were rows of a `requests` table: it stays until `backfill()` has
+        moved them into segments. Version 0 kept one (inode, offset) row in `ingest_state`; before version 4
+        records had no outcome or tokens and rollups were missing or had other columns: the rollups are made
+        anew, empty, and backfill() adds the records to them as it moves them, in small transactions (a big
+        database takes minutes, which must not lock out the manager, the CLI or ingestion)."""
         if db.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
             return
         with _transaction(db):
-            if db.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version >= SCHEMA_VERSION:
                 return
             if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'ingest_state'").fetchone():
                 db.execute("INSERT OR IGNORE INTO ingest_files (inode, offset) SELECT inode, offset FROM ingest_state")
                 db.execute("DROP TABLE ingest_state")
-            present = {row[1] for row in db.execute("PRAGMA table_info(requests)")}
-            for column in REQUEST_COLUMNS:
-                if column.split()[0] not in present:
-                    db.execute(f"ALTER TABLE requests ADD COLUMN {column}")
-            db.execute("DROP TABLE rollups")
-            for statement in filter(str.strip, ROLLUPS_SCHEMA.split(";")):
-                db.execute(statement)
-            db.execute("DELETE FROM rollup_backfill")
-            db.execute("INSERT INTO rollup_backfill SELECT 0, MAX(id) FROM requests HAVING MAX(id) IS NOT NULL")
+            if _has_legacy(db):
+                present = {row[1] for row in db.execute("PRAGMA table_info(requests)")}
+                for column in LEGACY_COLUMNS:
+                    if column.split()[0] not in present:
+                        db.execute(f"ALTER TABLE requests ADD COLUMN {column}")
+                if version < 4:
+                    db.execute("DROP TABLE rollups")
+                    for statement in filter(str.strip, ROLLUPS_SCHEMA.split(";")):
+                        db.execute(statement)
+                    db.execute("DELETE FROM rollup_backfill")
+                    db.execute("INSERT INTO rollup_backfill SELECT 0, MAX(id) FROM requests HAVING MAX(id) IS NOT NULL")
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def backfill(self, budget: float = BACKFILL_BUDGET) -> bool:
-        """Add records kept from before the rollups to them, BACKFILL_BATCH per transaction, for at most about
-        `budget` seconds (the supervisor calls it every second). Returns True once nothing is left."""
+        """Move the records of the table before segments (schema 4 and earlier) into segments, BACKFILL_BATCH per
+        transaction, adding those the rollups lack to them, for at most about `budget` seconds (the supervisor
+        calls it every second). Returns True once nothing is left. Until moved, a record is in the rollups
+        (summaries, quotas, /metrics) but not yet in the record queries."""
         deadline = time.monotonic() + budget
         with self._connect() as db:
             while True:
                 with _transaction(db):
+                    if not _has_legacy(db):
+                        return True
+                    rows = db.execute(f"SELECT {', '.join(ur.RECORD_FIELDS)} FROM requests ORDER BY id LIMIT ?",
+                                      (BACKFILL_BATCH,)).fetchall()
+                    records = ur.from_rows(rows)
                     marker = db.execute("SELECT next_id, last_id FROM rollup_backfill").fetchone()
-                    if marker is None:
-                        return True
-                    up_to = min(marker["next_id"] + BACKFILL_BATCH, marker["last_id"])
-                    _roll_up(db, marker["next_id"], up_to)
-                    if up_to >= marker["last_id"]:
+                    ids = records["id"]
+                    unrolled = records.filter(pc.and_(pc.greater(ids, marker[0]), pc.less_equal(ids, marker[1]))
+                                              ) if marker else records.slice(0, 0)
+                    _add(db, records, unrolled)
+                    if len(rows) < BACKFILL_BATCH:
+                        db.execute("DROP TABLE requests")
                         db.execute("DELETE FROM rollup_backfill")
-                        log.info("usage rollups: the records kept from before are all added")
+                        log.info("usage records: the records kept from before are all moved into segments")
                         return True
-                    db.execute("UPDATE rollup_backfill SET next_id = ?", (up_to,))
+                    db.execute("DELETE FROM requests WHERE id <= ?", (rows[-1][0],))
                 if time.monotonic() >= deadline:
-                    log.info("usage rollups: adding the records kept from before (%d of %d ids done)",
-                             up_to, marker["last_id"])
+                    log.info("usage records: moving the records kept from before (up to id %d done)", rows[-1][0])
                     return False
 
     @contextmanager
@@ -254,6 +274,8 @@ class Usage:
                         log.warning("%s: skipped %d torn or unreadable line(s)", path, skipped)
             with _transaction(db):
                 self._forget_gone_files(db)
+                if added:
+                    self._compact(db)
         return added
 
     def catch_up(self) -> int:
@@ -278,10 +300,24 @@ class Usage:
             f.seek(offset)
             chunk = f.read(BATCH_BYTES)
         end = chunk.rfind(b"\n") + 1
-        lines, skipped = parse_lines(chunk[:end].decode(errors="replace"))
-        _insert(db, lines)
+        records, skipped = ur.read_chunk(chunk[:end])
+        if len(records):
+            _add(db, ur.with_ids(records, _next_id(db)))
         db.execute("INSERT OR REPLACE INTO ingest_files (inode, offset) VALUES (?, ?)", (st.st_ino, offset + end))
-        return len(lines), skipped, len(chunk) == BATCH_BYTES and end > 0
+        return len(records), skipped, len(chunk) == BATCH_BYTES and end > 0
+
+    @staticmethod
+    def _compact(db: sqlite3.Connection) -> None:
+        """Merge the small segments (a quiet gateway ingests a few records a second) once there are COMPACT_AFTER
+        of them: each record is merged again at most about SEGMENT_ROWS / COMPACT_AFTER times."""
+        small = [row[0] for row in db.execute("SELECT id FROM segments WHERE rows < ? ORDER BY id LIMIT ?",
+                                              (SEGMENT_ROWS, COMPACT_AFTER * 4))]
+        if len(small) < COMPACT_AFTER:
+            return
+        records = segments(db, f"id IN ({', '.join('?' * len(small))})", small)
+        _drop_segments(db, small)
+        for offset in range(0, len(records), SEGMENT_ROWS):
+            _put_segment(db, records.slice(offset, SEGMENT_ROWS))
 
     def _forget_gone_files(self, db: sqlite3.Connection) -> None:
         """Offsets are kept for the log and its rotated copy only: a deleted file's inode number is reused.
@@ -358,25 +394,48 @@ class Usage:
 
     def prune(self, retention_days: int, rollup_days: dict[str, int] | None = None, now: float | None = None) -> int:
         """Delete records of requests that started more than `retention_days` ago and rollup rows of each span
-        older than its `rollup_days` (0 keeps everything), a small batch per transaction so that nobody waits
-        long for the database. Returns how many rows were deleted."""
+        older than its `rollup_days` (0 keeps everything), a segment or a small batch of rollup rows per
+        transaction so that nobody waits long for the database. Returns how many records and rows were deleted."""
         now = time.time() if now is None else now
-        deletions = [("requests", "SELECT id FROM requests WHERE start < ? LIMIT ?", "id", retention_days)]
-        for name, days in (rollup_days or {}).items():
-            deletions.append((f"{name} rollups", f"SELECT span, key, bucket, model, pool FROM rollups "
-                              f"WHERE span = {SPANS[name]} AND bucket < ? LIMIT ?", "(span, key, bucket, model, pool)",
-                              days))
         deleted = 0
         with self._connect() as db:
-            for what, select, row_key, days in deletions:
-                if not days:
-                    continue
-                n = self._delete_batches(db, f"DELETE FROM {what.split()[-1]} WHERE {row_key} IN ({select})",
-                                         now - days * 86400)
-                if n:
-                    log.info("deleted %d usage %s older than %d days", n, what, days)
-                deleted += n
+            if retention_days:
+                deleted += self._log_pruned("records", retention_days,
+                                            self._prune_records(db, now - retention_days * 86400))
+            for name, days in (rollup_days or {}).items():
+                if days:
+                    delete = (f"DELETE FROM rollups WHERE (span, key, bucket, model, pool) IN (SELECT span, key, "
+                              f"bucket, model, pool FROM rollups WHERE span = {SPANS[name]} AND bucket < ? LIMIT ?)")
+                    deleted += self._log_pruned(f"{name} rollups", days,
+                                                self._delete_batches(db, delete, now - days * 86400))
         return deleted
+
+    @staticmethod
+    def _log_pruned(what: str, days: int, n: int) -> int:
+        if n:
+            log.info("deleted %d usage %s older than %d days", n, what, days)
+        return n
+
+    @staticmethod
+    def _prune_records(db: sqlite3.Connection, cutoff: float) -> int:
+        """Delete the segments whose records all started before `cutoff`; one with records on both sides is
+        written again with the newer ones only. One segment per transaction."""
+        deleted = 0
+        while True:
+            with _transaction(db):
+                row = db.execute("SELECT id, rows, max_start FROM segments WHERE min_start < ? ORDER BY id LIMIT 1",
+                                 (cutoff,)).fetchone()
+                if row is None:
+                    return deleted
+                kept = 0
+                if row["max_start"] >= cutoff:
+                    records = segments(db, "id = ?", (row["id"],))
+                    newer = records.filter(pc.greater_equal(records["start"], cutoff))
+                    _put_segment(db, newer)
+                    kept = len(newer)
+                _drop_segments(db, [row["id"]])
+                deleted += row["rows"] - kept
+            time.sleep(PRUNE_PAUSE)
 
     @staticmethod
     def _delete_batches(db: sqlite3.Connection, delete: str, cutoff: float) -> int:

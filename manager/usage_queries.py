@@ -1,7 +1,8 @@
 """Reading the usage store (manager/usage.py writes it): single records, their counts, and summaries.
 
-Records (`records`, `group_counts`) come from the raw `requests` table, filtered by the request's START time and
-paged newest first by (start, id): a keyset cursor, so pages have no gaps or repeats while ingestion adds rows.
+Records (`records`, `group_counts`) come from the segments of raw records (manager/usage_records.py): those of
+the time range, or of the key, are read and filtered in Arrow by the request's START time, and paged newest first
+by (start, id): a keyset cursor, so pages have no gaps or repeats while ingestion adds records.
 
 Summaries (`summary`) come from the rollups only, never from the raw records, so a month of a busy gateway is
 answered in milliseconds. Rollups are bucketed by the request's END time, per minute, hour or UTC day; a range
@@ -16,8 +17,10 @@ Every parameter is checked here with an error naming it (`parse_*`), for the API
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import math
+import operator
 import re
 import sqlite3
 import time
@@ -25,17 +28,13 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from manager import usage_records as ur
 from manager import validation as v
-from manager.usage import (
-    DURATION_BOUNDS,
-    FAILED,
-    OUTCOMES,
-    REQUEST_COLUMNS,
-    ROLLUP_NAMES,
-    SPANS,
-    TOTAL_SPAN,
-    TTFB_BOUNDS,
-)
+from manager.usage import SPANS, TOTAL_SPAN, segments
+from manager.usage_records import DURATION_BOUNDS, OUTCOMES, ROLLUP_NAMES, TTFB_BOUNDS
 
 if TYPE_CHECKING:
     from manager.usage import Usage
@@ -53,7 +52,6 @@ MAX_OFFSET = 1_000_000
 MAX_SUMMARY_ROWS = 1_000_000
 DEFAULT_SUMMARY_ROWS = 100_000
 QUANTILES = (0.5, 0.95)
-RECORD_FIELDS = tuple(column.split()[0] for column in REQUEST_COLUMNS)  # the records' keys, in order
 GROUP_COUNTS = ("requests", "errors", "metered", "prompt_tokens", "completion_tokens", "total_tokens")
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
@@ -151,37 +149,46 @@ def wants_csv(format_param: str | None, accept: Any = None) -> bool:
 
 # ---- records ------------------------------------------------------------------------------------------------
 
-def _matching(filters: Filters, time_column: str) -> tuple[list[str], list[Any]]:
-    """The WHERE clauses and arguments of the key, model, pool and time filters (records and rollups alike)."""
-    clauses: list[str] = []
-    args: list[Any] = []
-    for column in SUMMARY_GROUPS:
-        if (value := getattr(filters, column)) is not None:
-            clauses.append(f"{column} = ?")
-            args.append(value)
-    for bound, op in ((filters.since, ">="), (filters.until, "<")):
-        if bound is not None:
-            clauses.append(f"{time_column} {op} ?")
-            args.append(bound)
-    return clauses, args
-
-
-def _where(filters: Filters) -> tuple[list[str], list[Any]]:
-    clauses, args = _matching(filters, "start")
+def _condition(filters: Filters) -> pc.Expression | None:
+    """The filters as an Arrow expression over records (None: every record)."""
+    field = pc.field
+    conditions = [field(column) == value for column in SUMMARY_GROUPS
+                  if (value := getattr(filters, column)) is not None]
+    if filters.since is not None:
+        conditions.append(field("start") >= filters.since)
+    if filters.until is not None:
+        conditions.append(field("start") < filters.until)
     if filters.status is not None:
         if filters.status.endswith("xx"):
             lo = int(filters.status[0]) * 100
-            clauses.append("status BETWEEN ? AND ?")
-            args += [lo, lo + 99]
+            conditions.append((field("status") >= lo) & (field("status") <= lo + 99))
         else:
-            clauses.append("status = ?")
-            args.append(int(filters.status))
+            conditions.append(field("status") == int(filters.status))
     if filters.outcome == UNKNOWN_OUTCOME:
-        clauses.append("outcome IS NULL")
+        conditions.append(field("outcome").is_null())
     elif filters.outcome is not None:
-        clauses.append("outcome = ?")
-        args.append(filters.outcome)
-    return clauses, args
+        conditions.append(field("outcome") == filters.outcome)
+    return functools.reduce(operator.and_, conditions) if conditions else None
+
+
+def _segments_of(filters: Filters, before: float | None = None) -> tuple[str, list[Any]]:
+    """SQL over `segments`: those that can hold records matching `filters` (by start time and key), and started
+    no later than `before`."""
+    clauses, args = [], []
+    for clause, value in (("max_start >= ?", filters.since), ("min_start < ?", filters.until),
+                          ("min_start <= ?", before),
+                          ("id IN (SELECT segment FROM segment_keys WHERE key = ?)", filters.key)):
+        if value is not None:
+            clauses.append(clause)
+            args.append(value)
+    return " AND ".join(clauses) or "true", args
+
+
+def _matching_records(db: sqlite3.Connection, filters: Filters) -> pa.Table:
+    """Every record matching `filters`."""
+    table = segments(db, *_segments_of(filters))
+    condition = _condition(filters)
+    return table if condition is None else table.filter(condition)
 
 
 @dataclass
@@ -190,52 +197,98 @@ class Page:
     next_cursor: str | None
 
 
+NEWEST_FIRST = [("start", "descending"), ("id", "descending")]
+
+
+def _newest(db: sqlite3.Connection, filters: Filters, after: tuple[float, int] | None, wanted: int) -> pa.Table:
+    """At least the `wanted` newest records matching `filters` (and older than the cursor `after`), if there are
+    so many: segments are read newest first until none of the rest can hold a newer one than those found."""
+    condition = _condition(filters)
+    if after is not None:
+        start, id_ = pc.field("start"), pc.field("id")
+        older = (start < after[0]) | ((start == after[0]) & (id_ < after[1]))
+        condition = older if condition is None else condition & older
+    where, args = _segments_of(filters, None if after is None else after[0])
+    found: list[pa.Table] = []
+    count, threshold = 0, -math.inf
+    for segment, max_start in db.execute(f"SELECT id, max_start FROM segments WHERE {where} ORDER BY max_start DESC",
+                                         args).fetchall():
+        if count >= wanted and max_start < threshold:
+            break
+        table = segments(db, "id = ?", (segment,))
+        found.append(table if condition is None else table.filter(condition))
+        count += len(found[-1])
+        if count >= wanted:  # the start of the wanted-th newest so far: older segments cannot come before it
+            merged = pa.concat_tables(found)
+            threshold = pc.min(merged["start"].take(pc.select_k_unstable(merged, wanted, NEWEST_FIRST))).as_py()
+    return pa.concat_tables(found) if found else ur.EMPTY
+
+
 def records(usage: Usage, filters: Filters = Filters(), limit: int = 1000, after: tuple[float, int] | None = None,
             offset: int = 0) -> Page:
     """Records matching `filters`, newest start first (ties by id). `after` is a cursor from a previous page;
-    `next_cursor` is None on the last page. Each page is one probe of the (start) or (key, start) index."""
-    clauses, args = _where(filters)
-    if after is not None:
-        clauses.append("(start, id) < (?, ?)")
-        args += list(after)
-    where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+    `next_cursor` is None on the last page."""
+    wanted = offset + limit + 1
     with usage.reader() as db:
-        rows = [dict(r) for r in db.execute(
-            f"SELECT * FROM requests {where} ORDER BY start DESC, id DESC LIMIT ? OFFSET ?",
-            (*args, limit + 1, offset))]
+        table = _newest(db, filters, after, wanted)
+    if len(table) > wanted:  # the page's rows only, not a sort of everything
+        table = table.take(pc.select_k_unstable(table, wanted, NEWEST_FIRST))
+    rows = table.sort_by(NEWEST_FIRST).slice(offset, limit + 1).to_pylist()
     more = len(rows) > limit
     rows = rows[:limit]
     return Page(rows, f"{rows[-1]['start']!r}_{rows[-1]['id']}" if more else None)
 
 
+GROUP_SUMS = (("id", "count", "requests"), ("errors", "sum", "errors"), ("metered", "sum", "metered"),
+              *((name, "sum", name) for name in ("prompt_tokens", "completion_tokens", "total_tokens")))
+
+
 def group_counts(usage: Usage, filters: Filters, group_by: Sequence[str], limit: int = 1000,
                  offset: int = 0) -> list[dict[str, Any]]:
     """Per group of the matching records (exact, from the raw records): requests, errors (as summaries count them),
-    metered requests and token sums (null when none was metered). Most requests first."""
-    clauses, args = _where(filters)
-    where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-    columns = ", ".join(group_by)
-    sql = f"""SELECT {columns}, COUNT(*) AS requests, COUNT(CASE WHEN {FAILED} THEN 1 END) AS errors,
-        COUNT(total_tokens) AS metered, SUM(prompt_tokens) AS prompt_tokens,
-        SUM(completion_tokens) AS completion_tokens, SUM(total_tokens) AS total_tokens
-        FROM requests {where} GROUP BY {columns} ORDER BY requests DESC, {columns} LIMIT ? OFFSET ?"""
+    metered requests and token sums (null when none was metered). Most requests first, then by group (absent
+    values first)."""
     with usage.reader() as db:
-        return [dict(r) for r in db.execute(sql, (*args, limit, offset))]
+        table = _matching_records(db, filters)
+    table = table.append_column("errors", ur.failed(table)).append_column(
+        "metered", pc.is_valid(table["total_tokens"]))
+    sums = table.group_by(list(group_by), use_threads=False).aggregate(
+        [(column, how) for column, how, _ in GROUP_SUMS])
+    sums = sums.select([*(f"{column}_{how}" for column, how, _ in GROUP_SUMS), *group_by]).rename_columns(
+        [*(name for _, _, name in GROUP_SUMS), *group_by])
+    order = pc.sort_indices(sums, sort_keys=[("requests", "descending"),
+                                             *((g, "ascending", "at_start") for g in group_by)])
+    sums = sums.take(order).slice(offset, limit)
+    return sums.select([*group_by, *(name for _, _, name in GROUP_SUMS)]).to_pylist()
 
 
 def last_used(usage: Usage, keys: Iterable[str]) -> dict[str, float]:
-    """When each key was last used: the end of its latest request, one probe of the (key, start) index per
-    key, never a scan."""
+    """When each key was last used: the latest end of its requests, one probe of segment_keys per key."""
     with usage.reader() as db:
         found = {}
         for key in keys:
-            row = db.execute("SELECT end FROM requests WHERE key = ? ORDER BY start DESC LIMIT 1", (key,)).fetchone()
-            if row is not None:
-                found[key] = row["end"]
+            row = db.execute("SELECT MAX(last_end) FROM segment_keys WHERE key = ?", (key,)).fetchone()
+            if row[0] is not None:
+                found[key] = row[0]
         return found
 
 
 # ---- summaries from the rollups -----------------------------------------------------------------------------
+
+def _rollup_matching(filters: Filters) -> tuple[list[str], list[Any]]:
+    """The WHERE clauses and arguments of the key, model, pool and time filters over the rollups."""
+    clauses: list[str] = []
+    args: list[Any] = []
+    for column in SUMMARY_GROUPS:
+        if (value := getattr(filters, column)) is not None:
+            clauses.append(f"{column} = ?")
+            args.append(value)
+    for bound, op in ((filters.since, ">="), (filters.until, "<")):
+        if bound is not None:
+            clauses.append(f"bucket {op} ?")
+            args.append(bound)
+    return clauses, args
+
 
 def _quantile_sql(q: float, prefix: str, bounds: Sequence[float], count: str) -> str:
     """histogram_quantile over the group's sums of the cumulative columns PREFIX0..PREFIXn (`count`: the +Inf
@@ -343,7 +396,7 @@ def _summary_sql(filters: Filters, span: int, groups: list[str], prices: Mapping
                 if priced else "SUM(total_tokens)")
     if "unpriced_tokens" in fields:
         args += [model for model, _ in priced]
-    matching, matching_args = _matching(filters, "bucket")
+    matching, matching_args = _rollup_matching(filters)
     clauses = ["span = ?", *matching]
     args += [span, *matching_args]
     metered = "SUM(metered) > 0"

@@ -9,7 +9,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -26,6 +25,8 @@ from authsvc import bruteforce
 from authsvc import keys as keyformat
 from authsvc.bruteforce import BlockBoard, FailureGuard, Policy, client_key, parse_client
 from authsvc.gate import Gate
+from manager import usage_queries
+from manager.usage import Usage
 from manager.usage_log import parse_line
 from tests.conftest import Stack
 from tests.test_gate import PEPPER, Call, key_entry, write_snapshot
@@ -403,8 +404,8 @@ def test_ten_thousand_invalid_keys_are_blocked_and_valid_traffic_keeps_flowing(s
     assert logged() == ["hiding"]
 
     def usage_rows() -> int:
-        with sqlite3.connect(stack.data_dir / "usage.sqlite3") as db:
-            return db.execute("SELECT count(*) FROM requests WHERE remote_addr = ?", (attacker,)).fetchone()[0]
+        usage = Usage(stack.data_dir / "usage.sqlite3", stack.data_dir / "logs" / "access.log")
+        return sum(r["remote_addr"] == attacker for r in usage_queries.records(usage, limit=100_000).records)
     assert wait_for(lambda: usage_rows() == 21)
 
     # listed (with the refusals rolled up), by the API and the CLI

@@ -15,8 +15,9 @@ import requests
 from manager import auth, cidr_groups, settings, users
 from manager import metrics as metrics_mod
 from manager.app import create_app
-from manager.usage import DURATION_BOUNDS, Usage
+from manager.usage import Usage
 from manager.usage_log import format_record
+from manager.usage_records import DURATION_BOUNDS
 from manager.validation import ValidationError
 from tests import prom_text
 from tests.conftest import Stack, free_port

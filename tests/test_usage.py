@@ -23,6 +23,7 @@ from manager import usage_queries as q
 from manager import validation as v
 from manager.usage import Usage
 from manager.usage_log import RECORD_START, format_record
+from manager.usage_records import RECORD_FIELDS
 from tests.conftest import Stack
 from tests.fakes import FakeUpstream
 
@@ -370,13 +371,15 @@ def test_no_usage_line_lost_after_the_data_dir_was_full(tmp_path: Path, full_dis
 
 # ---- retention ------------------------------------------------------------------------------------------------
 
-def test_retention_prunes_old_rows_in_batches_and_keeps_newer(usage: Usage, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_retention_deletes_old_segments_one_at_a_time_and_rewrites_the_one_across_the_cutoff(
+        usage: Usage, monkeypatch: pytest.MonkeyPatch) -> None:
     now = 1_764_000_000.0
     day = 86400
-    usage.log_path.write_text("".join(record(f"old{i}", now - 31 * day) for i in range(23))
-                              + "".join(record(f"new{i}", now - 29 * day) for i in range(5)))
+    lines = ([record(f"old{i}", now - 31 * day) for i in range(23)]
+             + [record(f"new{i}", now - 29 * day) for i in range(5)])
+    monkeypatch.setattr(usage_mod, "BATCH_BYTES", len(lines[0]) * 10 + 5)  # segments of 10, 10, 3 old + 5 new
+    usage.log_path.write_text("".join(lines))
     assert usage.ingest() == 28
-    monkeypatch.setattr(usage_mod, "PRUNE_BATCH", 5)  # several small DELETEs, never one big one
     statements: list[str] = []
     connect = sqlite3.connect
 
@@ -389,8 +392,27 @@ def test_retention_prunes_old_rows_in_batches_and_keeps_newer(usage: Usage, monk
     assert usage.prune(0, now=now) == 0  # 0 keeps everything
     assert usage.prune(30, now=now) == 23
     assert ids(usage) == sorted(f"new{i}" for i in range(5))
-    assert sum(s.startswith("DELETE") for s in statements) == 5
+    assert sum(s.startswith("DELETE FROM segments") for s in statements) == 3  # one per transaction
+    with usage._connect() as db:
+        assert [tuple(r) for r in db.execute("SELECT rows, min_start, max_start FROM segments")] == [
+            (5, now - 29 * day - 0.5, now - 29 * day - 0.5)]
+        assert db.execute("SELECT COUNT(*) FROM segment_keys").fetchone()[0] == 1
     assert usage.prune(30, now=now) == 0
+
+
+def test_small_segments_are_merged_and_every_record_kept_once(usage: Usage) -> None:
+    """A quiet gateway ingests a record or two a second: the tiny segments are merged once there are enough."""
+    for i in range(usage_mod.COMPACT_AFTER * 2 + 3):
+        append(usage.log_path, record(f"r{i:03}", 1_764_000_000.0 + i, key=f"k{i % 3}"))
+        assert usage.ingest() == 1
+    with usage._connect() as db:
+        sizes = [r[0] for r in db.execute("SELECT rows FROM segments ORDER BY id")]
+        assert db.execute("SELECT COUNT(DISTINCT key) FROM segment_keys").fetchone()[0] == 3
+    assert len(sizes) < usage_mod.COMPACT_AFTER and sum(sizes) == usage_mod.COMPACT_AFTER * 2 + 3
+    assert ids(usage) == [f"r{i:03}" for i in range(usage_mod.COMPACT_AFTER * 2 + 3)]
+    assert q.last_used(usage, ["k0", "k1", "k2", "k9"]) == {
+        f"k{k}": 1_764_000_000.0 + max(i for i in range(usage_mod.COMPACT_AFTER * 2 + 3) if i % 3 == k)
+        for k in range(3)}
 
 
 def test_maintain_applies_the_retention_setting(usage: Usage) -> None:
@@ -579,37 +601,74 @@ def test_ingestion_killed_at_any_moment_loses_and_doubles_nothing(tmp_path: Path
         assert conn.execute("SELECT SUM(requests) FROM rollups WHERE span = 60").fetchone()[0] == written
 
 
+LEGACY_REQUESTS = """CREATE TABLE requests (id INTEGER PRIMARY KEY, request_id TEXT, start REAL NOT NULL,
+    end REAL NOT NULL, key TEXT, model TEXT, pool TEXT, upstream TEXT, status INTEGER, upstream_status INTEGER,
+    bytes_sent INTEGER, request_length INTEGER, ttfb REAL, duration REAL, method TEXT, uri TEXT, remote_addr TEXT,
+    outcome TEXT, prompt_tokens INTEGER, completion_tokens INTEGER, total_tokens INTEGER)"""
+
+
+def legacy_store(tmp_path: Path, lines: str, version: int) -> tuple[Usage, Path]:
+    """A store of schema `version` as an upgrade finds it (records as rows of a `requests` table, rollups of
+    today's shape), holding the records of `lines`, and the fresh store they were ingested into."""
+    fresh = Usage(tmp_path / "fresh.sqlite3", tmp_path / "fresh.log")
+    fresh.log_path.write_text(lines)
+    fresh.ingest()
+    path = tmp_path / "legacy.sqlite3"
+    db = sqlite3.connect(path)
+    db.execute(LEGACY_REQUESTS)
+    db.executemany(f"INSERT INTO requests VALUES ({', '.join('?' * len(RECORD_FIELDS))})",
+                   [[r[f] for f in RECORD_FIELDS] for r in records_of(fresh)])
+    db.executescript(usage_mod.ROLLUPS_SCHEMA)
+    db.execute("ATTACH ? AS fresh", (str(fresh.db_path),))
+    db.execute("INSERT INTO rollups SELECT * FROM fresh.rollups")
+    db.execute(f"PRAGMA user_version = {version}")
+    db.commit()
+    db.close()
+    return fresh, path
+
+
+def test_records_of_schema_4_are_moved_into_segments_and_counted_once(tmp_path: Path) -> None:
+    lines = "".join(record(f"r{i}", 1_764_000_000.0 + i, status=200 + i % 2 * 300) for i in range(50))
+    fresh, path = legacy_store(tmp_path, lines, version=4)
+    usage = Usage(path, tmp_path / "access.log")
+    append(usage.log_path, record("new", 1_764_000_100.0))
+    assert usage.ingest() == 1  # ids above the records not moved yet
+    assert ids(usage) == ["new"]  # until moved, records are in the rollups only
+    assert usage.backfill()
+    assert ids(usage) == sorted([*(f"r{i}" for i in range(50)), "new"])
+    assert {r["id"] for r in records_of(usage)} == set(range(1, 52))
+    assert [r for r in records_of(usage) if r["request_id"] != "new"] == records_of(fresh)
+    for span in (*usage_mod.SPANS, "total"):
+        assert sum(r["requests"] for r in rollup(usage, span)) == 51
+        assert sum(r["server_errors"] for r in rollup(usage, span)) == 25
+    with usage._connect() as db:
+        assert db.execute("SELECT name FROM sqlite_master WHERE name = 'requests'").fetchone() is None
+
+
 @pytest.mark.parametrize("version", [2, 3])
 def test_rollups_of_an_earlier_schema_are_made_anew_from_the_records(tmp_path: Path, version: int) -> None:
     """Schemas 2 and 3 had other rollup columns (no `failed`; no all-time rows): the rollups are built again."""
-    fresh = Usage(tmp_path / "fresh.sqlite3", tmp_path / "access.log")
-    fresh.log_path.write_text(record("a") + record("b", status=502) + record("c", status=200, outcome="upstream_cut")
-                              + record("d", status=504, outcome="timeout"))
-    fresh.ingest()
-    old = Usage(tmp_path / "old.sqlite3", fresh.log_path)
-    old.ingest()
-    with old._connect() as db:
+    fresh, path = legacy_store(tmp_path, record("a") + record("b", status=502)
+                               + record("c", status=200, outcome="upstream_cut")
+                               + record("d", status=504, outcome="timeout"), version)
+    with sqlite3.connect(path) as db:
         db.execute("ALTER TABLE rollups DROP COLUMN failed")
         db.execute("DELETE FROM rollups WHERE span = 0 OR span = 60")
-        db.execute(f"PRAGMA user_version = {version}")
-    old = Usage(old.db_path, old.log_path)
+    old = Usage(path, tmp_path / "access.log")
     assert rollup(old, "day") == [] and old.backfill()
     for span in (*usage_mod.SPANS, "total"):
         assert rollup(old, span) == rollup(fresh, span)
     assert {r["failed"] for r in rollup(old, "day")} == {3}
+    assert records_of(old) == records_of(fresh)
 
 
 def test_backfill_after_an_upgrade_is_done_in_small_steps_while_ingestion_goes_on(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """An upgrade must not hold the database for minutes: the records kept are added to the new rollups a batch
-    per transaction, and lines ingested meanwhile are counted once."""
-    usage = Usage(tmp_path / "usage.sqlite3", tmp_path / "access.log")
-    usage.log_path.write_text("".join(record(f"old{i}", 1_764_000_000.0 + i) for i in range(100)))
-    usage.ingest()
-    with usage._connect() as db:
-        db.execute("PRAGMA user_version = 1")
+    """An upgrade must not hold the database for minutes: the records kept are moved and added to the new
+    rollups a batch per transaction, and lines ingested meanwhile are counted once."""
+    _, path = legacy_store(tmp_path, "".join(record(f"old{i}", 1_764_000_000.0 + i) for i in range(100)), 1)
     monkeypatch.setattr(usage_mod, "BACKFILL_BATCH", 30)
-    usage = Usage(usage.db_path, usage.log_path)
+    usage = Usage(path, tmp_path / "access.log")
     steps = 0
     while not usage.backfill(budget=0):
         steps += 1
@@ -618,6 +677,7 @@ def test_backfill_after_an_upgrade_is_done_in_small_steps_while_ingestion_goes_o
     assert steps == 3  # 30 + 30 + 30 + 10
     assert sum(r["requests"] for r in rollup(usage, "minute")) == 103
     assert sum(r["requests"] for r in rollup(usage, "total")) == 103
+    assert len(ids(usage)) == 103
     assert usage.backfill()  # nothing left
 
 

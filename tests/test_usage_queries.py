@@ -14,10 +14,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from manager import usage as usage_mod
 from manager import usage_queries as q
 from manager.cli import main as cli_main
-from manager.usage import DURATION_BOUNDS, Usage
+from manager.usage import Usage
 from manager.usage_log import format_record
+from manager.usage_records import DURATION_BOUNDS
 
 T0 = 1_764_000_000  # a multiple of 86400 * 100: 2025-11-24T16:00:00Z, not a day boundary
 DAY0 = T0 - T0 % 86400
@@ -94,6 +96,33 @@ def test_cursor_pages_have_no_gaps_or_repeats_even_with_equal_starts_and_new_row
     assert len(seen) == len(set(seen)) == 60
     assert seen == [r["request_id"] for r in sorted(all_records(usage), key=lambda r: (-r["start"], -r["id"]))
                     if r["request_id"] < "r01000"]
+
+
+def test_pages_read_across_segments_keep_the_order_of_start_times(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The log is in order of END: a long stream lands in a later segment than shorter requests that started
+    after it. Pages read segments newest first and stop early; they must still equal the full order."""
+    monkeypatch.setattr(usage_mod, "BATCH_BYTES", 1500)  # a segment per few lines
+    monkeypatch.setattr(usage_mod, "COMPACT_AFTER", 10**6)
+    rng = random.Random(3)
+    usage = make_usage(tmp_path, [line(i, T0 + i, duration=rng.choice([0, 1, 5, 40, 200]), key=f"k{i % 2}")
+                                  for i in range(300)])
+    with usage.reader() as db:
+        assert db.execute("SELECT COUNT(*) FROM segments").fetchone()[0] > 30
+    everything = sorted(all_records(usage), key=lambda r: (-r["start"], -r["id"]))
+    assert len(everything) == 300
+    for filters in (q.Filters(), q.Filters(key="k1"), q.Filters(since=T0 + 50, until=T0 + 250)):
+        expected = [r["id"] for r in everything if r in q.records(usage, filters, limit=1000).records]
+        for limit in (1, 7, 50):
+            seen, after = [], None
+            while True:
+                page = q.records(usage, filters, limit=limit, after=after)
+                seen += [r["id"] for r in page.records]
+                if page.next_cursor is None:
+                    break
+                after = q.cursor("cursor", page.next_cursor)
+            assert seen == expected
+        assert [r["id"] for r in q.records(usage, filters, limit=10, offset=20).records] == expected[20:30]
 
 
 def test_offset_pages_cover_everything_once(mixed: Usage) -> None:

@@ -6,8 +6,7 @@ import json
 
 from flask import Response, jsonify, request, stream_with_context
 
-from manager import configuration, generations, metering, snapshot
-from manager import usage as usage_mod
+from manager import configuration, generations, metering, snapshot, usage_records
 from manager import usage_queries as q
 from manager import validation as v
 from manager.api.base import (
@@ -121,7 +120,7 @@ FILTERS = {
 FORMAT = {"type": "string", "enum": list(q.FORMATS)}
 RECORDS_QUERY = {
     **FILTERS, "status": {"type": "string", "pattern": r"^([1-5]xx|[1-5][0-9][0-9])$"},
-    "outcome": {"type": "string", "enum": [*usage_mod.OUTCOMES, q.UNKNOWN_OUTCOME]},
+    "outcome": {"type": "string", "enum": [*usage_records.OUTCOMES, q.UNKNOWN_OUTCOME]},
     "group_by": _names(q.RECORD_GROUPS),
     "limit": {"type": "integer", "minimum": 1, "maximum": q.MAX_LIMIT},
     "offset": {"type": "integer", "minimum": 0, "maximum": q.MAX_OFFSET},
@@ -168,7 +167,8 @@ def usage_records_page():
         return jsonify(group_by=list(group_by), groups=groups)
     page = q.records(usage, filters, limit, after, offset)
     if as_csv:
-        return _csv(list(page.records[0]) if page.records else list(q.RECORD_FIELDS), page.records, "usage-records",
+        columns = list(page.records[0]) if page.records else list(usage_records.RECORD_FIELDS)
+        return _csv(columns, page.records, "usage-records",
                     {"X-Next-Cursor": page.next_cursor} if page.next_cursor else None)
     return jsonify(records=page.records, next_cursor=page.next_cursor)
 

@@ -15,6 +15,7 @@ from manager import usage_queries as q
 from manager import validation as v
 from manager.cli import csv, fmt_time, main, print_table, with_bastion
 from manager.context import Bastion
+from manager.usage_records import RECORD_FIELDS
 
 # ---- metrics ---------------------------------------------------------------------------------------------
 
@@ -108,7 +109,7 @@ def usage(b: Bastion, by: str, since: str, until: str | None, key_id: str | None
     b.usage.ingest()
     if records:
         rows = q.records(b.usage, filters, limit).records
-        columns = list(rows[0]) if rows else list(q.RECORD_FIELDS)
+        columns = list(rows[0]) if rows else list(RECORD_FIELDS)
         table = [{**r, "start": fmt_time(r["start"]), "ttfb": _num(r["ttfb"]), "duration": _num(r["duration"]),
                   "outcome": r["outcome"] or "-", "total_tokens": _count(r["total_tokens"])} for r in rows]
         _output(fmt, rows, columns, table, RECORDS_TABLE)
