@@ -73,11 +73,18 @@ def read_chunk(chunk: bytes) -> tuple[pa.Table, int]:
             pass
         else:
             if len(raw) == 0 or pc.all(pc.equal(raw["marker"], MARKER)).as_py():
-                return _records(raw), 0
+                return _placed(_records(raw), len(raw), 0)
     lines, skipped = parse_lines(chunk.decode(errors="replace"))
     raw = pa.table([pa.array(column, pa.string()) for column in zip(*lines, strict=True)] if lines else
                    [pa.array([], pa.string())] * len(FIELDS), names=list(FIELDS))
-    return _records(raw), skipped
+    return _placed(_records(raw), len(raw), skipped)
+
+
+def _placed(records: pa.Table, lines: int, skipped: int) -> tuple[pa.Table, int]:
+    """The records that can be placed in time (a line whose end or duration is not a number, never nginx's,
+    cannot), and how many lines were skipped in all."""
+    placed = records.filter(pc.and_(pc.is_valid(records["end"]), pc.is_valid(records["duration"])))
+    return placed, skipped + lines - len(placed)
 
 
 def _number(column: pa.ChunkedArray, type_: pa.DataType) -> pa.ChunkedArray:
@@ -122,9 +129,7 @@ def _records(raw: pa.Table) -> pa.Table:
         "outcome": _text(raw["outcome"]),
         **{name: _number(raw[name], pa.int64()) for name in ("prompt_tokens", "completion_tokens", "total_tokens")},
     }
-    table = pa.table(columns)
-    # a line whose end or duration is not a number (never nginx's) cannot be placed in time
-    return table.filter(pc.and_(pc.is_valid(end), pc.is_valid(duration)))
+    return pa.table(columns)
 
 
 def with_ids(records: pa.Table, first_id: int) -> pa.Table:

@@ -98,15 +98,16 @@ def test_record_start_inside_a_value_splits_nothing(usage: Usage) -> None:
 
 def test_a_line_nginx_cannot_write_does_not_stop_ingestion(usage: Usage) -> None:
     """nginx never writes one, but a hand-edited or damaged log must not make every later ingestion fail: a line
-    with a field too few, a status that is not a number, a broken escape, or (in the earlier JSON format) an
-    object where text belongs is skipped; a number too large for SQLite is stored as REAL."""
+    with a field too few, a status or an end time that is not a number, a broken escape, or (in the earlier
+    JSON format) an object where text belongs is skipped; a number too large for a 64-bit integer is unknown."""
     legacy_object = ('{"time":1.5,"request_id":{"x":1},"key":"k","model":"m","pool":"p","status":200,'
                      '"request_time":0.5,"uri":"/v1/x"}\n')
     usage.log_path.write_text(record("a") + record("bad", status="x") + record("short").replace("\t", "", 1)
                               + record("escape").replace("/v1/chat", "/v1/\\xZZchat") + legacy_object
-                              + record("huge", bytes_sent=2**70) + record("b"))
+                              + record("huge", bytes_sent=2**70) + record("timeless", t="soon") + record("b"))
     assert usage.ingest() == 3
-    assert ids(usage) == ["a", "b", "huge"] and usage.skipped == 4
+    assert ids(usage) == ["a", "b", "huge"] and usage.skipped == 5
+    assert [r["bytes_sent"] for r in records_of(usage) if r["request_id"] == "huge"] == [None]
     append(usage.log_path, record("c"))
     assert usage.ingest() == 1
 
