@@ -27,6 +27,7 @@ bench: install
 	$(PY) bench/usage_ingest.py
 	$(PY) bench/usage_summary.py
 	$(PY) bench/streams.py
+	$(PY) bench/stream_memory.py
 	$(PY) bench/balance.py
 
 install: $(STAMP)
