@@ -646,6 +646,18 @@ def test_records_of_schema_4_are_moved_into_segments_and_counted_once(tmp_path: 
         assert db.execute("SELECT name FROM sqlite_master WHERE name = 'requests'").fetchone() is None
 
 
+def test_values_sqlite_kept_that_do_not_fit_a_record_are_moved_as_unknown(tmp_path: Path) -> None:
+    """SQLite stored whatever it was given (a column's affinity converts only what looks like a number)."""
+    _, path = legacy_store(tmp_path, record("a"), version=4)
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE requests SET bytes_sent = 'lots', request_length = 1e30, ttfb = 'x', model = 7")
+    usage = Usage(path, tmp_path / "access.log")
+    assert usage.backfill()
+    (moved,) = records_of(usage)
+    assert (moved["bytes_sent"], moved["request_length"], moved["ttfb"], moved["model"]) == (None, None, None, "7")
+    assert (moved["request_id"], moved["status"], moved["duration"]) == ("a", 200, 0.5)
+
+
 @pytest.mark.parametrize("version", [2, 3])
 def test_rollups_of_an_earlier_schema_are_made_anew_from_the_records(tmp_path: Path, version: int) -> None:
     """Schemas 2 and 3 had other rollup columns (no `failed`; no all-time rows): the rollups are built again."""
