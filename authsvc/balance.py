@@ -42,7 +42,7 @@ class Choice:
 
 
 class Balancer:
-    """The choices of one gate process (granian runs the gate in one thread)."""
+    """The choices of one gate process (authsvc/server.py runs the gate in one thread)."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic):
         self.clock = clock

@@ -87,7 +87,7 @@ class Gate:
         self.running.load()
         self.passed: dict[str, tuple[int, int]] = {}  # key -> (UTC day, requests let through), request quotas only
         # decisions by "allow", "answer" (served here), "refuse:<code>", "error:<code>": one increment a request,
-        # published by StatusBoard for /metrics (granian runs the gate in one thread)
+        # published by StatusBoard for /metrics (authsvc/server.py runs the gate in one thread)
         self.decisions: Counter[str] = Counter()
         self.turns: dict[tuple[str, ...], int] = {}  # balanced routes: requests started so far, by chain
         self.balancer = balance.Balancer()  # model-aware pools: the upstream each request tries first

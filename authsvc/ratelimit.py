@@ -1,6 +1,6 @@
 """Per-key requests-per-minute limit as a token bucket held in the gate's memory.
 
-A key with limit N may burst N requests and then gets one more every 60/N seconds. One granian worker
+A key with limit N may burst N requests and then gets one more every 60/N seconds. One process (one thread)
 serves the gate, so one process holds every counter (DESIGN.md §1).
 """
 

@@ -296,7 +296,7 @@ class KeyFeed:
     def _open(self, inode: int) -> None:
         self.close()
         db = sqlite3.connect(self.path.resolve().as_uri() + "?mode=ro", uri=True, isolation_level=None,
-                             check_same_thread=False)  # built in granian's main thread, used in its worker
+                             check_same_thread=False)  # opened by whichever thread refreshes first
         db.row_factory = sqlite3.Row
         if inode != self._inode:  # reopening the same file after a read error keeps its version: no full reload
             self.version = 0

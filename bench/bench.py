@@ -23,7 +23,6 @@ Exit status: 0 after a measurement whatever the numbers, 1 when something failed
 from __future__ import annotations
 
 import grp
-import importlib.metadata
 import json
 import os
 import pwd
@@ -328,7 +327,8 @@ def bastion_groups(stack: Stack) -> Groups:
     groups: Groups = {"supervisor": [stack.proc.pid]}
     for child in (pid for pid, parent in parents.items() if parent == stack.proc.pid):
         command = cmdline(child)
-        role = next((r for r in ("nginx", "granian", "gunicorn") if r in command), "other")
+        role = next((role for needle, role in (("nginx", "nginx"), ("authsvc.server", "gate"), ("gunicorn", "gunicorn"))
+                     if needle in command), "other")
         groups.setdefault(role, []).extend(descendants(child, parents))
     return groups
 
@@ -471,9 +471,9 @@ def print_targets(bare: Measurement, bastion: Measurement, unmetered: Measuremen
     print(f"\nthroughput ratio Bastion/bare: {ratio:.3f}")
     print(f"added latency at {LATENCY_CONNECTIONS} connections: p50 {added_p50:.3f} ms, p99 {added_p99:.3f} ms")
     print(f"throughput ratio with token metering / without: {metering:.3f}")
-    print(f"CPU per request: gate (granian) {us_per_request('granian'):.1f} us, nginx {us_per_request('nginx'):.1f} us "
+    print(f"CPU per request: gate {us_per_request('gate'):.1f} us, nginx {us_per_request('nginx'):.1f} us "
           f"(both hops), supervisor {us_per_request('supervisor'):.1f} us (usage ingestion of the log line, and the "
-          f"rest of its work); gate only: gate (granian) {cpu_us_per_request(gate_only, 'granian'):.1f} us "
+          f"rest of its work); gate only: gate {cpu_us_per_request(gate_only, 'gate'):.1f} us "
           f"(bench/gate_micro.py gives the gate's own code alone)")
     print("\ntargets")
     print(f"  throughput >= {TARGET_RATIO}x bare nginx at {THROUGHPUT_CONNECTIONS} connections: "
@@ -487,7 +487,7 @@ def print_targets(bare: Measurement, bastion: Measurement, unmetered: Measuremen
 def print_machine() -> None:
     nginx_version = subprocess.run([NGINX, "-v"], capture_output=True, text=True).stderr.strip()
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    print(f"machine: {os.cpu_count()} CPUs, {nginx_version}, granian {importlib.metadata.version('granian')}, "
+    print(f"machine: {os.cpu_count()} CPUs, {nginx_version}, "
           f"python {sys.version.split()[0]}; load average before the run {load}; runs of {SECONDS} s", flush=True)
 
 
@@ -525,7 +525,7 @@ def run(tmp: Path) -> None:
         stack_groups = bastion_groups(stack)
         results["Bastion"] = measure("Bastion", stack.base, key, {**stack_groups, **upstream_group})
         results["gate only"] = measure("gate only", gate.url, key,
-                                       {"nginx": gate.pids(), "granian": stack_groups.get("granian", [])})
+                                       {"nginx": gate.pids(), "gate": stack_groups.get("gate", [])})
         print_results(results)
         print_rss({"bare nginx": rss_by_role({"nginx": bare.pids()}), "Bastion": rss_by_role(bastion_groups(stack))})
         print_targets(results["bare nginx"], results["Bastion"], results["no metering"], results["gate only"])

@@ -1,6 +1,6 @@
 """The gate's own CPU per decision, in-process (`make bench`; alone: `.venv/bin/python bench/gate_micro.py`).
 
-`Gate.__call__` on a WSGI environ shaped like granian's, for the request shapes that matter on the hot path:
+`Gate.__call__` on a WSGI environ shaped like authsvc/server.py's, for the request shapes that matter on the hot path:
 the benchmark's chat completion (bench/bench.py REQUEST_BODY) with a key without and with a model allow-list, a
 12 KB conversation, a streamed request that gets `include_usage` added, a key with an rpm and a daily token
 quota, an Ollama /api/chat, and a refused wrong key. Each shape: the best of BENCH_GATE_REPEAT (default 25) timings of
@@ -8,8 +8,8 @@ BENCH_GATE_CALLS (default 2,000) calls, in µs of the process's CPU time per dec
 and the minimum: the machine is shared, so other programs only ever add to a timing).
 `--profile SHAPE` prints cProfile's top functions for one shape instead.
 
-granian's own work per request (building the environ, the thread hand-off, the socket) is not in these figures;
-bench/bench.py's "CPU per request: gate (granian)" counts both.
+the server's own work per request (reading and parsing the request, building the environ, writing the answer) is
+not in these figures; bench/bench.py's "CPU per request: gate" counts both.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class Body:
 
 
 def environ(path: str, token: str, body: bytes) -> dict[str, Any]:
-    """What granian hands the gate for a request nginx forwards (headers of bastion's gate location)."""
+    """What authsvc/server.py hands the gate for a request nginx forwards (headers of bastion's gate location)."""
     return {
         "REQUEST_METHOD": "POST", "PATH_INFO": path, "QUERY_STRING": "", "SCRIPT_NAME": "", "SERVER_NAME": "localhost",
         "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1", "REMOTE_ADDR": "", "CONTENT_TYPE": "application/json",
@@ -110,7 +110,7 @@ def caller(gate: Gate, env: dict[str, Any], expected: str) -> Callable[[], None]
         seen.append(status)
 
     def call() -> None:
-        gate(dict(env), start_response)  # a fresh environ, as granian makes for each request
+        gate(dict(env), start_response)  # a fresh environ, as the server makes for each request
 
     call()
     if seen[0] != expected:

@@ -167,7 +167,7 @@ def main() -> int:
         try:
             with bastion_stack(tmp / "bastion", f"http://127.0.0.1:{port}") as (stack, key):
                 public = int(stack.base.rpartition(":")[2])
-                groups = lambda: {r: p for r, p in bastion_groups(stack).items() if r in ("nginx", "granian")}  # noqa: E731
+                groups = lambda: {r: p for r, p in bastion_groups(stack).items() if r in ("nginx", "gate")}  # noqa: E731
                 results["Bastion"] = measure("Bastion", public, key, groups)
         except BenchError as e:
             print(f"error: {e}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""`bastion up`: run nginx, the gate (granian) and the manager (gunicorn) in the foreground.
+"""`bastion up`: run nginx, the gate (authsvc.server) and the manager (gunicorn) in the foreground.
 
 The data plane (nginx + gate) never depends on the control plane: a child that dies is restarted forever with
 back-off (0.5 s doubling to 5 s; a child that ran for a while starts over at 0.5 s), and nothing the store, the
@@ -182,10 +182,8 @@ class Supervisor:
         self.env.update(BASTION_DATA_DIR=str(dirs.root), BASTION_NGINX=bastion.nginx.binary)
         self.gate = Child(
             "authsvc",
-            [sys.executable, "-m", "granian", "--interface", "wsgi", "--uds", str(dirs.gate_socket),
-             "--uds-permissions", "0600", "--workers", "1", "--no-ws", "--no-access-log",
-             # the gate never waits on I/O: one Python thread avoids GIL hand-offs (measured ~2x, docs/benchmarks.md)
-             "--blocking-threads", "1", "authsvc.wsgi:app"],
+            # one asyncio thread serving nginx's requests (decision 44): the gate never waits on I/O
+            [sys.executable, "-m", "authsvc.server", str(dirs.gate_socket)],
             dirs.logs / "authsvc.log",
             dirs.gate_socket.exists,
             dirs.gate_socket,

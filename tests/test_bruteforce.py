@@ -344,7 +344,7 @@ def access_lines(stack: Stack, address: str) -> list[dict]:
 
 
 def gate_cpu_seconds(stack: Stack) -> float:
-    """CPU time used so far by the gate's processes (granian and its worker), from /proc."""
+    """CPU time used so far by the gate's process, from /proc."""
     total = 0.0
     for proc in Path("/proc").iterdir():
         try:

@@ -259,7 +259,7 @@ def processes(container: Container) -> dict[int, tuple[int, str]]:
 def test_processes_are_not_root(container: Container) -> None:
     tree = processes(container)
     names = " ".join(cmd for _, cmd in tree.values())
-    for needle in ("tini", "bastion up", "granian", "gunicorn", "nginx: master", "nginx: worker"):
+    for needle in ("tini", "bastion up", "authsvc.server", "gunicorn", "nginx: master", "nginx: worker"):
         assert needle in names, f"{needle} not running: {tree}"
     assert {uid for uid, _ in tree.values()} == {UID}, tree
 
@@ -303,7 +303,8 @@ def test_no_secret_in_the_image(container: Container, podman: Podman) -> None:
     assert image_findings(podman, IMAGE, needles) == []
     print(f"[container] image layers checked for {len(needles)} secrets: {', '.join(needles)}", flush=True)
     # the container's environment has the token (not the image); the children of `bastion up` do not
-    children = [pid for pid, (_, cmd) in processes(container).items() if re.search("granian|gunicorn|nginx", cmd)]
+    children = [pid for pid, (_, cmd) in processes(container).items()
+                if re.search("authsvc.server|gunicorn|nginx", cmd)]
     assert children
     for pid in children:
         assert container.cloudflare_token.encode() not in Path(f"/proc/{pid}/environ").read_bytes()

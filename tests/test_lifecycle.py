@@ -111,7 +111,7 @@ def test_sigterm_stops_everything(tmp_path: Path) -> None:
 def test_dead_gate_is_restarted(running) -> None:
     stack, key, _ = running
     gate_pids = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and
-                 b"authsvc.wsgi" in (p / "cmdline").read_bytes() and
+                 b"authsvc.server" in (p / "cmdline").read_bytes() and
                  str(stack.data_dir).encode() in (p / "environ").read_bytes()]
     assert gate_pids
     for pid in gate_pids:

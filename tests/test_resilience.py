@@ -1,5 +1,5 @@
 """The data plane outlives every control-plane fault: a corrupt store, a crash-looping gate (issue 7, classes 1
-and 9). Real `bastion up`, real nginx, granian and gunicorn."""
+and 9). Real `bastion up`, real nginx, the gate and gunicorn."""
 
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ def gate_pids(stack: Stack) -> list[int]:
     pids = []
     for p in Path("/proc").iterdir():
         try:
-            if (p.name.isdigit() and b"authsvc.wsgi" in (p / "cmdline").read_bytes()
+            if (p.name.isdigit() and b"authsvc.server" in (p / "cmdline").read_bytes()
                     and str(stack.data_dir).encode() in (p / "environ").read_bytes()):
                 pids.append(int(p.name))
         except OSError:
