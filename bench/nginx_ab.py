@@ -167,6 +167,11 @@ def main_templates(c: Conf) -> Conf:
     return c
 
 
+def gate_only(c: Conf) -> Conf:
+    """Placeholder: start_variant writes bench/bench.py's gate-only nginx (X-Accel-Redirect ignored, no pool hop)."""
+    return c
+
+
 def minimal(c: Conf) -> Conf:
     """Everything above at once: the floor of the two hops with this layout."""
     for f in (no_njs, no_limit_conn, no_ratelimit_headers, no_add_header, no_rewrite, no_access_log,
@@ -198,6 +203,7 @@ VARIANTS: dict[str, Callable[[Conf], Conf]] = {
     "gate_headers_only": gate_headers_only,
     "minimal": minimal,
     "main_templates": main_templates,
+    "gate_only": gate_only,
 }
 
 
@@ -265,6 +271,11 @@ def start_variant(cleanup: ExitStack, name: str, source: Path, data_dir: Path, r
         main, public = main.replace(old, new), public.replace(old, new)
     (target / "nginx.conf").write_text(main)
     (target / "public.conf").write_text(public)
+    if edit is gate_only:
+        (target / "temp").mkdir(exist_ok=True)
+        socket = data_dir.resolve() / "run" / "authsvc.sock"
+        (target / "nginx.conf").write_text(bench.nginx_conf(target, bench.proxy_body(
+            port, f"unix:{socket}", "\n            proxy_ignore_headers X-Accel-Redirect;")))
     if edit is njs_trivial:
         (target / "meter.js").write_text(TRIVIAL_METER)
     check = subprocess.run([bench.NGINX, "-t", "-p", f"{target}/", "-c", str(target / "nginx.conf")],
@@ -284,6 +295,24 @@ def start_variant(cleanup: ExitStack, name: str, source: Path, data_dir: Path, r
 
 def cpu(pids: list[int]) -> float:
     return sum(bench.cpu_seconds(p) for p in pids)
+
+
+def switches(pids: list[int]) -> int:
+    """Context switches (voluntary and not) of every thread of these processes so far."""
+    total = 0
+    for pid in pids:
+        try:
+            tasks = list(Path(f"/proc/{pid}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                for line in (task / "status").read_text().splitlines():
+                    if "ctxt_switches:" in line:
+                        total += int(line.split()[1])
+            except OSError:
+                pass
+    return total
 
 
 def main() -> int:
@@ -315,7 +344,7 @@ def main() -> int:
             url = f"http://127.0.0.1:{port}"
             bench.wait_for_completion(name, url, key)
             servers[name] = (proc, url)
-        samples: dict[str, list[tuple[float, float, float]]] = {n: [] for n in names}
+        samples: dict[str, list[tuple[float, float, float, float]]] = {n: [] for n in names}
         for _, url in servers.values():  # warm-up
             bench.wrk(url, key, 2, CONNECTIONS, 1)
         print(f"{len(names)} variants, {ROUNDS} rounds of {SECONDS} s at {CONNECTIONS} connections", flush=True)
@@ -324,13 +353,13 @@ def main() -> int:
             for name in order:
                 proc, url = servers[name]
                 workers = [p for p in bench.descendants(proc.pid, bench.parent_pids()) if p != proc.pid]
-                n0, g0 = cpu(workers), cpu(gates[name])
+                n0, g0, s0 = cpu(workers), cpu(gates[name]), switches(gates[name])
                 result = bench.wrk(url, key, 2, CONNECTIONS, SECONDS)
-                n1, g1 = cpu(workers), cpu(gates[name])
+                n1, g1, s1 = cpu(workers), cpu(gates[name]), switches(gates[name])
                 if result.errors:
                     print(f"  {name}: {result.errors} errors", flush=True)
                 samples[name].append(((n1 - n0) / result.requests * 1e6, (g1 - g0) / result.requests * 1e6,
-                                      result.rps))
+                                      result.rps, (s1 - s0) / result.requests))
             print(f"  round {round_no + 1} done", flush=True)
         if os.environ.get("AB_PERF"):
             for name in names:
@@ -349,13 +378,14 @@ def main() -> int:
                 out.write_text(report)
                 print(f"  perf profile of {name}: {out}", flush=True)
         base = statistics.median(s[0] for s in samples["live"])
-        print(f"\n{'variant':<22} {'nginx us/req':>13} {'vs live':>8} {'gate us/req':>12} {'req/s':>8}   "
-              "(medians; nginx per-round values)")
+        print(f"\n{'variant':<22} {'nginx us/req':>13} {'vs live':>8} {'gate us/req':>12} {'req/s':>8} "
+              f"{'gate cs/req':>11}   (medians; cs: context switches; nginx per-round values)")
         for name in names:
             ng = [s[0] for s in samples[name]]
             med, gate_med = statistics.median(ng), statistics.median(s[1] for s in samples[name])
             print(f"{name:<22} {med:>13.1f} {med - base:>+8.1f} {gate_med:>12.1f} "
-                  f"{statistics.median(s[2] for s in samples[name]):>8.0f}   " + " ".join(f"{x:.0f}" for x in ng))
+                  f"{statistics.median(s[2] for s in samples[name]):>8.0f} "
+                  f"{statistics.median(s[3] for s in samples[name]):>11.2f}   " + " ".join(f"{x:.0f}" for x in ng))
     return 0
 
 
