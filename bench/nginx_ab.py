@@ -78,6 +78,12 @@ def njs_trivial(c: Conf) -> Conf:
     return c
 
 
+def njs_trivial_globals(c: Conf) -> Conf:
+    """njs as live, meter.js whole (its globals and functions defined) but exporting functions that do nothing:
+    what defining meter.js's top level costs each request's VM, against njs_trivial."""
+    return c
+
+
 def no_limit_conn(c: Conf) -> Conf:
     return c[0], drop(c[1], r"^\s*limit_conn ")
 
@@ -186,6 +192,7 @@ VARIANTS: dict[str, Callable[[Conf], Conf]] = {
     "no_filters": no_filters,
     "no_set_body": no_set_body,
     "njs_trivial": njs_trivial,
+    "njs_trivial_globals": njs_trivial_globals,
     "no_limit_conn": no_limit_conn,
     "no_capture_maps": no_capture_maps,
     "no_unused_captures": no_unused_captures,
@@ -278,6 +285,12 @@ def start_variant(cleanup: ExitStack, name: str, source: Path, data_dir: Path, r
             port, f"unix:{socket}", "\n            proxy_ignore_headers X-Accel-Redirect;")))
     if edit is njs_trivial:
         (target / "meter.js").write_text(TRIVIAL_METER)
+    if edit is njs_trivial_globals:
+        meter = (target / "meter.js").read_text().replace("export default {header, body, outcome, requestBody};", "")
+        trivial = TRIVIAL_METER.replace("function ", "function t_").replace(
+            "{header, body, outcome, requestBody}", "{header: t_header, body: t_body, outcome: t_outcome, "
+            "requestBody: t_requestBody}")
+        (target / "meter.js").write_text(meter + trivial)
     check = subprocess.run([bench.NGINX, "-t", "-p", f"{target}/", "-c", str(target / "nginx.conf")],
                            capture_output=True, text=True)
     if check.returncode != 0:
