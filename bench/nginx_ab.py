@@ -84,6 +84,21 @@ def njs_trivial_globals(c: Conf) -> Conf:
     return c
 
 
+def njs_trivial_functions(c: Conf) -> Conf:
+    """njs_trivial plus 40 unused top-level functions: what each function declaration costs a request's VM."""
+    return c
+
+
+def njs_trivial_vars(c: Conf) -> Conf:
+    """njs_trivial plus 40 top-level variables (two of them arrays): what meter.js's state costs a request's VM."""
+    return c
+
+
+def log_buffered(c: Conf) -> Conf:
+    """The access log written through a 64 KiB buffer flushed every second instead of one write per line."""
+    return c[0], c[1].replace("if=$bastion_log_line;", "if=$bastion_log_line buffer=64k flush=1s;")
+
+
 def no_limit_conn(c: Conf) -> Conf:
     return c[0], drop(c[1], r"^\s*limit_conn ")
 
@@ -193,6 +208,9 @@ VARIANTS: dict[str, Callable[[Conf], Conf]] = {
     "no_set_body": no_set_body,
     "njs_trivial": njs_trivial,
     "njs_trivial_globals": njs_trivial_globals,
+    "njs_trivial_functions": njs_trivial_functions,
+    "njs_trivial_vars": njs_trivial_vars,
+    "log_buffered": log_buffered,
     "no_limit_conn": no_limit_conn,
     "no_capture_maps": no_capture_maps,
     "no_unused_captures": no_unused_captures,
@@ -285,6 +303,12 @@ def start_variant(cleanup: ExitStack, name: str, source: Path, data_dir: Path, r
             port, f"unix:{socket}", "\n            proxy_ignore_headers X-Accel-Redirect;")))
     if edit is njs_trivial:
         (target / "meter.js").write_text(TRIVIAL_METER)
+    if edit is njs_trivial_functions:
+        extra = "".join(f"function f{i}(a, b) {{ return a.indexOf(b, {i}); }}\n" for i in range(40))
+        (target / "meter.js").write_text(extra + TRIVIAL_METER)
+    if edit is njs_trivial_vars:
+        extra = "".join(f"var v{i} = {'[]' if i < 2 else repr(str(i))};\n" for i in range(40))
+        (target / "meter.js").write_text(extra + TRIVIAL_METER)
     if edit is njs_trivial_globals:
         meter = (target / "meter.js").read_text().replace("export default {header, body, outcome, requestBody};", "")
         trivial = TRIVIAL_METER.replace("function ", "function t_").replace(
