@@ -5,6 +5,7 @@ from __future__ import annotations
 import builtins
 import io
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -210,6 +211,22 @@ def test_rendering_matches_the_golden_files_byte_for_byte(tmp_path: Path, case: 
             chain.write_text(pem(leaf))
             Path(cert["key"].replace(GOLDEN_ROOT, str(tmp_path))).write_text(pem(key))
     Nginx(dirs).test(gen / "nginx.conf")
+
+
+def test_njs_runs_only_for_requests_that_reach_a_pool() -> None:
+    """Decision 44: njs makes a VM for every request that touches it (6-12 µs of nginx CPU). The log line's
+    outcome and the body towards a pool reach meter.js only through maps, whose value nginx evaluates for the
+    matching entry alone: a request the gate answers (no pool) and a body without edits never start njs."""
+    files = render(golden_input(njs=True), 42)
+    main, public = files["nginx.conf"], files["public.conf"]
+    js_set = set(re.findall(r"js_set \$(\w+)", main))
+    start = main.index("log_format bastion ")
+    logged = set(re.findall(r"\$(\w+)", main[start:main.index(";", start)]))
+    assert "bastion_outcome" in logged and not js_set & logged
+    assert 'map $bastion_pool $bastion_outcome {\n        "" "";\n        default $bastion_meter_outcome;' in main
+    sent = set(re.findall(r"proxy_set_body \$(\w+);", public))
+    assert sent == {"bastion_request_body"} and not js_set & sent
+    assert 'map $bastion_body_edits $bastion_request_body {\n        "" $request_body;' in main
 
 
 def test_render_is_a_pure_function_of_its_input(bastion: Bastion, monkeypatch: pytest.MonkeyPatch) -> None:
