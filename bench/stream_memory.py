@@ -3,8 +3,8 @@
 
 njs (Debian's 0.7) frees nothing a request allocates before the request ends, so the token meter's body filter
 makes nginx's memory grow with every chunk of a metered stream until the stream ends. This measures it: N
-streams at once (default 200), each of which gets exactly K events (3 ms apart) and then waits, silent, while
-nginx's RSS is read; for K = 10 and K = 500, through bare nginx and through Bastion (metered; the client does not
+streams at once (default 200), each of which gets exactly K events (3 ms apart, from bench/sse_upstream.py: K is
+the request's `max_tokens`) and then waits, silent, while nginx's RSS is read; for K = 10 and K = 500, through bare nginx and through Bastion (metered; the client does not
 ask for usage, so the meter takes out the usage event it had the upstream add: its most allocating path). nginx
 is reloaded before each measurement (fresh workers: memory a worker's allocator kept would hide the growth).
 
@@ -44,52 +44,6 @@ STREAMS = int(os.environ.get("MEMORY_STREAMS", "200"))
 EVENT_COUNTS = (10, 500)
 GAP = 0.003  # seconds between events: separate reads for nginx
 HOLD = 15.0  # seconds the upstream waits after the events before it ends the stream
-
-
-def chunk(data: bytes) -> bytes:
-    return b"%x\r\n%s\r\n" % (len(data), data)
-
-
-def event(payload: dict) -> bytes:
-    return chunk(b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n")
-
-
-async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """The upstream: `max_tokens` events, a pause of HOLD seconds, then the usage event and [DONE]."""
-    try:
-        while True:
-            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-            length = next((int(h.split(":", 1)[1]) for h in head[1:] if h.lower().startswith("content-length:")), 0)
-            request = json.loads(await reader.readexactly(length)) if length else {}
-            if not request.get("stream"):  # the model list, a readiness probe
-                body = json.dumps({"object": "list", "data": [{"id": MODEL, "object": "model"}]}).encode()
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-                             % (len(body), body))
-                await writer.drain()
-                continue
-            events = int(request.get("max_tokens", 10))
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
-            for i in range(events):
-                writer.write(event({"id": "c", "object": "chat.completion.chunk", "model": MODEL,
-                                    "choices": [{"index": 0, "delta": {"content": f"t{i} "}}]}))
-                await writer.drain()
-                await asyncio.sleep(GAP)
-            await asyncio.sleep(HOLD)
-            writer.write(event({"id": "c", "object": "chat.completion.chunk", "model": MODEL, "choices": [],
-                                "usage": {"prompt_tokens": 5, "completion_tokens": events,
-                                          "total_tokens": 5 + events}}))
-            writer.write(chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
-            await writer.drain()
-    except (asyncio.IncompleteReadError, ConnectionError):
-        pass
-    finally:
-        writer.close()
-
-
-async def serve(port: int) -> None:
-    server = await asyncio.start_server(answer, "127.0.0.1", port, backlog=4096)
-    async with server:
-        await server.serve_forever()
 
 
 async def one_stream(port: int, key: str, events: int, reached: list[int]) -> bool:
@@ -159,14 +113,12 @@ def reloaded(master_pid: Callable[[], int], pids: Callable[[], list[int]]) -> Ca
 
 
 def main() -> int:
-    if sys.argv[1:2] == ["--upstream"]:
-        asyncio.run(serve(int(sys.argv[2])))
-        return 0
     print(f"nginx memory per open stream ({STREAMS} streams), by events passed on:", flush=True)
     with tempfile.TemporaryDirectory(prefix="bastion-stream-memory-") as name, ExitStack() as cleanup:
         tmp = Path(name)
         port = free_port()
-        upstream = subprocess.Popen([sys.executable, __file__, "--upstream", str(port)])
+        upstream = subprocess.Popen([sys.executable, str(Path(__file__).with_name("sse_upstream.py")), str(port),
+                                     str(EVENT_COUNTS[0]), str(GAP), str(HOLD)])
         cleanup.callback(stop_process, upstream, signal.SIGTERM)
         while not port_open(port):
             time.sleep(0.05)
