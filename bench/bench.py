@@ -6,14 +6,15 @@ One run starts, on free ports and in a temporary directory:
 * bare nginx: a private nginx proxying everything to the fake upstream, with the proxy settings Bastion uses
   for pools (keepalive 32, HTTP/1.1, no buffering);
 * Bastion: `bastion up` (via the tests' `Stack` helper) with one pool on the fake upstream and one key, with
-  token metering (njs) and, as "no metering", without (BASTION_NJS_MODULE=off), one after the other;
+  token metering (njs) and, as "no metering", without (BASTION_NJS_MODULE=off), both running; after the measured
+  runs, METERING_ROUNDS more throughput runs of each, taking turns, go into the metering ratio;
 * gate only: a private nginx proxying to Bastion's gate socket with X-Accel-Redirect ignored, which shows what
   nginx + gate cost without the second hop to the pool.
 
 wrk sends `POST /v1/chat/completions` (bench/post.lua) to each target: a warm-up, a throughput run at 32
 connections and a latency run at 4 connections. During the throughput run the CPU time of every process is
 counted ("other" is whatever else the machine did: interrupts, and other programs, which make a run unreliable);
-after the load the RSS is sampled. A table is printed, with whether the targets are met (>= 0.3x bare throughput
+after the load the RSS is sampled. A table is printed, with whether the targets are met (>= 0.4x bare throughput
 at 32 connections, <= 1 ms added p50 latency at 4 connections, metering costing <= 10 % of throughput).
 
 Environment: BENCH_SECONDS (length of each measured run, default 10), BENCH_WARMUP (default 2).
@@ -56,7 +57,8 @@ SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
 WARMUP_SECONDS = int(os.environ.get("BENCH_WARMUP", "2"))
 THROUGHPUT_CONNECTIONS = 32
 LATENCY_CONNECTIONS = 4
-TARGET_RATIO = 0.3
+TARGET_RATIO = 0.4  # issue 13 (it was 0.3 before)
+METERING_ROUNDS = 2  # more runs without and with token metering, after the measured ones
 TARGET_ADDED_P50_MS = 1.0
 TARGET_METERING = 0.9  # issue 9: token metering may cost at most 10 % of throughput
 
@@ -459,9 +461,12 @@ def cpu_us_per_request(m: Measurement, role: str) -> float:
     return m.cpu.get(role, 0.0) / 100 * SECONDS / requests * 1e6 if requests else 0.0
 
 
-def print_targets(bare: Measurement, bastion: Measurement, unmetered: Measurement, gate_only: Measurement) -> None:
+def print_targets(bare: Measurement, bastion: Measurement, metering_pairs: list[tuple[float, float]],
+                  gate_only: Measurement) -> None:
+    """`metering_pairs`: req/s without and with token metering, run after run."""
     ratio = bastion.throughput.rps / bare.throughput.rps if bare.throughput.rps else 0.0
-    metering = bastion.throughput.rps / unmetered.throughput.rps if unmetered.throughput.rps else 0.0
+    without = sum(w for w, _ in metering_pairs)
+    metering = sum(m for _, m in metering_pairs) / without if without else 0.0
 
     def us_per_request(role: str) -> float:  # CPU of a role in the Bastion run, per request
         return cpu_us_per_request(bastion, role)
@@ -470,7 +475,8 @@ def print_targets(bare: Measurement, bastion: Measurement, unmetered: Measuremen
     added_p99 = (bastion.latency.p99_ms or 0.0) - (bare.latency.p99_ms or 0.0)
     print(f"\nthroughput ratio Bastion/bare: {ratio:.3f}")
     print(f"added latency at {LATENCY_CONNECTIONS} connections: p50 {added_p50:.3f} ms, p99 {added_p99:.3f} ms")
-    print(f"throughput ratio with token metering / without: {metering:.3f}")
+    runs = ", ".join(f"{w:.0f}/{m:.0f}" for w, m in metering_pairs)
+    print(f"throughput ratio with token metering / without: {metering:.3f} (req/s without/with, taking turns: {runs})")
     print(f"CPU per request: gate {us_per_request('gate'):.1f} us, nginx {us_per_request('nginx'):.1f} us "
           f"(both hops), supervisor {us_per_request('supervisor'):.1f} us (usage ingestion of the log line, and the "
           f"rest of its work); gate only: gate {cpu_us_per_request(gate_only, 'gate'):.1f} us "
@@ -514,9 +520,9 @@ def run(tmp: Path) -> None:
         upstream_group = {"upstream": upstream.pids()}
         print("measuring...", flush=True)
         results = {"bare nginx": measure("bare nginx", bare.url, "none", {"nginx": bare.pids(), **upstream_group})}
-        with bastion_stack(tmp / "plain", upstream.url, metering=False) as (plain, key):
-            results["no metering"] = measure("Bastion without token metering", plain.base, key,
-                                             {**bastion_groups(plain), **upstream_group})
+        plain, plain_key = cleanup.enter_context(bastion_stack(tmp / "plain", upstream.url, metering=False))
+        results["no metering"] = measure("Bastion without token metering", plain.base, plain_key,
+                                         {**bastion_groups(plain), **upstream_group})
         print("starting Bastion...", flush=True)
         stack, key = cleanup.enter_context(bastion_stack(tmp, upstream.url))
         gate = start_nginx(cleanup, "gate-only nginx", tmp / "gate", lambda port: proxy_body(
@@ -526,9 +532,15 @@ def run(tmp: Path) -> None:
         results["Bastion"] = measure("Bastion", stack.base, key, {**stack_groups, **upstream_group})
         results["gate only"] = measure("gate only", gate.url, key,
                                        {"nginx": gate.pids(), "gate": stack_groups.get("gate", [])})
+        # the VM's speed drifts between runs: more runs without and with metering, taking turns, so the ratio
+        # compares the two under the same conditions on average
+        pairs = [(results["no metering"].throughput.rps, results["Bastion"].throughput.rps)]
+        for _ in range(METERING_ROUNDS):
+            pairs.append((wrk(plain.base, plain_key, 2, THROUGHPUT_CONNECTIONS, SECONDS).rps,
+                          wrk(stack.base, key, 2, THROUGHPUT_CONNECTIONS, SECONDS).rps))
         print_results(results)
         print_rss({"bare nginx": rss_by_role({"nginx": bare.pids()}), "Bastion": rss_by_role(bastion_groups(stack))})
-        print_targets(results["bare nginx"], results["Bastion"], results["no metering"], results["gate only"])
+        print_targets(results["bare nginx"], results["Bastion"], pairs, results["gate only"])
 
 
 def main() -> int:

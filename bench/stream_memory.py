@@ -4,9 +4,10 @@
 njs (Debian's 0.7) frees nothing a request allocates before the request ends, so the token meter's body filter
 makes nginx's memory grow with every chunk of a metered stream until the stream ends. This measures it: N
 streams at once (default 200), each of which gets exactly K events (3 ms apart, from bench/sse_upstream.py: K is
-the request's `max_tokens`) and then waits, silent, while nginx's RSS is read; for K = 10 and K = 500, through bare nginx and through Bastion (metered; the client does not
-ask for usage, so the meter takes out the usage event it had the upstream add: its most allocating path). nginx
-is reloaded before each measurement (fresh workers: memory a worker's allocator kept would hide the growth).
+the request's `max_tokens`) and then waits, silent, while nginx's RSS is read; for K = 10 and K = 500, through
+bare nginx and through Bastion (metered; the client does not ask for usage, so the meter takes out the usage
+event it had the upstream add: its most allocating path). nginx is reloaded before each measurement (fresh
+workers: memory a worker's allocator kept would hide the growth).
 
 Environment: MEMORY_STREAMS (default 200).
 """
