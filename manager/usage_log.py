@@ -25,10 +25,10 @@ MARKER = '"B1'
 FIELDS = ("marker", "end", "request_id", "key", "model", "pool", "upstream", "status", "bytes_sent",
           "request_length", "duration", "upstream_status", "ttfb", "method", "uri", "remote_addr", "outcome",
           "prompt_tokens", "completion_tokens", "total_tokens")
-# a parsed line is the list of FIELDS' values as text; SQL turns it into a row (manager/usage.py INSERT)
+# a parsed line is the list of FIELDS' values as nginx wrote them (unescaped); what each becomes in a record
+# (numbers, nulls, the upstream that answered) is decided in one place, manager/usage_records.py
 Line = list[Any]
-_STATUS, _POOL, _UPSTREAM, _UPSTREAM_STATUS, _TTFB = (
-    FIELDS.index(f) for f in ("status", "pool", "upstream", "upstream_status", "ttfb"))
+_STATUS = FIELDS.index("status")
 _LEGACY_START = '{"time":'
 _decode_json = json.JSONDecoder().raw_decode
 
@@ -46,21 +46,9 @@ def _fields(line: str) -> Line | None:
     if len(f) != len(FIELDS) or f[0] != MARKER or not f[_STATUS].isdigit():
         return None
     try:
-        return _answered([_unescape(value) for value in f] if "\\" in line else f)
+        return [_unescape(value) for value in f] if "\\" in line else f
     except ValueError:  # a broken escape: nginx writes none, a hand edit or a damaged file may
         return None
-
-
-def _answered(f: Line) -> Line:
-    """nginx lists every upstream tried ("gate : pool" across the X-Accel-Redirect, "a, b" for retries): keep the
-    last, which answered. A request refused by the gate (no pool) involved no upstream of a pool."""
-    if f[_POOL]:
-        f[_UPSTREAM] = f[_UPSTREAM].rpartition(" ")[2]
-        f[_UPSTREAM_STATUS] = f[_UPSTREAM_STATUS].rpartition(" ")[2]
-        f[_TTFB] = f[_TTFB].rpartition(" ")[2]
-    else:
-        f[_UPSTREAM] = f[_UPSTREAM_STATUS] = f[_TTFB] = ""
-    return f
 
 
 def _legacy(line: str) -> Line | None:
@@ -77,11 +65,10 @@ def _legacy(line: str) -> Line | None:
                 raise TypeError(name)
             return value
 
-        return _answered([
-                MARKER, str(float(entry["time"])), text("request_id"), text("key"), text("model"), text("pool"),
+        return [MARKER, str(float(entry["time"])), text("request_id"), text("key"), text("model"), text("pool"),
                 text("upstream"), str(int(entry["status"])), str(int(get("bytes_sent") or 0)),
                 str(int(get("request_length") or 0)), str(float(entry["request_time"])), text("upstream_status"),
-                text("upstream_header_time"), text("method"), text("uri"), text("remote_addr"), "", "", "", ""])
+                text("upstream_header_time"), text("method"), text("uri"), text("remote_addr"), "", "", "", ""]
     except (ValueError, KeyError, TypeError, AttributeError):
         return None
 
@@ -105,7 +92,7 @@ def _parse_lines(text: str) -> tuple[list[Line], int]:
     for line in text.split("\n"):  # not splitlines(): nginx's escaping leaves U+2028 and friends alone
         f = line.split("\t")
         if len(f) == width and f[0] == MARKER and f[_STATUS].isdigit() and "\\" not in line:  # nearly all lines
-            lines.append(_answered(f))
+            lines.append(f)
         elif (fields := _fields(line)) or (line.startswith(_LEGACY_START) and (fields := _legacy(line))):
             lines.append(fields)
         elif line:
