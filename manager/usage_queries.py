@@ -201,8 +201,8 @@ NEWEST_FIRST = [("start", "descending"), ("id", "descending")]
 
 
 def _newest(db: sqlite3.Connection, filters: Filters, after: tuple[float, int] | None, wanted: int) -> pa.Table:
-    """At least the `wanted` newest records matching `filters` (and older than the cursor `after`), if there are
-    so many: segments are read newest first until none of the rest can hold a newer one than those found."""
+    """The `wanted` newest records matching `filters` (and older than the cursor `after`), or all of them if there
+    are fewer: segments are read newest first until none of the rest can hold a newer one than those kept."""
     condition = _condition(filters)
     if after is not None:
         start, id_ = pc.field("start"), pc.field("id")
@@ -218,9 +218,10 @@ def _newest(db: sqlite3.Connection, filters: Filters, after: tuple[float, int] |
         table = segments(db, "id = ?", (segment,))
         found.append(table if condition is None else table.filter(condition))
         count += len(found[-1])
-        if count >= wanted:  # the start of the wanted-th newest so far: older segments cannot come before it
+        if count >= wanted:  # keep the wanted newest; a segment that starts before all of them cannot add one
             merged = pa.concat_tables(found)
-            threshold = pc.min(merged["start"].take(pc.select_k_unstable(merged, wanted, NEWEST_FIRST))).as_py()
+            found = [merged.take(pc.select_k_unstable(merged, wanted, NEWEST_FIRST))]
+            count, threshold = wanted, pc.min(found[0]["start"]).as_py()
     return pa.concat_tables(found) if found else ur.EMPTY
 
 
@@ -228,11 +229,8 @@ def records(usage: Usage, filters: Filters = Filters(), limit: int = 1000, after
             offset: int = 0) -> Page:
     """Records matching `filters`, newest start first (ties by id). `after` is a cursor from a previous page;
     `next_cursor` is None on the last page."""
-    wanted = offset + limit + 1
     with usage.reader() as db:
-        table = _newest(db, filters, after, wanted)
-    if len(table) > wanted:  # the page's rows only, not a sort of everything
-        table = table.take(pc.select_k_unstable(table, wanted, NEWEST_FIRST))
+        table = _newest(db, filters, after, offset + limit + 1)
     rows = table.sort_by(NEWEST_FIRST).slice(offset, limit + 1).to_pylist()
     more = len(rows) > limit
     rows = rows[:limit]
