@@ -7,7 +7,9 @@ variants in turn, round after round (the machine is shared: interleaving spreads
 variants), and the CPU time of each variant's nginx workers and of the gate over each run is read from /proc.
 Printed per variant: the median over rounds of nginx µs/request, gate µs/request and req/s.
 
-Usage: .venv/bin/python bench/nginx_ab.py [VARIANT ...]   (default: all; `live` is always measured)
+Usage: .venv/bin/python bench/nginx_ab.py [VARIANT ...]   (default: all; `live` is always measured); the
+gate variants `gate_same`, `gate_canned`, `gate_canned_no_njs` and `bare` (bench.py's bare nginx, for a ratio
+of req/s measured in the same rounds) are measured only when named.
 Environment: AB_ROUNDS (default 5), AB_SECONDS (default 4), AB_CONNECTIONS (default 32); AB_LUA (a wrk script
 instead of bench/post.lua, e.g. bench/post_sdk.lua); AB_BASELINE (a checkout whose nginx_templates the variant
 `main_templates` renders with, for before/after); AB_PERF=DIR (after the rounds, a `perf record` of each
@@ -232,14 +234,25 @@ VARIANTS: dict[str, Callable[[Conf], Conf]] = {
 }
 
 
-# gate variants: live nginx.conf pointed at a second gate (authsvc.server) started here, e.g. to try a change to
-# the gate's code (this checkout's) against the stack's
-GATES: dict[str, list[str]] = {"gate_same": []}
+# gate variants: nginx.conf (live, or edited) pointed at a second gate started here: this checkout's
+# authsvc.server (to try a change to the gate's code against the stack's), or bench/canned_gate.py, which answers
+# every request with the same redirect: the throughput Bastion would have if the gate's own work cost nothing
+SAME_GATE = ["-m", "authsvc.server", "{socket}"]
+CANNED_GATE = [str(Path(__file__).with_name("canned_gate.py")), "{socket}", "bench", "{key_id}", bench.MODEL]
+GATES: dict[str, tuple[list[str], Callable[[Conf], Conf]]] = {
+    "gate_same": (SAME_GATE, VARIANTS["live"]),
+    "gate_canned": (CANNED_GATE, VARIANTS["live"]),
+    "gate_canned_no_njs": (CANNED_GATE, no_njs),
+}
+# `bare`: not Bastion at all, bench.py's bare nginx (proxying to the fake upstream) run with the variants, so
+# that each variant's req/s has its ratio to bare nginx measured in the same rounds
+BARE = "bare"
 
 
-def start_gate(cleanup: ExitStack, name: str, data_dir: Path, socket: Path) -> subprocess.Popen:
+def start_gate(cleanup: ExitStack, name: str, data_dir: Path, socket: Path, key: str) -> subprocess.Popen:
     env = {**os.environ, "BASTION_DATA_DIR": str(data_dir.resolve())}
-    proc = subprocess.Popen([sys.executable, "-m", "authsvc.server", str(socket), *GATES[name]],
+    argv = [arg.format(socket=socket, key_id=key.split("_")[1]) for arg in GATES[name][0]]
+    proc = subprocess.Popen([sys.executable, *argv],
                             env=env, cwd=str(bench.REPO), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     cleanup.callback(bench.stop_process, proc, signal.SIGTERM)
     deadline = time.monotonic() + 15
@@ -350,7 +363,7 @@ def main() -> int:
     if os.environ.get("AB_LUA"):
         bench.LUA_SCRIPT = Path(os.environ["AB_LUA"])
     names = ["live", *[n for n in sys.argv[1:] if n != "live"]] if sys.argv[1:] else list(VARIANTS)
-    unknown = [n for n in names if n not in VARIANTS and n not in GATES]
+    unknown = [n for n in names if n not in VARIANTS and n not in GATES and n != BARE]
     if unknown:
         print(f"unknown variants: {', '.join(unknown)}; known: {', '.join(VARIANTS)}", file=sys.stderr)
         return 2
@@ -363,13 +376,20 @@ def main() -> int:
         live_gate = bench.bastion_groups(stack).get("gate", [])
         gates = {name: live_gate for name in names}
         for name in names:
+            if name == BARE:
+                bare = bench.start_nginx(cleanup, BARE, root / BARE,
+                                         lambda port: bench.proxy_body(port, f"127.0.0.1:{upstream.port}"))
+                bare.wait_ready(key)
+                servers[name], gates[name] = (bare.proc, bare.url), []
+                continue
             edit: Callable[[Conf], Conf] = VARIANTS.get(name, VARIANTS["live"])
             if name in GATES:
                 socket = root / f"{name}.sock"
-                gate_proc = start_gate(cleanup, name, stack.data_dir, socket)
+                gate_proc = start_gate(cleanup, name, stack.data_dir, socket, key)
                 gates[name] = bench.descendants(gate_proc.pid, bench.parent_pids())
                 live_socket = str(bench.gate_socket(stack))
-                edit = (lambda new, old: lambda c: (c[0].replace(old, new), c[1]))(str(socket), live_socket)
+                edit = (lambda new, old, then: lambda c: then((c[0].replace(old, new), c[1])))(
+                    str(socket), live_socket, GATES[name][1])
             proc, port = start_variant(cleanup, name, source, stack.data_dir, root / "variants",
                                        stack.public_port, stack.admin_port, edit)
             url = f"http://127.0.0.1:{port}"
@@ -409,13 +429,15 @@ def main() -> int:
                 out.write_text(report)
                 print(f"  perf profile of {name}: {out}", flush=True)
         base = statistics.median(s[0] for s in samples["live"])
+        bare_rps = statistics.median(s[2] for s in samples[BARE]) if BARE in samples else 0.0
         print(f"\n{'variant':<22} {'nginx us/req':>13} {'vs live':>8} {'gate us/req':>12} {'req/s':>8} "
-              f"{'gate cs/req':>11}   (medians; cs: context switches; nginx per-round values)")
+              f"{'/ bare':>7} {'gate cs/req':>11}   (medians; cs: context switches; nginx per-round values)")
         for name in names:
             ng = [s[0] for s in samples[name]]
             med, gate_med = statistics.median(ng), statistics.median(s[1] for s in samples[name])
-            print(f"{name:<22} {med:>13.1f} {med - base:>+8.1f} {gate_med:>12.1f} "
-                  f"{statistics.median(s[2] for s in samples[name]):>8.0f} "
+            rps = statistics.median(s[2] for s in samples[name])
+            ratio = f"{rps / bare_rps:.3f}" if bare_rps else "-"
+            print(f"{name:<22} {med:>13.1f} {med - base:>+8.1f} {gate_med:>12.1f} {rps:>8.0f} {ratio:>7} "
                   f"{statistics.median(s[3] for s in samples[name]):>11.2f}   " + " ".join(f"{x:.0f}" for x in ng))
     return 0
 
