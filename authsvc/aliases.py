@@ -18,12 +18,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote, unquote_plus
 
 from authsvc import bodies
 
 AUTO = "auto"
 EDIT_HEADER = "X-Bastion-Edit"
 PUBLIC_HEADER = "X-Bastion-Public-Model"
+ARGS_HEADER = "X-Bastion-Args"  # a WebSocket's query string with the upstream's model name (the @wsa_ location)
 _COMPACT = json.JSONEncoder(separators=(",", ":"))  # built once: json.dumps with options builds one per call
 
 
@@ -70,3 +72,13 @@ def usage_edit(insert: str | None) -> list[tuple[int, int, str]]:
 def edit_header(edits: list[tuple[int, int, str]]) -> str:
     """The X-Bastion-Edit value: the edits in body order, as compact JSON (ASCII: it is an HTTP header)."""
     return _COMPACT.encode(sorted(edits, key=lambda e: (e[0], e[1])))
+
+
+def query_with_model(query: str, upstream: str) -> str:
+    """A WebSocket's query string naming `upstream` as its model: the `model` parameter (the gate read exactly
+    one, as urllib's parse_qs splits and decodes names) gets the new value; every other byte stays as sent."""
+    parts = query.split("&")
+    for i, part in enumerate(parts):
+        if unquote_plus(part.partition("=")[0]) == "model":
+            parts[i] = "model=" + quote(upstream, safe="")
+    return "&".join(parts)

@@ -297,7 +297,8 @@ class Gate:
         if key.token_quota:
             raise error(403, "This API key has a token quota, which WebSocket sessions cannot be metered against.",
                         "websocket_unmetered", ollama)
-        found = parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True).get("model", [])
+        query = environ.get("QUERY_STRING", "")
+        found = parse_qs(query, keep_blank_values=True).get("model", [])
         if len(found) != 1 or not found[0]:
             raise error(400, "A WebSocket request names its model once in the query string (?model=...).",
                         "missing_model", ollama, param="model")
@@ -310,7 +311,13 @@ class Gate:
         if not usable:
             raise error(400, f"No pool serving `{model}` accepts WebSocket connections.", "websocket_not_enabled",
                         ollama, param="model")
-        return [("X-Accel-Redirect", f"@ws_{usable[0]}"), ("X-Bastion-Key", key.id), ("X-Bastion-Model", model)]
+        pool = usable[0]
+        upstream = snap.alias_for(pool, model)
+        if upstream is None:
+            return [("X-Accel-Redirect", f"@ws_{pool}"), ("X-Bastion-Key", key.id), ("X-Bastion-Model", model)]
+        # a model alias: the upstream reads its own name in the query string (nginx's @wsa_ location sets it)
+        return [("X-Accel-Redirect", f"@wsa_{pool}"), ("X-Bastion-Key", key.id), ("X-Bastion-Model", model),
+                (aliases.ARGS_HEADER, aliases.query_with_model(query, upstream))]
 
     @staticmethod
     def model_edits(environ: dict[str, Any], snap: Snapshot, choice: aliases.Choice, asked: str,

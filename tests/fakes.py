@@ -470,6 +470,27 @@ def ws_read(sock: socket.socket) -> bytes:
     return bytes(b ^ key[i % 4] for i, b in enumerate(payload)) if key else payload
 
 
+def ws_handshake(port: int, query: str, key: str | None) -> tuple[str, dict[str, str], bytes, socket.socket]:
+    """An upgrade request to /v1/realtime: (status line, headers, body bytes read so far, the open socket)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    nonce = base64.b64encode(os.urandom(16)).decode()
+    auth = f"Authorization: Bearer {key}\r\n" if key else ""
+    sock.sendall((f"GET /v1/realtime?{query} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
+                  f"Connection: Upgrade\r\nSec-WebSocket-Key: {nonce}\r\nSec-WebSocket-Version: 13\r\n"
+                  f"{auth}\r\n").encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        piece = sock.recv(4096)
+        assert piece, data
+        data += piece
+    head, _, rest = data.partition(b"\r\n\r\n")
+    line, *fields = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (f.partition(":") for f in fields)}
+    if line.split()[1] == "101":
+        assert headers["sec-websocket-accept"] == ws_accept(nonce)
+    return line, headers, rest, sock
+
+
 class FakeWebSocket:
     """A realtime-API upstream: answers a WebSocket handshake (101) and echoes each text frame back prefixed
     with its name, recording each handshake's request line and headers. The stdlib has no WebSocket server;

@@ -21,7 +21,7 @@ from manager import pools as pools_mod
 from manager import settings as settings_mod
 from manager import validation as v
 from tests.conftest import NGINX, Stack
-from tests.fakes import FakeUpstream
+from tests.fakes import FakeUpstream, FakeWebSocket, ws_frame, ws_handshake, ws_read
 from tests.test_gate import PEPPER, Call, key_entry, write_snapshot
 from tests.test_metering import needs_njs, record, rid
 
@@ -274,6 +274,37 @@ def test_an_alias_reaches_the_upstream_by_its_name_and_the_client_sees_the_publi
     assert stack.post("/v1/chat/completions", key, json={"model": UPSTREAM_NAME}).status_code == 404
     anyone = openai.OpenAI(base_url=stack.base + "/v1", api_key=loaded(stack), max_retries=0)
     assert anyone.chat.completions.create(model=UPSTREAM_NAME, messages=[]).model == UPSTREAM_NAME
+
+
+@needs_njs
+def test_a_websocket_to_an_alias_reaches_the_upstream_under_its_name(stack: Stack) -> None:
+    """A realtime session names its model in the query string: the upstream reads its own name there, every
+    other parameter byte for byte; the log and the key's allow-list see the public name."""
+    realtime = FakeWebSocket("rt")
+    try:
+        stack.cli("pools", "add", "rt", "--url", realtime.url, "--models", "rt-up", "--alias", "rt-pub=rt-up",
+                  "--websocket")
+        key = loaded(stack, "--models", "rt-pub")
+        line, headers, _, sock = ws_handshake(stack.public_port, "voice=a%20b&model=rt-pub&x=%26", key)
+        with sock:
+            assert line.startswith("HTTP/1.1 101"), line
+            sock.sendall(ws_frame(b"hello", mask=True))
+            assert ws_read(sock) == b"rt: hello"
+        assert realtime.handshakes[-1]["line"] == "GET /v1/realtime?voice=a%20b&model=rt-up&x=%26 HTTP/1.1"
+        rec = record(stack, headers["x-request-id"])
+        assert (rec["pool"], rec["status"], rec["model"]) == ("rt", "101", "rt-pub")
+        line, _, _, sock = ws_handshake(stack.public_port, "model=rt-up", key)  # not on the key's list
+        sock.close()
+        assert line.split()[1] == "404", line
+    finally:
+        stack.cli("pools", "remove", "rt")
+        realtime.close()
+
+
+def test_a_websocket_query_names_the_upstream_model_and_keeps_the_rest() -> None:
+    assert aliases.query_with_model("model=pub", "up") == "model=up"
+    assert aliases.query_with_model("a=1&model=pub&b=%2F", "up:7b") == "a=1&model=up%3A7b&b=%2F"
+    assert aliases.query_with_model("mod%65l=pub&x", "up/x y") == "model=up%2Fx%20y&x"
 
 
 @needs_njs

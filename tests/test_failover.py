@@ -3,10 +3,7 @@ nginx_templates/_fallback.j2): real nginx, the real gate and manager, fake upstr
 
 from __future__ import annotations
 
-import base64
 import json
-import os
-import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -24,7 +21,7 @@ from manager.context import Bastion
 from manager.datadir import DataDir
 from manager.validation import ValidationError
 from tests.conftest import NGINX, Stack, free_port, needs_nginx
-from tests.fakes import FakeUpstream, FakeWebSocket, ws_accept, ws_frame, ws_read
+from tests.fakes import FakeUpstream, FakeWebSocket, ws_frame, ws_handshake, ws_read
 from tests.test_gate import PEPPER, Call, key_entry, write_snapshot
 from tests.test_metering import record
 
@@ -234,29 +231,8 @@ def test_a_balanced_route_starts_at_each_pool_in_turn(stack: Stack, key: str, up
 
 # ---- WebSocket pass-through ----------------------------------------------------------------------------------
 
-def ws_handshake(stack: Stack, query: str, key: str | None) -> tuple[str, dict[str, str], bytes, socket.socket]:
-    """An upgrade request to /v1/realtime: (status line, headers, body bytes read so far, the open socket)."""
-    sock = socket.create_connection(("127.0.0.1", stack.public_port), timeout=10)
-    nonce = base64.b64encode(os.urandom(16)).decode()
-    auth = f"Authorization: Bearer {key}\r\n" if key else ""
-    sock.sendall((f"GET /v1/realtime?{query} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
-                  f"Connection: Upgrade\r\nSec-WebSocket-Key: {nonce}\r\nSec-WebSocket-Version: 13\r\n"
-                  f"{auth}\r\n").encode())
-    data = b""
-    while b"\r\n\r\n" not in data:
-        piece = sock.recv(4096)
-        assert piece, data
-        data += piece
-    head, _, rest = data.partition(b"\r\n\r\n")
-    line, *fields = head.decode("latin-1").split("\r\n")
-    headers = {k.strip().lower(): v.strip() for k, _, v in (f.partition(":") for f in fields)}
-    if line.split()[1] == "101":
-        assert headers["sec-websocket-accept"] == ws_accept(nonce)
-    return line, headers, rest, sock
-
-
 def test_a_websocket_upgrade_is_checked_then_tunnelled(stack: Stack, key: str, realtime: FakeWebSocket) -> None:
-    line, headers, _, sock = ws_handshake(stack, "model=rt-model", key)
+    line, headers, _, sock = ws_handshake(stack.public_port, "model=rt-model", key)
     with sock:
         assert line.startswith("HTTP/1.1 101"), line
         request_id = headers["x-request-id"]
@@ -281,7 +257,7 @@ def test_a_websocket_upgrade_is_checked_then_tunnelled(stack: Stack, key: str, r
 def test_a_websocket_upgrade_the_gate_refuses_never_reaches_an_upstream(
         stack: Stack, key: str, realtime: FakeWebSocket, query: str, with_key: bool, status: int, code: str) -> None:
     before = len(realtime.handshakes)
-    line, headers, body, sock = ws_handshake(stack, query, key if with_key else None)
+    line, headers, body, sock = ws_handshake(stack.public_port, query, key if with_key else None)
     with sock:
         assert line.split()[1] == str(status), line
         length = int(headers["content-length"])
