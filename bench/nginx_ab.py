@@ -35,6 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench
+from authsvc.keys import key_id_of
 
 PERF = "/usr/bin/perf"
 ROUNDS = int(os.environ.get("AB_ROUNDS", "5"))
@@ -251,7 +252,7 @@ BARE = "bare"
 
 def start_gate(cleanup: ExitStack, name: str, data_dir: Path, socket: Path, key: str) -> subprocess.Popen:
     env = {**os.environ, "BASTION_DATA_DIR": str(data_dir.resolve())}
-    argv = [arg.format(socket=socket, key_id=key.split("_")[1]) for arg in GATES[name][0]]
+    argv = [arg.format(socket=socket, key_id=key_id_of(key)) for arg in GATES[name][0]]
     proc = subprocess.Popen([sys.executable, *argv],
                             env=env, cwd=str(bench.REPO), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     cleanup.callback(bench.stop_process, proc, signal.SIGTERM)
@@ -365,7 +366,8 @@ def main() -> int:
     names = ["live", *[n for n in sys.argv[1:] if n != "live"]] if sys.argv[1:] else list(VARIANTS)
     unknown = [n for n in names if n not in VARIANTS and n not in GATES and n != BARE]
     if unknown:
-        print(f"unknown variants: {', '.join(unknown)}; known: {', '.join(VARIANTS)}", file=sys.stderr)
+        known = [*VARIANTS, *GATES, BARE]
+        print(f"unknown variants: {', '.join(unknown)}; known: {', '.join(known)}", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="bastion-ab-") as tmp, ExitStack() as cleanup:
         root = Path(tmp)
