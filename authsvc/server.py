@@ -53,35 +53,45 @@ def _environ_key(name: str) -> str:
     return key
 
 
+# what every request's environ holds whatever the request (copied, then the request's own keys are added)
+_CONSTANT_ENVIRON: dict[str, Any] = {
+    "SCRIPT_NAME": "", "SERVER_NAME": "gate", "SERVER_PORT": "0", "REMOTE_ADDR": "", "wsgi.version": (1, 0),
+    "wsgi.url_scheme": "http", "wsgi.errors": sys.stderr, "wsgi.multithread": False, "wsgi.multiprocess": False,
+    "wsgi.run_once": False,
+}
+
+
 def parse_head(head: bytes) -> dict[str, Any]:
     """The WSGI environ of a request head (without the blank line), or BadRequest."""
-    lines = head.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ")
+    request_line, *lines = head.decode("latin-1").split("\r\n")
+    parts = request_line.split(" ")
     if len(parts) != 3 or not parts[2].startswith("HTTP/1.") or not parts[0].isalpha():
         raise BadRequest("request line")
     method, target, protocol = parts
     path, _, query = target.partition("?")
     if "%" in path:
         path = unquote_to_bytes(path).decode("latin-1")
-    environ: dict[str, Any] = {
-        "REQUEST_METHOD": method, "SCRIPT_NAME": "", "PATH_INFO": path, "QUERY_STRING": query,
-        "SERVER_PROTOCOL": protocol, "SERVER_NAME": "gate", "SERVER_PORT": "0", "REMOTE_ADDR": "",
-        "wsgi.version": (1, 0), "wsgi.url_scheme": "http", "wsgi.errors": sys.stderr, "wsgi.multithread": False,
-        "wsgi.multiprocess": False, "wsgi.run_once": False,
-    }
-    for line in lines[1:]:
+    environ = _CONSTANT_ENVIRON.copy()
+    environ["REQUEST_METHOD"], environ["PATH_INFO"], environ["QUERY_STRING"] = method, path, query
+    environ["SERVER_PROTOCOL"] = protocol
+    for line in lines:
         name, colon, value = line.partition(":")
         if not colon or not name or name != name.strip():
             raise BadRequest("header line")
-        key = _environ_key(name)
+        key = _ENVIRON_KEYS.get(name) or _environ_key(name)
         value = value.strip()
-        environ[key] = f"{environ[key]},{value}" if key in environ and key.startswith("HTTP_") else value
+        if key in environ and key[:5] == "HTTP_":
+            environ[key] = f"{environ[key]},{value}"
+        else:
+            environ[key] = value
     return environ
 
 
 def response(status: str, headers: list[tuple[str, str]], body: bytes, method: str) -> bytes:
-    head = "".join(f"{name}: {value}\r\n" for name, value in headers)
-    out = f"HTTP/1.1 {status}\r\n{head}Content-Length: {len(body)}\r\n\r\n".encode("latin-1")
+    lines = [f"HTTP/1.1 {status}"]
+    lines += [f"{name}: {value}" for name, value in headers]
+    lines.append(f"Content-Length: {len(body)}\r\n\r\n")
+    out = "\r\n".join(lines).encode("latin-1")
     return out if method in NO_BODY else out + body
 
 
@@ -94,6 +104,7 @@ class Connection(asyncio.Protocol):
         self.buffer = bytearray()
         self.head: tuple[dict[str, Any], int] | None = None  # the request whose body is still arriving, its end
         self.transport: asyncio.Transport | None = None
+        self._status, self._headers = "", []  # the answer being made (start_response)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -137,14 +148,11 @@ class Connection(asyncio.Protocol):
         return True
 
     def _call(self, environ: dict[str, Any]) -> bytes:
-        started: list[Any] = []
+        body = b"".join(self.app(environ, self._start_response))
+        return response(self._status, self._headers, body, environ["REQUEST_METHOD"])
 
-        def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> None:
-            started[:] = [status, headers]
-
-        chunks = self.app(environ, start_response)
-        body = b"".join(chunks)
-        return response(started[0], started[1], body, environ["REQUEST_METHOD"])
+    def _start_response(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> None:
+        self._status, self._headers = status, headers
 
     def _close(self, last: bytes) -> None:
         if self.transport is not None:
