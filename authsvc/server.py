@@ -104,7 +104,8 @@ class Connection(asyncio.Protocol):
         self.buffer = bytearray()
         self.head: tuple[dict[str, Any], int] | None = None  # the request whose body is still arriving, its end
         self.transport: asyncio.Transport | None = None
-        self._status, self._headers = "", []  # the answer being made (start_response)
+        self._status = ""  # the answer being made (start_response)
+        self._headers: list[tuple[str, str]] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
