@@ -78,7 +78,7 @@ def parse_head(head: bytes) -> dict[str, Any]:
         name, colon, value = line.partition(":")
         if not colon or not name or name != name.strip():
             raise BadRequest("header line")
-        key = _ENVIRON_KEYS.get(name) or _environ_key(name)
+        key = _environ_key(name)
         value = value.strip()
         if key in environ and key[:5] == "HTTP_":
             environ[key] = f"{environ[key]},{value}"
